@@ -1,0 +1,3 @@
+"""mossnode: the coordination daemon that lets OpenClaw agents on many hosts work as one swarm."""
+
+__version__ = "0.1.0"
