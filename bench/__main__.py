@@ -12,7 +12,9 @@ BENCHES = {
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="scripts/bench")
-    p.add_argument("names", nargs="*", help=f"benchmarks to run (default: all): {', '.join(BENCHES)}")
+    p.add_argument(
+        "names", nargs="*", help=f"benchmarks to run (default: all): {', '.join(BENCHES)}"
+    )
     p.add_argument("--list", action="store_true")
     args = p.parse_args()
     if args.list:

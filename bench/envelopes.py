@@ -39,7 +39,9 @@ def run() -> None:
         for i in range(N)
     ]
     seal_rate = rate(
-        lambda i: seal(ident, swarm_id=SWARM, type="state.update", seq=i + 1, timestamp=now, body=BODY)
+        lambda i: seal(
+            ident, swarm_id=SWARM, type="state.update", seq=i + 1, timestamp=now, body=BODY
+        )
     )
     windows = [ReplayWindow() for _ in range(3)]
     counter = iter(range(10**9))
@@ -50,9 +52,15 @@ def run() -> None:
         assert isinstance(r, Envelope)
 
     open_rate = rate(do_open)
-    print(f"envelope size            {len(wires[0])} bytes (body {len(BODY['note']) + 60} B approx)")
+    print(
+        f"envelope size            {len(wires[0])} bytes (body {len(BODY['note']) + 60} B approx)"
+    )
     print(f"raw PyNaCl sign          {raw_sign:10.0f} /s")
     print(f"raw PyNaCl verify        {raw_verify:10.0f} /s")
-    print(f"envelope seal            {seal_rate:10.0f} /s   ratio seal/raw-sign   {seal_rate / raw_sign:.2f}")
-    print(f"envelope open (checked)  {open_rate:10.0f} /s   ratio open/raw-verify {open_rate / raw_verify:.2f}"
-          f"   (target >= 0.80)")
+    print(
+        f"envelope seal            {seal_rate:10.0f} /s   ratio seal/raw-sign   {seal_rate / raw_sign:.2f}"
+    )
+    print(
+        f"envelope open (checked)  {open_rate:10.0f} /s   ratio open/raw-verify {open_rate / raw_verify:.2f}"
+        f"   (target >= 0.80)"
+    )

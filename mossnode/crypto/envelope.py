@@ -132,7 +132,8 @@ class ReplayWindow:
     def accept(self, sender: bytes, seq: int) -> None:
         top, mask = self._state.pop(sender, (0, 0))
         if seq > top:
-            mask = ((mask << (seq - top)) | 1) & ((1 << self.width) - 1)
+            shift = seq - top
+            mask = 1 if shift >= self.width else ((mask << shift) | 1) & ((1 << self.width) - 1)
             top = seq
         else:
             mask |= 1 << (top - seq)
@@ -155,7 +156,6 @@ def _plain(value: Any, depth: int = 0) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
     return False
-
 
 
 Authorizer = Callable[[bytes, str], "Rejection | None"]

@@ -1,0 +1,229 @@
+"""The ``mossnode`` command. Contract: ../shared/design/CLI.md (names, --state-dir, --json).
+
+Errors are one line on stderr and a non-zero exit; commands other than init/id/run talk to the
+running daemon only through its API socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .api.client import ApiClient, ClientError
+from .crypto.identity import Identity, IdentityError, load_identity, save_identity
+from .node.config import (
+    CONFIG_FILE,
+    IDENTITY_FILE,
+    SOCKET_FILE,
+    Config,
+    ConfigError,
+    default_state_dir,
+    load_config,
+    write_config,
+)
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def _passphrase() -> bytes | None:
+    p = os.environ.get("MOSSNODE_PASSPHRASE")
+    return p.encode() if p else None
+
+
+def _out(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data) if args.json else text)
+
+
+def _client(args: argparse.Namespace) -> ApiClient:
+    sock = args.state_dir / SOCKET_FILE
+    try:
+        cfg = load_config(args.state_dir)
+        if cfg.api_socket:
+            sock = Path(cfg.api_socket)
+    except ConfigError:
+        pass
+    return ApiClient(sock, timeout=getattr(args, "timeout", 30.0) + 5)
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    sd: Path = args.state_dir
+    sd.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if (sd / IDENTITY_FILE).exists():
+        raise CliError(f"{sd / IDENTITY_FILE} already exists; refusing to overwrite an identity")
+    ident = Identity.generate()
+    save_identity(ident, sd / IDENTITY_FILE, _passphrase())
+    cfg = Config()
+    if args.listen:
+        cfg.listen = args.listen
+    if not (sd / CONFIG_FILE).exists():
+        write_config(sd, cfg)
+    result: dict[str, Any] = {"peer_id": ident.peer_id}
+    if args.new_swarm:
+        from .node.ledger import save_ledger
+        from .protocols.membership import Membership, make_genesis
+
+        state = Membership(make_genesis(ident, args.new_swarm, time.time_ns() // 1_000_000))
+        save_ledger(sd, state, {})
+        result["swarm_id"] = state.swarm_id.hex()
+    _out(args, result, ident.peer_id)
+
+
+def cmd_id(args: argparse.Namespace) -> None:
+    ident = load_identity(args.state_dir / IDENTITY_FILE, _passphrase())
+    _out(args, {"peer_id": ident.peer_id}, ident.peer_id)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    import trio
+
+    from .node.daemon import Daemon, DaemonError
+    from .node.ledger import LedgerError
+
+    cfg = load_config(args.state_dir)
+    level = getattr(logging, (args.log_level or cfg.log_level).upper(), logging.INFO)
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("libp2p", "multiaddr", "hypercorn", "mossnode.hypercorn"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    ident = load_identity(args.state_dir / IDENTITY_FILE, _passphrase())
+    try:
+        daemon = Daemon(args.state_dir, cfg, ident, args.listen or None)
+    except LedgerError as exc:
+        raise CliError(str(exc)) from None
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for sig in sigs:
+                        logging.getLogger("mossnode").info(
+                            "got %s, stopping", signal.Signals(sig).name
+                        )
+                        daemon.stopping.set()
+                        return
+
+            nursery.start_soon(on_signals)
+            await daemon.run()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except DaemonError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot start: {exc}") from None
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    s = _client(args).get("/v1/status")
+    text = "\n".join(f"{k}: {v}" for k, v in s.items() if k not in ("rejected", "counters"))
+    if s.get("rejected"):
+        text += "\nrejected: " + ", ".join(f"{k}={v}" for k, v in sorted(s["rejected"].items()))
+    _out(args, s, text)
+
+
+def cmd_invite(args: argparse.Namespace) -> None:
+    inv = _client(args).post("/v1/invites", {"roles": args.role, "ttl_s": args.ttl})
+    _out(args, inv, inv["token"])
+
+
+def cmd_join(args: argparse.Namespace) -> None:
+    r = _client(args).post(
+        "/v1/join", {"addr": args.multiaddr, "invite": args.invite, "timeout_s": args.timeout}
+    )
+    _out(args, r, f"joined swarm {r['swarm_id'][:16]}… ({r['members']} members)")
+
+
+def cmd_peers(args: argparse.Namespace) -> None:
+    peers = _client(args).get("/v1/peers")
+    lines = [f"{p['peer_id']}  {p['state']:7}  {','.join(p['roles'])}" for p in peers]
+    _out(args, peers, "\n".join(lines) or "(no other members)")
+
+
+def cmd_decisions(args: argparse.Namespace) -> None:
+    ds = _client(args).get("/v1/decisions")
+    lines = [f"#{d['seq']:<4} {d['kind']:8} {json.dumps(d['payload'])}" for d in ds]
+    _out(args, ds, "\n".join(lines))
+
+
+def parse_duration(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 30m, 1h, 2d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: the option may stand before or after the subcommand without one erasing the other.
+    common.add_argument(
+        "--state-dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="state directory (env MOSSNODE_STATE_DIR)",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document"
+    )
+    p = argparse.ArgumentParser(
+        prog="mossnode",
+        parents=[common],
+        description="Peer-to-peer coordination daemon for OpenClaw agents.",
+    )
+    p.add_argument("--version", action="version", version=f"mossnode {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("init", cmd_init, "create this node's identity and config")
+    sp.add_argument("--new-swarm", metavar="NAME", help="found a new swarm with this name")
+    sp.add_argument("--listen", action="append", metavar="MULTIADDR", help="listen address(es)")
+    add("id", cmd_id, "print this node's PeerID")
+    sp = add("run", cmd_run, "run the daemon in the foreground")
+    sp.add_argument("--listen", action="append", metavar="MULTIADDR", help="listen address(es)")
+    sp.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    add("status", cmd_status, "show the running node's status")
+    sp = add("invite", cmd_invite, "create a single-use, expiring invite")
+    sp.add_argument("--role", action="append", required=True, help="role to grant (repeatable)")
+    sp.add_argument("--ttl", type=parse_duration, default=3600.0, help="validity, e.g. 1h")
+    sp = add("join", cmd_join, "join a swarm through one of its members")
+    sp.add_argument("multiaddr", help="a member's address ending in /p2p/<peer id>")
+    sp.add_argument("--invite", required=True, help="invite token from `mossnode invite`")
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for admission")
+    add("peers", cmd_peers, "list members and their health")
+    add("decisions", cmd_decisions, "show the decided log")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.state_dir = getattr(args, "state_dir", None) or default_state_dir()
+    args.json = getattr(args, "json", False)
+    try:
+        args.fn(args)
+    except (CliError, ClientError, IdentityError, ConfigError) as exc:
+        print(f"mossnode: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

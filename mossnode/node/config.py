@@ -1,0 +1,106 @@
+"""The node's state dir and its TOML config.
+
+The state dir holds ``identity.key`` (0600), ``config.toml``, ``state.db`` (SQLite), ``api.sock``
+and ``listen_addrs`` while running. Defaults are chosen for a daemon, not a library: a presence
+heartbeat every second and peers declared dead after a few missed beats.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import tomli_w
+
+IDENTITY_FILE = "identity.key"
+CONFIG_FILE = "config.toml"
+SOCKET_FILE = "api.sock"
+LISTEN_FILE = "listen_addrs"
+DB_FILE = "state.db"
+
+
+class ConfigError(Exception):
+    """The config is missing or invalid; the message names the key and the problem."""
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("MOSSNODE_STATE_DIR")
+    if env:
+        return Path(env)
+    return Path(platformdirs.user_data_dir("mossnode", appauthor=False))
+
+
+@dataclass
+class Config:
+    """Everything the daemon reads from ``config.toml``; unknown keys are refused, not ignored."""
+
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4001"])
+    bootstrap: list[str] = field(default_factory=list)
+    mdns: bool = False
+    presence_interval_s: float = 1.0
+    suspect_after_s: float = 3.0
+    dead_after_s: float = 6.0
+    join_window_s: float = 10.0
+    max_envelope_bytes: int = 1 << 20
+    max_clock_skew_s: float = 30.0
+    gossip_heartbeat_s: float = 1.0
+    api_socket: str = ""  # empty: <state_dir>/api.sock
+    api_socket_mode: int = 0o600
+    api_socket_group: str = ""
+    log_level: str = "info"
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps({"node": {k: v for k, v in asdict(self).items()}})
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "config.toml") -> Config:
+        try:
+            data: dict[str, Any] = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        node = data.get("node", {})
+        extra = set(data) - {"node"}
+        if extra:
+            raise ConfigError(f"{source}: unknown section(s): {', '.join(sorted(extra))}")
+        known = {f.name: f for f in fields(cls)}
+        cfg = cls()
+        for key, value in node.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key node.{key}")
+            default = getattr(cfg, key)
+            ok = isinstance(value, type(default)) or (
+                isinstance(default, float)
+                and isinstance(value, int)
+                and not isinstance(value, bool)
+            )
+            if not ok:
+                raise ConfigError(
+                    f"{source}: node.{key} must be {type(default).__name__}, "
+                    f"got {type(value).__name__}"
+                )
+            setattr(cfg, key, type(default)(value) if isinstance(default, float) else value)
+        if not 0 < cfg.suspect_after_s < cfg.dead_after_s:
+            raise ConfigError(f"{source}: need 0 < suspect_after_s < dead_after_s")
+        if cfg.presence_interval_s <= 0:
+            raise ConfigError(f"{source}: presence_interval_s must be > 0")
+        return cfg
+
+
+def load_config(state_dir: Path) -> Config:
+    path = state_dir / CONFIG_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"no config at {path}; run `mossnode init` first") from None
+    return Config.from_toml(text, str(path))
+
+
+def write_config(state_dir: Path, cfg: Config) -> None:
+    path = state_dir / CONFIG_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(cfg.to_toml())
+    os.replace(tmp, path)

@@ -1,0 +1,669 @@
+"""The mossnode daemon: wires the libp2p host, membership, presence and the local API together.
+
+All decisions about messages are made by the sans-IO cores in ``protocols/`` and ``crypto/``;
+this module only moves bytes, keeps timers and persists what the cores decided.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import multiaddr
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.tools.anyio_service import background_trio_service
+
+from .. import __version__
+from ..crypto.envelope import Envelope, Rejection, ReplayWindow, canonical, open_envelope, seal
+from ..crypto.identity import Identity
+from ..crypto.peerid import peer_id_from_public_key, public_key_from_peer_id
+from ..protocols.membership import (
+    Entry,
+    Membership,
+    MembershipError,
+    check_invite,
+    decode_invite,
+    founder_certificate,
+    make_invite,
+    parse_genesis,
+)
+from ..protocols.presence import FailureDetector
+from .config import LISTEN_FILE, SOCKET_FILE, Config
+from .host import FrameError, maddrs, make_host, make_pubsub, read_frame, topic, write_frame
+from .ledger import load_ledger, save_ledger
+
+log = logging.getLogger("mossnode")
+
+JOIN_PROTO = TProtocol("/moss/join/1")
+LOG_PROTO = TProtocol("/moss/log/1")
+LOCK_FILE = "daemon.lock"
+
+
+class DaemonError(Exception):
+    """A request to the daemon cannot be carried out; the message is for the user."""
+
+    def __init__(self, message: str, code: str = "bad_request", status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Daemon:
+    def __init__(
+        self, state_dir: Path, cfg: Config, identity: Identity, listen: list[str] | None = None
+    ) -> None:
+        self.state_dir = state_dir
+        self.cfg = cfg
+        self.identity = identity
+        self.listen = listen or cfg.listen
+        self.started = time.monotonic()
+        self.host = make_host(identity)
+        self.pubsub, self.router = make_pubsub(self.host, cfg.gossip_heartbeat_s)
+        loaded = load_ledger(state_dir)
+        self.state: Membership | None = loaded[0] if loaded else None
+        extra = loaded[1] if loaded else {}
+        self.known_addrs: dict[str, list[str]] = dict(extra.get("addrs", {}))
+        self.detector = FailureDetector(
+            int(cfg.suspect_after_s * 1000), int(cfg.dead_after_s * 1000)
+        )
+        self.replay = ReplayWindow()
+        self.rejected: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
+        # Envelope seqs start at the wall clock in microseconds: never reused across restarts
+        # without keeping a counter on disk, and far above any seq sent before.
+        self._seq = time.time_ns() // 1000
+        self._validated: dict[bytes, Envelope] = {}
+        self._first_seen: dict[str, float] = {}
+        self._backoff: dict[str, tuple[float, float]] = {}
+        self._syncing: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._in_swarm = trio.Event()
+        self.stopping = trio.Event()
+        self.api_path = Path(cfg.api_socket) if cfg.api_socket else state_dir / SOCKET_FILE
+
+    # --- small helpers -------------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def seal(self, type_: str, body: Any, swarm_id: bytes | None = None) -> bytes:
+        sid = swarm_id if swarm_id is not None else self._swarm().swarm_id
+        return seal(
+            self.identity,
+            swarm_id=sid,
+            type=type_,
+            seq=self.next_seq(),
+            timestamp=now_ms(),
+            body=body,
+        )
+
+    def _swarm(self) -> Membership:
+        if self.state is None:
+            raise DaemonError(
+                "this node is not in a swarm yet: `mossnode init --new-swarm NAME` or "
+                "`mossnode join ADDR --invite TOKEN`",
+                "not_in_swarm",
+                409,
+            )
+        return self.state
+
+    def listen_addrs(self) -> list[str]:
+        return [str(a) for a in self.host.get_addrs()]
+
+    def _persist(self) -> None:
+        assert self.state is not None
+        save_ledger(self.state_dir, self.state, {"addrs": self.known_addrs})
+
+    def _open(self, data: bytes) -> Envelope | Rejection:
+        state = self._swarm()
+        r = open_envelope(
+            data,
+            swarm_id=state.swarm_id,
+            now_ms=now_ms(),
+            replay=self.replay,
+            authorize=state.authorize,
+            max_size=self.cfg.max_envelope_bytes,
+            max_skew_ms=int(self.cfg.max_clock_skew_s * 1000),
+        )
+        if isinstance(r, Rejection):
+            self.rejected[r.reason.value] += 1
+            log.debug("rejected envelope: %s", r)
+        return r
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        lock = self._lock()
+        try:
+            async with (
+                self.host.run(maddrs(self.listen)),
+                background_trio_service(self.pubsub),
+                background_trio_service(self.router),
+            ):
+                await self.pubsub.wait_until_ready()
+                self.host.set_stream_handler(JOIN_PROTO, self._on_join_stream)
+                self.host.set_stream_handler(LOG_PROTO, self._on_log_stream)
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    from ..api.server import serve_api
+
+                    await nursery.start(serve_api, self)
+                    self._write_listen_file()
+                    if self.state is not None:
+                        await self._enter_swarm()
+                    nursery.start_soon(self._maintenance)
+                    log.info(
+                        "mossnode %s running as %s on %s, api %s",
+                        __version__,
+                        self.peer_id,
+                        ", ".join(self.listen_addrs()),
+                        self.api_path,
+                    )
+                    task_status.started()
+                    await self.stopping.wait()
+                    nursery.cancel_scope.cancel()
+        finally:
+            for p in (self.state_dir / LISTEN_FILE, self.api_path):
+                p.unlink(missing_ok=True)
+            os.close(lock)
+            log.info("mossnode stopped")
+
+    def _lock(self) -> int:
+        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonError(f"another mossnode daemon is running on {self.state_dir}") from None
+        return fd
+
+    def _write_listen_file(self) -> None:
+        path = self.state_dir / LISTEN_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(a + "\n" for a in self.listen_addrs()))
+        os.replace(tmp, path)
+
+    async def _enter_swarm(self) -> None:
+        """Subscribe to the swarm's topics and start presence; idempotent."""
+        if self._in_swarm.is_set():
+            return
+        state = self._swarm()
+        assert self._nursery is not None
+        for name, handler in (("presence", self._on_presence), ("consensus", self._on_consensus)):
+            t = topic(state.swarm_id, name)
+            self.pubsub.set_topic_validator(t, self._validator, False)
+            sub = await self.pubsub.subscribe(t)
+            self._nursery.start_soon(self._reader, sub, handler)
+        self._nursery.start_soon(self._presence_loop)
+        self._in_swarm.set()
+
+    # --- gossip --------------------------------------------------------------------------
+
+    def _validator(self, forwarder: ID, msg: Any) -> bool:
+        """Topic validator: only envelopes that open are relayed; rejections are counted."""
+        r = self._open(bytes(msg.data))
+        if isinstance(r, Rejection):
+            return False
+        if len(self._validated) > 4096:
+            self._validated.clear()
+        self._validated[r.digest] = r
+        return True
+
+    async def _reader(self, sub: Any, handler: Any) -> None:
+        import hashlib
+
+        while True:
+            msg = await sub.get()
+            env = self._validated.pop(hashlib.sha256(bytes(msg.data)).digest(), None)
+            if env is None or env.sender == self.identity.public_key:
+                continue
+            self.counters["gossip_in"] += 1
+            try:
+                await handler(env)
+            except Exception:  # a bad message must never take the daemon down
+                self.rejected["handler_error"] += 1
+                log.exception("handling %s from %s failed", env.type, env.sender_id)
+
+    async def publish(self, name: str, type_: str, body: Any) -> None:
+        data = self.seal(type_, body)
+        self.counters["gossip_out"] += 1
+        await self.pubsub.publish(topic(self._swarm().swarm_id, name), data)
+
+    # --- presence ------------------------------------------------------------------------
+
+    def presence_body(self) -> dict[str, Any]:
+        state = self._swarm()
+        return {
+            "addrs": self.listen_addrs(),
+            "load": os.getloadavg()[0],
+            "agents": [],
+            "version": __version__,
+            "height": state.height,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+        }
+
+    async def _presence_loop(self) -> None:
+        while True:
+            try:
+                await self.publish("presence", "presence", self.presence_body())
+            except Exception:
+                log.exception("presence publish failed")
+            await trio.sleep(self.cfg.presence_interval_s)
+
+    async def _on_presence(self, env: Envelope) -> None:
+        body = env.body if isinstance(env.body, dict) else {}
+        addrs = [a for a in body.get("addrs", []) if isinstance(a, str)][:16]
+        peer = env.sender_id
+        if self.detector.heard(peer, now_ms(), addrs, body):
+            log.info("peer %s is alive", peer)
+        if addrs and self.known_addrs.get(peer) != addrs:
+            self.known_addrs[peer] = addrs
+        height = body.get("height")
+        if isinstance(height, int) and height > self._swarm().height:
+            self._start_sync(peer)
+
+    # --- decided log ---------------------------------------------------------------------
+
+    async def _on_consensus(self, env: Envelope) -> None:
+        if env.type != "decision":
+            return
+        state = self._swarm()
+        try:
+            entry = Entry.from_wire(env.body)
+        except MembershipError:
+            self.rejected["bad_decision"] += 1
+            return
+        if entry.seq <= state.height:
+            return
+        if entry.seq > state.height + 1:
+            self._start_sync(env.sender_id)
+            return
+        self._apply(entry)
+
+    def _apply(self, entry: Entry) -> None:
+        state = self._swarm()
+        try:
+            state.apply(entry)
+        except MembershipError as exc:
+            self.rejected["bad_decision"] += 1
+            log.warning("%s", exc)
+            return
+        self._persist()
+        log.info("decided #%d %s", entry.seq, entry.kind)
+
+    async def decide(self, kind: str, payload: dict[str, Any]) -> Entry:
+        """Founder authority: sign, apply, persist, then announce one decision."""
+        state = self._swarm()
+        problem = state.check(kind, payload)
+        if problem:
+            raise DaemonError(f"decision refused: {problem}")
+        if self.identity.public_key != state.genesis.founder:
+            raise DaemonError(
+                "only the swarm's founder can decide until consensus is enabled", "forbidden", 403
+            )
+        seq = state.height + 1
+        cert = founder_certificate(state.genesis, self.identity, seq, kind, payload, now_ms())
+        entry = Entry(seq, kind, payload, cert)
+        state.apply(entry)
+        self._persist()
+        await self.publish("consensus", "decision", entry.to_wire())
+        return entry
+
+    def _start_sync(self, peer: str) -> None:
+        if peer in self._syncing or self._nursery is None:
+            return
+        self._syncing.add(peer)
+        self._nursery.start_soon(self._sync_log, peer)
+
+    async def _sync_log(self, peer: str) -> None:
+        try:
+            with trio.move_on_after(10):
+                stream = await self.host.new_stream(ID.from_base58(peer), [LOG_PROTO])
+                await write_frame(stream, canonical({"from": self._swarm().height + 1}))
+                reply = cbor2.loads(await read_frame(stream))
+                await stream.close()
+                for raw in reply.get("entries", [])[:1000]:
+                    entry = Entry.from_wire(raw)
+                    if entry.seq == self._swarm().height + 1:
+                        self._apply(entry)
+        except Exception as exc:
+            log.debug("log sync from %s failed: %s", peer, exc)
+        finally:
+            self._syncing.discard(peer)
+
+    async def _on_log_stream(self, stream: INetStream) -> None:
+        try:
+            remote = str(stream.muxed_conn.peer_id)
+            state = self._swarm()
+            member = state.by_peer_id(remote)
+            if member is None:
+                raise DaemonError("not a member")
+            req = cbor2.loads(await read_frame(stream, 1024))
+            start = int(req["from"])
+            entries = [e.to_wire() for e in state.entries[max(start - 1, 0) :][:1000]]
+            await write_frame(stream, canonical({"entries": entries}))
+        except Exception as exc:
+            log.debug("log stream: %s", exc)
+            self.rejected["sync_refused"] += 1
+        finally:
+            await stream.close()
+
+    # --- joining -------------------------------------------------------------------------
+
+    async def create_invite(self, roles: list[str], ttl_s: float) -> dict[str, Any]:
+        state = self._swarm()
+        if not state.may(self.identity.public_key, "member.invite"):
+            raise DaemonError("this node does not hold a role with member.invite", "forbidden", 403)
+        if ttl_s <= 0 or ttl_s > 30 * 86400:
+            raise DaemonError("ttl must be between 1 second and 30 days")
+        t = now_ms()
+        try:
+            token = make_invite(
+                self.identity,
+                state.swarm_id,
+                roles,
+                now_ms=t,
+                ttl_ms=int(ttl_s * 1000),
+                nonce=secrets.token_bytes(16),
+                seq=self.next_seq(),
+            )
+        except MembershipError as exc:
+            raise DaemonError(str(exc)) from None
+        return {
+            "token": token,
+            "expires_at": (t + int(ttl_s * 1000)) / 1000,
+            "roles": sorted(roles),
+        }
+
+    async def _on_join_stream(self, stream: INetStream) -> None:
+        try:
+            remote = str(stream.muxed_conn.peer_id)
+            data = await read_frame(stream, 64 * 1024)
+            try:
+                reply = await self._admit(data, remote)
+            except (DaemonError, MembershipError) as exc:
+                self.counters["join_refused"] += 1
+                reply = {"ok": False, "error": str(exc)}
+            await write_frame(stream, canonical(reply))
+        except (FrameError, Exception) as exc:
+            log.debug("join stream failed: %s", exc)
+        finally:
+            await stream.close()
+
+    async def _admit(self, data: bytes, remote: str) -> dict[str, Any]:
+        state = self._swarm()
+        r = open_envelope(
+            data,
+            swarm_id=state.swarm_id,
+            now_ms=now_ms(),
+            max_skew_ms=int(self.cfg.max_clock_skew_s * 1000),
+        )
+        if isinstance(r, Rejection):
+            self.rejected[r.reason.value] += 1
+            raise DaemonError(f"join request refused: {r}")
+        if r.type != "join.request" or not isinstance(r.body, dict):
+            raise DaemonError("not a join request")
+        if r.sender_id != remote and state.by_peer_id(remote) is None:
+            # Only a member may relay someone else's (joiner-signed) request to the founder.
+            raise DaemonError("join request is signed by another key than the connection's")
+        if not state.is_member(r.sender):
+            if self.identity.public_key != state.genesis.founder:
+                return await self._forward_join(data)
+            invite = check_invite(str(r.body.get("invite", "")), state, now_ms())
+            await self.decide(
+                "admit",
+                {
+                    "public_key": r.sender,
+                    "roles": invite.roles,
+                    "invite": invite.nonce,
+                    "invited_by": invite.issuer,
+                },
+            )
+            addrs = [a for a in r.body.get("addrs", []) if isinstance(a, str)][:16]
+            if addrs:
+                self.known_addrs[r.sender_id] = addrs
+            log.info("admitted %s with roles %s", r.sender_id, ",".join(invite.roles))
+        return {
+            "ok": True,
+            "genesis": state.genesis.raw,
+            "entries": [e.to_wire() for e in state.entries],
+            "addrs": {**self.known_addrs, self.peer_id: self.listen_addrs()},
+        }
+
+    async def _forward_join(self, data: bytes) -> dict[str, Any]:
+        founder = peer_id_from_public_key(self._swarm().genesis.founder)
+        with trio.fail_after(10):
+            stream = await self.host.new_stream(ID.from_base58(founder), [JOIN_PROTO])
+            await write_frame(stream, data)
+            reply = cbor2.loads(await read_frame(stream))
+            await stream.close()
+        if isinstance(reply, dict) and reply.get("ok"):
+            # Catch up ourselves right away so the new member is not gated out.
+            for raw in reply.get("entries", []):
+                entry = Entry.from_wire(raw)
+                if entry.seq == self._swarm().height + 1:
+                    self._apply(entry)
+        return dict(reply)
+
+    async def join(self, addr: str, token: str, timeout: float) -> dict[str, Any]:
+        try:
+            _, swarm_id = decode_invite(token)
+        except MembershipError as exc:
+            raise DaemonError(str(exc)) from None
+        if self.state is not None:
+            if self.state.swarm_id == swarm_id and self.state.is_member(self.identity.public_key):
+                return self._join_result()
+            raise DaemonError("this node already belongs to another swarm", "conflict", 409)
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception:
+            raise DaemonError(f"not a peer multiaddr ending in /p2p/<id>: {addr!r}") from None
+        request = self.seal(
+            "join.request", {"invite": token, "addrs": self.listen_addrs()}, swarm_id=swarm_id
+        )
+        try:
+            with trio.fail_after(timeout):
+                await self.host.connect(info)
+                stream = await self.host.new_stream(info.peer_id, [JOIN_PROTO])
+                await write_frame(stream, request)
+                reply = cbor2.loads(await read_frame(stream))
+                await stream.close()
+        except trio.TooSlowError:
+            raise DaemonError(
+                f"no answer from {addr} within {timeout:g} s", "timeout", 504
+            ) from None
+        except (OSError, FrameError, Exception) as exc:
+            raise DaemonError(f"could not reach {addr}: {exc}", "unreachable", 502) from None
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            msg = reply.get("error") if isinstance(reply, dict) else "malformed reply"
+            raise DaemonError(f"join refused: {msg}", "join_refused", 403)
+        try:
+            genesis = parse_genesis(reply["genesis"])
+            if genesis.swarm_id != swarm_id:
+                raise MembershipError("peer answered for another swarm")
+            state = Membership(genesis)
+            state.replay(Entry.from_wire(e) for e in reply["entries"])
+        except (MembershipError, KeyError, TypeError) as exc:
+            raise DaemonError(f"join reply failed verification: {exc}", "bad_reply", 502) from None
+        if not state.is_member(self.identity.public_key):
+            raise DaemonError("the swarm did not admit this node", "join_refused", 403)
+        self.state = state
+        for peer, addrs in dict(reply.get("addrs", {})).items():
+            if isinstance(peer, str) and isinstance(addrs, list) and peer != self.peer_id:
+                self.known_addrs[peer] = [a for a in addrs if isinstance(a, str)][:16]
+        self.known_addrs.setdefault(str(info.peer_id), [addr])
+        self._persist()
+        await self._enter_swarm()
+        log.info("joined swarm %s", state.genesis.name)
+        return self._join_result()
+
+    def _join_result(self) -> dict[str, Any]:
+        state = self._swarm()
+        return {"swarm_id": state.swarm_id.hex(), "members": len(state.members)}
+
+    # --- maintenance: reconnect and gate -------------------------------------------------
+
+    async def _maintenance(self) -> None:
+        while True:
+            await trio.sleep(0.5)
+            try:
+                self._gate()
+                if self.state is not None:
+                    self._reconnect()
+            except Exception:
+                log.exception("maintenance failed")
+
+    def _gate(self) -> None:
+        """Close connections of non-members once their join window has passed."""
+        t = time.monotonic()
+        connected = {str(p) for p in self.host.get_connected_peers()}
+        for p in list(self._first_seen):
+            if p not in connected:
+                del self._first_seen[p]
+        for p in connected:
+            first = self._first_seen.setdefault(p, t)
+            member = self.state is not None and self.state.by_peer_id(p) is not None
+            if not member and self.state is not None and t - first > self.cfg.join_window_s:
+                self.counters["gated"] += 1
+                log.info("closing connection of non-member %s", p)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._disconnect, p)
+                self._first_seen[p] = t + 3600  # do not repeat while the close is under way
+
+    async def _disconnect(self, peer: str) -> None:
+        with trio.move_on_after(5):
+            try:
+                await self.host.disconnect(ID.from_base58(peer))
+            except Exception as exc:
+                log.debug("disconnect %s: %s", peer, exc)
+
+    def _reconnect(self) -> None:
+        state = self._swarm()
+        connected = {str(p) for p in self.host.get_connected_peers()}
+        t = time.monotonic()
+        for member in state.members.values():
+            p = member.peer_id
+            if p == self.peer_id or p in connected:
+                self._backoff.pop(p, None)
+                continue
+            due, delay = self._backoff.get(p, (0.0, 0.5))
+            addrs = self.known_addrs.get(p) or []
+            if t < due or not addrs:
+                continue
+            self._backoff[p] = (t + delay, min(delay * 2, 30.0))
+            assert self._nursery is not None
+            self._nursery.start_soon(self._dial, p, addrs)
+        for addr in self.cfg.bootstrap:
+            pid = addr.rsplit("/p2p/", 1)[-1]
+            if pid not in connected and pid != self.peer_id and pid not in self._backoff:
+                self._backoff[pid] = (t + 5, 5.0)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._dial, pid, [addr.rsplit("/p2p/", 1)[0]])
+
+    async def _dial(self, peer: str, addrs: list[str]) -> None:
+        try:
+            pid = ID.from_base58(peer)
+            clean = [multiaddr.Multiaddr(a.rsplit("/p2p/", 1)[0]) for a in addrs]
+            with trio.move_on_after(5):
+                await self.host.connect(PeerInfo(pid, clean))
+        except Exception as exc:
+            log.debug("dial %s failed: %s", peer, exc)
+
+    # --- views for the API ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        state = self.state
+        return {
+            "peer_id": self.peer_id,
+            "swarm_id": state.swarm_id.hex() if state else None,
+            "swarm_name": state.genesis.name if state else None,
+            "listen_addrs": self.listen_addrs(),
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "members": len(state.members) if state else 0,
+            "roles": sorted(state.roles_of(self.identity.public_key)) if state else [],
+            "decided_height": state.height if state else 0,
+            "paused": state.paused if state else False,
+            "connected_peers": len(self.host.get_connected_peers()),
+            "state_digest": None,
+            "rejected": dict(self.rejected),
+            "counters": dict(self.counters),
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        state = self._swarm()
+        t = now_ms()
+        out = []
+        for m in state.members.values():
+            if m.public_key == self.identity.public_key:
+                continue
+            rec = self.detector.peers.get(m.peer_id)
+            out.append(
+                {
+                    "peer_id": m.peer_id,
+                    "state": self.detector.health(m.peer_id, t),
+                    "last_seen": rec.last_seen_ms / 1000 if rec else None,
+                    "addrs": rec.addrs if rec else self.known_addrs.get(m.peer_id, []),
+                    "roles": sorted(m.roles),
+                    "agents": rec.info.get("agents", []) if rec else [],
+                }
+            )
+        return sorted(out, key=lambda p: p["peer_id"])
+
+    def decisions(self) -> list[dict[str, Any]]:
+        state = self._swarm()
+        return [
+            {
+                "seq": 0,
+                "kind": "genesis",
+                "payload": {"name": state.genesis.name, "founder": state.genesis.founder_id},
+                "certificate": [],
+            },
+            *(
+                {
+                    "seq": e.seq,
+                    "kind": e.kind,
+                    "payload": _jsonable(e.payload),
+                    "certificate": [c.hex() for c in e.certificate],
+                }
+                for e in state.entries
+            ),
+        ]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        if len(value) == 32:
+            try:
+                return peer_id_from_public_key(value)
+            except ValueError:
+                pass
+        return value.hex()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+__all__ = ["Daemon", "DaemonError", "public_key_from_peer_id"]

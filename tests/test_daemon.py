@@ -1,0 +1,74 @@
+"""One real daemon: socket API, file modes, clean stop on signals."""
+
+from __future__ import annotations
+
+import signal
+import stat
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from mossnode.cluster import Cluster, wait_for
+
+
+@pytest.fixture
+def node(cluster_factory):
+    c: Cluster = cluster_factory(1)
+    c.init()
+    n = c.nodes[0]
+    n.start()
+    return n
+
+
+def test_status_over_socket(node) -> None:
+    s = node.cli_json("status")
+    assert s["peer_id"] == node.cli_json("id")["peer_id"]
+    assert s["version"]
+    assert s["uptime_s"] >= 0
+    assert s["members"] == 1
+    assert all(a.endswith("/p2p/" + s["peer_id"]) for a in s["listen_addrs"])
+    assert node.addr in s["listen_addrs"]
+    assert "state_digest" in s and "swarm_id" in s
+
+
+def test_socket_mode(node) -> None:
+    st = (node.state_dir / "api.sock").stat()
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_api_errors(node) -> None:
+    c = httpx.Client(transport=httpx.HTTPTransport(uds=str(node.state_dir / "api.sock")),
+                     base_url="http://x")
+    r = c.get("/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = c.post("/v1/invites", content=b"{not json")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_json"
+    r = c.post("/v1/invites", json={"roles": ["emperor"]})
+    assert r.status_code == 400 and "emperor" in r.json()["error"]["message"]
+    r = c.post("/v1/invites", json={"roles": "executor"})
+    assert r.status_code == 400
+    r = c.post("/v1/join", json={"addr": "/ip4/1.2.3.4", "invite": "moss1AAAA"})
+    assert r.status_code == 400
+    doc = c.get("/v1/openapi.json").json()
+    assert "/v1/status" in doc["paths"]
+    assert node.status()["decided_height"] == 0
+
+
+def test_second_daemon_refused(node) -> None:
+    r = subprocess.run([sys.executable, "-m", "mossnode", "--state-dir", str(node.state_dir), "run"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "another mossnode daemon is running" in r.stderr
+    assert node.status()  # the first one is unharmed
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_clean_stop(node, sig) -> None:
+    assert node.stop(sig) == 0
+    assert not (node.state_dir / "api.sock").exists()
+    assert not (node.state_dir / "listen_addrs").exists()
+    node.start()  # restarts on the same state dir
+    wait_for(node.status, 10, "restart")
