@@ -11,7 +11,9 @@ from pathlib import Path
 def mossnode(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mossnode", "--state-dir", str(state), *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -35,8 +37,11 @@ def test_init_and_id(tmp_path: Path) -> None:
     assert mossnode(sd, "id").stdout.strip() == pid
     assert json.loads(mossnode(sd, "id", "--json").stdout) == {"peer_id": pid}
     # --state-dir after the subcommand works too
-    r = subprocess.run([sys.executable, "-m", "mossnode", "id", "--state-dir", str(sd)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "mossnode", "id", "--state-dir", str(sd)],
+        capture_output=True,
+        text=True,
+    )
     assert r.stdout.strip() == pid
 
 

@@ -40,8 +40,9 @@ def test_socket_mode(node) -> None:
 
 
 def test_api_errors(node) -> None:
-    c = httpx.Client(transport=httpx.HTTPTransport(uds=str(node.state_dir / "api.sock")),
-                     base_url="http://x")
+    c = httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(node.state_dir / "api.sock")), base_url="http://x"
+    )
     r = c.get("/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = c.post("/v1/invites", content=b"{not json")
@@ -58,8 +59,12 @@ def test_api_errors(node) -> None:
 
 
 def test_second_daemon_refused(node) -> None:
-    r = subprocess.run([sys.executable, "-m", "mossnode", "--state-dir", str(node.state_dir), "run"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "mossnode", "--state-dir", str(node.state_dir), "run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1
     assert "another mossnode daemon is running" in r.stderr
     assert node.status()  # the first one is unharmed

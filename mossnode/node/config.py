@@ -44,7 +44,7 @@ class Config:
     presence_interval_s: float = 1.0
     suspect_after_s: float = 3.0
     dead_after_s: float = 6.0
-    join_window_s: float = 10.0
+    join_window_s: float = 5.0
     max_envelope_bytes: int = 1 << 20
     max_clock_skew_s: float = 30.0
     gossip_heartbeat_s: float = 1.0

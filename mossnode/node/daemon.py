@@ -25,7 +25,15 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from .. import __version__
-from ..crypto.envelope import Envelope, Rejection, ReplayWindow, canonical, open_envelope, seal
+from ..crypto.envelope import (
+    Envelope,
+    Reason,
+    Rejection,
+    ReplayWindow,
+    canonical,
+    open_envelope,
+    seal,
+)
 from ..crypto.identity import Identity
 from ..crypto.peerid import peer_id_from_public_key, public_key_from_peer_id
 from ..protocols.membership import (
@@ -420,6 +428,8 @@ class Daemon:
         )
         if isinstance(r, Rejection):
             self.rejected[r.reason.value] += 1
+            if r.reason is Reason.WRONG_SWARM:
+                raise DaemonError("the invite is for another swarm than this peer's")
             raise DaemonError(f"join request refused: {r}")
         if r.type != "join.request" or not isinstance(r.body, dict):
             raise DaemonError("not a join request")

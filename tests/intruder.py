@@ -1,0 +1,95 @@
+"""A rogue process for the mesh tests: its own identity, never admitted, injecting envelopes.
+
+Usage: python tests/intruder.py MULTIADDR SWARM_ID_HEX MEMBER_PEER_ID SECONDS
+It connects to one member, subscribes to the swarm's topics and publishes (1) envelopes it signs
+itself, (2) envelopes claiming to come from a member (bad signatures) and (3) garbage, then prints
+how many messages it received on the topics as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import multiaddr
+import trio
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.tools.anyio_service import background_trio_service
+
+from mossnode.crypto.envelope import SIG_LEN, seal
+from mossnode.crypto.identity import Identity
+from mossnode.crypto.peerid import public_key_from_peer_id
+from mossnode.node.host import make_host, make_pubsub, topic
+
+
+async def main(addr: str, swarm_hex: str, member: str, seconds: float) -> None:
+    ident = Identity.generate()
+    swarm_id = bytes.fromhex(swarm_hex)
+    host = make_host(ident)
+    pubsub, router = make_pubsub(host, 1.0)
+    received = 0
+    async with (
+        host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]),
+        background_trio_service(pubsub),
+        background_trio_service(router),
+    ):
+        await pubsub.wait_until_ready()
+        await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(addr)))
+        subs = [await pubsub.subscribe(topic(swarm_id, t)) for t in ("presence", "consensus")]
+
+        async def count(sub) -> None:
+            nonlocal received
+            while True:
+                await sub.get()
+                received += 1
+
+        async with trio.open_nursery() as nursery:
+            for s in subs:
+                nursery.start_soon(count, s)
+            await trio.sleep(1.5)
+            seq = 1
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                now = time.time_ns() // 1_000_000
+                own = seal(
+                    ident,
+                    swarm_id=swarm_id,
+                    type="presence",
+                    seq=seq,
+                    timestamp=now,
+                    body={"addrs": [], "height": 99},
+                )
+                # claim to be the member: splice its key into our own signed payload
+                forged = bytearray(
+                    seal(
+                        ident,
+                        swarm_id=swarm_id,
+                        type="decision",
+                        seq=seq,
+                        timestamp=now,
+                        body={"seq": 1},
+                    )
+                )
+                import cbor2
+
+                fields = cbor2.loads(bytes(forged[SIG_LEN:]))
+                fields[3] = public_key_from_peer_id(member)
+                forged_bytes = bytes(forged[:SIG_LEN]) + cbor2.dumps(fields, canonical=True)
+                for t, data in (
+                    ("presence", own),
+                    ("consensus", forged_bytes),
+                    ("presence", b"\x00garbage"),
+                ):
+                    try:
+                        await pubsub.publish(topic(swarm_id, t), data)
+                    except Exception:
+                        pass
+                seq += 1
+                await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    print(json.dumps({"received": received, "sent_rounds": seq - 1}))
+
+
+if __name__ == "__main__":
+    trio.run(main, sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]))
