@@ -159,6 +159,14 @@ def cmd_decisions(args: argparse.Namespace) -> None:
     _out(args, ds, "\n".join(lines))
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    if not 1 <= args.nodes <= 32:
+        raise CliError("--nodes must be between 1 and 32")
+    run_demo(args.nodes, args.keep)
+
+
 def parse_duration(text: str) -> float:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
     if not m:
@@ -208,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for admission")
     add("peers", cmd_peers, "list members and their health")
     add("decisions", cmd_decisions, "show the decided log")
+    sp = add("demo", cmd_demo, "run a local demo swarm on loopback")
+    sp.add_argument("--nodes", type=int, default=3)
+    sp.add_argument("--keep", action="store_true", help="leave the nodes running")
     return p
 
 

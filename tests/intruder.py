@@ -8,10 +8,12 @@ how many messages it received on the topics as JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 
+import cbor2
 import multiaddr
 import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -71,7 +73,6 @@ async def main(addr: str, swarm_hex: str, member: str, seconds: float) -> None:
                         body={"seq": 1},
                     )
                 )
-                import cbor2
 
                 fields = cbor2.loads(bytes(forged[SIG_LEN:]))
                 fields[3] = public_key_from_peer_id(member)
@@ -81,10 +82,8 @@ async def main(addr: str, swarm_hex: str, member: str, seconds: float) -> None:
                     ("consensus", forged_bytes),
                     ("presence", b"\x00garbage"),
                 ):
-                    try:
+                    with contextlib.suppress(Exception):
                         await pubsub.publish(topic(swarm_id, t), data)
-                    except Exception:
-                        pass
                 seq += 1
                 await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
