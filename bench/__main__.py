@@ -7,6 +7,7 @@ import importlib
 
 BENCHES = {
     "envelopes": "bench.envelopes",
+    "gossip": "bench.gossip",
 }
 
 
