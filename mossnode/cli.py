@@ -23,11 +23,11 @@ from .crypto.identity import Identity, IdentityError, load_identity, save_identi
 from .node.config import (
     CONFIG_FILE,
     IDENTITY_FILE,
-    SOCKET_FILE,
     Config,
     ConfigError,
     default_state_dir,
     load_config,
+    socket_path,
     write_config,
 )
 
@@ -46,14 +46,7 @@ def _out(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
-    sock = args.state_dir / SOCKET_FILE
-    try:
-        cfg = load_config(args.state_dir)
-        if cfg.api_socket:
-            sock = Path(cfg.api_socket)
-    except ConfigError:
-        pass
-    return ApiClient(sock, timeout=getattr(args, "timeout", 30.0) + 5)
+    return ApiClient(socket_path(args.state_dir), timeout=getattr(args, "timeout", 30.0) + 5)
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -159,6 +152,39 @@ def cmd_decisions(args: argparse.Namespace) -> None:
     _out(args, ds, "\n".join(lines))
 
 
+def cmd_install_service(args: argparse.Namespace) -> None:
+    import shutil
+    import subprocess
+
+    from .node.systemd import UNIT_PATH, unit_text
+
+    text = unit_text()
+    if args.print:
+        print(text, end="")
+        return
+    if os.geteuid() != 0:
+        raise CliError("install-service needs root (or use --print and install the unit yourself)")
+    if shutil.which("systemctl") is None:
+        raise CliError("systemctl not found: this host does not run systemd (use --print)")
+    r = subprocess.run(["id", "-u", "mossnode"], capture_output=True)
+    if r.returncode != 0:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--home-dir",
+                "/var/lib/mossnode",
+                "--shell",
+                "/usr/sbin/nologin",
+                "mossnode",
+            ],
+            check=True,
+        )
+    Path(UNIT_PATH).write_text(text)
+    subprocess.run(["systemctl", "daemon-reload"], check=True)
+    _out(args, {"unit": UNIT_PATH}, f"wrote {UNIT_PATH}; next: see README, Deployment with systemd")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -216,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for admission")
     add("peers", cmd_peers, "list members and their health")
     add("decisions", cmd_decisions, "show the decided log")
+    sp = add("install-service", cmd_install_service, "install the systemd unit")
+    sp.add_argument("--print", action="store_true", help="print the unit instead of installing it")
     sp = add("demo", cmd_demo, "run a local demo swarm on loopback")
     sp.add_argument("--nodes", type=int, default=3)
     sp.add_argument("--keep", action="store_true", help="leave the nodes running")

@@ -92,3 +92,11 @@ def test_bad_arguments(tmp_path: Path) -> None:
     assert r.returncode == 2 and "not a duration" in r.stderr and "Traceback" not in r.stderr
     r = mossnode(tmp_path, "frobnicate")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_install_service_print(tmp_path: Path) -> None:
+    r = mossnode(tmp_path, "install-service", "--print")
+    assert r.returncode == 0
+    assert "Type=notify" in r.stdout and "WatchdogSec=" in r.stdout
+    assert "MOSSNODE_API_SOCKET=/run/mossnode/api.sock" in r.stdout
+    assert "ProtectSystem=strict" in r.stdout

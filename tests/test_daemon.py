@@ -77,3 +77,45 @@ def test_clean_stop(node, sig) -> None:
     assert not (node.state_dir / "listen_addrs").exists()
     node.start()  # restarts on the same state dir
     wait_for(node.status, 10, "restart")
+
+
+def test_metrics(node) -> None:
+    c = httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(node.state_dir / "api.sock")), base_url="http://x"
+    )
+    r = c.get("/v1/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    assert "mossnode_members 1" in r.text
+    assert "mossnode_uptime_seconds" in r.text
+
+
+def test_systemd_notify(cluster_factory, tmp_path) -> None:
+    import os
+    import socket
+
+    c: Cluster = cluster_factory(1)
+    c.init()
+    n = c.nodes[0]
+    sock_path = tmp_path / "notify.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(sock_path))
+    s.settimeout(30)
+    env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        n.start()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    msgs = set()
+    while not {"READY=1", "WATCHDOG=1"} <= msgs:
+        msgs.update(s.recv(1024).decode().splitlines())
+    n.stop()
+    while "STOPPING=1" not in msgs:
+        msgs.update(s.recv(1024).decode().splitlines())
+    s.close()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
@@ -99,6 +99,9 @@ def build_app(daemon: Daemon) -> Starlette:
             raise ApiError(400, "bad_field", "timeout_s must be in (0, 600]")
         return JSONResponse(await daemon.join(addr, token, timeout))
 
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(daemon.metrics_text(), media_type="text/plain; version=0.0.4")
+
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document(routes))
 
@@ -116,6 +119,7 @@ def build_app(daemon: Daemon) -> Starlette:
         Route("/v1/decisions", wrap(decisions), methods=["GET"], name="The decided log"),
         Route("/v1/invites", wrap(invites), methods=["POST"], name="Create an invite"),
         Route("/v1/join", wrap(join), methods=["POST"], name="Join a swarm through a peer"),
+        Route("/v1/metrics", wrap(metrics), methods=["GET"], name="Prometheus metrics"),
         Route("/v1/openapi.json", wrap(openapi), methods=["GET"], name="This document"),
     ]
     return Starlette(

@@ -91,12 +91,27 @@ class Config:
 
 
 def load_config(state_dir: Path) -> Config:
+    """Read ``config.toml``; ``MOSSNODE_API_SOCKET`` overrides the socket path (systemd sets it)."""
     path = state_dir / CONFIG_FILE
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"no config at {path}; run `mossnode init` first") from None
-    return Config.from_toml(text, str(path))
+    cfg = Config.from_toml(text, str(path))
+    if os.environ.get("MOSSNODE_API_SOCKET"):
+        cfg.api_socket = os.environ["MOSSNODE_API_SOCKET"]
+    return cfg
+
+
+def socket_path(state_dir: Path) -> Path:
+    """Where the daemon of this state dir serves its API (for clients)."""
+    if os.environ.get("MOSSNODE_API_SOCKET"):
+        return Path(os.environ["MOSSNODE_API_SOCKET"])
+    try:
+        cfg = load_config(state_dir)
+    except ConfigError:
+        return state_dir / SOCKET_FILE
+    return Path(cfg.api_socket) if cfg.api_socket else state_dir / SOCKET_FILE
 
 
 def write_config(state_dir: Path, cfg: Config) -> None:

@@ -47,6 +47,7 @@ from ..protocols.membership import (
     parse_genesis,
 )
 from ..protocols.presence import FailureDetector
+from . import systemd
 from .config import LISTEN_FILE, SOCKET_FILE, Config
 from .host import FrameError, maddrs, make_host, make_pubsub, read_frame, topic, write_frame
 from .ledger import load_ledger, save_ledger
@@ -80,7 +81,7 @@ class Daemon:
         self.identity = identity
         self.listen = listen or cfg.listen
         self.started = time.monotonic()
-        self.host = make_host(identity)
+        self.host = make_host(identity, mdns=cfg.mdns)
         self.pubsub, self.router = make_pubsub(self.host, cfg.gossip_heartbeat_s)
         loaded = load_ledger(state_dir)
         self.state: Membership | None = loaded[0] if loaded else None
@@ -188,13 +189,23 @@ class Daemon:
                         self.api_path,
                     )
                     task_status.started()
+                    systemd.notify("READY=1\nSTATUS=running")
+                    nursery.start_soon(self._watchdog)
                     await self.stopping.wait()
+                    systemd.notify("STOPPING=1")
                     nursery.cancel_scope.cancel()
         finally:
             for p in (self.state_dir / LISTEN_FILE, self.api_path):
                 p.unlink(missing_ok=True)
             os.close(lock)
             log.info("mossnode stopped")
+
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog from the event loop: a wedged loop stops the pings."""
+        interval = systemd.watchdog_interval_s()
+        while interval:
+            systemd.notify("WATCHDOG=1")
+            await trio.sleep(interval)
 
     def _lock(self) -> int:
         fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
@@ -619,6 +630,37 @@ class Daemon:
             "rejected": dict(self.rejected),
             "counters": dict(self.counters),
         }
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition of the daemon's counters and gauges."""
+        state = self.state
+        health = Counter(p["state"] for p in self.peers()) if state else Counter()
+        lines = [
+            "# TYPE mossnode_uptime_seconds gauge",
+            f"mossnode_uptime_seconds {time.monotonic() - self.started:.3f}",
+            "# TYPE mossnode_members gauge",
+            f"mossnode_members {len(state.members) if state else 0}",
+            "# TYPE mossnode_decided_height gauge",
+            f"mossnode_decided_height {state.height if state else 0}",
+            "# TYPE mossnode_connected_peers gauge",
+            f"mossnode_connected_peers {len(self.host.get_connected_peers())}",
+            "# TYPE mossnode_peers gauge",
+            *(
+                f'mossnode_peers{{state="{h}"}} {health.get(h, 0)}'
+                for h in ("alive", "suspect", "dead")
+            ),
+            "# TYPE mossnode_messages_total counter",
+            *(
+                f'mossnode_messages_total{{kind="{k}"}} {v}'
+                for k, v in sorted(self.counters.items())
+            ),
+            "# TYPE mossnode_rejected_total counter",
+            *(
+                f'mossnode_rejected_total{{reason="{k}"}} {v}'
+                for k, v in sorted(self.rejected.items())
+            ),
+        ]
+        return "\n".join(lines) + "\n"
 
     def peers(self) -> list[dict[str, Any]]:
         state = self._swarm()

@@ -28,9 +28,9 @@ class FrameError(Exception):
     """A peer sent a frame that is too large or cut short."""
 
 
-def make_host(identity: Identity) -> IHost:
+def make_host(identity: Identity, mdns: bool = False) -> IHost:
     """A TCP/Noise/yamux host whose key, hence PeerID, is the node's identity."""
-    return new_host(key_pair=create_new_key_pair(identity.seed))
+    return new_host(key_pair=create_new_key_pair(identity.seed), enable_mDNS=mdns)
 
 
 def make_pubsub(host: IHost, heartbeat_s: float) -> tuple[Pubsub, GossipSub]:
