@@ -1,0 +1,1 @@
+"""Local agent backends: where the work a node wins actually runs."""
