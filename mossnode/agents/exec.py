@@ -139,12 +139,9 @@ class ExecBackend:
             return Outcome(
                 False, error=f"timed out after {self.limits.timeout_s:g} s; {tail}", duration_s=took
             )
-        if proc.returncode != 0:
-            how = (
-                f"killed by {signal.Signals(-proc.returncode).name}"
-                if proc.returncode < 0
-                else f"exit status {proc.returncode}"
-            )
+        rc = proc.returncode or 0
+        if rc != 0:
+            how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
             return Outcome(False, error=f"{how}; stderr: {tail}", duration_s=took)
         try:
             output = json.loads(bytes(stdout))
