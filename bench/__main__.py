@@ -8,6 +8,7 @@ import importlib
 BENCHES = {
     "envelopes": "bench.envelopes",
     "gossip": "bench.gossip",
+    "api": "bench.api",
 }
 
 

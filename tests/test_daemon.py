@@ -119,3 +119,39 @@ def test_systemd_notify(cluster_factory, tmp_path) -> None:
     while "STOPPING=1" not in msgs:
         msgs.update(s.recv(1024).decode().splitlines())
     s.close()
+
+
+def _raw(node, data: bytes) -> bytes:
+    import socket as pysocket
+
+    s = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(node.state_dir / "api.sock"))
+    s.sendall(data)
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    s.close()
+    return out
+
+
+def test_http_edge_cases(node) -> None:
+    # keep-alive: two requests on one connection, the second closes it
+    two = (
+        b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    out = _raw(node, two)
+    assert out.count(b"HTTP/1.1 200 OK") == 2
+    assert _raw(node, b"NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert _raw(node, b"GET / HTTP/2\r\n\r\n").startswith(b"HTTP/1.1 400")
+    chunked = b"POST /v1/invites HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    assert _raw(node, chunked).startswith(b"HTTP/1.1 411")
+    big = b"POST /v1/invites HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"
+    assert _raw(node, big).startswith(b"HTTP/1.1 413")
+    huge_head = b"GET /v1/status HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n"
+    assert _raw(node, huge_head).startswith(b"HTTP/1.1 431")
+    assert _raw(node, b"GET /v1/status HTTP/1.1\r\nContent-Length: -5\r\n\r\n").startswith(
+        b"HTTP/1.1 400"
+    )
+    assert node.status()["decided_height"] == 0  # the daemon is fine

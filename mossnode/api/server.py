@@ -1,14 +1,27 @@
-"""Serve the API app with hypercorn on the daemon's trio loop, on a Unix socket."""
+"""A small HTTP/1.1 server for ASGI apps on a trio Unix socket.
+
+Why not hypercorn: measured on this 2-core machine it served 781 status calls/s (p99 19 ms)
+against a target of 2,000/s and 10 ms, and it does not expose the connecting process's
+credentials (SO_PEERCRED), which RBAC needs to tell the operator from other local users. The
+local API speaks a narrow HTTP/1.1 (Content-Length bodies, keep-alive, chunked responses for
+event streams), so a focused server is short. The Starlette app is unchanged ASGI.
+
+Each request's scope carries ``scope["extensions"]["peer_cred"] = {"pid", "uid", "gid"}``.
+"""
 
 from __future__ import annotations
 
+import grp
+import json
 import logging
 import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
-from hypercorn.config import Config as HyperConfig
-from hypercorn.trio import serve
 
 from .app import build_app
 
@@ -17,22 +30,255 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mossnode.api")
 
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[
+    [Scope, Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]],
+    Awaitable[None],
+]
+
+MAX_HEAD = 16 * 1024
+MAX_BODY = 1 << 20
+IDLE_TIMEOUT = 60.0
+MAX_CONNECTIONS = 512
+REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    411: "Length Required",
+    413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def peer_cred(sock: Any) -> dict[str, int]:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return {"pid": pid, "uid": uid, "gid": gid}
+
+
+def _simple_response(status: int, message: str) -> bytes:
+    body = json.dumps({"error": {"code": f"http_{status}", "message": message}}).encode()
+    return (
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+class _Connection:
+    def __init__(self, stream: trio.SocketStream, app: ASGIApp, cred: dict[str, int]) -> None:
+        self.stream = stream
+        self.app = app
+        self.cred = cred
+        self.buf = bytearray()
+
+    async def _fill(self) -> bool:
+        with trio.move_on_after(IDLE_TIMEOUT):
+            chunk = await self.stream.receive_some(65536)
+            if chunk:
+                self.buf += chunk
+                return True
+        return False
+
+    async def _linger(self) -> None:
+        """Half-close and drain briefly, so the client reads our error instead of a reset."""
+        with trio.move_on_after(1.0):
+            await self.stream.send_eof()
+            drained = 0
+            while drained < MAX_BODY and (chunk := await self.stream.receive_some(65536)):
+                drained += len(chunk)
+
+    async def _read_head(self) -> bytes | None:
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self.buf[:end])
+                del self.buf[: end + 4]
+                return head
+            if len(self.buf) > MAX_HEAD:
+                raise _BadRequest(431, "request head too large")
+            if not await self._fill():
+                if self.buf:
+                    raise _BadRequest(400, "connection closed mid-request")
+                return None
+
+    async def serve(self) -> None:
+        while True:
+            try:
+                head = await self._read_head()
+                if head is None:
+                    return
+                scope, length, keep = self._parse(head)
+                while len(self.buf) < length:
+                    if not await self._fill():
+                        return
+                body = bytes(self.buf[:length])
+                del self.buf[:length]
+            except _BadRequest as exc:
+                await self.stream.send_all(_simple_response(exc.status, str(exc)))
+                await self._linger()
+                return
+            if not await self._run(scope, body, keep) or not keep:
+                return
+
+    def _parse(self, head: bytes) -> tuple[Scope, int, bool]:
+        lines = head.split(b"\r\n")
+        try:
+            method, target, version = lines[0].decode("ascii").split(" ")
+        except (ValueError, UnicodeDecodeError):
+            raise _BadRequest(400, "malformed request line") from None
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            raise _BadRequest(400, "only HTTP/1.x is served")
+        headers: list[tuple[bytes, bytes]] = []
+        length = 0
+        keep = version == "HTTP/1.1"
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise _BadRequest(400, "malformed header line")
+            name = name.strip().lower()
+            value = value.strip()
+            headers.append((name, value))
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise _BadRequest(400, "bad content-length") from None
+                if length < 0:
+                    raise _BadRequest(400, "bad content-length")
+                if length > MAX_BODY:
+                    raise _BadRequest(413, "request body over 1 MiB")
+            elif name == b"transfer-encoding":
+                raise _BadRequest(
+                    411, "chunked request bodies are not supported; send content-length"
+                )
+            elif name == b"connection":
+                v = value.lower()
+                keep = v != b"close" and (keep or v == b"keep-alive")
+        path, _, query = target.partition("?")
+        scope: Scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": version[5:],
+            "method": method.upper(),
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query.encode(),
+            "root_path": "",
+            "headers": headers,
+            "client": None,
+            "server": None,
+            "extensions": {"peer_cred": self.cred},
+        }
+        return scope, length, keep
+
+    async def _run(self, scope: Scope, body: bytes, keep: bool) -> bool:
+        sent_body = False
+        state: dict[str, Any] = {"started": False, "chunked": False, "done": False}
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await trio.sleep_forever()  # disconnect is noticed by the send side
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                hdrs = list(message.get("headers", []))
+                has_len = any(k.lower() == b"content-length" for k, _ in hdrs)
+                state["chunked"] = not has_len
+                out = [f"HTTP/1.1 {status} {REASONS.get(status, 'OK')}\r\n".encode()]
+                out += [k + b": " + v + b"\r\n" for k, v in hdrs]
+                if state["chunked"]:
+                    out.append(b"transfer-encoding: chunked\r\n")
+                if not keep:
+                    out.append(b"connection: close\r\n")
+                state["head"] = b"".join(out) + b"\r\n"
+                state["started"] = True
+            elif message["type"] == "http.response.body":
+                data = message.get("body", b"")
+                more = message.get("more_body", False)
+                out = state.pop("head", b"")
+                if state["chunked"]:
+                    if data:
+                        out += f"{len(data):x}\r\n".encode() + data + b"\r\n"
+                    if not more:
+                        out += b"0\r\n\r\n"
+                else:
+                    out += data
+                if out:
+                    await self.stream.send_all(out)
+                if not more:
+                    state["done"] = True
+
+        try:
+            await self.app(scope, receive, send)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        except Exception:
+            log.exception("API handler failed for %s %s", scope["method"], scope["path"])
+            if not state["started"]:
+                await self.stream.send_all(_simple_response(500, "internal error"))
+            return False
+        return bool(state["done"])
+
+
+async def _handle(stream: trio.SocketStream, app: ASGIApp, limiter: trio.CapacityLimiter) -> None:
+    async with stream:
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await stream.send_all(_simple_response(503, "too many connections"))
+            return
+        try:
+            cred = peer_cred(stream.socket)
+            await _Connection(stream, app, cred).serve()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            limiter.release()
+
 
 async def serve_api(daemon: Daemon, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    path = daemon.api_path
+    """Bind the socket (born 0600, then set to the configured mode/group) and serve forever."""
+    path: Path = daemon.api_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)  # stale socket of a dead daemon: the state-dir lock is held
-    cfg = HyperConfig()
-    cfg.bind = [f"unix:{path}"]
-    cfg.accesslog = None
-    cfg.errorlog = logging.getLogger("mossnode.hypercorn")
-    cfg.keep_alive_timeout = 30
-    old = os.umask(0o177)  # the socket is born 0600; no window where others can connect
+    path.unlink(missing_ok=True)  # a stale socket of a dead daemon: the state-dir lock is ours
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve, build_app(daemon), cfg)
-            os.umask(old)
-            os.chmod(path, daemon.cfg.api_socket_mode)
-            task_status.started()
+        await sock.bind(str(path))
     finally:
         os.umask(old)
+    if daemon.cfg.api_socket_group:
+        os.chown(path, -1, grp.getgrnam(daemon.cfg.api_socket_group).gr_gid)
+    os.chmod(path, daemon.cfg.api_socket_mode)
+    sock.listen(128)
+    listener = trio.SocketListener(sock)
+    app = build_app(daemon)
+    limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+    task_status.started()
+    async with listener, trio.open_nursery() as nursery:
+        while True:
+            stream = await listener.accept()
+            nursery.start_soon(_handle, stream, app, limiter)
