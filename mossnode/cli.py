@@ -46,7 +46,10 @@ def _out(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(socket_path(args.state_dir), timeout=getattr(args, "timeout", 30.0) + 5)
+    token = os.environ.get("MOSSNODE_TOKEN") or None
+    return ApiClient(
+        socket_path(args.state_dir), token=token, timeout=getattr(args, "timeout", 30.0) + 5
+    )
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -185,6 +188,55 @@ def cmd_install_service(args: argparse.Namespace) -> None:
     _out(args, {"unit": UNIT_PATH}, f"wrote {UNIT_PATH}; next: see README, Deployment with systemd")
 
 
+def cmd_agent_add(args: argparse.Namespace) -> None:
+    a = _client(args).post(
+        "/v1/agents",
+        {
+            "name": args.name,
+            "roles": args.role,
+            "capabilities": args.capability or [],
+            "backend": args.backend,
+            "max_concurrency": args.max_concurrency,
+        },
+    )
+    _out(
+        args,
+        {"name": a["name"], "token": a["token"]},
+        f"agent {a['name']} registered; its token (shown once):\n{a['token']}",
+    )
+
+
+def _agent_line(a: dict[str, Any]) -> str:
+    return (
+        f"{a['name']:20} roles={','.join(a['roles'])} caps={','.join(a['capabilities'])} "
+        f"backend={a['backend']}"
+    )
+
+
+def cmd_agent_list(args: argparse.Namespace) -> None:
+    agents = _client(args).get("/v1/agents")
+    out = [
+        {k: a[k] for k in ("name", "roles", "capabilities", "backend", "max_concurrency")}
+        for a in agents
+    ]
+    _out(args, out, "\n".join(_agent_line(a) for a in agents) or "(no agents)")
+
+
+def cmd_agent_show(args: argparse.Namespace) -> None:
+    a = _client(args).get(f"/v1/agents/{args.name}")
+    _out(args, a, _agent_line(a))
+
+
+def cmd_agent_remove(args: argparse.Namespace) -> None:
+    r = _client(args).delete(f"/v1/agents/{args.name}")
+    _out(args, r, f"removed {r['removed']}")
+
+
+def cmd_agent_rotate(args: argparse.Namespace) -> None:
+    r = _client(args).post(f"/v1/agents/{args.name}/rotate-token", {})
+    _out(args, r, r["token"])
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -242,6 +294,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for admission")
     add("peers", cmd_peers, "list members and their health")
     add("decisions", cmd_decisions, "show the decided log")
+    agent = sub.add_parser("agent", parents=[common], help="manage this host's agents")
+    asub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
+
+    def aadd(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
+        sp = asub.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = aadd("add", cmd_agent_add, "register a local agent and print its token once")
+    sp.add_argument("name")
+    sp.add_argument("--role", action="append", required=True, help="role (repeatable)")
+    sp.add_argument("--capability", action="append", help="capability (repeatable)")
+    sp.add_argument("--backend", required=True, help="exec:COMMAND or openclaw:AGENT_ID")
+    sp.add_argument("--max-concurrency", type=int, default=1)
+    aadd("list", cmd_agent_list, "list this host's agents")
+    for verb, fn, help_ in (
+        ("show", cmd_agent_show, "show one agent"),
+        ("remove", cmd_agent_remove, "remove an agent and revoke its token"),
+        ("rotate-token", cmd_agent_rotate, "replace an agent's token"),
+    ):
+        aadd(verb, fn, help_).add_argument("name")
     sp = add("install-service", cmd_install_service, "install the systemd unit")
     sp.add_argument("--print", action="store_true", help="print the unit instead of installing it")
     sp = add("demo", cmd_demo, "run a local demo swarm on loopback")

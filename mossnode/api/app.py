@@ -1,12 +1,16 @@
-"""Starlette app for the local API. Errors are ``{"error": {"code", "message"}}`` with 4xx/5xx.
+"""Starlette app for the local API. Every route names the permission it needs.
 
-Every handler validates its input before touching the daemon, so a bad request changes nothing.
+Errors are ``{"error": {"code", "message", "details"?}}`` with a 4xx/5xx status. Input is fully
+validated before the daemon is touched, and authorization happens before that, so a refused
+request changes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -15,27 +19,32 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
+from ..node.agents import AgentError
+from ..protocols import rbac
 
 if TYPE_CHECKING:
     from ..node.daemon import Daemon
 
+log = logging.getLogger("mossnode.api")
 Handler = Callable[[Request], Awaitable[Response]]
+PUBLIC = ""  # permission of routes anyone who can open the socket may call
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.details = status, code, message, details
 
 
-def error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        err["details"] = details
+    return JSONResponse({"error": err}, status_code=status)
 
 
 async def json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
-    if len(raw) > 1 << 20:
-        raise ApiError(413, "too_large", "request body over 1 MiB")
     try:
         body = json.loads(raw or b"{}")
     except ValueError:
@@ -46,12 +55,14 @@ async def json_body(request: Request) -> dict[str, Any]:
 
 
 def field(body: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
+    """Typed field lookup; a missing or mistyped field is a 400 naming it."""
     if name not in body:
         if default is ...:
             raise ApiError(400, "missing_field", f"field {name!r} is required")
         return default
     value = body[name]
-    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    numeric = kind in (int, float) and isinstance(value, bool)
+    ok = isinstance(value, kind) and not numeric
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if not ok:
@@ -59,22 +70,80 @@ def field(body: dict[str, Any], name: str, kind: type, default: Any = ...) -> An
     return value
 
 
+def str_list(body: dict[str, Any], name: str, required: bool = True) -> list[str]:
+    value = field(body, name, list, ... if required else [])
+    if not all(isinstance(v, str) for v in value) or (required and not value):
+        raise ApiError(400, "bad_field", f"field {name!r} must be a non-empty list of strings")
+    return list(value)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    permission: str
+    summary: str
+    handler: Handler
+
+
 def build_app(daemon: Daemon) -> Starlette:
     from ..node.daemon import DaemonError
 
-    def wrap(fn: Handler) -> Handler:
+    def principal(request: Request) -> rbac.Principal | None:
+        node_roles = frozenset(daemon.node_roles())
+        auth = request.headers.get("authorization", "")
+        if auth:
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                return None
+            agent = daemon.agents.by_token(token.strip())
+            if agent is None:
+                return None
+            request.state.agent = agent
+            return rbac.agent(agent.name, frozenset(agent.roles), node_roles)
+        cred = request.scope.get("extensions", {}).get("peer_cred")
+        if cred and cred["uid"] in daemon.operator_uids:
+            return rbac.operator(cred["uid"], node_roles)
+        return None
+
+    def guarded(ep: Endpoint) -> Handler:
         async def handler(request: Request) -> Response:
             try:
-                return await fn(request)
+                if ep.permission != PUBLIC:
+                    who = principal(request)
+                    denial = rbac.check(who, ep.permission)
+                    if denial is not None:
+                        daemon.counters[f"api_denied:{ep.permission}"] += 1
+                        log.info("denied %s %s: %s", ep.method, ep.path, denial.message)
+                        return error(
+                            denial.status,
+                            denial.code,
+                            denial.message,
+                            {"permission": denial.permission},
+                        )
+                    request.state.principal = who
+                return await ep.handler(request)
             except ApiError as exc:
-                return error(exc.status, exc.code, exc.message)
-            except DaemonError as exc:
-                return error(exc.status, exc.code, str(exc))
+                return error(exc.status, exc.code, exc.message, exc.details)
+            except (DaemonError, AgentError) as exc:
+                status = getattr(exc, "status", 400)
+                return error(status, getattr(exc, "code", "bad_request"), str(exc))
 
         return handler
 
     async def status(request: Request) -> Response:
         return JSONResponse(daemon.status())
+
+    async def whoami(request: Request) -> Response:
+        who: rbac.Principal = request.state.principal
+        return JSONResponse(
+            {
+                "kind": who.kind,
+                "name": who.name,
+                "roles": sorted(who.roles),
+                "permissions": sorted(who.permissions),
+            }
+        )
 
     async def peers(request: Request) -> Response:
         return JSONResponse(daemon.peers())
@@ -84,9 +153,7 @@ def build_app(daemon: Daemon) -> Starlette:
 
     async def invites(request: Request) -> Response:
         body = await json_body(request)
-        roles = field(body, "roles", list)
-        if not roles or not all(isinstance(r, str) for r in roles):
-            raise ApiError(400, "bad_field", "field 'roles' must be a non-empty list of role names")
+        roles = str_list(body, "roles")
         ttl = field(body, "ttl_s", float, 3600.0)
         return JSONResponse(await daemon.create_invite(roles, float(ttl)), status_code=201)
 
@@ -99,11 +166,60 @@ def build_app(daemon: Daemon) -> Starlette:
             raise ApiError(400, "bad_field", "timeout_s must be in (0, 600]")
         return JSONResponse(await daemon.join(addr, token, timeout))
 
+    async def agents_list(request: Request) -> Response:
+        return JSONResponse([a.public() for a in daemon.agents.agents.values()])
+
+    async def agents_add(request: Request) -> Response:
+        body = await json_body(request)
+        agent, token = daemon.agents.add(
+            field(body, "name", str),
+            str_list(body, "roles"),
+            str_list(body, "capabilities", required=False),
+            field(body, "backend", str),
+            int(field(body, "max_concurrency", int, 1)),
+        )
+        daemon.agents_changed()
+        return JSONResponse({**agent.public(), "token": token}, status_code=201)
+
+    async def agents_show(request: Request) -> Response:
+        return JSONResponse(daemon.agents.get(request.path_params["name"]).public())
+
+    async def agents_remove(request: Request) -> Response:
+        agent = daemon.agents.remove(request.path_params["name"])
+        daemon.agents_changed()
+        return JSONResponse({"removed": agent.name})
+
+    async def agents_rotate(request: Request) -> Response:
+        name = request.path_params["name"]
+        return JSONResponse({"name": name, "token": daemon.agents.rotate(name)})
+
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(daemon.metrics_text(), media_type="text/plain; version=0.0.4")
 
     async def openapi(request: Request) -> Response:
-        return JSONResponse(openapi_document(routes))
+        return JSONResponse(openapi_document(endpoints))
+
+    endpoints = [
+        Endpoint("GET", "/v1/status", "state.read", "Status of this node", status),
+        Endpoint("GET", "/v1/whoami", "state.read", "The caller and its permissions", whoami),
+        Endpoint("GET", "/v1/peers", "state.read", "Members and their health", peers),
+        Endpoint("GET", "/v1/decisions", "state.read", "The decided log", decisions),
+        Endpoint("POST", "/v1/invites", "member.invite", "Create an invite", invites),
+        Endpoint("POST", "/v1/join", "swarm.join", "Join a swarm through a member", join),
+        Endpoint("GET", "/v1/agents", "agent.manage", "This host's agents", agents_list),
+        Endpoint("POST", "/v1/agents", "agent.manage", "Register an agent", agents_add),
+        Endpoint("GET", "/v1/agents/{name}", "agent.manage", "One agent", agents_show),
+        Endpoint("DELETE", "/v1/agents/{name}", "agent.manage", "Remove an agent", agents_remove),
+        Endpoint(
+            "POST",
+            "/v1/agents/{name}/rotate-token",
+            "agent.manage",
+            "Replace an agent's token",
+            agents_rotate,
+        ),
+        Endpoint("GET", "/v1/metrics", "state.read", "Prometheus metrics", metrics),
+        Endpoint("GET", "/v1/openapi.json", PUBLIC, "This document", openapi),
+    ]
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error(404, "not_found", f"no such endpoint: {request.method} {request.url.path}")
@@ -113,34 +229,33 @@ def build_app(daemon: Daemon) -> Starlette:
             405, "method_not_allowed", f"{request.method} not allowed on {request.url.path}"
         )
 
-    routes = [
-        Route("/v1/status", wrap(status), methods=["GET"], name="Status of this node"),
-        Route("/v1/peers", wrap(peers), methods=["GET"], name="Members and their health"),
-        Route("/v1/decisions", wrap(decisions), methods=["GET"], name="The decided log"),
-        Route("/v1/invites", wrap(invites), methods=["POST"], name="Create an invite"),
-        Route("/v1/join", wrap(join), methods=["POST"], name="Join a swarm through a peer"),
-        Route("/v1/metrics", wrap(metrics), methods=["GET"], name="Prometheus metrics"),
-        Route("/v1/openapi.json", wrap(openapi), methods=["GET"], name="This document"),
-    ]
-    return Starlette(
-        routes=routes,
-        exception_handlers={404: not_found, 405: not_allowed},
-    )
+    routes = [Route(ep.path, guarded(ep), methods=[ep.method]) for ep in endpoints]
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
 
 
-def openapi_document(routes: list[Route]) -> dict[str, Any]:
+def openapi_document(endpoints: list[Endpoint]) -> dict[str, Any]:
     paths: dict[str, Any] = {}
-    for r in routes:
-        for m in sorted((r.methods or set()) - {"HEAD"}):
-            paths.setdefault(r.path, {})[m.lower()] = {
-                "summary": r.name,
-                "responses": {
-                    "200": {"description": "OK", "content": {"application/json": {}}},
-                    "4XX": {"description": "error object {error: {code, message}}"},
-                },
-            }
+    for ep in endpoints:
+        op: dict[str, Any] = {
+            "summary": ep.summary,
+            "x-permission": ep.permission or None,
+            "responses": {
+                "200": {"description": "OK", "content": {"application/json": {}}},
+                "400": {"description": "invalid input: {error: {code, message}}"},
+                "401": {"description": "no valid token"},
+                "403": {"description": "the caller lacks x-permission"},
+            },
+        }
+        params = [p[1:-1] for p in ep.path.split("/") if p.startswith("{")]
+        if params:
+            op["parameters"] = [
+                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                for p in params
+            ]
+        paths.setdefault(ep.path, {})[ep.method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "mossnode local API", "version": __version__},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "paths": paths,
     }

@@ -13,12 +13,14 @@ class ClientError(Exception):
 
 
 class ApiClient:
-    def __init__(self, socket_path: Path, timeout: float = 30.0) -> None:
+    def __init__(self, socket_path: Path, timeout: float = 30.0, token: str | None = None) -> None:
         self.socket_path = socket_path
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(socket_path)),
             base_url="http://mossnode",
             timeout=timeout,
+            headers=headers,
         )
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -49,3 +51,6 @@ class ApiClient:
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         return self.request("POST", path, body)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)

@@ -48,6 +48,7 @@ from ..protocols.membership import (
 )
 from ..protocols.presence import FailureDetector
 from . import systemd
+from .agents import AgentRegistry
 from .config import LISTEN_FILE, SOCKET_FILE, Config
 from .host import FrameError, maddrs, make_host, make_pubsub, read_frame, topic, write_frame
 from .ledger import load_ledger, save_ledger
@@ -104,6 +105,9 @@ class Daemon:
         self._in_swarm = trio.Event()
         self.stopping = trio.Event()
         self.api_path = Path(cfg.api_socket) if cfg.api_socket else state_dir / SOCKET_FILE
+        self.agents = AgentRegistry(state_dir)
+        # The kernel-verified uids that act as this node's operator on the API socket.
+        self.operator_uids = frozenset({0, os.getuid()})
 
     # --- small helpers -------------------------------------------------------------------
 
@@ -135,6 +139,13 @@ class Daemon:
                 409,
             )
         return self.state
+
+    def node_roles(self) -> set[str]:
+        return self.state.roles_of(self.identity.public_key) if self.state else set()
+
+    def agents_changed(self) -> None:
+        """Local agents changed: the next presence heartbeat advertises them."""
+        self.counters["agents_changed"] += 1
 
     def listen_addrs(self) -> list[str]:
         return [str(a) for a in self.host.get_addrs()]
@@ -275,7 +286,10 @@ class Daemon:
         return {
             "addrs": self.listen_addrs(),
             "load": os.getloadavg()[0],
-            "agents": [],
+            "agents": [
+                {"name": a.name, "roles": a.roles, "capabilities": a.capabilities}
+                for a in self.agents.agents.values()
+            ],
             "version": __version__,
             "height": state.height,
             "uptime_s": round(time.monotonic() - self.started, 1),
