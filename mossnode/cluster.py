@@ -43,9 +43,10 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
 
 
 class Node:
-    def __init__(self, state_dir: Path, name: str) -> None:
+    def __init__(self, state_dir: Path, name: str, prefix: list[str] | None = None) -> None:
         self.state_dir = state_dir
         self.name = name
+        self.prefix = prefix or []  # e.g. ["ip", "netns", "exec", "moss-0"]
         self.proc: subprocess.Popen[bytes] | None = None
         self.api = ApiClient(state_dir / SOCKET_FILE)
         self.log_path = state_dir / "daemon.log"
@@ -66,7 +67,15 @@ class Node:
         (self.state_dir / LISTEN_FILE).unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mossnode", "--state-dir", str(self.state_dir), "run"],
+                [
+                    *self.prefix,
+                    sys.executable,
+                    "-m",
+                    "mossnode",
+                    "--state-dir",
+                    str(self.state_dir),
+                    "run",
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
