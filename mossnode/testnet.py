@@ -31,15 +31,10 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 class Testnet:
-    def __init__(self, n: int, root: Path, fast: bool = True) -> None:
+    def __init__(self, n: int, root: Path) -> None:
         self.n = n
         self.root = root
-        config = (
-            {"presence_interval_s": 0.5, "suspect_after_s": 1.5, "dead_after_s": 3.0}
-            if fast
-            else {}
-        )
-        self.cluster = Cluster(n, root=root, config=config)
+        self.cluster = Cluster(n, root=root)
         for i, node in enumerate(self.cluster.nodes):
             node.prefix = ["ip", "netns", "exec", self.ns(i)]
 
@@ -126,6 +121,11 @@ def health(node: Node, peer: str) -> str | None:
     return next((p["state"] for p in node.peers() if p["peer_id"] == peer), None)
 
 
+def wait_health(nodes: list[Node], peer: str, state: str, timeout: float) -> None:
+    for node in nodes:
+        wait_for(lambda: health(node, peer) == state, timeout, f"{node.name} to see {peer} {state}")
+
+
 def scenario(n: int, root: Path, out: list[str]) -> dict[str, float]:
     """Form the swarm, partition, heal, pause, kill and restart; return what took how long."""
     figures: dict[str, float] = {}
@@ -142,32 +142,30 @@ def scenario(n: int, root: Path, out: list[str]) -> dict[str, float]:
 
         t0 = time.monotonic()
         net.partition([last])
-        for node in nodes[:last]:
-            wait_for(lambda node=node: health(node, ids[last]) == "dead", 30, "partition seen")
+        wait_health(nodes[:last], ids[last], "dead", 30)
         figures["partition_detect_s"] = time.monotonic() - t0
         out.append(
             f"partition of node{last} detected by all in {figures['partition_detect_s']:.1f} s"
         )
         t0 = time.monotonic()
         net.heal()
-        for node in nodes[:last]:
-            wait_for(lambda node=node: health(node, ids[last]) == "alive", 60, "heal seen")
+        wait_health(nodes[:last], ids[last], "alive", 60)
         figures["heal_s"] = time.monotonic() - t0
         out.append(f"healed: node{last} alive again everywhere in {figures['heal_s']:.1f} s")
 
         t0 = time.monotonic()
         net.pause(1)
-        wait_for(lambda: health(nodes[0], ids[1]) == "dead", 30, "pause seen")
+        wait_health(nodes[:1], ids[1], "dead", 30)
         net.resume(1)
-        wait_for(lambda: health(nodes[0], ids[1]) == "alive", 30, "resume seen")
+        wait_health(nodes[:1], ids[1], "alive", 30)
         figures["pause_cycle_s"] = time.monotonic() - t0
         out.append(f"SIGSTOP/SIGCONT of node1: dead then alive in {figures['pause_cycle_s']:.1f} s")
 
         t0 = time.monotonic()
         nodes[2].kill()
-        wait_for(lambda: health(nodes[0], ids[2]) == "dead", 30, "kill seen")
+        wait_health(nodes[:1], ids[2], "dead", 30)
         nodes[2].start()
-        wait_for(lambda: health(nodes[0], ids[2]) == "alive", 60, "restart seen")
+        wait_health(nodes[:1], ids[2], "alive", 60)
         figures["kill_restart_s"] = time.monotonic() - t0
         out.append(
             f"kill -9 and restart of node2 (no new invite): back in {figures['kill_restart_s']:.1f} s"
