@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from .cluster import Cluster, ClusterError, Node, wait_for
@@ -121,9 +122,13 @@ def health(node: Node, peer: str) -> str | None:
     return next((p["state"] for p in node.peers() if p["peer_id"] == peer), None)
 
 
+def has_health(node: Node, peer: str, state: str) -> bool:
+    return health(node, peer) == state
+
+
 def wait_health(nodes: list[Node], peer: str, state: str, timeout: float) -> None:
     for node in nodes:
-        wait_for(lambda: health(node, peer) == state, timeout, f"{node.name} to see {peer} {state}")
+        wait_for(partial(has_health, node, peer, state), timeout, f"{node.name}: {peer} {state}")
 
 
 def scenario(n: int, root: Path, out: list[str]) -> dict[str, float]:
