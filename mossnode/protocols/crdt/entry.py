@@ -1,0 +1,128 @@
+"""The signed form of one author's document update: a ``state.update`` SignedEnvelope.
+
+Body (canonical CBOR map, exactly these keys):
+  ``u`` Yrs v1 update bytes of one local transaction,
+  ``d`` the author's state vector before that transaction, as sorted ``[client, clock]`` pairs:
+        the dependencies a replica must hold before applying it,
+  ``p`` the decided-log sequence whose policy the author wrote under,
+  ``h`` SHA-256 digest of the author's previous entry (empty for seq 1): a hash chain, so two
+        different histories signed by one author are provable (equivocation).
+The envelope's ``seq`` is the author's entry number, 1, 2, 3, ... without gaps.
+
+The two size bounds below change verdicts, so they are swarm-wide protocol constants.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mossnode.crypto.envelope import Envelope, Reason, Rejection, open_envelope
+from mossnode.crypto.peerid import peer_id_from_public_key
+
+STATE_UPDATE = "state.update"
+MAX_ENTRY_BYTES = 256 * 1024
+MAX_SPAN = 1 << 20  # clocks one update may add: bounds what a tiny tombstone run can claim
+MAX_DEPS = 100_000
+DIGEST_LEN = 32
+NO_SKEW_LIMIT = 1 << 62  # stored entries are replayed years later; seq, not time, stops replay
+
+
+@dataclass(frozen=True, slots=True)
+class StateEntry:
+    author: str
+    public_key: bytes
+    seq: int
+    update: bytes
+    deps: Mapping[int, int]
+    policy_seq: int
+    prev: bytes
+    timestamp: int
+    raw: bytes
+    digest: bytes
+
+
+def body(update: bytes, deps: Mapping[int, int], policy_seq: int, prev: bytes) -> dict[str, object]:
+    pairs = [[c, k] for c, k in sorted(deps.items()) if k > 0]
+    return {"u": update, "d": pairs, "p": policy_seq, "h": prev}
+
+
+def parse_body(env: Envelope) -> StateEntry | Rejection:
+    """Decode the body of an already verified envelope; refusals here are the author's fault."""
+    if env.type != STATE_UPDATE:
+        return Rejection(Reason.MALFORMED, f"type {env.type!r} is not {STATE_UPDATE}")
+    b = env.body
+    if not isinstance(b, dict) or set(b) != {"u", "d", "p", "h"}:
+        return Rejection(Reason.MALFORMED, "body is not {u, d, p, h}")
+    update, pairs, policy_seq, prev = b["u"], b["d"], b["p"], b["h"]
+    if not isinstance(update, bytes):
+        return Rejection(Reason.MALFORMED, "update is not bytes")
+    if type(policy_seq) is not int or policy_seq < 0:
+        return Rejection(Reason.MALFORMED, "policy seq is not a non-negative integer")
+    if not isinstance(prev, bytes) or len(prev) != (0 if env.seq == 1 else DIGEST_LEN):
+        return Rejection(Reason.MALFORMED, "previous-entry digest has the wrong length")
+    if not isinstance(pairs, list) or len(pairs) > MAX_DEPS:
+        return Rejection(Reason.MALFORMED, "dependencies are not a bounded list")
+    deps: dict[int, int] = {}
+    last = -1
+    for pair in pairs:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or any(type(x) is not int or x < 0 or x >= 1 << 64 for x in pair)
+            or pair[0] <= last
+            or pair[1] == 0
+        ):
+            return Rejection(Reason.MALFORMED, "dependencies are not sorted [client, clock] pairs")
+        last = pair[0]
+        deps[pair[0]] = pair[1]
+    return StateEntry(
+        _peer_id(env.sender),
+        env.sender,
+        env.seq,
+        update,
+        deps,
+        policy_seq,
+        prev,
+        env.timestamp,
+        env.raw,
+        env.digest,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_id(public_key: bytes) -> str:
+    return peer_id_from_public_key(public_key)
+
+
+def open_signed(data: bytes, *, swarm_id: bytes, now_ms: int) -> Envelope | Rejection:
+    """Signature, swarm and size of a state entry (no clock-skew limit: see NO_SKEW_LIMIT)."""
+    return open_envelope(
+        data,
+        swarm_id=swarm_id,
+        now_ms=now_ms,
+        max_size=MAX_ENTRY_BYTES,
+        max_skew_ms=NO_SKEW_LIMIT,
+    )
+
+
+def open_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rejection:
+    """Verify signature and decode; the whole check a stored or relayed entry goes through."""
+    env = open_signed(data, swarm_id=swarm_id, now_ms=now_ms)
+    return env if isinstance(env, Rejection) else parse_body(env)
+
+
+def entry_digest(raw: bytes) -> bytes:
+    return hashlib.sha256(raw).digest()
+
+
+def proves_equivocation(a: StateEntry, b: StateEntry) -> bool:
+    """Two verified entries by one author that cannot both belong to one history."""
+    if a.author != b.author or a.digest == b.digest:
+        return False
+    if a.seq == b.seq:
+        return True
+    first, second = (a, b) if a.seq < b.seq else (b, a)
+    return second.seq == first.seq + 1 and second.prev != first.digest

@@ -1,0 +1,773 @@
+"""One node's replica of the shared task document: signed per-author logs over a pycrdt Doc.
+
+Sans-IO: bytes and ``now_ms`` come in, an :class:`Outcome` comes out. The caller persists
+``Outcome.applied`` (group commit) *before* relaying it or answering for it, persists local
+entries before sending them, and feeds the policy from the decided log.
+
+Apply rule: an author's entry is applied only when (a) its seq is the author's next one and (b)
+the document holds every item it refers to (the part of its declared dependency state vector it
+uses); until then it waits in a bounded pending set. It is checked structurally against the
+owner rules, applied to a shadow copy with deep observers whose changes are checked again, and
+only then applied to the real document. A refused entry blocks its author: everything it wrote
+later depends on it and waits forever, the intended fate of a Byzantine author, reported in
+:attr:`Replica.blocked`. An author caught signing two histories is excluded from the fork on,
+identically everywhere (see docs/state-schema.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import cbor2
+from pycrdt import Doc, Map, Subscription
+
+from mossnode.crypto.envelope import (
+    Reason,
+    Rejection,
+    canonical,
+    seal,
+)
+from mossnode.crypto.identity import Identity
+from mossnode.crypto.peerid import public_key_from_peer_id
+
+from .authorize import Admitted, check_events, check_update, event_changes, references
+from .clients import client_id_for
+from .document import content, new_doc, plain, state_digest
+from .entry import (
+    MAX_SPAN,
+    STATE_UPDATE,
+    StateEntry,
+    body,
+    open_signed,
+    parse_body,
+)
+from .lib0 import DecodeError
+from .locations import GONE, LocationIndex
+from .outcome import (
+    Blocked,
+    Entry,
+    Equivocation,
+    Limits,
+    Outcome,
+    Refusal,
+    StateError,
+    WriteRefused,
+)
+from .rules import Op, Policy
+from .schema import ROOTS, TASKS, Path
+from .writes import Writer
+from .yrs_update import Update, decode_update, gc_update
+
+T = TypeVar("T")
+SNAPSHOT_VERSION = 1
+MAX_EXCLUDED_SPAN = 1 << 32  # how far past a blocked author's last entry others may refer
+
+
+@dataclass(frozen=True, slots=True)
+class _Poison:
+    """A verified envelope whose body is unusable: it blocks its author once it is next."""
+
+    author: str
+    seq: int
+    digest: bytes
+    raw: bytes
+    rejection: Rejection
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """A verified entry, its decoded update, and what the document must hold to apply it."""
+
+    entry: StateEntry
+    update: Update
+    needs: dict[int, int]
+
+    @property
+    def author(self) -> str:
+        return self.entry.author
+
+    @property
+    def seq(self) -> int:
+        return self.entry.seq
+
+    @property
+    def digest(self) -> bytes:
+        return self.entry.digest
+
+    @property
+    def raw(self) -> bytes:
+        return self.entry.raw
+
+
+_Pending = _Waiting | _Poison
+
+
+@dataclass(slots=True)
+class _Author:
+    public_key: bytes
+    client: int
+    seq: int = 0  # highest contiguous seq applied
+    policy_seq: int = 0
+    head: bytes = b""  # digest of entry `seq`
+    log: list[bytes] = field(default_factory=list)  # raw entries 1..seq
+    digests: list[bytes] = field(default_factory=list)
+
+
+class Replica:
+    """The replicated document as seen by node ``identity`` in swarm ``swarm_id``."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        swarm_id: bytes,
+        policy: Policy,
+        *,
+        limits: Limits | None = None,
+    ) -> None:
+        self.identity = identity
+        self.swarm_id = swarm_id
+        self.policy = policy
+        self.limits = limits or Limits()
+        self.me = identity.peer_id
+        self.client = client_id_for(identity.public_key)
+        self.doc: Doc[Map[Any]] = new_doc(self.client)  # read it; never write it directly
+        self._events: list[tuple[Path, Op]] = []
+        self._captured: list[bytes] = []
+        self._shadow: Doc[Map[Any]] = new_doc(self.client)
+        self._subs: list[Subscription] = []
+        self._watch_shadow()
+        self._index = LocationIndex()
+        self._written: set[Path] = set()
+        self._sv: dict[int, int] = {}
+        self._authors: dict[str, _Author] = {}
+        self._excluded_from: dict[int, int] = {}  # client -> clock where its GC stand-in starts
+        self._pending: dict[str, dict[int, _Pending]] = {}
+        self._pending_count = 0
+        self._order: list[tuple[str, int]] = []  # apply order, a causal order for anti-entropy
+        self._pos: dict[str, list[int]] = {}
+        self.blocked: dict[str, Blocked] = {}
+        self._culprits: dict[str, bytes] = {}  # the refused entry that blocked each author
+        self._rollback = False
+        self.own_signed = 0  # highest seq this node ever signed: never sign that seq again
+        self.evidence: dict[str, Equivocation] = {}
+        self.rejections: Counter[Reason] = Counter()
+        self.dropped = 0  # pending entries dropped for space; anti-entropy brings them back
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def digest(self) -> bytes:
+        """Hash of the canonical content: equal on replicas with equal content."""
+        return state_digest(self.doc)
+
+    def content(self) -> dict[str, Any]:
+        return content(self.doc)
+
+    def task(self, tid: str) -> dict[str, Any] | None:
+        task = self.doc[TASKS].get(tid)
+        return plain(task.to_py()) if isinstance(task, Map) else None
+
+    def vector(self) -> dict[str, int]:
+        """``{author peer id: highest contiguous seq applied}``."""
+        return {a: st.seq for a, st in self._authors.items() if st.seq}
+
+    def heads(self) -> dict[str, bytes]:
+        """Digest of each author's latest applied entry, to spot forks in anti-entropy."""
+        return {a: st.head for a, st in self._authors.items() if st.seq}
+
+    def entries(self, start: int = 0) -> Iterator[Entry]:
+        """Every applied entry in apply order (a causal order), from position ``start``."""
+        for author, seq in self._order[start:]:
+            yield Entry(author, seq, self._authors[author].log[seq - 1])
+
+    def entry_count(self) -> int:
+        return len(self._order)
+
+    def pending_count(self) -> int:
+        return self._pending_count
+
+    def blocked_authors(self) -> dict[str, Blocked]:
+        return dict(self.blocked)
+
+    def blocked_seqs(self) -> dict[str, int]:
+        """``{author: seq it is blocked at}``, for :meth:`missing_for` on a peer."""
+        return {a: b.seq for a, b in self.blocked.items()}
+
+    # -- local writes ----------------------------------------------------------------------
+
+    def write(self, fn: Callable[[Writer], T], now_ms: int) -> tuple[T, Entry | None]:
+        """Run ``fn`` as one local transaction; returns its result and the new signed entry.
+
+        The entry (None if nothing changed) is already applied; persist it, then send it.
+        Raises :class:`WriteRefused` if the owner rules or the policy refuse it, leaving the
+        document unchanged.
+        """
+        if self.me in self.blocked:
+            raise WriteRefused(Rejection(Reason.FORBIDDEN, "this node's own chain is blocked"))
+        st = self._author(self.me, self.identity.public_key)
+        if self.own_signed > st.seq:
+            detail = f"own entry {st.seq + 1} waits on entries that were excluded; chain stalled"
+            raise WriteRefused(Rejection(Reason.FORBIDDEN, detail))
+        self._events.clear()
+        self._captured.clear()
+        try:
+            with self._shadow.transaction():
+                result = fn(Writer(self._shadow, self.me, now_ms))
+        except BaseException:
+            self._rebuild_shadow()
+            raise
+        updates = [u for u in self._captured if u != b"\x00\x00"]
+        if not updates:
+            return result, None
+        if len(updates) != 1:
+            self._rebuild_shadow()
+            raise WriteRefused(Rejection(Reason.MALFORMED, "write spanned several transactions"))
+        raw = seal(
+            self.identity,
+            swarm_id=self.swarm_id,
+            type=STATE_UPDATE,
+            seq=st.seq + 1,
+            timestamp=now_ms,
+            body=body(updates[0], self._sv, self.policy.latest_seq(), st.head),
+        )
+        parsed = self._open(raw, now_ms)
+        opened = self._prepare(parsed) if isinstance(parsed, StateEntry) else parsed
+        if not isinstance(opened, _Waiting):
+            self._rebuild_shadow()
+            raise WriteRefused(opened if isinstance(opened, Rejection) else opened.rejection)
+        out = Outcome()
+        refused = self._admit(opened, out, local_events=list(self._events))
+        if refused is not None:
+            self._rebuild_shadow()
+            raise WriteRefused(refused)
+        self.own_signed = opened.seq
+        return result, out.applied[0]
+
+    def create_task(self, suffix: str, now_ms: int, **fields: Any) -> tuple[str, Entry | None]:
+        return self.write(lambda w: w.create_task(suffix, **fields), now_ms)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def receive(self, data: bytes, now_ms: int) -> Outcome:
+        """Take one signed entry from anywhere (gossip, anti-entropy, the store)."""
+        return self.receive_batch((data,), now_ms)
+
+    def receive_batch(self, batch: Iterable[bytes], now_ms: int) -> Outcome:
+        out = Outcome()
+        for data in batch:
+            self._accept(data, now_ms, out)
+            self._drain(out)
+        return self._finish(out, now_ms)
+
+    def drain(self, now_ms: int = 0) -> Outcome:
+        """Retry waiting entries; call when the decided log advanced (new policy seqs)."""
+        out = Outcome()
+        self._drain(out)
+        return self._finish(out, now_ms)
+
+    def _finish(self, out: Outcome, now_ms: int) -> Outcome:
+        """Roll back past a fork found while processing: see :meth:`rebuild`."""
+        if not self._rollback:
+            return out
+        self._rollback = False
+        undone = self.rebuild(now_ms)
+        fresh = {(e.author, e.seq) for e in out.applied}
+        gone = {(e.author, e.seq) for e in undone.retracted}
+        out.applied = [e for e in out.applied if (e.author, e.seq) not in gone]
+        undone.retracted = [e for e in undone.retracted if (e.author, e.seq) not in fresh]
+        out.merge(undone)
+        return out
+
+    def _open(self, data: bytes, now_ms: int) -> StateEntry | _Poison | Rejection:
+        """Signature and body. A signed entry that fails here, or in :meth:`_prepare`, is its
+        author's fault (poison), not a forgery: it blocks the author when its turn comes."""
+        env = open_signed(data, swarm_id=self.swarm_id, now_ms=now_ms)
+        if isinstance(env, Rejection):
+            return env
+        parsed = parse_body(env)
+        if isinstance(parsed, Rejection):
+            return _Poison(env.sender_id, env.seq, env.digest, env.raw, parsed)
+        return parsed
+
+    def _prepare(self, parsed: StateEntry) -> _Waiting | _Poison:
+        """Decode the update and find what it refers to: once, when the entry is kept."""
+        try:
+            update = decode_update(parsed.update)
+        except DecodeError as exc:
+            rejection = Rejection(Reason.MALFORMED, f"not a Yrs update: {exc}")
+            return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
+        client = client_id_for(parsed.public_key)
+        foreign = next((i.client for i in update.items if i.client != client), None)
+        if foreign is not None:
+            rejection = Rejection(Reason.FORBIDDEN, f"carries items of client {foreign}")
+            return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
+        needs = references(update, client)
+        if any(k > parsed.deps.get(c, 0) for c, k in needs.items()):
+            rejection = Rejection(Reason.MALFORMED, "refers to items outside its dependencies")
+            return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
+        return _Waiting(parsed, update, needs)
+
+    def _refuse(
+        self, out: Outcome, author: str | None, seq: int | None, reason: Reason, detail: str
+    ) -> Rejection:
+        rejection = Rejection(reason, detail)
+        self.rejections[reason] += 1
+        out.refused.append(Refusal(author, seq, rejection))
+        return rejection
+
+    def _accept(self, data: bytes, now_ms: int, out: Outcome) -> None:
+        opened = self._open(data, now_ms)
+        if isinstance(opened, Rejection):
+            self._refuse(out, None, None, opened.reason, opened.detail)
+            return
+        author, seq = opened.author, opened.seq
+        if author == self.me:
+            self.own_signed = max(self.own_signed, seq)
+        st = self._authors.get(author)
+        if st is not None and seq <= st.seq:
+            if st.digests[seq - 1] == opened.digest:
+                self._refuse(out, author, seq, Reason.REPLAY, "already applied")
+            else:
+                self._equivocation(author, seq, st.log[seq - 1], opened.raw, out)
+            return
+        blocked = self.blocked.get(author)
+        if blocked is not None and seq >= blocked.seq:
+            culprit = self._culprits.get(author)
+            if seq == blocked.seq and culprit is not None and culprit != opened.raw:
+                self._equivocation(author, seq, culprit, opened.raw, out)
+            elif culprit == opened.raw:
+                self._refuse(out, author, seq, Reason.REPLAY, "already refused")
+            else:
+                self._refuse(out, author, seq, Reason.FORBIDDEN, "author is blocked")
+            return
+        pend = self._pending.setdefault(author, {})
+        held = pend.get(seq)
+        if held is not None:
+            if held.digest == opened.digest:
+                self._refuse(out, author, seq, Reason.REPLAY, "already pending")
+            else:
+                self._equivocation(author, seq, held.raw, opened.raw, out)
+            return
+        self._hold(pend, self._prepare(opened) if isinstance(opened, StateEntry) else opened)
+
+    def _hold(self, pend: dict[int, _Pending], item: _Pending) -> None:
+        lim = self.limits
+        if len(pend) >= lim.max_pending_per_author or self._pending_count >= lim.max_pending_total:
+            far = max(pend) if pend else None
+            self.dropped += 1
+            if far is None or item.seq > far:
+                return
+            del pend[far]
+            self._pending_count -= 1
+        pend[item.seq] = item
+        self._pending_count += 1
+
+    def _drain(self, out: Outcome) -> None:
+        progress = True
+        while progress:
+            progress = False
+            for author in list(self._pending):
+                while self._apply_next(author, out):
+                    progress = True
+                if not self._pending.get(author):
+                    self._pending.pop(author, None)
+
+    def _apply_next(self, author: str, out: Outcome) -> bool:
+        pend = self._pending.get(author)
+        if not pend:
+            return False
+        st = self._authors.get(author)
+        nxt = (st.seq if st else 0) + 1
+        blocked = self.blocked.get(author)
+        if blocked is not None and nxt >= blocked.seq:
+            return False
+        item = pend.get(nxt)
+        if item is None:
+            return False
+        if isinstance(item, _Waiting):
+            if item.entry.policy_seq > self.policy.latest_seq():
+                return False
+            if not all(self._holds(c, k) for c, k in item.needs.items()):
+                return False
+        del pend[nxt]
+        self._pending_count -= 1
+        if isinstance(item, _Poison):
+            self._block(author, nxt, item.rejection, out, item.raw)
+            return False
+        refused = self._admit(item, out)
+        if refused is not None:
+            if author not in self.evidence:
+                self._block(author, nxt, refused, out, item.raw)
+            return False
+        return True
+
+    def _holds(self, client: int, clock: int) -> bool:
+        """Does the document hold ``client``'s items below ``clock``, or can it stand in for
+        them? A blocked author's clocks past its last applied entry will never be filled: they
+        are filled with a collected (GC) range instead, so entries of others that were built
+        on the excluded part still apply, their writes into it vanishing as Yrs drops items
+        anchored in collected ranges. Every replica excludes the same entries, so every
+        replica reaches the same content and the same verdicts."""
+        have = self._sv.get(client, 0)
+        if have >= clock:
+            return True
+        blocked = next((b for a, b in self.blocked.items() if _client_of(a) == client), None)
+        if blocked is None:
+            return False
+        st = self._authors.get(blocked.author)
+        if (st.seq if st else 0) + 1 != blocked.seq:
+            return False  # entries before the block are still to come
+        base = self._excluded_from.setdefault(client, have)
+        if clock - base > MAX_EXCLUDED_SPAN:
+            return False
+        gc = gc_update(client, have, clock)
+        self.doc.apply_update(gc)
+        self._shadow.apply_update(gc)
+        self._index.add(client, have, clock, GONE)
+        self._sv[client] = clock
+        return True
+
+    def _block(
+        self, author: str, seq: int, rejection: Rejection, out: Outcome, culprit: bytes | None
+    ) -> None:
+        """Stop ``author`` at ``seq`` for good. The refused entry is kept: a peer that applied a
+        different entry at that seq is shown it, which proves a fork (see missing_for)."""
+        self.rejections[rejection.reason] += 1
+        self.blocked[author] = Blocked(author, seq, rejection)
+        if culprit is not None:
+            self._culprits[author] = culprit
+        else:
+            self._culprits.pop(author, None)
+        out.refused.append(Refusal(author, seq, rejection))
+        pend = self._pending.get(author, {})
+        for s in [s for s in pend if s >= seq]:
+            del pend[s]
+            self._pending_count -= 1
+
+    def _equivocation(
+        self, author: str, seq: int, first: bytes, second: bytes, out: Outcome
+    ) -> None:
+        """Two signed entries of ``author`` that fork at ``seq``: keep the proof, exclude the
+        author from ``seq`` on, and roll back if this replica already applied past it."""
+        proof = Equivocation(author, seq, first, second)
+        known = self.evidence.get(author)
+        if known is None or seq < known.seq:
+            self.evidence[author] = proof
+        out.equivocations.append(proof)
+        blocked = self.blocked.get(author)
+        if blocked is None or seq <= blocked.seq:
+            rejection = Rejection(Reason.FORBIDDEN, f"equivocation at seq {seq}")
+            self._block(author, seq, rejection, out, None)
+        else:
+            self.rejections[Reason.FORBIDDEN] += 1
+        st = self._authors.get(author)
+        if st is not None and st.seq >= seq:
+            self._rollback = True
+
+    # -- the check -------------------------------------------------------------------------
+
+    def _author(self, author: str, public_key: bytes) -> _Author:
+        st = self._authors.get(author)
+        if st is None:
+            st = _Author(public_key, client_id_for(public_key))
+            self._authors[author] = st
+        return st
+
+    def _admit(
+        self, w: _Waiting, out: Outcome, local_events: list[tuple[Path, Op]] | None = None
+    ) -> Rejection | None:
+        """Verify ``w`` (the author's next entry, what it refers to present) and apply it.
+
+        With ``local_events`` the update is this node's own, already in the shadow.
+        """
+        e = w.entry
+        st = self._author(e.author, e.public_key)
+        if e.seq > 1 and e.prev != st.head:  # the author signed another entry e.seq - 1
+            self._equivocation(e.author, e.seq - 1, st.log[-1], e.raw, out)
+            return self.blocked[e.author].rejection
+        if e.policy_seq < st.policy_seq:
+            return Rejection(Reason.MALFORMED, "policy seq went backwards")
+        if not self.policy.is_member(e.author, e.policy_seq):
+            return Rejection(Reason.NOT_MEMBER, f"not a member at policy {e.policy_seq}")
+        floor = self.policy.floor(e.author, e.seq)
+        if e.policy_seq < floor:
+            detail = f"cites policy {e.policy_seq}, below its cut-off floor {floor}"
+            return Rejection(Reason.NOT_MEMBER, detail)
+        verdict = check_update(
+            w.update,
+            author=e.author,
+            client=st.client,
+            start=self._sv.get(st.client, 0),
+            deps=e.deps,
+            index=self._index,
+            written=self._written,
+            policy=self.policy,
+            policy_seq=e.policy_seq,
+            max_span=MAX_SPAN,
+        )
+        if isinstance(verdict, Rejection):
+            return verdict
+        if local_events is None:
+            self._events.clear()
+            try:
+                self._shadow.apply_update(e.update)
+            except BaseException as exc:  # a Rust panic surfaces as a BaseException
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                self._rebuild_shadow()
+                return Rejection(Reason.MALFORMED, f"Yrs refused the update: {exc!r}")
+            events = list(self._events)
+        else:
+            events = local_events
+        observed = check_events(e.author, events, self.policy, e.policy_seq)
+        if observed is not None:
+            self._rebuild_shadow()
+            return observed
+        self.doc.apply_update(e.update)
+        self._commit(st, e, verdict)
+        out.applied.append(Entry(e.author, e.seq, e.raw))
+        out.changed.extend(path for path, _ in events)
+        return None
+
+    def _commit(self, st: _Author, e: StateEntry, verdict: Admitted) -> None:
+        for start, end, loc in verdict.runs:
+            self._index.add(st.client, start, end, loc)
+        self._written |= verdict.once_paths
+        if verdict.runs:
+            self._sv[st.client] = verdict.end_clock
+        self._record(st, e.author, e.raw, e.digest)
+        st.policy_seq = e.policy_seq
+
+    def _record(self, st: _Author, author: str, raw: bytes, digest: bytes) -> None:
+        st.seq += 1
+        st.head = digest
+        st.log.append(raw)
+        st.digests.append(digest)
+        self._pos.setdefault(author, []).append(len(self._order))
+        self._order.append((author, st.seq))
+
+    # -- shadow ----------------------------------------------------------------------------
+
+    def _watch_shadow(self) -> None:
+        events = self._events
+        captured = self._captured
+
+        def watcher(name: str) -> Callable[[list[Any]], None]:
+            # one parameter only: pycrdt passes the transaction too to a two-parameter callback
+            return lambda evs: events.extend(event_changes(name, evs))
+
+        for name in ROOTS:
+            self._subs.append(self._shadow[name].observe_deep(watcher(name)))
+        self._subs.append(self._shadow.observe(lambda ev: captured.append(ev.update)))
+
+    def _rebuild_shadow(self) -> None:
+        """Make the shadow equal to the real document again after a refused update."""
+        self._shadow = new_doc(self.client, self.doc.get_update())
+        self._subs = []
+        self._watch_shadow()
+        self._events.clear()
+        self._captured.clear()
+
+    # -- anti-entropy ----------------------------------------------------------------------
+
+    def missing_for(
+        self,
+        peer_vector: Mapping[str, int],
+        peer_heads: Mapping[str, bytes] | None = None,
+        peer_blocked: Mapping[str, int] | None = None,
+        *,
+        max_entries: int = 256,
+        max_bytes: int = 512 * 1024,
+    ) -> Iterator[list[bytes]]:
+        """Entries a peer lacks, given its :meth:`vector` (and, optionally, its :meth:`heads`
+        and :meth:`blocked_seqs`), in batches, in an order that respects every author's seq
+        and every dependency (our own apply order).
+
+        It also sends what a peer needs to exclude a blocked author as we do: the proof pair
+        of an equivocation, or the entry that blocked the author, to a peer that has reached
+        the seq before the block and has not blocked that author itself; and our entry at the
+        peer's head when the digests differ (a fork the peer may not know of).
+        """
+        batch: list[bytes] = []
+        size = 0
+
+        def flush(raw: bytes) -> Iterator[list[bytes]]:
+            nonlocal batch, size
+            if batch and (len(batch) >= max_entries or size + len(raw) > max_bytes):
+                yield batch
+                batch, size = [], 0
+            batch.append(raw)
+            size += len(raw)
+
+        stops = peer_blocked or {}
+        for author, stop in self.blocked.items():
+            if peer_vector.get(author, 0) < stop.seq - 1 or stops.get(author, 0) == stop.seq:
+                continue
+            proof = self.evidence.get(author)
+            if proof is not None and proof.seq <= stop.seq:
+                yield from flush(proof.first)
+                yield from flush(proof.second)
+            elif author in self._culprits:
+                yield from flush(self._culprits[author])
+        for author, digest in (peer_heads or {}).items():
+            st = self._authors.get(author)
+            theirs = peer_vector.get(author, 0)
+            if st is not None and 1 <= theirs <= st.seq and st.digests[theirs - 1] != digest:
+                yield from flush(st.log[theirs - 1])
+        starts = [
+            self._pos[a][peer_vector.get(a, 0)]
+            for a, st in self._authors.items()
+            if st.seq > peer_vector.get(a, 0) and a in self._pos
+        ]
+        for i in range(min(starts, default=len(self._order)), len(self._order)):
+            author, seq = self._order[i]
+            until = self.blocked.get(author)
+            if seq > peer_vector.get(author, 0) and (until is None or seq < until.seq):
+                yield from flush(self._authors[author].log[seq - 1])
+        if batch:
+            yield batch
+
+    # -- snapshots, restore, rebuild -------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Everything needed to resume without replaying the logs (the logs stay in the store).
+
+        Holds the document, the version vector with head digests, the location index and the
+        write-once set: state derived from verified entries, so a restore trusts it.
+        """
+        return canonical(
+            {
+                "v": SNAPSHOT_VERSION,
+                "own": self.own_signed,
+                "doc": self.doc.get_update(),
+                "sv": [[c, k] for c, k in sorted(self._sv.items())],
+                "excluded": [[c, k] for c, k in sorted(self._excluded_from.items())],
+                "authors": [
+                    [a, st.seq, st.policy_seq, st.head]
+                    for a, st in sorted(self._authors.items())
+                    if st.seq
+                ],
+                "index": self._index.dump(),
+                "written": [list(p) for p in sorted(self._written, key=repr)],
+                "blocked": [
+                    [a, r.seq, r.rejection.reason.value, r.rejection.detail, self._culprits.get(a)]
+                    for a, r in sorted(self.blocked.items())
+                ],
+                "evidence": [
+                    [p.author, p.seq, p.first, p.second] for _, p in sorted(self.evidence.items())
+                ],
+            }
+        )
+
+    def _load(self, snapshot: bytes) -> dict[str, tuple[int, bytes]]:
+        try:
+            data = cbor2.loads(snapshot)
+            if data["v"] != SNAPSHOT_VERSION:
+                raise StateError(f"snapshot version {data['v']} is not {SNAPSHOT_VERSION}")
+            self.doc = new_doc(self.client, data["doc"])
+            self.own_signed = int(data["own"])
+            self._sv = {c: k for c, k in data["sv"]}
+            self._excluded_from = {c: k for c, k in data["excluded"]}
+            self._index = LocationIndex.load(data["index"])
+            self._written = {tuple(p) for p in data["written"]}
+            expect: dict[str, tuple[int, bytes]] = {}
+            for author, seq, policy_seq, head in data["authors"]:
+                st = self._author(author, public_key_from_peer_id(author))
+                st.policy_seq = policy_seq
+                expect[author] = (seq, head)
+            for author, seq, reason, detail, culprit in data["blocked"]:
+                self.blocked[author] = Blocked(author, seq, Rejection(Reason(reason), detail))
+                if culprit is not None:
+                    self._culprits[author] = culprit
+            for author, seq, first, second in data["evidence"]:
+                self.evidence[author] = Equivocation(author, seq, first, second)
+        except StateError:
+            raise
+        except Exception as exc:
+            raise StateError(f"snapshot does not decode: {type(exc).__name__}: {exc}") from None
+        self._rebuild_shadow()
+        return expect
+
+    @classmethod
+    def restore(
+        cls,
+        identity: Identity,
+        swarm_id: bytes,
+        policy: Policy,
+        *,
+        snapshot: bytes | None,
+        entries: Iterable[tuple[str, int, bytes]],
+        now_ms: int,
+        limits: Limits | None = None,
+    ) -> tuple[Replica, Outcome]:
+        """Rebuild from the latest snapshot and the stored logs (in stored order).
+
+        Fast path: entries the snapshot covers were verified before they were stored, so they
+        are only hashed and chained against the snapshot's head digests. The tail goes through
+        the full verification of :meth:`receive`.
+        """
+        replica = cls(identity, swarm_id, policy, limits=limits)
+        expect = replica._load(snapshot) if snapshot is not None else {}
+        tail: list[bytes] = []
+        for author, seq, raw in entries:
+            covered = expect.get(author, (0, b""))[0]
+            if seq > covered:
+                tail.append(raw)
+                continue
+            st = replica._authors[author]
+            if seq != st.seq + 1:
+                raise StateError(f"stored log of {author} is not contiguous at seq {seq}")
+            replica._record(st, author, raw, hashlib.sha256(raw).digest())
+        for author, (seq, head) in expect.items():
+            st = replica._authors[author]
+            if st.seq != seq or st.head != head:
+                raise StateError(f"stored log of {author} does not match the snapshot")
+        out = replica.receive_batch(tail, now_ms)
+        return replica, out
+
+    def rebuild(self, now_ms: int) -> Outcome:
+        """Replay every applied entry from scratch under the current policy and blocks.
+
+        Runs by itself when an equivocation shows this replica applied past a fork. Call it
+        after the decided log raises an author's floor (revocation with a cut-off): entries
+        applied before this replica learned the decision are dropped, with anything built on
+        them. ``Outcome.retracted`` lists what to delete from the store.
+        """
+        fresh = Replica(self.identity, self.swarm_id, self.policy, limits=self.limits)
+        fresh.evidence = dict(self.evidence)
+        fresh.blocked = {a: b for a, b in self.blocked.items() if a in self.evidence}
+        fresh.own_signed = self.own_signed
+        raws = [
+            self._authors[a].log[s - 1]
+            for a, s in self._order
+            if a not in fresh.blocked or s < fresh.blocked[a].seq
+        ]
+        # entries refused before are judged again (what they referred to may have changed),
+        # and waiting ones are kept
+        raws += [raw for a, raw in sorted(self._culprits.items()) if a not in self.evidence]
+        raws += [
+            p.raw for _, pend in sorted(self._pending.items()) for _, p in sorted(pend.items())
+        ]
+        before = list(self._order)
+        known = set(before)
+        out = fresh.receive_batch(raws, now_ms)
+        out.applied = [e for e in out.applied if (e.author, e.seq) not in known]
+        keep = set(fresh._order)
+        # this node's own entries stay stored: they wait in pending, and they are what keeps
+        # it from ever signing those seqs again after a restart
+        out.retracted = [
+            Entry(a, s, self._authors[a].log[s - 1])
+            for a, s in before
+            if (a, s) not in keep and a != self.me
+        ]
+        self.__dict__.update(fresh.__dict__)
+        return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_of(author: str) -> int:
+    return client_id_for(public_key_from_peer_id(author))

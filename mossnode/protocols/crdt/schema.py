@@ -1,0 +1,59 @@
+"""Layout of the shared task document: root names, task fields, and how paths are spelled.
+
+Every place in the document has a path: the map keys from a root down to it, with ``None`` for
+"an element of this array". Ownership is read off the path alone (see :mod:`.rules`), so the
+layout puts the owner's peer id into the path wherever a node writes, and the creator's peer id
+into every task id.
+"""
+
+from __future__ import annotations
+
+TASKS = "tasks"
+AGENTS = "agents"
+HISTORY = "history"
+ROOTS = (TASKS, AGENTS, HISTORY)
+
+CORE_FIELDS = (
+    "title",
+    "spec",
+    "input",
+    "parent",
+    "deps",
+    "capabilities",
+    "role",
+    "priority",
+    "creator",
+    "created_at",
+    "contract",
+)
+NODE_ENTRIES = ("claims", "bids", "leases", "progress", "results", "reviews")
+LOG = "log"
+SUB_MAPS = (*NODE_ENTRIES, LOG)
+
+TASK_ID_SEP = ":"
+MAX_SUFFIX = 64
+_SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+Path = tuple[str | None, ...]
+ELEMENT = None  # path segment of an array element
+
+
+def task_id(creator: str, suffix: str) -> str:
+    """``<creator peer id>:<suffix>``: the creator is readable from the id, so from every path."""
+    if not suffix or len(suffix) > MAX_SUFFIX or not set(suffix) <= _SUFFIX_CHARS:
+        raise ValueError(f"task id suffix must be 1-{MAX_SUFFIX} of [A-Za-z0-9._-]")
+    return f"{creator}{TASK_ID_SEP}{suffix}"
+
+
+def task_creator(tid: str) -> str | None:
+    """The creator peer id embedded in a task id, or None if the id is not well formed."""
+    creator, sep, suffix = tid.partition(TASK_ID_SEP)
+    if not sep or not creator or not suffix or len(suffix) > MAX_SUFFIX:
+        return None
+    if not set(suffix) <= _SUFFIX_CHARS:
+        return None
+    return creator
+
+
+def render(path: Path) -> str:
+    return "/".join("[]" if seg is None else seg for seg in path)
