@@ -1,0 +1,44 @@
+"""PBFT consensus among a swarm's validators, sans-IO (see docs/pbft.md).
+
+:class:`Replica` and :class:`Client` are state machines: bytes and timer expiries in, effect
+values out. :func:`verify_certificate` lets any node check a decided entry alone.
+"""
+
+from .application import Application, Execution, Outcome
+from .certificate import Invalid, Verified, verify_certificate
+from .client import TIMER_CLIENT, Client
+from .config import PbftConfig, max_faulty, quorum
+from .effects import Completed, Decided, Effect, Persist, Reconfigured, Send, SetTimer
+from .messages import NULL_DIGEST, NULL_PAYLOAD, Entry, batch_payload, digest
+from .records import compact_records
+from .replica import TIMER_RETRANSMIT, TIMER_VIEW, Replica
+
+__all__ = [
+    "NULL_DIGEST",
+    "NULL_PAYLOAD",
+    "TIMER_CLIENT",
+    "TIMER_RETRANSMIT",
+    "TIMER_VIEW",
+    "Application",
+    "Client",
+    "Completed",
+    "Decided",
+    "Effect",
+    "Entry",
+    "Execution",
+    "Invalid",
+    "Outcome",
+    "PbftConfig",
+    "Persist",
+    "Reconfigured",
+    "Replica",
+    "Send",
+    "SetTimer",
+    "Verified",
+    "batch_payload",
+    "compact_records",
+    "digest",
+    "max_faulty",
+    "quorum",
+    "verify_certificate",
+]
