@@ -123,3 +123,24 @@ def test_invites() -> None:
             check_invite(junk, s, NOW)
     with pytest.raises(MembershipError, match="unknown role"):
         make_invite(FOUNDER, s.swarm_id, ["king"], now_ms=NOW, ttl_ms=1, nonce=b"x", seq=2)
+
+
+def test_policy_judges_by_cited_seq_and_cutoffs() -> None:
+    from mossnode.protocols.membership import MembershipPolicy
+
+    s = swarm()
+    pol = MembershipPolicy(s)
+    alice = ALICE.peer_id
+    assert not pol.is_member(alice, 0)
+    s.apply(admit(s, ALICE, ["planner"]))
+    assert pol.latest_seq() == 1
+    assert pol.is_member(alice, 1) and pol.may(alice, "task.create", 1)
+    assert not pol.may(alice, "task.create", 0)  # cited before admission
+    assert not pol.may(alice, "task.claim", 1)
+    s.apply(decide(s, "revoke", {"public_key": ALICE.public_key, "role": "planner", "cutoff": 7}))
+    assert not pol.may(alice, "task.create", 2)
+    assert pol.may(alice, "task.create", 1)  # still judged by the policy it cites...
+    assert pol.floor(alice, 7) == 0
+    assert pol.floor(alice, 8) == 2  # ...but updates past the cut-off must cite the revocation
+    assert not pol.is_member("not-a-peer-id", 1)
+    assert not pol.is_member(alice, 99)

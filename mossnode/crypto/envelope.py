@@ -47,6 +47,7 @@ class Reason(enum.Enum):
     REPLAY = "replay"
     NOT_MEMBER = "not_member"
     FORBIDDEN = "forbidden"
+    EQUIVOCATION = "equivocation"
 
 
 @dataclass(frozen=True, slots=True)

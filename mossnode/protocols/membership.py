@@ -24,7 +24,7 @@ import cbor2
 
 from ..crypto.envelope import Envelope, Reason, Rejection, canonical, open_envelope, seal
 from ..crypto.identity import Identity
-from ..crypto.peerid import peer_id_from_public_key
+from ..crypto.peerid import peer_id_from_public_key, public_key_from_peer_id
 from .roles import BUILTIN_ROLES, permissions_of
 
 GENESIS_DOMAIN = b"mossnode/v1/genesis\0"
@@ -184,12 +184,22 @@ class Membership:
     entries: list[Entry] = field(default_factory=list)
     used_invites: set[bytes] = field(default_factory=set)
     paused: bool = False
+    # history[seq]: every member's roles right after entry ``seq`` (0 = genesis), so writes are
+    # judged by the policy they cite, identically on every node.
+    history: list[dict[bytes, frozenset[str]]] = field(default_factory=list)
+    # author -> [(last update seq still judged by older policy, decision seq)], from removals and
+    # revocations: later update seqs must cite at least the decision.
+    cutoffs: dict[bytes, list[tuple[int, int]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.members:
             self.members[self.genesis.founder] = Member(
                 self.genesis.founder, {"admin", "validator"}, 0
             )
+        self.history.append(self._roles_now())
+
+    def _roles_now(self) -> dict[bytes, frozenset[str]]:
+        return {k: frozenset(m.roles) for k, m in self.members.items()}
 
     @property
     def swarm_id(self) -> bytes:
@@ -259,6 +269,9 @@ class Membership:
                 return f"unknown role {role!r}"
         if kind == "remove" and key == self.genesis.founder and len(self.members) == 1:
             return "cannot remove the last member"
+        cutoff = payload.get("cutoff", 0)
+        if kind in ("remove", "revoke") and (type(cutoff) is not int or cutoff < 0):
+            return "payload.cutoff must be the author's last accepted update seq (>= 0)"
         return None
 
     def apply(self, entry: Entry) -> None:
@@ -280,11 +293,57 @@ class Membership:
             self.members[p["public_key"]].roles.discard(p["role"])
         elif entry.kind in ("pause", "resume"):
             self.paused = entry.kind == "pause"
+        if entry.kind in ("remove", "revoke"):
+            cut = (int(p.get("cutoff", 0)), entry.seq)
+            self.cutoffs.setdefault(p["public_key"], []).append(cut)
         self.entries.append(entry)
+        self.history.append(self._roles_now())
 
     def replay(self, entries: Iterable[Entry]) -> None:
         for e in entries:
             self.apply(e)
+
+
+class MembershipPolicy:
+    """The decided log as the CRDT's :class:`~mossnode.protocols.crdt.rules.Policy`.
+
+    Authors are peer ids; rights are read from the roles in force at the cited sequence.
+    """
+
+    def __init__(self, state: Membership) -> None:
+        self.state = state
+        self._keys: dict[str, bytes] = {}
+
+    def _key(self, author: str) -> bytes | None:
+        key = self._keys.get(author)
+        if key is None:
+            try:
+                key = public_key_from_peer_id(author)
+            except ValueError:
+                return None
+            self._keys[author] = key
+        return key
+
+    def _roles(self, author: str, policy_seq: int) -> frozenset[str] | None:
+        key = self._key(author)
+        if key is None or not 0 <= policy_seq < len(self.state.history):
+            return None
+        return self.state.history[policy_seq].get(key)
+
+    def latest_seq(self) -> int:
+        return self.state.height
+
+    def is_member(self, author: str, policy_seq: int) -> bool:
+        return self._roles(author, policy_seq) is not None
+
+    def may(self, author: str, permission: str, policy_seq: int) -> bool:
+        roles = self._roles(author, policy_seq)
+        return roles is not None and permission in permissions_of(roles)
+
+    def floor(self, author: str, update_seq: int) -> int:
+        key = self._key(author)
+        cuts = self.state.cutoffs.get(key, []) if key else []
+        return max((d for c, d in cuts if update_seq > c), default=0)
 
 
 # --- invites ---------------------------------------------------------------------------------
