@@ -237,6 +237,40 @@ def cmd_agent_rotate(args: argparse.Namespace) -> None:
     _out(args, r, r["token"])
 
 
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text[:60]!r}") from None
+
+
+def cmd_task_submit(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {
+        "title": args.title,
+        "spec": args.spec or "",
+        "capabilities": args.capability or [],
+        "after": args.after or [],
+    }
+    if args.input is not None:
+        body["input"] = args.input
+    if args.contract is not None:
+        body["contract"] = args.contract
+    r = _client(args).post("/v1/tasks", body)
+    _out(args, r, r["id"])
+
+
+def cmd_task_list(args: argparse.Namespace) -> None:
+    path = "/v1/tasks" + (f"?state={args.state}" if args.state else "")
+    tasks = _client(args).get(path)
+    lines = [f"{t['id']}  {t['state']:11} {t['title']}" for t in tasks]
+    _out(args, tasks, "\n".join(lines) or "(no tasks)")
+
+
+def cmd_task_show(args: argparse.Namespace) -> None:
+    t = _client(args).get(f"/v1/tasks/{args.id}")
+    _out(args, t, json.dumps(t, indent=2))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -315,6 +349,24 @@ def build_parser() -> argparse.ArgumentParser:
         ("rotate-token", cmd_agent_rotate, "replace an agent's token"),
     ):
         aadd(verb, fn, help_).add_argument("name")
+    task = sub.add_parser("task", parents=[common], help="submit and follow tasks")
+    tsub = task.add_subparsers(dest="task_command", required=True, metavar="ACTION")
+
+    def tadd(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
+        sp = tsub.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = tadd("submit", cmd_task_submit, "create a task")
+    sp.add_argument("--title", required=True)
+    sp.add_argument("--spec")
+    sp.add_argument("--capability", action="append", help="required capability (repeatable)")
+    sp.add_argument("--after", action="append", metavar="ID", help="dependency (repeatable)")
+    sp.add_argument("--input", type=_json_arg, help="input as JSON")
+    sp.add_argument("--contract", type=_json_arg, help="contract as JSON")
+    sp = tadd("list", cmd_task_list, "tasks in the swarm")
+    sp.add_argument("--state")
+    tadd("show", cmd_task_show, "one task with its log and results").add_argument("id")
     sp = add("install-service", cmd_install_service, "install the systemd unit")
     sp.add_argument("--print", action="store_true", help="print the unit instead of installing it")
     sp = add("demo", cmd_demo, "run a local demo swarm on loopback")

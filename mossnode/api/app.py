@@ -193,6 +193,33 @@ def build_app(daemon: Daemon) -> Starlette:
         name = request.path_params["name"]
         return JSONResponse({"name": name, "token": daemon.agents.rotate(name)})
 
+    async def tasks_submit(request: Request) -> Response:
+        body = await json_body(request)
+        title = field(body, "title", str)
+        if not title.strip() or len(title) > 500:
+            raise ApiError(400, "bad_field", "field 'title' must be 1-500 characters")
+        draft = {
+            "title": title,
+            "spec": field(body, "spec", str, ""),
+            "input": body.get("input"),
+            "capabilities": str_list(body, "capabilities", required=False),
+            "deps": str_list(body, "after", required=False),
+            "parent": field(body, "parent", str, None) if body.get("parent") is not None else None,
+            "role": field(body, "role", str, None) if body.get("role") is not None else None,
+            "priority": float(field(body, "priority", float, 0.0)),
+            "contract": field(body, "contract", dict, None)
+            if body.get("contract") is not None
+            else None,
+        }
+        return JSONResponse(await daemon.submit_task(draft), status_code=201)
+
+    async def tasks_list(request: Request) -> Response:
+        state = request.query_params.get("state")
+        return JSONResponse(daemon.list_tasks(state))
+
+    async def tasks_show(request: Request) -> Response:
+        return JSONResponse(daemon.show_task(request.path_params["id"]))
+
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(daemon.metrics_text(), media_type="text/plain; version=0.0.4")
 
@@ -217,6 +244,9 @@ def build_app(daemon: Daemon) -> Starlette:
             "Replace an agent's token",
             agents_rotate,
         ),
+        Endpoint("POST", "/v1/tasks", "task.create", "Create a task", tasks_submit),
+        Endpoint("GET", "/v1/tasks", "state.read", "Tasks in the swarm (?state=)", tasks_list),
+        Endpoint("GET", "/v1/tasks/{id}", "state.read", "One task with its log", tasks_show),
         Endpoint("GET", "/v1/metrics", "state.read", "Prometheus metrics", metrics),
         Endpoint("GET", "/v1/openapi.json", PUBLIC, "This document", openapi),
     ]

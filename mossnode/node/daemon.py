@@ -36,6 +36,7 @@ from ..crypto.envelope import (
 )
 from ..crypto.identity import Identity
 from ..crypto.peerid import peer_id_from_public_key, public_key_from_peer_id
+from ..protocols.crdt import WriteRefused
 from ..protocols.membership import (
     Entry,
     Membership,
@@ -49,9 +50,11 @@ from ..protocols.membership import (
 from ..protocols.presence import FailureDetector
 from . import systemd
 from .agents import AgentRegistry
-from .config import LISTEN_FILE, SOCKET_FILE, Config
+from .config import DB_FILE, LISTEN_FILE, SOCKET_FILE, Config
 from .host import FrameError, maddrs, make_host, make_pubsub, read_frame, topic, write_frame
 from .ledger import load_ledger, save_ledger
+from .state import StateService
+from .store import Store, StoreError
 
 log = logging.getLogger("mossnode")
 
@@ -106,6 +109,8 @@ class Daemon:
         self.stopping = trio.Event()
         self.api_path = Path(cfg.api_socket) if cfg.api_socket else state_dir / SOCKET_FILE
         self.agents = AgentRegistry(state_dir)
+        self.store: Store | None = None
+        self.shared: StateService | None = None
         # The kernel-verified uids that act as this node's operator on the API socket.
         self.operator_uids = frozenset({0, os.getuid()})
 
@@ -175,6 +180,10 @@ class Daemon:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         lock = self._lock()
         try:
+            try:
+                self.store = Store(self.state_dir / DB_FILE)
+            except StoreError as exc:
+                raise DaemonError(str(exc)) from None
             async with (
                 self.host.run(maddrs(self.listen)),
                 background_trio_service(self.pubsub),
@@ -208,6 +217,8 @@ class Daemon:
         finally:
             for p in (self.state_dir / LISTEN_FILE, self.api_path):
                 p.unlink(missing_ok=True)
+            if self.store is not None:
+                self.store.close()
             os.close(lock)
             log.info("mossnode stopped")
 
@@ -245,6 +256,9 @@ class Daemon:
             sub = await self.pubsub.subscribe(t)
             self._nursery.start_soon(self._reader, sub, handler)
         self._nursery.start_soon(self._presence_loop)
+        assert self.store is not None
+        self.shared = StateService(self, self.store)
+        await self.shared.start(self._nursery)
         self._in_swarm.set()
 
     # --- gossip --------------------------------------------------------------------------
@@ -309,6 +323,8 @@ class Daemon:
         peer = env.sender_id
         if self.detector.heard(peer, now_ms(), addrs, body):
             log.info("peer %s is alive", peer)
+            if self.shared is not None:
+                self.shared.trigger_sync(peer)
         if addrs and self.known_addrs.get(peer) != addrs:
             self.known_addrs[peer] = addrs
         height = body.get("height")
@@ -342,11 +358,19 @@ class Daemon:
             log.warning("%s", exc)
             return
         self._persist()
+        self._decided(entry)
         log.info("decided #%d %s", entry.seq, entry.kind)
+
+    def _decided(self, entry: Entry) -> None:
+        if self.shared is not None:
+            self.shared.on_decided(cutoff=entry.kind in ("remove", "revoke"))
 
     async def decide(self, kind: str, payload: dict[str, Any]) -> Entry:
         """Founder authority: sign, apply, persist, then announce one decision."""
         state = self._swarm()
+        if kind in ("remove", "revoke") and self.shared is not None and "cutoff" not in payload:
+            author = peer_id_from_public_key(payload.get("public_key", b"\0" * 32))
+            payload = {**payload, "cutoff": self.shared.replica.vector().get(author, 0)}
         problem = state.check(kind, payload)
         if problem:
             raise DaemonError(f"decision refused: {problem}")
@@ -359,6 +383,7 @@ class Daemon:
         entry = Entry(seq, kind, payload, cert)
         state.apply(entry)
         self._persist()
+        self._decided(entry)
         await self.publish("consensus", "decision", entry.to_wire())
         return entry
 
@@ -640,7 +665,8 @@ class Daemon:
             "decided_height": state.height if state else 0,
             "paused": state.paused if state else False,
             "connected_peers": len(self.host.get_connected_peers()),
-            "state_digest": None,
+            "state_digest": self.shared.replica.digest().hex() if self.shared else None,
+            "state": self.shared.status() if self.shared else None,
             "rejected": dict(self.rejected),
             "counters": dict(self.counters),
         }
@@ -675,6 +701,48 @@ class Daemon:
             ),
         ]
         return "\n".join(lines) + "\n"
+
+    # --- tasks ---------------------------------------------------------------------------
+
+    def _shared(self) -> StateService:
+        self._swarm()
+        if self.shared is None:
+            raise DaemonError("the shared state is not ready yet", "unavailable", 503)
+        return self.shared
+
+    async def submit_task(self, draft: dict[str, Any]) -> dict[str, Any]:
+        shared = self._shared()
+        content = shared.replica.content().get("tasks", {})
+        missing = [d for d in draft["deps"] if d not in content]
+        if missing:
+            raise DaemonError(f"unknown dependency task(s): {', '.join(missing)}", "bad_field")
+        suffix = secrets.token_hex(6)
+        try:
+            tid = await shared.write(lambda w: w.create_task(suffix, **draft))
+        except WriteRefused as exc:
+            raise DaemonError(f"task refused: {exc}", "forbidden", 403) from None
+        return {"id": tid, "state": "pending"}
+
+    def list_tasks(self, state: str | None) -> list[dict[str, Any]]:
+        tasks = self._shared().replica.content().get("tasks", {})
+        out = [
+            {
+                "id": tid,
+                "title": t.get("title"),
+                "state": "pending",
+                "assignee": None,
+                "creator": t.get("creator"),
+                "deps": t.get("deps", []),
+            }
+            for tid, t in sorted(tasks.items())
+        ]
+        return [t for t in out if state is None or t["state"] == state]
+
+    def show_task(self, tid: str) -> dict[str, Any]:
+        t = self._shared().replica.task(tid)
+        if t is None:
+            raise DaemonError(f"no task {tid!r}", "not_found", 404)
+        return {"id": tid, **_jsonable(t), "state": "pending", "attempts": 0}
 
     def peers(self) -> list[dict[str, Any]]:
         state = self._swarm()

@@ -1,0 +1,290 @@
+"""The daemon's side of the shared task state: replica, store, gossip and anti-entropy.
+
+Duties (docs/state-schema.md): an own entry is committed before it is sent; received entries are
+committed in groups (one fsync per batch); one anti-entropy round runs before the first local
+write after start-up; the replica is drained when the decided log advances, and rebuilt when a
+decision sets a cut-off. Gossip is best effort; anti-entropy over ``/moss/sync/1`` repairs loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import cbor2
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from ..crypto.envelope import canonical
+from ..protocols.crdt import Entry, Outcome, Replica
+from ..protocols.membership import MembershipPolicy
+from .host import read_frame, topic, write_frame
+from .store import Store, load_replica
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("mossnode.state")
+T = TypeVar("T")
+
+SYNC_PROTO = TProtocol("/moss/sync/1")
+PUBLISH_WINDOW_S = 0.005  # own entries written within this window share one gossip message
+SYNC_INTERVAL_S = 2.0
+SNAPSHOT_EVERY = 2000
+MAX_BUNDLE = 256
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class StateService:
+    def __init__(self, daemon: Daemon, store: Store) -> None:
+        self.d = daemon
+        self.store = store
+        state = daemon._swarm()
+        self.policy = MembershipPolicy(state)
+        restored = load_replica(store, daemon.identity, state.swarm_id, self.policy, now_ms())
+        self.replica: Replica = restored.replica
+        if restored.snapshot_problem:
+            log.warning("snapshot not used: %s", restored.snapshot_problem)
+        self.topic = topic(state.swarm_id, "state")
+        self.counters: Counter[str] = Counter()
+        self._to_commit: list[Entry] = []
+        self._queued = 0  # entries ever queued for commit
+        self._stored = 0  # entries ever committed
+        self._commit_wanted = trio.Event()
+        self._committed = trio.Event()
+        self._to_publish: list[bytes] = []
+        self._publish_wanted = trio.Event()
+        self._synced = trio.Event()
+        self._since_snapshot = 0
+        self._syncing: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._write_lock = trio.Lock()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        pubsub = self.d.pubsub
+        pubsub.set_topic_validator(self.topic, self._validate, False)
+        sub = await pubsub.subscribe(self.topic)
+        self.d.host.set_stream_handler(SYNC_PROTO, self._on_sync_stream)
+        nursery.start_soon(self._drain_subscription, sub)
+        nursery.start_soon(self._committer)
+        nursery.start_soon(self._publisher)
+        nursery.start_soon(self._sync_loop)
+
+    # --- persistence ----------------------------------------------------------------------
+
+    def _enqueue(self, entries: list[Entry]) -> None:
+        self._to_commit.extend(entries)
+        self._queued += len(entries)
+        self._commit_wanted.set()
+
+    def _queue(self, out: Outcome) -> None:
+        if out.applied:
+            self._enqueue(out.applied)
+        for ref in out.refused:
+            self.counters[f"refused:{ref.rejection.reason.value}"] += 1
+        if out.equivocations:
+            self.counters["equivocations"] += len(out.equivocations)
+            log.warning(
+                "equivocation proven against %s",
+                ", ".join(sorted({e.author for e in out.equivocations})),
+            )
+        if out.retracted:
+            self._retract(out)
+
+    def _retract(self, out: Outcome) -> None:
+        self.store.commit(retract=out.retract_from())
+
+    async def _committer(self) -> None:
+        """Group commit: whatever arrived since the last fsync goes in one transaction."""
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted = trio.Event()
+            batch, self._to_commit = self._to_commit, []
+            upto = self._queued
+            rows = [(e.author, e.seq, e.data) for e in batch]
+            snapshot = None
+            self._since_snapshot += len(rows)
+            if self._since_snapshot >= SNAPSHOT_EVERY:
+                # No await since the swap: the replica holds exactly what is stored plus rows.
+                self._since_snapshot = 0
+                snapshot = (self.replica.snapshot(), self.replica.vector(), now_ms())
+            await trio.to_thread.run_sync(
+                partial(self.store.commit, entries=rows, snapshot=snapshot)
+            )
+            self.counters["stored"] += len(rows)
+            self._stored = upto
+            done, self._committed = self._committed, trio.Event()
+            done.set()
+
+    async def _persisted(self) -> None:
+        """Wait until everything queued so far is on disk (group commit)."""
+        target = self._queued
+        while self._stored < target:
+            await self._committed.wait()
+
+    # --- local writes ---------------------------------------------------------------------
+
+    async def write(self, fn: Callable[[Any], T]) -> T:
+        """Run one local write; returns once the entry is durable (then it is gossiped)."""
+        if not self._synced.is_set():
+            with trio.move_on_after(5):
+                await self._synced.wait()
+        async with self._write_lock:
+            result, entry = self.replica.write(fn, now_ms())
+            if entry is not None:
+                self._enqueue([entry])
+                await self._persisted()
+                self._to_publish.append(entry.data)
+                self._publish_wanted.set()
+                self.counters["written"] += 1
+        return result
+
+    async def _publisher(self) -> None:
+        while True:
+            await self._publish_wanted.wait()
+            await trio.sleep(PUBLISH_WINDOW_S)
+            self._publish_wanted = trio.Event()
+            while self._to_publish:
+                bundle = self._to_publish[:MAX_BUNDLE]
+                del self._to_publish[:MAX_BUNDLE]
+                try:
+                    await self.d.pubsub.publish(self.topic, canonical(bundle))
+                    self.counters["bundles_out"] += 1
+                except Exception as exc:  # gossip is best effort; anti-entropy repairs
+                    log.debug("state publish failed: %s", exc)
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def _validate(self, forwarder: ID, msg: Any) -> bool:
+        """Topic validator: apply the bundle's signed entries; relay only if none was refused."""
+        if forwarder == self.d.host.get_id():
+            return True  # our own publish: already applied and stored
+        try:
+            bundle = cbor2.loads(bytes(msg.data))
+        except Exception:
+            self.d.rejected["malformed"] += 1
+            return False
+        if (
+            not isinstance(bundle, list)
+            or not bundle
+            or len(bundle) > MAX_BUNDLE
+            or not all(isinstance(b, bytes) for b in bundle)
+        ):
+            self.d.rejected["malformed"] += 1
+            return False
+        out = self.replica.receive_batch(bundle, now_ms())
+        self._queue(out)
+        self.counters["received"] += len(bundle)
+        fresh = [r for r in out.refused if r.rejection.reason.value != "replay"]
+        if fresh:
+            for r in fresh:
+                self.d.rejected[r.rejection.reason.value] += 1
+            return False
+        return len(out.refused) < len(bundle)  # relay what is new to us
+
+    async def _drain_subscription(self, sub: Any) -> None:
+        while True:
+            await sub.get()  # the validator did the work; keep the channel empty
+
+    def on_decided(self, cutoff: bool) -> None:
+        """The decided log advanced: entries waiting on it may apply; cut-offs need a rebuild."""
+        out = self.replica.rebuild(now_ms()) if cutoff else self.replica.drain(now_ms())
+        self._queue(out)
+
+    # --- anti-entropy ---------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "vector": self.replica.vector(),
+            "heads": self.replica.heads(),
+            "blocked": self.replica.blocked_seqs(),
+        }
+
+    async def _sync_loop(self) -> None:
+        first = True
+        while True:
+            peers = [str(p) for p in self.d.host.get_connected_peers()]
+            members = [p for p in peers if self.d._swarm().by_peer_id(p) is not None]
+            if members:
+                peer = random.choice(members)
+                await self.sync_from(peer)
+            if first and (members or time.monotonic() - self.d.started > 3):
+                first = False
+                self._synced.set()
+            await trio.sleep(SYNC_INTERVAL_S if not first else 0.5)
+
+    def trigger_sync(self, peer: str) -> None:
+        if self._nursery is not None and peer not in self._syncing:
+            self._nursery.start_soon(self.sync_from, peer)
+
+    async def sync_from(self, peer: str) -> int:
+        """Pull what ``peer`` has and we lack; returns how many entries arrived."""
+        if peer in self._syncing:
+            return 0
+        self._syncing.add(peer)
+        got = 0
+        try:
+            with trio.move_on_after(60):
+                stream = await self.d.host.new_stream(ID.from_base58(peer), [SYNC_PROTO])
+                try:
+                    await write_frame(stream, canonical(self.summary()))
+                    while True:
+                        batch = cbor2.loads(await read_frame(stream))
+                        if not isinstance(batch, list) or not batch:
+                            break
+                        if not all(isinstance(b, bytes) for b in batch):
+                            self.d.rejected["malformed"] += 1
+                            break
+                        self._queue(self.replica.receive_batch(batch, now_ms()))
+                        got += len(batch)
+                        await trio.sleep(0)
+                finally:
+                    await stream.close()
+            self.counters["sync_rounds"] += 1
+            self.counters["sync_entries"] += got
+        except Exception as exc:
+            log.debug("sync from %s failed: %s", peer, exc)
+        finally:
+            self._syncing.discard(peer)
+        return got
+
+    async def _on_sync_stream(self, stream: INetStream) -> None:
+        try:
+            remote = str(stream.muxed_conn.peer_id)
+            if self.d._swarm().by_peer_id(remote) is None:
+                self.d.rejected["not_member"] += 1
+                return  # non-members learn nothing of the task state
+            req = cbor2.loads(await read_frame(stream, 4 << 20))
+            vector = {str(k): int(v) for k, v in dict(req.get("vector", {})).items()}
+            heads = {str(k): bytes(v) for k, v in dict(req.get("heads", {})).items()}
+            blocked = {str(k): int(v) for k, v in dict(req.get("blocked", {})).items()}
+            for batch in self.replica.missing_for(vector, heads, blocked):
+                await write_frame(stream, canonical(batch))
+            await write_frame(stream, canonical([]))
+        except Exception as exc:
+            log.debug("sync stream: %s", exc)
+        finally:
+            await stream.close()
+
+    # --- views ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "entries": sum(self.replica.vector().values()),
+            "pending": self.replica.pending_count(),
+            "blocked_authors": sorted(self.replica.blocked_authors()),
+            "counters": dict(self.counters),
+        }
