@@ -1,6 +1,6 @@
 """A rogue process for the mesh tests: its own identity, never admitted, injecting envelopes.
 
-Usage: python tests/intruder.py MULTIADDR SWARM_ID_HEX MEMBER_PEER_ID SECONDS
+Usage: python tests/intruder.py MULTIADDR SWARM_ID_HEX MEMBER_PEER_ID SECONDS [sync]
 It connects to one member, subscribes to the swarm's topics and publishes (1) envelopes it signs
 itself, (2) envelopes claiming to come from a member (bad signatures) and (3) garbage, then prints
 how many messages it received on the topics as JSON.
@@ -22,10 +22,11 @@ from libp2p.tools.anyio_service import background_trio_service
 from mossnode.crypto.envelope import SIG_LEN, seal
 from mossnode.crypto.identity import Identity
 from mossnode.crypto.peerid import public_key_from_peer_id
-from mossnode.node.host import make_host, make_pubsub, topic
+from mossnode.node.host import make_host, make_pubsub, read_frame, topic, write_frame
+from mossnode.node.state import SYNC_PROTO
 
 
-async def main(addr: str, swarm_hex: str, member: str, seconds: float) -> None:
+async def main(addr: str, swarm_hex: str, member: str, seconds: float, mode: str) -> None:
     ident = Identity.generate()
     swarm_id = bytes.fromhex(swarm_hex)
     host = make_host(ident)
@@ -37,7 +38,19 @@ async def main(addr: str, swarm_hex: str, member: str, seconds: float) -> None:
         background_trio_service(router),
     ):
         await pubsub.wait_until_ready()
-        await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(addr)))
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        await host.connect(info)
+        if mode == "sync":  # ask for the task state over anti-entropy, as a member would
+            got = 0
+            try:
+                stream = await host.new_stream(info.peer_id, [SYNC_PROTO])
+                await write_frame(stream, cbor2.dumps({"vector": {}, "heads": {}, "blocked": {}}))
+                while batch := cbor2.loads(await read_frame(stream)):
+                    got += len(batch)
+            except Exception:
+                pass
+            print(json.dumps({"entries": got}))
+            return
         subs = [await pubsub.subscribe(topic(swarm_id, t)) for t in ("presence", "consensus")]
 
         async def count(sub) -> None:
@@ -91,4 +104,5 @@ async def main(addr: str, swarm_hex: str, member: str, seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]))
+    mode = sys.argv[5] if len(sys.argv) > 5 else "inject"
+    trio.run(main, sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), mode)
