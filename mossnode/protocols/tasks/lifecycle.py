@@ -1,0 +1,768 @@
+"""The task state machine, derived: facts plus ``now_ms`` in, one :class:`Status` per task out.
+
+No replica writes a state. Each derives it from the replicated facts with the same pure
+function, so replicas holding the same facts at the same ``now_ms`` agree, and a state cannot be
+the subject of a write conflict. The machine (OpenMOSS's sub-task machine plus ``failed``):
+
+    pending -> assigned -> in_progress -> review -> done
+                               ^            |
+                               +- rework <--+          (review: verdict rework)
+    pending -> blocked   (a dependency failed or was cancelled, or a dependency cycle)
+    any non-terminal -> cancelled  (creator, an ancestor's creator, or a supervisor)
+    in_progress/assigned -> pending  (lease expired, deadline missed, error, invalid output,
+                                      released, reassigned: the attempt closes, the next opens)
+    -> failed  (``max_attempts`` faulty attempts, or an exclusive task's only attempt closed)
+
+Who causes each transition is in docs/tasks.md. Attempts: attempt ``j`` opens with its first
+bid, is won per :mod:`.allocation`, claimed by the winner, and closes for the first of: release,
+reassign, lease expiry, missed deadline, error, invalid output, rework limit, or a later
+attempt's bid or claim (someone saw it closed; this is what makes closure monotonic when a
+partition heals). A valid accepted submission for any attempt makes the task done, even if a
+later attempt opened meanwhile: done never goes back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from . import control
+from .allocation import Window, best, tiebreak, window
+from .contract import validate
+from .model import (
+    TERMINAL,
+    ClaimEntry,
+    ResultEntry,
+    ReviewEntry,
+    State,
+    Task,
+    TaskView,
+    as_float,
+    as_int,
+)
+from .params import Params
+from .recurring import duplicates
+from .review import deciding_review
+
+FAULT_KINDS = frozenset(
+    {"lease", "deadline", "error", "schema", "no_claim", "rework_limit", "superseded"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended (``kind``), for reasons and for reputation."""
+
+    attempt: int
+    kind: str  # done, or a closure: released, reassigned, or one of FAULT_KINDS
+    node: str | None
+    agent: str | None
+    at: int
+    detail: str
+    claimed_at: int | None = None
+    submitted_at: int | None = None
+
+    @property
+    def fault(self) -> bool:
+        return self.kind in FAULT_KINDS
+
+    def describe(self) -> str:
+        who = f" ({self.node}/{self.agent})" if self.node is not None else ""
+        return f"attempt {self.attempt}{who}: {self.detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The one accepted result of a done task."""
+
+    node: str
+    agent: str
+    attempt: int
+    round: int
+    output: Any
+    submitted_at: int
+    done_at: int
+    claimed_at: int
+    review: ReviewEntry | None = None
+    reviewer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    state: State
+    attempt: int = 1
+    assignee: str | None = None
+    agent: str | None = None
+    claimed: bool = False
+    round: int = 1
+    ready: bool = False
+    paused: bool = False
+    eligible_at: int | None = None  # bids for ``attempt`` are welcome from then (backoff)
+    window: Window | None = None  # bid window of ``attempt``
+    lease_expires_at: int | None = None
+    deadline_at: int | None = None
+    submitted_at: int | None = None  # the submission waiting in review
+    rework: ReviewEntry | None = None  # the review that asked for the current rework round
+    accepted: Accepted | None = None
+    faults: int = 0
+    outcomes: tuple[Outcome, ...] = ()
+    reasons: tuple[str, ...] = ()
+    wake_at: int | None = None  # next time this status may change with no new facts
+    pause_mark: tuple[int, str, bool] | None = (
+        None  # latest pause/resume in force (at, node, paused)
+    )
+    cancelled_at: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+@dataclass(frozen=True, slots=True)
+class _Ctx:
+    view: TaskView
+    now: int
+    params: Params
+    exclusive: Mapping[str, str]
+    authority: control.Authority | None
+    dups: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Memo:
+    task: Task
+    exclusive: str | None
+    cyclic: tuple[str, ...]
+    parent_cycle: bool
+    at: int
+    status: Status
+
+
+@dataclass(slots=True)
+class _Topology:
+    """Evaluation order (deps and parent first) and cycles; depends only on deps/parent."""
+
+    shape: dict[str, Task]  # the task objects it was computed from
+    order: list[str]
+    prereqs: dict[str, tuple[str, ...]]
+    cyclic: dict[str, tuple[str, ...]]  # deps that close a cycle, per task
+    parent_cycle: frozenset[str]
+
+    def fits(self, view: TaskView) -> bool:
+        if len(view) != len(self.shape):
+            return False
+        for tid, old in self.shape.items():
+            new = view.get(tid)
+            if new is None:
+                return False
+            if new is not old and (new.deps != old.deps or new.parent != old.parent):
+                return False
+        return True
+
+
+def _topology(view: TaskView) -> _Topology:
+    """Post-order DFS from tasks in id order, deps in stored order, then the parent: a
+    deterministic order. A back edge through ``deps`` marks a dependency cycle; through
+    ``parent`` it is ignored (a parent cycle cannot come from honest creators)."""
+    order: list[str] = []
+    done: set[str] = set()
+    cyclic: dict[str, list[str]] = {}
+    parent_cycle: set[str] = set()
+    on_stack: set[str] = set()
+    prereqs: dict[str, tuple[str, ...]] = {}
+    for root in sorted(view):
+        if root in done:
+            continue
+        stack: list[tuple[str, int]] = [(root, 0)]
+        on_stack.add(root)
+        while stack:
+            tid, i = stack[-1]
+            task = view[tid]
+            n_deps = len(task.deps)
+            n_pre = n_deps + (1 if task.parent is not None else 0)
+            if i < n_pre:
+                stack[-1] = (tid, i + 1)
+                pre = task.deps[i] if i < n_deps else task.parent
+                assert pre is not None
+                if pre in done or pre not in view:
+                    continue
+                if pre in on_stack:
+                    if i < n_deps:
+                        cyclic.setdefault(tid, []).append(pre)
+                    else:
+                        parent_cycle.add(tid)
+                    continue
+                on_stack.add(pre)
+                stack.append((pre, 0))
+                continue
+            stack.pop()
+            on_stack.discard(tid)
+            done.add(tid)
+            order.append(tid)
+            prereqs[tid] = (*task.deps, task.parent) if task.parent is not None else task.deps
+    return _Topology(
+        dict(view),
+        order,
+        prereqs,
+        {t: tuple(c) for t, c in cyclic.items()},
+        frozenset(parent_cycle),
+    )
+
+
+@dataclass(slots=True)
+class Cache:
+    """What :func:`derive_all` may keep between calls (one per ``params`` and policy)."""
+
+    topology: _Topology | None = None
+    memo: dict[str, _Memo] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.topology = None
+        self.memo.clear()
+
+
+def derive_all(
+    view: TaskView,
+    now_ms: int,
+    *,
+    params: Params | None = None,
+    exclusive: Mapping[str, str] | None = None,
+    authority: control.Authority | None = None,
+    cache: Cache | None = None,
+) -> dict[str, Status]:
+    """Statuses of every task in ``view`` at ``now_ms``.
+
+    ``exclusive``: ``{task id: node}`` assignments decided by consensus for exclusive tasks.
+    ``authority(node, permission)``: the decided log's policy, for supervisor actions.
+    ``cache``: a :class:`Cache` the caller keeps between calls with the same ``params`` and
+    policy (clear it when the policy changes; time must not go backwards). A status is
+    reused while its task object is the same, its ``wake_at`` has not come, and no
+    dependency or parent status changed; the result is the same as without a cache.
+    """
+    ctx = _Ctx(view, now_ms, params or Params(), exclusive or {}, authority, duplicates(view))
+    topo = cache.topology if cache is not None else None
+    changed: set[str] = set()
+    if topo is None or not topo.fits(view):
+        old = topo
+        topo = _topology(view)
+        if cache is not None:
+            cache.topology = topo
+            if old is not None:  # a vanished task changes what its dependents see
+                changed = {t for t in old.shape if t not in view}
+            for gone in [t for t in cache.memo if t not in view]:
+                del cache.memo[gone]
+    memos = cache.memo if cache is not None else {}
+    out: dict[str, Status] = {}
+    for tid in topo.order:
+        task = view[tid]
+        excl = ctx.exclusive.get(tid)
+        cyc = topo.cyclic.get(tid, ())
+        pcyc = tid in topo.parent_cycle
+        memo = memos.get(tid)
+        if (
+            memo is not None
+            and memo.task is task
+            and memo.exclusive == excl
+            and memo.cyclic == cyc
+            and memo.parent_cycle == pcyc
+            and memo.at <= now_ms
+            and (memo.status.wake_at is None or now_ms < memo.status.wake_at)
+            and tid not in ctx.dups
+            and not (changed and any(p in changed for p in topo.prereqs[tid]))
+        ):
+            out[tid] = memo.status
+            continue
+        parent_st = None if pcyc or task.parent is None else out.get(task.parent)
+        st = _derive(task, ctx, out, cyc, parent_st)
+        if memo is not None and memo.status == st:
+            st = memo.status
+        else:
+            changed.add(tid)
+        out[tid] = st
+        if cache is not None:
+            memos[tid] = _Memo(task, excl, cyc, pcyc, now_ms, st)
+    return out
+
+
+def derive(view: TaskView, tid: str, now_ms: int, **kw: Any) -> Status | None:
+    """One task's status (derives what it depends on; prefer :func:`derive_all` in loops)."""
+    return derive_all(view, now_ms, **kw).get(tid)
+
+
+def inputs_from_dependencies(
+    view: TaskView, statuses: Mapping[str, Status], tid: str
+) -> dict[str, Any]:
+    """``{dep id: accepted output}`` handed to a ready task."""
+    task = view.get(tid)
+    out: dict[str, Any] = {}
+    if task is None:
+        return out
+    for dep in task.deps:
+        st = statuses.get(dep)
+        if st is not None and st.accepted is not None:
+            out[dep] = st.accepted.output
+    return out
+
+
+# -- one task ----------------------------------------------------------------------------------
+
+
+def _derive(
+    task: Task, ctx: _Ctx, out: Mapping[str, Status], cyc: Collection[str], parent_st: Status | None
+) -> Status:
+    dup = ctx.dups.get(task.id)
+    if dup is not None:
+        return Status(
+            State.CANCELLED, reasons=(f"duplicate of recurring instance {dup}",), cancelled_at=0
+        )
+
+    recs = control.controls(ctx.view, task, ctx.authority)
+    mark = parent_st.pause_mark if parent_st is not None else None
+    cancel_at: int | None = None
+    cancel_reason = ""
+    reassigns: dict[int, control.Control] = {}
+    for c in recs:
+        if c.verb in (control.PAUSE, control.RESUME):
+            m = (c.at, c.node, c.verb == control.PAUSE)
+            if mark is None or m[:2] > mark[:2]:
+                mark = m
+        elif c.verb == control.CANCEL and cancel_at is None:
+            cancel_at, cancel_reason = (
+                c.at,
+                f"cancelled by {c.node}" + (f": {c.reason}" if c.reason else ""),
+            )
+        elif c.verb == control.REASSIGN and c.attempt is not None and c.attempt not in reassigns:
+            reassigns[c.attempt] = c
+    if parent_st is not None and parent_st.state is State.CANCELLED:
+        p_at = parent_st.cancelled_at if parent_st.cancelled_at is not None else 0
+        if cancel_at is None or p_at < cancel_at:
+            cancel_at, cancel_reason = p_at, f"parent {task.parent} cancelled"
+    paused = mark[2] if mark is not None else False
+
+    waiting: list[str] = []
+    blocked: list[str] = []
+    for dep in task.deps:
+        if dep in cyc:
+            blocked.append(f"dependency cycle through {dep}")
+            continue
+        st = out.get(dep)
+        if st is None:
+            waiting.append(f"waiting for unknown dependency {dep}")
+        elif st.state is State.DONE:
+            continue
+        elif st.state in (State.FAILED, State.CANCELLED, State.BLOCKED):
+            blocked.append(f"dependency {dep} is {st.state.value}")
+        else:
+            waiting.append(f"waiting for {dep} ({st.state.value})")
+    ready = not waiting and not blocked
+
+    ev: Status | None = None
+    if ready or task.results:
+        ev = _attempts(task, ctx, reassigns)
+        if ev.state is State.DONE:
+            acc = ev.accepted
+            assert acc is not None
+            if cancel_at is None or acc.done_at <= cancel_at:
+                return replace(ev, ready=ready, paused=paused, pause_mark=mark)
+    if cancel_at is not None:
+        return Status(
+            State.CANCELLED,
+            reasons=(cancel_reason,),
+            pause_mark=mark,
+            paused=paused,
+            cancelled_at=cancel_at,
+        )
+    if blocked:
+        return Status(State.BLOCKED, reasons=tuple(blocked), pause_mark=mark, paused=paused)
+    if not ready or ev is None:
+        return Status(State.PENDING, reasons=tuple(waiting), pause_mark=mark, paused=paused)
+    return replace(ev, ready=True, paused=paused, pause_mark=mark)
+
+
+class _History:
+    """Claims and results per (node, attempt), from the entries and, for attempts whose entry
+    the same node has since overwritten with a later attempt's, from its append-only log."""
+
+    __slots__ = ("_claims", "_results", "task")
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self._claims: dict[int, dict[str, ClaimEntry]] = {}
+        self._results: dict[tuple[str, int], ResultEntry] = {}
+        for node, cl in task.claims.items():
+            self._claims.setdefault(cl.attempt, {})[node] = cl
+        for node, rec in task.records(("claim",)):
+            attempt, at, agent = as_int(rec.get("attempt")), as_int(rec.get("at")), rec.get("agent")
+            if attempt is None or at is None or not isinstance(agent, str):
+                continue
+            mine = self._claims.setdefault(attempt, {})
+            if node not in mine:
+                mine[node] = ClaimEntry(attempt, agent, at, as_float(rec.get("score")))
+        for node, rec in task.records(("result",)):
+            r = ResultEntry.from_raw(rec)
+            if r is None:
+                continue
+            key = (node, r.attempt)
+            old = self._results.get(key)
+            if old is None or (r.round, r.at) >= (old.round, old.at):
+                self._results[key] = r
+
+    def attempts(self) -> list[int]:
+        return sorted(self._claims)
+
+    def claims(self, attempt: int) -> dict[str, ClaimEntry]:
+        return self._claims.get(attempt, {})
+
+    def result(self, node: str, attempt: int) -> ResultEntry | None:
+        entry = self.task.results.get(node)
+        if entry is not None and entry.attempt == attempt:
+            return entry
+        return self._results.get((node, attempt))
+
+
+def _claim_score(node: str, claim: ClaimEntry, w: Window | None) -> float:
+    """A claimant's bid score (tie-break among claims made at the same time)."""
+    if claim.score is not None:
+        return claim.score
+    bid = w.bids.get(node) if w is not None else None
+    return bid.score if bid is not None else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _One:
+    """One attempt evaluated: accepted, closed (outcome) or open (status fields)."""
+
+    accepted: Accepted | None = None
+    outcome: Outcome | None = None
+    state: State = State.PENDING
+    assignee: str | None = None
+    agent: str | None = None
+    claimed: bool = False
+    round: int = 1
+    window: Window | None = None
+    lease_expires_at: int | None = None
+    deadline_at: int | None = None
+    submitted_at: int | None = None
+    rework: ReviewEntry | None = None
+    wake: int | None = None
+
+
+def _attempts(task: Task, ctx: _Ctx, reassigns: Mapping[int, control.Control]) -> Status:
+    p, c = ctx.params, task.contract
+    excl_node = ctx.exclusive.get(task.id) if c.exclusive else None
+    cap = 1 if c.exclusive else c.max_attempts + p.extra_attempts
+    rel = control.releases(task)
+    hist = _History(task)
+    # a bid or claim for a later attempt means its author saw this one closed; this is what
+    # makes closure monotonic after a partition heals. Exclusive tasks take no bids, and marks
+    # beyond the attempt cap are noise.
+    later: dict[int, int] = {}
+    if not c.exclusive:
+        marks = [(b.attempt, b.at) for b in task.bids.values()]
+        marks += [(cl.attempt, cl.at) for a in hist.attempts() for cl in hist.claims(a).values()]
+        for attempt, at in marks:
+            if attempt <= cap:
+                later[attempt] = min(at, later.get(attempt, at))
+    outcomes: list[Outcome] = []
+    faults = 0
+    eligible: int | None = None
+    j = 1
+    while True:
+        sup = min((at for a, at in later.items() if a > j), default=None)
+        one = _one(task, j, ctx, excl_node, sup, rel, reassigns.get(j), hist)
+        if one.accepted is not None:
+            acc = one.accepted
+            outcomes.append(
+                Outcome(
+                    j,
+                    "done",
+                    acc.node,
+                    acc.agent,
+                    acc.done_at,
+                    "done",
+                    acc.claimed_at,
+                    acc.submitted_at,
+                )
+            )
+            return Status(
+                State.DONE,
+                attempt=j,
+                assignee=acc.node,
+                agent=acc.agent,
+                claimed=True,
+                round=acc.round,
+                accepted=acc,
+                faults=faults,
+                outcomes=tuple(outcomes),
+                reasons=tuple(o.describe() for o in outcomes if o.kind != "done"),
+            )
+        if one.outcome is None:
+            wakes = [t for t in (one.wake, eligible) if t is not None and t > ctx.now]
+            return Status(
+                one.state,
+                attempt=j,
+                assignee=one.assignee,
+                agent=one.agent,
+                claimed=one.claimed,
+                round=one.round,
+                eligible_at=eligible,
+                window=one.window,
+                lease_expires_at=one.lease_expires_at,
+                deadline_at=one.deadline_at,
+                submitted_at=one.submitted_at,
+                rework=one.rework,
+                faults=faults,
+                outcomes=tuple(outcomes),
+                reasons=tuple(o.describe() for o in outcomes),
+                wake_at=min(wakes) if wakes else None,
+            )
+        o = one.outcome
+        outcomes.append(o)
+        if o.fault:
+            faults += 1
+        reasons = tuple(x.describe() for x in outcomes)
+        failed: str | None = None
+        if c.exclusive:
+            failed = "exclusive task runs at most once and its attempt ended"
+        elif faults >= c.max_attempts:
+            failed = f"{faults} faulty attempts (max_attempts {c.max_attempts})"
+        elif j >= cap:
+            failed = f"{j} attempts, {faults} faulty: too many reassignments"
+        if failed is not None:
+            return Status(
+                State.FAILED,
+                attempt=j,
+                assignee=o.node,
+                agent=o.agent,
+                faults=faults,
+                outcomes=tuple(outcomes),
+                reasons=(*reasons, failed),
+            )
+        eligible = o.at + (p.backoff(faults) if o.fault else 0)
+        j += 1
+
+
+def _one(
+    task: Task,
+    j: int,
+    ctx: _Ctx,
+    excl_node: str | None,
+    sup: int | None,
+    rel: Mapping[tuple[str, int], int],
+    reassign: control.Control | None,
+    hist: _History,
+) -> _One:
+    p, c = ctx.params, task.contract
+    # A superseded attempt is judged as of the moment it was superseded, so its outcome (and
+    # whom it is attributed to) no longer moves with the clock: closed attempts report no
+    # wake-up time, and replicas at different clocks agree on them.
+    now = ctx.now if sup is None else sup
+    w: Window | None = None
+    assignee: str | None = None
+    claimed = False
+    claim_deadline: int | None = None
+    claims = hist.claims(j)
+    if c.exclusive:
+        if j == 1 and excl_node is not None:
+            assignee = excl_node
+            claimed = excl_node in claims
+    else:
+        w = window(task.bids, j, p.settle_ms)
+        if claims:
+            # several claimants only after a split brain: the earliest claim keeps the work
+            # (it has run longest), then the bid order
+            scores = {n: _claim_score(n, cl, w) for n, cl in claims.items()}
+            assignee = min(
+                claims, key=lambda n: (claims[n].at, -scores[n], tiebreak(task.id, j, n), n)
+            )
+            claimed = True
+        elif w is not None and now >= w.decide_at:
+            assignee = best(task.id, j, w.bids, w.bids)
+            claim_deadline = w.decide_at + p.claim_timeout_ms
+
+    def closed(at: int, kind: str, detail: str, agent: str | None = None, **kw: Any) -> _One:
+        return _One(outcome=Outcome(j, kind, assignee, agent, at, detail, **kw), window=w)
+
+    if assignee is None:
+        if sup is not None:
+            return closed(sup, "superseded", "superseded by a later attempt")
+        return _One(
+            state=State.PENDING,
+            window=w,
+            wake=w.decide_at if w is not None and now < w.decide_at else None,
+        )
+
+    if not claimed:
+        agent = w.bids[assignee].agent if w is not None and assignee in w.bids else None
+        cands: list[tuple[int, int, str, str]] = []
+        if claim_deadline is not None and now >= claim_deadline:
+            cands.append(
+                (
+                    claim_deadline,
+                    0,
+                    "no_claim",
+                    f"won at {w.decide_at if w else '?'} but did not claim",
+                )
+            )
+        if sup is not None:
+            cands.append((sup, 1, "superseded", "superseded by a later attempt"))
+        if reassign is not None:
+            cands.append((reassign.at, 2, "reassigned", f"reassigned by {reassign.node}"))
+        gave_up = task.leases.get(assignee)
+        released = rel.get((assignee, j))
+        if gave_up is not None and gave_up.attempt == j and gave_up.released:
+            released = gave_up.expires_at
+        if released is not None:
+            cands.append((released, 3, "released", f"released by {assignee} before claiming"))
+        if cands:
+            at, _, kind, detail = min(cands)
+            return closed(at, kind, detail, agent)
+        return _One(
+            state=State.ASSIGNED, assignee=assignee, agent=agent, window=w, wake=claim_deadline
+        )
+
+    claim = claims[assignee]
+    agent = claim.agent
+    lease = task.leases.get(assignee)
+    expires: int | None = claim.at + p.lease_ms  # no lease written: the claim's implied one
+    if lease is not None and lease.attempt == j:
+        expires = lease.expires_at
+    elif lease is not None and lease.attempt > j:
+        expires = None  # overwritten by the node's later attempt: unknown, not assumed
+    released_at = (
+        lease.expires_at
+        if lease is not None and lease.attempt == j and lease.released
+        else rel.get((assignee, j))
+    )
+    res = hist.result(assignee, j)
+    dl = c.deadline_ms
+    cands = []
+    if released_at is not None:
+        cands.append((released_at, 0, "released", f"released by {assignee}"))
+    if reassign is not None:
+        cands.append(
+            (
+                reassign.at,
+                1,
+                "reassigned",
+                f"reassigned by {reassign.node}"
+                + (f": {reassign.reason}" if reassign.reason else ""),
+            )
+        )
+    stop = min((t for t, *_ in cands), default=None)  # the attempt was given up at this time
+
+    rnd, start = 1, claim.at
+    in_review = False
+    n_given_up = len(cands)
+    rework: ReviewEntry | None = None
+    submitted_at: int | None = None
+    if res is not None and (stop is None or res.at < stop):
+        rnd = res.round
+        start_r: int | None = claim.at
+        if rnd > 1:
+            prev = deciding_review(task, j, rnd - 1, assignee, agent, p.same_node_review)
+            start_r = prev[1].at if prev is not None and prev[1].verdict == "rework" else None
+        if expires is not None and res.at > expires:
+            cands.append(
+                (
+                    expires,
+                    2,
+                    "lease",
+                    f"lease expired at {expires}, before the submission at {res.at}",
+                )
+            )
+        elif dl is not None and start_r is not None and res.at > start_r + dl:
+            cands.append(
+                (
+                    start_r + dl,
+                    3,
+                    "deadline",
+                    f"deadline missed: submitted at {res.at}, due {start_r + dl}",
+                )
+            )
+        elif not res.ok:
+            kind = "schema" if res.violation else "error"
+            cands.append((res.at, 4, kind, res.violation or res.error or "agent reported failure"))
+        else:
+            bad = validate(res.output, c.output_schema)
+            if bad is not None:
+                cands.append((res.at, 4, "schema", f"output violates output_schema {bad}"))
+            else:
+                dr = (
+                    deciding_review(task, j, rnd, assignee, agent, p.same_node_review)
+                    if c.review_required
+                    else None
+                )
+                if not c.review_required or (dr is not None and dr[1].verdict == "done"):
+                    review = dr[1] if dr is not None else None
+                    done_at = max(res.at, review.at) if review is not None else res.at
+                    return _One(
+                        accepted=Accepted(
+                            assignee,
+                            agent,
+                            j,
+                            rnd,
+                            res.output,
+                            res.at,
+                            done_at,
+                            claim.at,
+                            review,
+                            dr[0] if dr is not None else None,
+                        )
+                    )
+                if dr is None:
+                    in_review, submitted_at = True, res.at
+                elif rnd >= c.max_rounds:
+                    cands.append(
+                        (
+                            dr[1].at,
+                            5,
+                            "rework_limit",
+                            f"rework requested in round {rnd} of {c.max_rounds}",
+                        )
+                    )
+                else:
+                    rnd, start, rework = rnd + 1, dr[1].at, dr[1]
+
+    deadline_at = start + dl if dl is not None and not in_review else None
+    if not in_review and len(cands) == n_given_up:  # the submission itself closed nothing
+        if expires is not None and now >= expires:
+            cands.append((expires, 2, "lease", f"lease expired at {expires}"))
+        if deadline_at is not None and now >= deadline_at:
+            cands.append((deadline_at, 3, "deadline", f"deadline missed (due {deadline_at})"))
+    if sup is not None:
+        cands.append((sup, 9, "superseded", "superseded by a later attempt"))
+    if cands:
+        at, _, kind, detail = min(cands)
+        return closed(
+            at,
+            kind,
+            detail,
+            agent,
+            claimed_at=claim.at,
+            submitted_at=res.at if res is not None else None,
+        )
+
+    if in_review:
+        state = State.REVIEW
+    elif rnd > 1:
+        prog = task.progress.get(assignee)
+        resumed = prog is not None and prog.attempt == j and prog.round >= rnd
+        state = State.IN_PROGRESS if resumed else State.REWORK
+    else:
+        state = State.IN_PROGRESS
+    wakes = [t for t in (None if in_review else expires, deadline_at) if t is not None and t > now]
+    return _One(
+        state=state,
+        assignee=assignee,
+        agent=agent,
+        claimed=True,
+        round=rnd,
+        window=w,
+        lease_expires_at=expires,
+        deadline_at=deadline_at,
+        submitted_at=submitted_at,
+        rework=rework,
+        wake=min(wakes) if wakes else None,
+    )

@@ -1,0 +1,402 @@
+"""The task record: a plain-data view of one task of the replicated document, and its states.
+
+Replicas never store a task's state. They store facts, each written by the one node that owns
+the path (the creator's core fields; each node's own bid, claim, lease, progress, result and
+review entry; each node's append-only log), and every replica derives the state from those
+facts (:mod:`.lifecycle`). Parsing is tolerant: a malformed entry may come from a faulty peer,
+so it is dropped rather than raised, and the rest of the view stays usable.
+
+Field names follow the CRDT layout (``mossnode/protocols/crdt/schema.py``): core fields
+``title, spec, parent, deps, capabilities, role, priority, creator, created_at, contract``
+(plus ``input``), and per-node maps ``bids, claims, leases, progress, results, reviews, log``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Json = Any
+Schema = Mapping[str, Any]
+
+
+class State(enum.StrEnum):
+    PENDING = "pending"  # waiting for dependencies, for bids, or for backoff to pass
+    ASSIGNED = "assigned"  # a winner is decided; it has not claimed yet
+    IN_PROGRESS = "in_progress"  # claimed under a live lease; the agent works
+    REVIEW = "review"  # a valid submission waits for a reviewer
+    REWORK = "rework"  # a reviewer asked for rework; the assignee has not resumed yet
+    BLOCKED = "blocked"  # a dependency failed or was cancelled, or deps form a cycle
+    DONE = "done"
+    CANCELLED = "cancelled"
+    FAILED = "failed"  # attempts exhausted; reasons recorded
+
+
+TERMINAL = frozenset({State.DONE, State.CANCELLED, State.FAILED})
+HELD = frozenset({State.ASSIGNED, State.IN_PROGRESS, State.REVIEW, State.REWORK})
+VERDICTS = ("done", "rework")
+
+
+def as_int(value: Any) -> int | None:
+    """Yrs hands numbers back as floats; bools are not numbers here."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return int(value)
+    return None
+
+
+def as_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _strs(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        return ()
+    return tuple(v for v in value if isinstance(v, str))
+
+
+@dataclass(frozen=True, slots=True)
+class Contract:
+    """What the creator asks for and what a breach costs.
+
+    ``deadline_ms`` bounds each round of work (claim or rework request to submission);
+    missing it, like an output that violates ``output_schema``, closes the attempt as a
+    fault (reputation penalty, task re-offered). ``max_attempts`` bounds faulty attempts.
+    ``max_rounds`` bounds review rounds within one attempt. ``exclusive`` tasks are
+    assigned by consensus and run at most once. ``cost`` is charged to the task tree's
+    ``budget`` (set on the root; see :mod:`.supervision`).
+    """
+
+    input_schema: Schema | None = None
+    output_schema: Schema | None = None
+    deadline_ms: int | None = None
+    max_attempts: int = 3
+    review_required: bool = False
+    exclusive: bool = False
+    max_rounds: int = 3
+    cost: float = 1.0
+    budget: float | None = None
+
+    @classmethod
+    def from_raw(cls, raw: Any) -> Contract:
+        if not isinstance(raw, Mapping):
+            return cls()
+        ins = raw.get("input_schema")
+        outs = raw.get("output_schema")
+        deadline = as_int(raw.get("deadline_ms"))
+        attempts = as_int(raw.get("max_attempts"))
+        rounds = as_int(raw.get("max_rounds"))
+        cost = as_float(raw.get("cost"))
+        budget = as_float(raw.get("budget"))
+        return cls(
+            input_schema=ins if isinstance(ins, Mapping) else None,
+            output_schema=outs if isinstance(outs, Mapping) else None,
+            deadline_ms=deadline if deadline is not None and deadline > 0 else None,
+            max_attempts=max(1, attempts) if attempts is not None else 3,
+            review_required=raw.get("review_required") is True,
+            exclusive=raw.get("exclusive") is True,
+            max_rounds=max(1, rounds) if rounds is not None else 3,
+            cost=max(0.0, cost) if cost is not None else 1.0,
+            budget=budget if budget is not None and budget >= 0 else None,
+        )
+
+    def to_raw(self) -> dict[str, Any]:
+        return {
+            "input_schema": dict(self.input_schema) if self.input_schema is not None else None,
+            "output_schema": dict(self.output_schema) if self.output_schema is not None else None,
+            "deadline_ms": self.deadline_ms,
+            "max_attempts": self.max_attempts,
+            "review_required": self.review_required,
+            "exclusive": self.exclusive,
+            "max_rounds": self.max_rounds,
+            "cost": self.cost,
+            "budget": self.budget,
+        }
+
+
+# -- per-node entries: each is the value at tasks/<id>/<kind>/<node>, written only by <node> ----
+
+
+@dataclass(frozen=True, slots=True)
+class BidEntry:
+    attempt: int
+    agent: str
+    score: float
+    at: int
+
+    @classmethod
+    def from_raw(cls, raw: Any) -> BidEntry | None:
+        if not isinstance(raw, Mapping):
+            return None
+        attempt, at = as_int(raw.get("attempt")), as_int(raw.get("at"))
+        agent, score = _str(raw.get("agent")), as_float(raw.get("score"))
+        if attempt is None or attempt < 1 or at is None or agent is None or score is None:
+            return None
+        return cls(attempt, agent, score, at)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimEntry:
+    """``score`` repeats the claimant's bid, so claimants rank even after the bid entry was
+    overwritten by the same node's bid for a later attempt."""
+
+    attempt: int
+    agent: str
+    at: int
+    score: float | None = None
+
+    @classmethod
+    def from_raw(cls, raw: Any) -> ClaimEntry | None:
+        if not isinstance(raw, Mapping):
+            return None
+        attempt, at, agent = (
+            as_int(raw.get("attempt")),
+            as_int(raw.get("at")),
+            _str(raw.get("agent")),
+        )
+        if attempt is None or attempt < 1 or at is None or agent is None:
+            return None
+        return cls(attempt, agent, at, as_float(raw.get("score")))
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseEntry:
+    attempt: int
+    expires_at: int
+    released: bool = False  # the assignee gave the attempt up at ``expires_at``
+
+    @classmethod
+    def from_raw(cls, raw: Any) -> LeaseEntry | None:
+        if not isinstance(raw, Mapping):
+            return None
+        attempt, expires = as_int(raw.get("attempt")), as_int(raw.get("expires_at"))
+        if attempt is None or attempt < 1 or expires is None:
+            return None
+        return cls(attempt, expires, raw.get("released") is True)
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressEntry:
+    attempt: int
+    round: int
+    at: int
+    fraction: float | None = None
+    message: str | None = None
+
+    @classmethod
+    def from_raw(cls, raw: Any) -> ProgressEntry | None:
+        if not isinstance(raw, Mapping):
+            return None
+        attempt, rnd, at = (
+            as_int(raw.get("attempt")),
+            as_int(raw.get("round", 1)),
+            as_int(raw.get("at")),
+        )
+        if attempt is None or attempt < 1 or rnd is None or rnd < 1 or at is None:
+            return None
+        return cls(attempt, rnd, at, as_float(raw.get("fraction")), _str(raw.get("message")))
+
+
+@dataclass(frozen=True, slots=True)
+class ResultEntry:
+    """A submission: the deliverable of one round of one attempt.
+
+    ``violation`` is set (with ``ok`` false) when the submitting node found the output
+    invalid against the contract; it is scored as a schema breach, not a plain error.
+    """
+
+    attempt: int
+    round: int
+    agent: str
+    ok: bool
+    output: Json
+    at: int
+    error: str | None = None
+    violation: str | None = None
+
+    @classmethod
+    def from_raw(cls, raw: Any) -> ResultEntry | None:
+        if not isinstance(raw, Mapping):
+            return None
+        attempt, rnd, at = (
+            as_int(raw.get("attempt")),
+            as_int(raw.get("round", 1)),
+            as_int(raw.get("at")),
+        )
+        agent, ok = _str(raw.get("agent")), raw.get("ok")
+        if attempt is None or attempt < 1 or rnd is None or rnd < 1 or at is None:
+            return None
+        if agent is None or not isinstance(ok, bool):
+            return None
+        return cls(
+            attempt,
+            rnd,
+            agent,
+            ok,
+            raw.get("output"),
+            at,
+            _str(raw.get("error")),
+            _str(raw.get("violation")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewEntry:
+    attempt: int
+    round: int
+    agent: str
+    score: int
+    verdict: str
+    at: int
+    comments: str = ""
+
+    @classmethod
+    def from_raw(cls, raw: Any) -> ReviewEntry | None:
+        if not isinstance(raw, Mapping):
+            return None
+        attempt, rnd, at = (
+            as_int(raw.get("attempt")),
+            as_int(raw.get("round", 1)),
+            as_int(raw.get("at")),
+        )
+        agent, verdict = _str(raw.get("agent")), raw.get("verdict")
+        score = raw.get("score")
+        if attempt is None or attempt < 1 or rnd is None or rnd < 1 or at is None or agent is None:
+            return None
+        if isinstance(score, float) and score.is_integer():
+            score = int(score)
+        if isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 5:
+            return None
+        if verdict not in VERDICTS:
+            return None
+        return cls(attempt, rnd, agent, score, str(verdict), at, _str(raw.get("comments")) or "")
+
+
+LogRecord = Mapping[str, Any]
+
+
+def _entries(raw: Any, parse: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(raw, Mapping):
+        for node in sorted(k for k in raw if isinstance(k, str)):
+            entry = parse(raw[node])
+            if entry is not None:
+                out[node] = entry
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One task as every replica reads it. Immutable: a changed task is a new object."""
+
+    id: str
+    title: str
+    creator: str
+    created_at: int
+    spec: Json = None
+    input: Json = None
+    parent: str | None = None
+    deps: tuple[str, ...] = ()
+    capabilities: tuple[str, ...] = ()
+    role: str | None = None
+    priority: float = 0.0
+    contract: Contract = field(default_factory=Contract)
+    bids: Mapping[str, BidEntry] = field(default_factory=dict)
+    claims: Mapping[str, ClaimEntry] = field(default_factory=dict)
+    leases: Mapping[str, LeaseEntry] = field(default_factory=dict)
+    progress: Mapping[str, ProgressEntry] = field(default_factory=dict)
+    results: Mapping[str, ResultEntry] = field(default_factory=dict)
+    reviews: Mapping[str, ReviewEntry] = field(default_factory=dict)
+    log: Mapping[str, tuple[LogRecord, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def from_raw(cls, tid: str, raw: Any) -> Task | None:
+        """Parse ``tasks/<tid>`` as plain data (``Replica.task(tid)`` or ``content()``)."""
+        if not isinstance(raw, Mapping):
+            return None
+        title, creator = _str(raw.get("title")), _str(raw.get("creator"))
+        created = as_int(raw.get("created_at"))
+        if title is None or creator is None or created is None:
+            return None
+        deps = tuple(dict.fromkeys(_strs(raw.get("deps"))))
+        logs: dict[str, tuple[LogRecord, ...]] = {}
+        raw_log = raw.get("log")
+        if isinstance(raw_log, Mapping):
+            for node in sorted(k for k in raw_log if isinstance(k, str)):
+                recs = raw_log[node]
+                if isinstance(recs, list | tuple):
+                    logs[node] = tuple(r for r in recs if isinstance(r, Mapping))
+        return cls(
+            id=tid,
+            title=title,
+            creator=creator,
+            created_at=created,
+            spec=raw.get("spec"),
+            input=raw.get("input"),
+            parent=_str(raw.get("parent")),
+            deps=deps,
+            capabilities=tuple(sorted(set(_strs(raw.get("capabilities"))))),
+            role=_str(raw.get("role")),
+            priority=as_float(raw.get("priority")) or 0.0,
+            contract=Contract.from_raw(raw.get("contract")),
+            bids=_entries(raw.get("bids"), BidEntry.from_raw),
+            claims=_entries(raw.get("claims"), ClaimEntry.from_raw),
+            leases=_entries(raw.get("leases"), LeaseEntry.from_raw),
+            progress=_entries(raw.get("progress"), ProgressEntry.from_raw),
+            results=_entries(raw.get("results"), ResultEntry.from_raw),
+            reviews=_entries(raw.get("reviews"), ReviewEntry.from_raw),
+            log=logs,
+        )
+
+    def records(self, kinds: Iterable[str] | None = None) -> list[tuple[str, LogRecord]]:
+        """Log records as (author node, record), optionally of some kinds, in a fixed order."""
+        wanted = None if kinds is None else frozenset(kinds)
+        out = []
+        for node in sorted(self.log):
+            for rec in self.log[node]:
+                if wanted is None or rec.get("kind") in wanted:
+                    out.append((node, rec))
+        return out
+
+
+TaskView = Mapping[str, Task]
+
+
+def build_view(
+    tasks_root: Any, previous: TaskView | None = None, changed: Iterable[str] | None = None
+) -> dict[str, Task]:
+    """The task view from the document's ``tasks`` root as plain data.
+
+    With ``previous`` and ``changed`` (task ids touched since), unchanged tasks keep their
+    objects, which lets derivations reuse cached terminal states.
+    """
+    if not isinstance(tasks_root, Mapping):
+        return {}
+    if previous is None or changed is None:
+        out: dict[str, Task] = {}
+        for tid in sorted(k for k in tasks_root if isinstance(k, str)):
+            task = Task.from_raw(tid, tasks_root[tid])
+            if task is not None:
+                out[tid] = task
+        return out
+    view = dict(previous)
+    for tid in changed:
+        task = Task.from_raw(tid, tasks_root.get(tid))
+        if task is None:
+            view.pop(tid, None)
+        else:
+            view[tid] = task
+    return view

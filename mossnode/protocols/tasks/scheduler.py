@@ -1,0 +1,498 @@
+"""One node's scheduler: the task view, local agents and the clock in; effects out.
+
+Sans-IO, in the manner of h11's Connection: the daemon calls :meth:`Scheduler.tick` whenever
+its view of the document changed or the returned ``wake_at`` has come, applies the effects in
+order (writes first, see :mod:`.effects`), and reports finished work with :meth:`finished` and
+:meth:`review_finished`. The scheduler remembers only what runs locally; everything else is
+derived again from the view each tick, so a restarted node picks up where the shared state says
+it is (and re-runs held non-exclusive work whose process died with it).
+
+What a tick does, in order:
+
+1. cancel local work that is no longer this node's (lease lost, reassigned, cancelled, done
+   elsewhere) and reviews that became moot;
+2. for attempts this node won: claim them (or release them if no local agent has room), renew
+   leases at half-life, dispatch claimed work to the agent (not while paused), release work
+   beyond an agent's concurrency limit;
+3. bid on ready tasks in priority order while agents have room (bids count against capacity
+   until decided); propose itself for ready exclusive tasks (consensus picks one);
+4. let idle reviewer agents review submissions of other nodes, staggered by a hash rank.
+
+A swarm-wide pause (a consensus decision the daemon passes as ``paused``) and a paused task tree
+stop bids, dispatches and new reviews; leases of running work are still renewed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from . import control
+from .allocation import LocalAgent, bid_score, capable
+from .contract import validate
+from .effects import (
+    Bid,
+    Cancel,
+    Claim,
+    Dispatch,
+    DispatchReview,
+    Effect,
+    LateResult,
+    Plan,
+    ProposeExclusive,
+    Release,
+    RenewLease,
+    Submit,
+)
+from .lifecycle import Cache, Status, derive_all, inputs_from_dependencies
+from .model import HELD, TERMINAL, State, Task, TaskView
+from .params import Params
+from .reputation import Reputation
+from .review import independent
+from .submission import SUBMITTABLE, plan_review
+from .supervision import Limits, Refused, agent_capacity
+
+REVIEWER = "reviewer"
+
+
+@dataclass(slots=True)
+class Run:
+    """Work running on this node: which attempt and round, by which agent, since when."""
+
+    attempt: int
+    round: int
+    agent: str
+    started_at: int
+
+
+@dataclass(slots=True)
+class Scheduler:
+    me: str
+    params: Params = field(default_factory=Params)
+    limits: Limits = field(default_factory=Limits)
+    running: dict[str, Run] = field(default_factory=dict)
+    reviewing: dict[str, Run] = field(default_factory=dict)
+    statuses: dict[str, Status] = field(default_factory=dict)
+    _proposed: dict[str, int] = field(default_factory=dict)
+    _cache: Cache = field(default_factory=Cache)
+    _ordered: tuple[TaskView | None, list[str]] = (None, [])
+
+    # -- deriving ------------------------------------------------------------------------------
+
+    def derive(
+        self,
+        view: TaskView,
+        now_ms: int,
+        exclusive: Mapping[str, str] | None = None,
+        authority: control.Authority | None = None,
+    ) -> dict[str, Status]:
+        self.statuses = derive_all(
+            view,
+            now_ms,
+            params=self.params,
+            exclusive=exclusive,
+            authority=authority,
+            cache=self._cache,
+        )
+        return self.statuses
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def tick(
+        self,
+        view: TaskView,
+        *,
+        agents: Sequence[LocalAgent],
+        now_ms: int,
+        reputation: Reputation | None = None,
+        paused: bool = False,
+        exclusive: Mapping[str, str] | None = None,
+        authority: control.Authority | None = None,
+    ) -> Plan:
+        now, p, me = now_ms, self.params, self.me
+        excl = exclusive or {}
+        st = self.derive(view, now, excl, authority)
+        effects: list[Effect] = []
+        wakes: list[int] = [s.wake_at for s in st.values() if s.wake_at is not None]
+        local = {a.name: a for a in agents}
+        cap = {a.name: agent_capacity(a.max_concurrency, self.limits) for a in agents}
+        # one pass: live tasks in priority order, sorted into what each phase looks at
+        held: list[str] = []
+        open_: list[str] = []
+        in_review: list[str] = []
+        for tid in self._order(view):
+            s = st[tid]
+            if s.state in TERMINAL or s.state is State.BLOCKED:
+                continue
+            if s.assignee == me and s.state in HELD:
+                held.append(tid)
+            if s.state is State.PENDING and s.ready:
+                open_.append(tid)
+            elif s.state is State.REVIEW:
+                in_review.append(tid)
+
+        # 1. stop what is no longer ours
+        for tid in sorted(self.running):
+            why = self._lost(st.get(tid), self.running[tid], now)
+            if why is not None:
+                effects.append(Cancel(tid, why))
+                del self.running[tid]
+        for tid in sorted(self.reviewing):
+            rs, r = st.get(tid), self.reviewing[tid]
+            if (
+                rs is None
+                or rs.state is not State.REVIEW
+                or (rs.attempt, rs.round) != (r.attempt, r.round)
+            ):
+                effects.append(Cancel(tid, "review no longer needed", review=True))
+                del self.reviewing[tid]
+
+        # load: running + claimed but not running + undecided bids (wins not yet claimed are
+        # granted below in priority order)
+        load: Counter[str] = Counter(r.agent for r in self.running.values())
+        for tid in held:
+            s = st[tid]
+            if tid not in self.running and s.claimed and s.state is not State.REVIEW and s.agent:
+                load[s.agent] += 1
+        for tid in open_:
+            s = st[tid]
+            b = view[tid].bids.get(me)
+            if s.assignee is None and b is not None and b.attempt == s.attempt:
+                load[b.agent] += 1
+
+        def room(name: str) -> bool:
+            return load[name] < cap.get(name, 0)
+
+        def pick(task: Task, exclude: str | None = None) -> LocalAgent | None:
+            best: tuple[float, str] | None = None
+            chosen = None
+            for a in agents:
+                if a.name == exclude or not capable(a, task) or not room(a.name):
+                    continue
+                rep = reputation.score(me, a.name, task.capabilities) if reputation else 0.5
+                score = bid_score(rep, load[a.name], cap[a.name], a.load)
+                key = (-score, a.name)
+                if best is None or key < best:
+                    best, chosen = key, a
+            return chosen
+
+        # 2. attempts this node won
+        running_per_agent: Counter[str] = Counter(r.agent for r in self.running.values())
+        for tid in held:
+            s, task = st[tid], view[tid]
+            if not s.claimed:
+                mine = local.get(s.agent) if s.agent is not None else None
+                agent: LocalAgent | None = None
+                if mine is not None and capable(mine, task) and room(mine.name):
+                    agent = mine
+                else:
+                    agent = pick(task)
+                if agent is not None:
+                    load[agent.name] += 1
+                if agent is None:
+                    if not task.contract.exclusive:  # an exclusive release would end it: wait
+                        effects.append(Release(tid, s.attempt, "no local agent with capacity"))
+                    continue
+                bid = task.bids.get(me)
+                score = bid.score if bid is not None and bid.attempt == s.attempt else 0.0
+                effects.append(Claim(tid, s.attempt, agent.name, now + p.lease_ms, score))
+                wakes.append(now + p.lease_ms // 2)
+                if paused or s.paused or running_per_agent[agent.name] >= cap[agent.name]:
+                    continue
+                claimed = _with_claim(s, agent.name, now + p.lease_ms)
+                effects.append(
+                    Dispatch(tid, s.attempt, 1, agent.name, self._payload(view, st, task, claimed))
+                )
+                self.running[tid] = Run(s.attempt, 1, agent.name, now)
+                running_per_agent[agent.name] += 1
+                continue
+            exp = s.lease_expires_at
+            if exp is not None:
+                renew_at = exp - p.lease_ms // 2
+                if now >= renew_at:
+                    effects.append(RenewLease(tid, s.attempt, now + p.lease_ms))
+                    wakes.append(now + p.lease_ms // 2)
+                else:
+                    wakes.append(renew_at)
+            if s.state not in (State.IN_PROGRESS, State.REWORK) or tid in self.running:
+                continue
+            if paused or s.paused:
+                continue
+            a = local.get(s.agent or "")
+            if a is None or not capable(a, task):
+                effects.append(
+                    Release(tid, s.attempt, f"agent {s.agent} is gone or no longer capable")
+                )
+                continue
+            prog = task.progress.get(me)
+            if (
+                task.contract.exclusive
+                and prog is not None
+                and prog.attempt == s.attempt
+                and prog.round >= s.round
+            ):
+                effects.append(
+                    Release(tid, s.attempt, "interrupted; an exclusive task is never restarted")
+                )
+                continue
+            if running_per_agent[a.name] >= cap[a.name]:
+                effects.append(
+                    Release(tid, s.attempt, f"agent {a.name} is at its concurrency limit")
+                )
+                continue
+            effects.append(
+                Dispatch(tid, s.attempt, s.round, a.name, self._payload(view, st, task, s))
+            )
+            self.running[tid] = Run(s.attempt, s.round, a.name, now)
+            running_per_agent[a.name] += 1
+
+        # over the limit (capacity lowered, agent removed): give back the least important work
+        for name in sorted(running_per_agent):
+            extra = running_per_agent[name] - cap.get(name, 0)
+            if extra <= 0:
+                continue
+            mine_running = [
+                t
+                for t in reversed(self._order(view))
+                if t in self.running and self.running[t].agent == name
+            ]
+            for tid in mine_running[:extra]:
+                run = self.running.pop(tid)
+                effects.append(Cancel(tid, f"agent {name} over its concurrency limit"))
+                effects.append(
+                    Release(tid, run.attempt, f"agent {name} over its concurrency limit")
+                )
+
+        # 3. bids and exclusive proposals
+        if not paused:
+            for tid in open_:
+                s, task = st[tid], view[tid]
+                if s.paused or s.assignee is not None:
+                    continue
+                if task.contract.exclusive:
+                    if tid in excl:
+                        continue
+                    last = self._proposed.get(tid)
+                    if last is not None and now - last < p.lease_ms:
+                        wakes.append(last + p.lease_ms)
+                        continue
+                    if pick(task) is not None:
+                        effects.append(ProposeExclusive(tid, me))
+                        self._proposed[tid] = now
+                        wakes.append(now + p.lease_ms)
+                    continue
+                if s.eligible_at is not None and now < s.eligible_at:
+                    wakes.append(s.eligible_at)
+                    continue
+                w = s.window
+                if w is not None and now > w.closes_at:
+                    continue  # too late for this window; its decision wakes us
+                b = task.bids.get(me)
+                if b is not None and b.attempt == s.attempt:
+                    continue
+                agent = pick(task)
+                if agent is None:
+                    continue
+                rep = reputation.score(me, agent.name, task.capabilities) if reputation else 0.5
+                score = bid_score(rep, load[agent.name], cap[agent.name], agent.load)
+                effects.append(Bid(tid, s.attempt, agent.name, score))
+                load[agent.name] += 1
+                wakes.append(now + 2 * p.settle_ms)
+
+        # 4. reviews by idle reviewers
+        if not paused:
+            reviews_per_agent: Counter[str] = Counter(r.agent for r in self.reviewing.values())
+            reviewers = [a for a in agents if REVIEWER in a.roles]
+            for tid in in_review:
+                s, task = st[tid], view[tid]
+                if tid in self.reviewing or s.paused or not reviewers:
+                    continue
+                mine_rev = task.reviews.get(me)
+                if mine_rev is not None and (mine_rev.attempt, mine_rev.round) == (
+                    s.attempt,
+                    s.round,
+                ):
+                    continue
+                start = (
+                    s.submitted_at if s.submitted_at is not None else now
+                ) + self._review_delay(tid, s)
+                if now < start:
+                    wakes.append(start)
+                    continue
+                for a in reviewers:
+                    if reviews_per_agent[a.name] >= cap[a.name]:
+                        continue
+                    if not independent(me, a.name, s.assignee, s.agent, p.same_node_review):
+                        continue
+                    effects.append(
+                        DispatchReview(
+                            tid, s.attempt, s.round, a.name, self._review_payload(task, s)
+                        )
+                    )
+                    self.reviewing[tid] = Run(s.attempt, s.round, a.name, now)
+                    reviews_per_agent[a.name] += 1
+                    break
+
+        future = [t for t in wakes if t > now]
+        return Plan(tuple(effects), min(future) if future else None)
+
+    # -- reports from local agents ---------------------------------------------------------
+
+    def finished(
+        self,
+        view: TaskView,
+        task_id: str,
+        *,
+        now_ms: int,
+        output: Any = None,
+        ok: bool = True,
+        error: str | None = None,
+        exclusive: Mapping[str, str] | None = None,
+        authority: control.Authority | None = None,
+    ) -> Plan:
+        """The local agent finished ``task_id``: a submission if this node still holds the
+        work, else a late result that only goes to the log. An output violating the contract
+        is submitted as a failed attempt with the violation, so the breach is on record."""
+        run = self.running.pop(task_id, None)
+        task = view.get(task_id)
+        if run is None or task is None:
+            return Plan()
+        s = self.derive(view, now_ms, exclusive, authority).get(task_id)
+        current = (
+            s is not None
+            and s.assignee == self.me
+            and s.state in SUBMITTABLE
+            and (s.attempt, s.round, s.agent) == (run.attempt, run.round, run.agent)
+        )
+        if not current:
+            return Plan(
+                (LateResult(task_id, run.attempt, run.round, run.agent, ok, output, error),)
+            )
+        if ok:
+            bad = validate(output, task.contract.output_schema)
+            if bad is not None:
+                why = f"output violates output_schema {bad}"
+                return Plan(
+                    (Submit(task_id, run.attempt, run.round, run.agent, False, output, why, why),)
+                )
+        return Plan(
+            (
+                Submit(
+                    task_id,
+                    run.attempt,
+                    run.round,
+                    run.agent,
+                    ok,
+                    output if ok else None,
+                    None if ok else error,
+                ),
+            )
+        )
+
+    def review_finished(
+        self,
+        view: TaskView,
+        task_id: str,
+        *,
+        now_ms: int,
+        score: int,
+        verdict: str,
+        comments: str = "",
+        exclusive: Mapping[str, str] | None = None,
+        authority: control.Authority | None = None,
+    ) -> Plan | Refused:
+        run = self.reviewing.pop(task_id, None)
+        task = view.get(task_id)
+        if run is None or task is None:
+            return Plan()
+        s = self.derive(view, now_ms, exclusive, authority).get(task_id)
+        if (
+            s is None
+            or s.state is not State.REVIEW
+            or (s.attempt, s.round) != (run.attempt, run.round)
+        ):
+            return Plan()
+        review = plan_review(
+            task,
+            s,
+            node=self.me,
+            agent=run.agent,
+            score=score,
+            verdict=verdict,
+            comments=comments,
+            params=self.params,
+        )
+        if isinstance(review, Refused):
+            return review
+        return Plan((review,))
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _order(self, view: TaskView) -> list[str]:
+        """Task ids by priority (highest first), then age, then id; recomputed per view."""
+        if self._ordered[0] is not view:
+            order = sorted(view, key=lambda t: (-view[t].priority, view[t].created_at, t))
+            self._ordered = (view, order)
+        return self._ordered[1]
+
+    def _lost(self, s: Status | None, run: Run, now: int) -> str | None:
+        if s is None:
+            return "task vanished"
+        if s.state is State.CANCELLED:
+            return "task cancelled"
+        if s.state in (State.DONE, State.FAILED, State.BLOCKED):
+            return f"task is {s.state.value}"
+        if s.assignee != self.me or s.attempt != run.attempt:
+            return f"lease lost: attempt {s.attempt} belongs to {s.assignee or 'nobody yet'}"
+        if s.lease_expires_at is not None and now >= s.lease_expires_at:
+            return "lease expired"
+        if s.round != run.round:
+            return f"round {run.round} is over"
+        return None
+
+    def _payload(
+        self, view: TaskView, st: Mapping[str, Status], task: Task, s: Status
+    ) -> dict[str, Any]:
+        """The exec backend's stdin object (CLI.md), plus attempt/round and rework notes."""
+        payload: dict[str, Any] = {
+            "id": task.id,
+            "title": task.title,
+            "spec": task.spec,
+            "input": task.input,
+            "inputs_from_dependencies": inputs_from_dependencies(view, st, task.id),
+            "attempt": s.attempt,
+            "round": s.round,
+        }
+        if s.rework is not None:
+            payload["rework"] = {"score": s.rework.score, "comments": s.rework.comments}
+        return payload
+
+    def _review_payload(self, task: Task, s: Status) -> dict[str, Any]:
+        res = task.results.get(s.assignee or "")
+        return {
+            "id": task.id,
+            "title": task.title,
+            "spec": task.spec,
+            "input": task.input,
+            "attempt": s.attempt,
+            "round": s.round,
+            "output": res.output if res is not None else None,
+            "output_schema": task.contract.output_schema,
+        }
+
+    def _review_delay(self, tid: str, s: Status) -> int:
+        span = self.params.review_delay_ms
+        if span <= 0:
+            return 0
+        h = hashlib.sha256(f"review\0{tid}\0{s.attempt}\0{s.round}\0{self.me}".encode()).digest()
+        return int.from_bytes(h[:8], "big") % (span + 1)
+
+
+def _with_claim(s: Status, agent: str, expires_at: int) -> Status:
+    """The status the claim is about to produce, to dispatch in the same step."""
+    return replace(
+        s, state=State.IN_PROGRESS, agent=agent, claimed=True, lease_expires_at=expires_at
+    )

@@ -1,0 +1,792 @@
+"""Task core, piece by piece: contracts, DAGs, the derived state machine, allocation, leases,
+reviews, reputation, supervision and recurring tasks. Pure and deterministic: a plain-dict
+document stands in for the CRDT, and time is an argument."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+from mossnode.protocols.tasks import (
+    Bid,
+    Cancel,
+    Claim,
+    Contract,
+    Create,
+    Dispatch,
+    DispatchReview,
+    Draft,
+    LateResult,
+    Limits,
+    LocalAgent,
+    Params,
+    Plan,
+    ProposeExclusive,
+    Refused,
+    Release,
+    RenewLease,
+    Schedule,
+    Scheduler,
+    State,
+    Submit,
+    SubmitReview,
+    bid_score,
+    build_view,
+    check_deps_update,
+    check_schema,
+    derive_all,
+    due,
+    leaderboard,
+    period_suffix,
+    plan_control,
+    plan_create,
+    plan_review,
+    plan_submit,
+    reputation,
+    validate,
+    winner,
+    writes,
+)
+from mossnode.protocols.tasks.effects import Effect
+from mossnode.protocols.tasks.model import BidEntry, Task
+from mossnode.protocols.tasks.recurring import duplicates
+
+P = Params(
+    settle_ms=100, lease_ms=1_000, claim_timeout_ms=500, backoff_base_ms=200, backoff_max_ms=1_000
+)
+ENTRY_KINDS = ("bids", "claims", "leases", "progress", "results", "reviews")
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+class Doc:
+    """The ``tasks`` root as plain data, written the way the CRDT lets each node write it."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, dict[str, Any]] = {}
+
+    def apply(self, node: str, now: int, effects: Effect | Plan | list[Effect]) -> None:
+        if isinstance(effects, Plan):
+            effects = list(effects.effects)
+        elif not isinstance(effects, list):
+            effects = [effects]
+        for e in effects:
+            for w in writes(e, now):
+                if w.kind == "create":
+                    fields = {k: v for k, v in w.value.items() if k != "suffix"}
+                    self.tasks[w.task_id] = {
+                        **fields,
+                        "creator": node,
+                        "created_at": now,
+                        **{k: {} for k in ENTRY_KINDS},
+                        "log": {},
+                    }
+                elif w.kind == "log":
+                    self.tasks[w.task_id]["log"].setdefault(node, []).append(w.value)
+                else:
+                    self.tasks[w.task_id][w.kind][node] = w.value
+
+    def view(self) -> dict[str, Task]:
+        return build_view(self.tasks)
+
+    def create(self, creator: str, suffix: str, now: int = 0, **kw: Any) -> str:
+        got = plan_create(
+            self.view(), Draft(suffix, kw.pop("title", suffix), **kw), creator=creator, now_ms=now
+        )
+        assert isinstance(got, Create), got
+        self.apply(creator, now, got)
+        return got.task_id
+
+    def status(self, tid: str, now: int, **kw: Any) -> Any:
+        return derive_all(self.view(), now, params=P, **kw)[tid]
+
+
+def agent(
+    name: str, *caps: str, roles: tuple[str, ...] = ("executor",), conc: int = 1
+) -> LocalAgent:
+    return LocalAgent(
+        name, roles=frozenset(roles), capabilities=frozenset(caps), max_concurrency=conc
+    )
+
+
+def only(plan: Plan, kind: type) -> list[Any]:
+    return [e for e in plan.effects if isinstance(e, kind)]
+
+
+# -- contracts ---------------------------------------------------------------------------------
+
+
+def test_validate_subset_reports_the_path_of_the_violation() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {"type": "object", "properties": {"x": {"type": "number", "minimum": 0}}},
+            },
+            "tag": {"enum": ["a", "b"]},
+            "name": {"type": "string", "minLength": 2, "maxLength": 4},
+        },
+        "required": ["items"],
+        "additionalProperties": False,
+    }
+    assert validate({"items": [{"x": 1}, {"x": 2.5}], "tag": "a", "name": "ab"}, schema) is None
+    assert (
+        str(validate({"items": [{"x": 1}, {"x": -1}]}, schema))
+        == "at $.items[1].x: -1 violates minimum 0"
+    )
+    assert validate({}, schema) is not None and "missing required property 'items'" in str(
+        validate({}, schema)
+    )
+    assert str(validate({"items": [], "extra": 1}, schema)).startswith(
+        "at $.extra: additional property"
+    )
+    assert str(validate({"items": [], "tag": "c"}, schema)).startswith("at $.tag: must be one of")
+    assert (
+        str(validate({"items": [], "name": "x"}, schema)) == "at $.name: shorter than minLength 2"
+    )
+    # Yrs gives integers back as floats; JSON Schema counts 3.0 as an integer, but not True
+    assert validate(3.0, {"type": "integer"}) is None
+    assert validate(True, {"type": "integer"}) is not None
+    assert validate(None, None) is None
+
+
+def test_unsupported_schema_keywords_are_refused_up_front() -> None:
+    assert check_schema(SCHEMA) is None
+    bad = check_schema({"type": "object", "properties": {"s": {"type": "string", "pattern": "^a"}}})
+    assert bad is not None and "unsupported schema keyword 'pattern'" in str(bad)
+    assert check_schema({"type": "decimal"}) is not None
+
+
+# -- bad input: each refused with a clear reason, nothing changed ------------------------------
+
+
+def test_cyclic_dependencies_are_refused_and_nothing_changes() -> None:
+    doc = Doc()
+    a = doc.create("A", "a")
+    b = doc.create("A", "b", deps=(a,))
+    before = copy.deepcopy(doc.tasks)
+    # editing a's deps to depend on b closes a -> b -> a
+    got = check_deps_update(doc.view(), a, [b])
+    assert isinstance(got, Refused) and got.code == "cycle"
+    assert f"{a} -> {b} -> {a}" in got.reason
+    # a faulty creator pre-referenced a task that does not exist yet: creating it closes the loop
+    doc.tasks[a]["deps"] = ["A:c"]
+    before = copy.deepcopy(doc.tasks)
+    got = plan_create(doc.view(), Draft("c", "c", deps=(b,)), creator="A", now_ms=0)
+    assert isinstance(got, Refused) and got.code == "cycle", got
+    assert got.reason == "dependencies would form a cycle: A:c -> A:b -> A:a -> A:c"
+    assert doc.tasks == before
+    # and a cycle that reached the replicated view anyway blocks its tasks instead of hanging
+    doc.tasks["A:c"] = {**copy.deepcopy(doc.tasks[b]), "deps": [b], "title": "c"}
+    st = derive_all(doc.view(), 0, params=P)
+    assert {st[t].state for t in (a, b, "A:c")} == {State.BLOCKED}
+    assert any("dependency cycle" in r for t in (a, b, "A:c") for r in st[t].reasons)
+
+
+def test_create_refuses_unknown_deps_bad_input_fanout_depth_and_budget() -> None:
+    doc = Doc()
+    root = doc.create("A", "root", contract=Contract(budget=4))
+    kid = doc.create("A", "kid", parent=root)
+    before = copy.deepcopy(doc.tasks)
+    view = doc.view()
+    cases = {
+        "unknown_dependency": Draft("x", "x", deps=("A:nope",)),
+        "unknown_parent": Draft("x", "x", parent="A:nope"),
+        "input_schema": Draft("x", "x", input={"n": "one"}, contract=Contract(input_schema=SCHEMA)),
+        "schema": Draft(
+            "x", "x", contract=Contract(output_schema={"type": "string", "format": "email"})
+        ),
+        "exists": Draft("root", "again"),
+        "bad_id": Draft("has space", "x"),
+    }
+    for code, draft in cases.items():
+        got = plan_create(view, draft, creator="A", now_ms=1)
+        assert isinstance(got, Refused) and got.code == code, (code, got)
+    got = plan_create(
+        view,
+        Draft("x", "x", input={"n": "one"}, contract=Contract(input_schema=SCHEMA)),
+        creator="A",
+        now_ms=1,
+    )
+    assert (
+        isinstance(got, Refused)
+        and got.reason == "input violates input_schema at $.n: expected integer, got string"
+    )
+
+    tight = Limits(max_fanout=1, max_depth=1)
+    got = plan_create(view, Draft("x", "x", parent=root), creator="A", now_ms=1, limits=tight)
+    assert isinstance(got, Refused) and got.code == "fanout"
+    assert got.reason == f"parent {root} would have 2 children (max_fanout 1)"
+    got = plan_create(view, Draft("x", "x", parent=kid), creator="A", now_ms=1, limits=tight)
+    assert isinstance(got, Refused) and got.code == "depth"
+    assert got.reason == "task would be at depth 2 (max_depth 1)"
+    got = plan_create(
+        view, Draft("x", "x", parent=kid, contract=Contract(cost=3)), creator="A", now_ms=1
+    )
+    assert isinstance(got, Refused) and got.code == "budget"
+    assert got.reason == f"tree {root} would cost 5 (budget 4)"
+    assert doc.tasks == before
+    assert isinstance(
+        plan_create(
+            view, Draft("x", "x", parent=kid, contract=Contract(cost=2)), creator="A", now_ms=1
+        ),
+        Create,
+    )
+
+
+def _running_task(doc: Doc, *, contract: Contract | None = None) -> tuple[str, Scheduler]:
+    """A task bid on by B and C; B wins, claims and runs it."""
+    tid = doc.create(
+        "A", "t", capabilities=("py",), contract=contract or Contract(output_schema=SCHEMA)
+    )
+    b, c = Scheduler("B", params=P), Scheduler("C", params=P)
+    doc.apply("B", 0, Bid(tid, 1, "b1", 0.9))
+    doc.apply("C", 10, Bid(tid, 1, "c1", 0.5))
+    plan = b.tick(doc.view(), agents=[agent("b1", "py")], now_ms=200)
+    assert only(plan, Claim) and only(plan, Dispatch), plan
+    doc.apply("B", 200, plan)
+    assert c.tick(doc.view(), agents=[agent("c1", "py")], now_ms=200).effects == ()
+    return tid, b
+
+
+def test_submission_by_non_assignee_or_invalid_output_is_refused() -> None:
+    doc = Doc()
+    tid, _ = _running_task(doc)
+    st = doc.status(tid, 300)
+    assert (st.state, st.assignee, st.agent) == (State.IN_PROGRESS, "B", "b1")
+    before = copy.deepcopy(doc.tasks)
+    task = doc.view()[tid]
+    got = plan_submit(task, st, node="C", agent="c1", output={"n": 1})
+    assert isinstance(got, Refused) and got.code == "not_assignee"
+    assert got.reason == f"C/c1 is not the assignee of {tid} (held by B/b1)"
+    got = plan_submit(task, st, node="B", agent="other", output={"n": 1})
+    assert isinstance(got, Refused) and got.code == "not_assignee"
+    got = plan_submit(task, st, node="B", agent="b1", output={"n": "1"})
+    assert isinstance(got, Refused) and got.code == "output_schema"
+    assert got.reason == "output violates output_schema at $.n: expected integer, got string"
+    assert doc.tasks == before
+    ok = plan_submit(task, st, node="B", agent="b1", output={"n": 1})
+    assert isinstance(ok, Submit)
+    doc.apply("B", 400, ok)
+    assert doc.status(tid, 400).state is State.DONE
+
+
+def test_review_by_the_assignee_is_refused_and_cannot_bypass_review() -> None:
+    doc = Doc()
+    tid, b = _running_task(doc, contract=Contract(output_schema=SCHEMA, review_required=True))
+    doc.apply("B", 300, b.finished(doc.view(), tid, now_ms=300, output={"n": 7}))
+    st = doc.status(tid, 300)
+    assert st.state is State.REVIEW
+    task = doc.view()[tid]
+    before = copy.deepcopy(doc.tasks)
+    got = plan_review(task, st, node="B", agent="b1", score=5, verdict="done")
+    assert isinstance(got, Refused) and got.code == "self_review"
+    assert got.reason == "B/b1 cannot review work by B/b1: reviews must be independent"
+    got = plan_review(task, st, node="B", agent="b-reviewer", score=5, verdict="done")
+    assert isinstance(got, Refused) and got.code == "self_review"  # same node signs for both
+    assert isinstance(plan_review(task, st, node="C", agent="c", score=6, verdict="done"), Refused)
+    assert isinstance(plan_review(task, st, node="C", agent="c", score=3, verdict="ok"), Refused)
+    assert doc.tasks == before
+    # a faulty assignee writing its own review anyway changes nothing either
+    doc.apply("B", 310, SubmitReview(tid, 1, 1, "b-reviewer", 5, "done"))
+    assert doc.status(tid, 320).state is State.REVIEW
+    assert isinstance(
+        plan_review(
+            task,
+            st,
+            node="B",
+            agent="b2",
+            score=4,
+            verdict="done",
+            params=Params(same_node_review=True),
+        ),
+        SubmitReview,
+    )
+    # an independent review completes it
+    doc.apply("C", 330, SubmitReview(tid, 1, 1, "c-rev", 4, "done", "fine"))
+    st = doc.status(tid, 340)
+    assert st.state is State.DONE and st.accepted.reviewer == "C" and st.accepted.output == {"n": 7}
+
+
+# -- lifecycle ---------------------------------------------------------------------------------
+
+
+def test_review_rework_loop_follows_the_openmoss_machine() -> None:
+    doc = Doc()
+    tid, b = _running_task(doc, contract=Contract(review_required=True, max_rounds=2))
+    seen = [doc.status(tid, 300).state]
+    doc.apply("B", 300, b.finished(doc.view(), tid, now_ms=300, output={"n": 1}))
+    seen.append(doc.status(tid, 300).state)
+    doc.apply("C", 350, SubmitReview(tid, 1, 1, "c-rev", 2, "rework", "add tests"))
+    seen.append(doc.status(tid, 360).state)
+    plan = b.tick(doc.view(), agents=[agent("b1", "py")], now_ms=360)
+    (d,) = only(plan, Dispatch)
+    assert d.round == 2 and d.payload["rework"] == {"score": 2, "comments": "add tests"}
+    doc.apply("B", 360, plan)
+    seen.append(doc.status(tid, 360).state)
+    doc.apply("B", 400, b.finished(doc.view(), tid, now_ms=400, output={"n": 2}))
+    seen.append(doc.status(tid, 400).state)
+    doc.apply("C", 450, SubmitReview(tid, 1, 2, "c-rev", 5, "done"))
+    seen.append(doc.status(tid, 450).state)
+    assert seen == [
+        State.IN_PROGRESS,
+        State.REVIEW,
+        State.REWORK,
+        State.IN_PROGRESS,
+        State.REVIEW,
+        State.DONE,
+    ]
+    acc = doc.status(tid, 450).accepted
+    assert (acc.round, acc.output, acc.review.score) == (2, {"n": 2}, 5)
+
+
+def test_rework_limit_closes_the_attempt() -> None:
+    doc = Doc()
+    tid, b = _running_task(
+        doc, contract=Contract(review_required=True, max_rounds=1, max_attempts=1)
+    )
+    doc.apply("B", 300, b.finished(doc.view(), tid, now_ms=300, output={"n": 1}))
+    doc.apply("C", 350, SubmitReview(tid, 1, 1, "c-rev", 1, "rework", "wrong"))
+    st = doc.status(tid, 360)
+    assert st.state is State.FAILED
+    assert st.reasons[0] == "attempt 1 (B/b1): rework requested in round 1 of 1"
+
+
+def test_winner_is_deterministic_and_waits_for_the_settle_window() -> None:
+    doc = Doc()
+    tid = doc.create("A", "t")
+    task = doc.view()[tid]
+    bids = {
+        "n1": BidEntry(1, "a", 0.7, 0),
+        "n2": BidEntry(1, "a", 0.9, 50),
+        "n3": BidEntry(1, "a", 0.9, 100),
+        "late": BidEntry(1, "a", 1.0, 101),  # after the window closed: not counted
+    }
+    assert winner(task, bids, now_ms=199, settle_ms=100) is None
+    got = {winner(task, dict(perm), 200, 100) for perm in itertools.permutations(bids.items())}
+    assert len(got) == 1 and got.pop() in ("n2", "n3")
+    assert winner(task, {"n1": bids["n1"]}, 200, 100) == "n1"
+    assert bid_score(0.5, 0, 2, 0.0) > bid_score(0.5, 1, 2, 0.0) > bid_score(0.5, 2, 2, 0.0)
+    assert bid_score(0.9, 0, 1, 0.0) > bid_score(0.1, 0, 1, 0.0)
+
+
+def test_capability_and_role_match_is_required_to_bid() -> None:
+    doc = Doc()
+    doc.create("A", "py", capabilities=("py",))
+    doc.create("A", "rev", role="reviewer")
+    s = Scheduler("B", params=P)
+    plan = s.tick(
+        doc.view(), agents=[agent("sql", "sql"), agent("r", "py", roles=("reviewer",))], now_ms=0
+    )
+    assert [(e.task_id, e.agent) for e in only(plan, Bid)] == [("A:rev", "r")]
+
+
+def test_lease_expiry_reoffers_with_backoff_then_fails_with_reasons() -> None:
+    doc = Doc()
+    tid = doc.create("A", "t", contract=Contract(max_attempts=2))
+    doc.apply("B", 0, Bid(tid, 1, "b", 0.5))
+    doc.apply("B", 200, Claim(tid, 1, "b", 1_200))
+    assert doc.status(tid, 1_199).state is State.IN_PROGRESS
+    st = doc.status(tid, 1_200)  # B went silent: its lease ran out
+    assert (st.state, st.attempt, st.eligible_at, st.assignee) == (State.PENDING, 2, 1_400, None)
+    assert st.reasons == ("attempt 1 (B/b): lease expired at 1200",)
+    c = Scheduler("C", params=P)
+    assert not only(c.tick(doc.view(), agents=[agent("c")], now_ms=1_300), Bid)  # backoff
+    plan = c.tick(doc.view(), agents=[agent("c")], now_ms=1_400)
+    (bid,) = only(plan, Bid)
+    assert bid.attempt == 2
+    doc.apply("C", 1_400, plan)
+    plan = c.tick(doc.view(), agents=[agent("c")], now_ms=1_600)
+    assert only(plan, Claim) and only(plan, Dispatch)
+    doc.apply("C", 1_600, plan)
+    # the old holder's late result goes to the log and overrides nothing
+    doc.apply("B", 1_700, Submit(tid, 1, 1, "b", True, {"late": True}))
+    st = doc.status(tid, 1_700)
+    assert (st.state, st.assignee) == (State.IN_PROGRESS, "C")
+    assert any(r.get("kind") == "result" for r in doc.view()[tid].log["B"])
+    # C crashes too: attempts exhausted
+    st = doc.status(tid, 2_600)
+    assert st.state is State.FAILED
+    assert st.reasons == (
+        "attempt 1 (B/b): lease expired at 1200, before the submission at 1700",
+        "attempt 2 (C/c): lease expired at 2600",
+        "2 faulty attempts (max_attempts 2)",
+    )
+    assert P.backoff(1) == 200 and P.backoff(3) == 800 and P.backoff(9) == 1_000
+
+
+def test_deadline_breach_and_schema_violation_close_the_attempt() -> None:
+    doc = Doc()
+    tid = doc.create("A", "t", contract=Contract(deadline_ms=300, output_schema=SCHEMA))
+    doc.apply("B", 0, Bid(tid, 1, "b", 0.5))
+    doc.apply("B", 200, Claim(tid, 1, "b", 5_000))
+    assert doc.status(tid, 499).state is State.IN_PROGRESS
+    st = doc.status(tid, 500)
+    assert st.attempt == 2 and st.reasons == ("attempt 1 (B/b): deadline missed (due 500)",)
+    # a faulty node writing an invalid output directly is judged the same everywhere
+    doc2 = Doc()
+    tid = doc2.create("A", "t", contract=Contract(output_schema=SCHEMA))
+    doc2.apply("B", 0, Bid(tid, 1, "b", 0.5))
+    doc2.apply("B", 200, Claim(tid, 1, "b", 5_000))
+    doc2.apply("B", 300, Submit(tid, 1, 1, "b", True, {"n": 1.5}))
+    st = doc2.status(tid, 300)
+    assert st.outcomes[0].kind == "schema"
+    assert st.reasons == (
+        "attempt 1 (B/b): output violates output_schema at $.n: expected integer, got number",
+    )
+
+
+def test_dependencies_gate_readiness_and_feed_inputs() -> None:
+    doc = Doc()
+    a = doc.create("A", "a")
+    b = doc.create("A", "b", deps=(a,))
+    s = Scheduler("B", params=P)
+    plan = s.tick(doc.view(), agents=[agent("x", conc=2)], now_ms=0)
+    assert [e.task_id for e in only(plan, Bid)] == [a]  # b is not ready
+    assert doc.status(b, 0).state is State.PENDING and doc.status(b, 0).reasons == (
+        f"waiting for {a} (pending)",
+    )
+    doc.apply("B", 0, plan)
+    doc.apply("B", 200, s.tick(doc.view(), agents=[agent("x", conc=2)], now_ms=200))
+    doc.apply("B", 250, s.finished(doc.view(), a, now_ms=250, output={"n": 41}))
+    doc.apply("B", 250, s.tick(doc.view(), agents=[agent("x", conc=2)], now_ms=250))
+    plan = s.tick(doc.view(), agents=[agent("x", conc=2)], now_ms=450)
+    (d,) = only(plan, Dispatch)
+    assert d.payload["inputs_from_dependencies"] == {a: {"n": 41}}
+    assert set(d.payload) >= {"id", "title", "spec", "input", "inputs_from_dependencies"}
+
+
+def test_failed_or_cancelled_dependency_blocks() -> None:
+    doc = Doc()
+    a = doc.create("A", "a", contract=Contract(max_attempts=1))
+    b = doc.create("A", "b", deps=(a,))
+    doc.apply("B", 0, Bid(a, 1, "x", 0.5))
+    doc.apply("B", 200, Claim(a, 1, "x", 2_000))
+    doc.apply("B", 300, Submit(a, 1, 1, "x", False, None, "boom"))
+    assert doc.status(a, 300).state is State.FAILED
+    st = doc.status(b, 300)
+    assert st.state is State.BLOCKED and st.reasons == (f"dependency {a} is failed",)
+
+
+# -- supervision: cancel, pause, reassign --------------------------------------------------
+
+
+def test_cancel_by_creator_or_supervisor_only_and_it_covers_the_subtree() -> None:
+    doc = Doc()
+    root = doc.create("A", "root")
+    kid = doc.create("A", "kid", parent=root)
+    after = doc.create("A", "after", deps=(kid,))
+    st = derive_all(doc.view(), 0, params=P)
+    got = plan_control(doc.view(), st, root, "cancel", node="X", now_ms=5)
+    assert isinstance(got, Refused) and got.code == "forbidden"
+    # a record by X slipped in anyway is ignored by every replica
+    doc.tasks[root]["log"]["X"] = [{"kind": "cancel", "at": 5}]
+    assert doc.status(root, 10).state is State.PENDING
+    sup = plan_control(
+        doc.view(),
+        st,
+        root,
+        "cancel",
+        node="S",
+        now_ms=20,
+        reason="stop",
+        authority=lambda n, perm: n == "S" and perm == "task.cancel",
+    )
+    assert not isinstance(sup, Refused)
+    doc.apply("S", 20, sup)
+    st = derive_all(doc.view(), 30, params=P, authority=lambda n, perm: n == "S")
+    assert st[root].state is State.CANCELLED and st[root].reasons == ("cancelled by S: stop",)
+    assert st[kid].state is State.CANCELLED and st[kid].reasons == (f"parent {root} cancelled",)
+    assert st[after].state is State.BLOCKED
+    again = plan_control(doc.view(), st, root, "cancel", node="A", now_ms=40)
+    assert isinstance(again, Refused) and again.code == "terminal"
+
+
+def test_running_work_is_cancelled_when_the_task_is_cancelled() -> None:
+    doc = Doc()
+    tid, b = _running_task(doc)
+    st = derive_all(doc.view(), 300, params=P)
+    doc.apply("A", 300, plan_control(doc.view(), st, tid, "cancel", node="A", now_ms=300))  # type: ignore[arg-type]
+    plan = b.tick(doc.view(), agents=[agent("b1", "py")], now_ms=310)
+    assert only(plan, Cancel) == [Cancel(tid, "task cancelled")]
+    assert tid not in b.running
+
+
+def test_pause_tree_stops_dispatch_until_resume() -> None:
+    doc = Doc()
+    root = doc.create("A", "root")
+    kid = doc.create("A", "kid", parent=root)
+    st = derive_all(doc.view(), 0, params=P)
+    doc.apply("A", 0, plan_control(doc.view(), st, root, "pause", node="A", now_ms=0))  # type: ignore[arg-type]
+    s = Scheduler("B", params=P)
+    assert doc.status(kid, 1).paused
+    assert s.tick(doc.view(), agents=[agent("x", conc=3)], now_ms=1).effects == ()
+    st = derive_all(doc.view(), 2, params=P)
+    assert isinstance(plan_control(doc.view(), st, root, "pause", node="A", now_ms=2), Refused)
+    doc.apply("A", 5, plan_control(doc.view(), st, root, "resume", node="A", now_ms=5))  # type: ignore[arg-type]
+    assert len(only(s.tick(doc.view(), agents=[agent("x", conc=3)], now_ms=6), Bid)) == 2
+
+
+def test_swarm_pause_claims_but_dispatches_nothing() -> None:
+    doc = Doc()
+    tid = doc.create("A", "t")
+    s = Scheduler("B", params=P)
+    assert s.tick(doc.view(), agents=[agent("x")], now_ms=0, paused=True).effects == ()
+    doc.apply("B", 0, Bid(tid, 1, "x", 0.5))  # bid before the pause
+    plan = s.tick(doc.view(), agents=[agent("x")], now_ms=200, paused=True)
+    assert only(plan, Claim) and not only(plan, Dispatch)
+    doc.apply("B", 200, plan)
+    plan = s.tick(doc.view(), agents=[agent("x")], now_ms=700, paused=True)
+    assert only(plan, RenewLease) and not only(plan, Dispatch)
+    doc.apply("B", 700, plan)
+    assert only(s.tick(doc.view(), agents=[agent("x")], now_ms=710), Dispatch)
+
+
+def test_supervisor_reassign_moves_the_task_without_a_fault() -> None:
+    doc = Doc()
+    tid, b = _running_task(doc)
+    st = derive_all(doc.view(), 300, params=P)
+    got = plan_control(doc.view(), st, tid, "reassign", node="A", now_ms=300, reason="slow")
+    assert not isinstance(got, Refused) and got.record["attempt"] == 1
+    doc.apply("A", 300, got)
+    st2 = doc.status(tid, 301)
+    assert (st2.state, st2.attempt, st2.faults) == (State.PENDING, 2, 0)
+    assert st2.reasons == ("attempt 1 (B/b1): reassigned by A: slow",)
+    plan = b.tick(doc.view(), agents=[agent("b1", "py")], now_ms=301)
+    assert only(plan, Cancel) and tid not in b.running
+
+
+# -- load-based reorganization -----------------------------------------------------------------
+
+
+def test_over_capacity_winner_releases_and_lowered_limit_gives_work_back() -> None:
+    doc = Doc()
+    t1 = doc.create("A", "t1")
+    t2 = doc.create("A", "t2")
+    doc.apply("B", 0, [Bid(t1, 1, "x", 0.5), Bid(t2, 1, "x", 0.5)])  # raced: won two, room for one
+    s = Scheduler("B", params=P)
+    plan = s.tick(doc.view(), agents=[agent("x")], now_ms=200)
+    assert [e.task_id for e in only(plan, Claim)] == [t1]
+    assert [e.task_id for e in only(plan, Release)] == [t2]
+    doc.apply("B", 200, plan)
+    st = doc.status(t2, 200)
+    assert (st.state, st.attempt, st.faults) == (State.PENDING, 2, 0)
+    # a second agent's work is given back when its concurrency drops
+    doc.apply("B", 210, Bid(t2, 2, "y", 0.5))
+    plan = s.tick(doc.view(), agents=[agent("x"), agent("y")], now_ms=410)
+    doc.apply("B", 410, plan)
+    assert set(s.running) == {t1, t2}
+    plan = s.tick(doc.view(), agents=[agent("x"), agent("y", conc=0)], now_ms=420)
+    assert only(plan, Cancel) == [Cancel(t2, "agent y over its concurrency limit")]
+    assert [e.task_id for e in only(plan, Release)] == [t2]
+
+
+def test_newcomer_wins_against_a_loaded_node() -> None:
+    doc = Doc()
+    doc.create("A", "t")
+    old, new = Scheduler("OLD", params=P), Scheduler("NEW", params=P)
+    busy = [LocalAgent("o", capabilities=frozenset(), load=0.9)]
+    fresh = [LocalAgent("n")]
+    doc.apply("OLD", 0, old.tick(doc.view(), agents=busy, now_ms=0))
+    doc.apply("NEW", 0, new.tick(doc.view(), agents=fresh, now_ms=0))
+    assert doc.status("A:t", 200).assignee == "NEW"
+
+
+def test_restart_redispatches_held_work_but_never_an_exclusive_task() -> None:
+    doc = Doc()
+    tid = doc.create("A", "plain")
+    ex = doc.create("A", "ex", contract=Contract(exclusive=True, max_attempts=1))
+    s = Scheduler("B", params=P)
+    plan = s.tick(doc.view(), agents=[agent("x", conc=2)], now_ms=0)
+    assert only(plan, ProposeExclusive) == [ProposeExclusive(ex, "B")]
+    doc.apply("B", 0, plan)
+    decided = {ex: "B"}  # consensus picked B
+    plan = s.tick(doc.view(), agents=[agent("x", conc=2)], now_ms=200, exclusive=decided)
+    assert {e.task_id for e in only(plan, Dispatch)} == {tid, ex}
+    doc.apply("B", 200, plan)
+    fresh = Scheduler("B", params=P)  # the daemon restarted; the agents' processes died
+    plan = fresh.tick(doc.view(), agents=[agent("x", conc=2)], now_ms=300, exclusive=decided)
+    assert [e.task_id for e in only(plan, Dispatch)] == [tid]
+    assert [e.task_id for e in only(plan, Release)] == [ex]
+    doc.apply("B", 300, plan)
+    st = doc.status(ex, 300, exclusive=decided)
+    assert st.state is State.FAILED and "at most once" in st.reasons[-1]
+
+
+def test_exclusive_task_ignores_bids_and_waits_for_consensus() -> None:
+    doc = Doc()
+    ex = doc.create("A", "ex", contract=Contract(exclusive=True, max_attempts=1))
+    doc.apply("C", 0, Bid(ex, 1, "c", 1.0))
+    doc.apply("C", 200, Claim(ex, 1, "c", 5_000))
+    assert doc.status(ex, 300).state is State.PENDING
+    st = doc.status(ex, 300, exclusive={ex: "B"})
+    assert (st.state, st.assignee) == (State.ASSIGNED, "B")
+
+
+def test_late_finish_after_losing_the_lease_goes_to_the_log_only() -> None:
+    doc = Doc()
+    tid, b = _running_task(doc)
+    doc.apply("C", 1_300, Bid(tid, 2, "c1", 0.5))  # C saw B's lease expire
+    plan = b.finished(doc.view(), tid, now_ms=1_310, output={"n": 1})
+    assert only(plan, LateResult) and not only(plan, Submit)
+    doc.apply("B", 1_310, plan)
+    assert "B" not in doc.tasks[tid]["results"]
+    assert doc.tasks[tid]["log"]["B"][-1]["kind"] == "late_result"
+
+
+def test_idle_reviewer_on_another_node_picks_up_a_review() -> None:
+    doc = Doc()
+    tid, b = _running_task(doc, contract=Contract(review_required=True))
+    doc.apply("B", 300, b.finished(doc.view(), tid, now_ms=300, output={"n": 3}))
+    rev = [agent("r", roles=("reviewer",))]
+    assert not only(
+        b.tick(doc.view(), agents=[agent("b1", "py"), *rev], now_ms=2_000), DispatchReview
+    )
+    c = Scheduler("C", params=P)
+    plan = c.tick(doc.view(), agents=rev, now_ms=2_000)
+    (d,) = only(plan, DispatchReview)
+    assert d.payload["output"] == {"n": 3}
+    out = c.review_finished(doc.view(), tid, now_ms=2_050, score=4, verdict="done")
+    assert isinstance(out, Plan)
+    doc.apply("C", 2_050, out)
+    assert doc.status(tid, 2_050).state is State.DONE
+
+
+# -- reputation --------------------------------------------------------------------------------
+
+
+def test_reputation_is_derived_from_history_and_deterministic() -> None:
+    doc = Doc()
+    good = doc.create("A", "good", capabilities=("py",), contract=Contract(deadline_ms=1_000))
+    bad = doc.create("A", "bad", capabilities=("py",), contract=Contract(max_attempts=1))
+    doc.apply("B", 0, [Bid(good, 1, "b1", 0.5), Bid(bad, 1, "b2", 0.5)])
+    doc.apply("B", 200, [Claim(good, 1, "b1", 5_000), Claim(bad, 1, "b2", 5_000)])
+    doc.apply(
+        "B", 400, [Submit(good, 1, 1, "b1", True, {}), Submit(bad, 1, 1, "b2", False, None, "x")]
+    )
+    doc.apply("C", 450, SubmitReview(good, 1, 1, "c", 5, "done"))
+    st = derive_all(doc.view(), 500, params=P)
+    rows = leaderboard(doc.view(), st)
+    assert [(r["agent"], r["node"], r["done"], r["failed"]) for r in rows] == [
+        ("b1", "B", 1, 0),
+        ("b2", "B", 0, 1),
+    ]
+    assert rows[0]["avg_review"] == 5.0 and rows[0]["avg_latency_ms"] == 200
+    rep = reputation(doc.view(), st)
+    assert rep.score("B", "b1", ["py"]) > 0.5 > rep.score("B", "b2", ["py"])
+    assert rep.score("NEW", "n", ["py"]) == 0.5
+    # the same view in another order gives the same board
+    shuffled = dict(reversed(list(doc.view().items())))
+    assert leaderboard(shuffled, derive_all(shuffled, 500, params=P)) == rows
+    # a node's claims about itself do not matter: only outcomes count
+    doc.tasks[bad]["progress"]["B"] = {
+        "attempt": 1,
+        "round": 1,
+        "at": 450,
+        "message": "great success",
+    }
+    assert leaderboard(doc.view(), derive_all(doc.view(), 500, params=P)) == rows
+
+
+# -- recurring ---------------------------------------------------------------------------------
+
+
+def test_recurring_instances_are_created_once_per_period() -> None:
+    sched = Schedule("nightly", interval_ms=1_000, title="report", start_ms=0)
+    members = ["n1", "n2", "n3"]
+    view = Doc().view()
+    made = {n: due([sched], view, n, members, now_ms=2_050, grace_ms=100) for n in members}
+    assert {d.suffix for ds, _ in made.values() for d in ds} <= {period_suffix("nightly", 2)}
+    first = [n for n, (ds, _) in made.items() if ds]
+    assert len(first) == 1  # only the first-ranked maker creates at once
+    assert all(wake is not None for _, wake in made.values())
+    assert period_suffix("nightly", 2) == period_suffix("nightly", 2) != period_suffix("nightly", 3)
+    # a partition let two makers create it: one instance is canonical, the other cancelled
+    doc = Doc()
+    for n in members[:2]:
+        (d,), _ = due([sched], doc.view() if n == members[0] else Doc().view(), n, [n], 2_500, 100)
+        got = plan_create(
+            doc.view(),
+            Draft(
+                d.suffix,
+                **{
+                    k: v
+                    for k, v in d.fields(2_500).items()
+                    if k in ("title", "spec", "input", "priority")
+                },
+            ),
+            creator=n,
+            now_ms=2_500,
+        )
+        assert isinstance(got, Create)
+        doc.apply(n, 2_500, got)
+    dups = duplicates(doc.view())
+    assert len(dups) == 1
+    st = derive_all(doc.view(), 2_600, params=P)
+    live = [t for t, s in st.items() if s.state is not State.CANCELLED]
+    assert len(live) == 1 and st[next(iter(dups))].reasons[0].startswith(
+        "duplicate of recurring instance"
+    )
+    assert due([sched], doc.view(), "n3", members, now_ms=2_900, grace_ms=100)[0] == []
+
+
+# -- the cache gives the same answers ----------------------------------------------------------
+
+
+def test_derivation_cache_matches_a_fresh_derivation() -> None:
+    doc = Doc()
+    tid, b = _running_task(doc, contract=Contract(review_required=True))
+    other = doc.create("A", "o", deps=(tid,))
+    for now in (300, 800, 1_199, 1_200, 1_500, 5_000):
+        plan = b.tick(doc.view(), agents=[agent("b1", "py")], now_ms=now)
+        if now == 300:
+            doc.apply("B", now, plan)
+        assert b.statuses == derive_all(doc.view(), now, params=P), now
+    assert b.statuses[other].state is State.PENDING
+
+
+# -- parsing the replicated document -----------------------------------------------------------
+
+
+def test_view_parsing_tolerates_yrs_floats_and_drops_malformed_entries() -> None:
+    raw = {
+        "A:t": {
+            "title": "t",
+            "creator": "A",
+            "created_at": 5.0,
+            "deps": ["A:x", "A:x", 3],
+            "priority": 2.0,
+            "contract": {"max_attempts": 2.0, "deadline_ms": 100.0, "review_required": True},
+            "bids": {"B": {"attempt": 1.0, "agent": "b", "score": 0.5, "at": 1.0}, "C": "garbage"},
+            "reviews": {
+                "D": {
+                    "attempt": 1,
+                    "round": 1,
+                    "agent": "d",
+                    "score": 9,
+                    "verdict": "done",
+                    "at": 1,
+                }
+            },
+            "log": {"B": [{"kind": "claim"}, "junk"]},
+        },
+        "A:broken": {"title": 3},
+        "A:notadict": [],
+    }
+    view = build_view(raw)
+    assert list(view) == ["A:t"]
+    t = view["A:t"]
+    assert (t.created_at, t.deps, t.priority) == (5, ("A:x",), 2.0)
+    assert (t.contract.max_attempts, t.contract.deadline_ms, t.contract.review_required) == (
+        2,
+        100,
+        True,
+    )
+    assert list(t.bids) == ["B"] and t.bids["B"].attempt == 1
+    assert t.reviews == {}  # a score of 9 is no review
+    assert t.log["B"] == ({"kind": "claim"},)
+    # incremental: untouched tasks keep their objects (what the derivation cache keys on)
+    raw["A:u"] = {"title": "u", "creator": "A", "created_at": 6}
+    again = build_view(raw, view, ["A:u"])
+    assert again["A:t"] is t and "A:u" in again
