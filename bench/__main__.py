@@ -9,6 +9,7 @@ BENCHES = {
     "envelopes": "bench.envelopes",
     "gossip": "bench.gossip",
     "api": "bench.api",
+    "crdt": "bench.crdt",
 }
 
 

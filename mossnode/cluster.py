@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,13 @@ from .node.config import LISTEN_FILE, SOCKET_FILE, Config, write_config
 
 class ClusterError(Exception):
     pass
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (the kernel picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
@@ -140,6 +148,9 @@ class Cluster:
             cfg = Config()
             for k, v in self.config.items():
                 setattr(cfg, k, v)
+            if cfg.listen == ["/ip4/127.0.0.1/tcp/0"]:
+                # A fixed port per node, as on a real host: restarts keep their address.
+                cfg.listen = [f"/ip4/127.0.0.1/tcp/{free_port()}"]
             write_config(node.state_dir, cfg)
 
     def start(self, roles: list[str] | None = None) -> Cluster:
