@@ -271,6 +271,77 @@ def cmd_task_show(args: argparse.Namespace) -> None:
     _out(args, t, json.dumps(t, indent=2))
 
 
+def cmd_task_control(args: argparse.Namespace) -> None:
+    r = _client(args).post(f"/v1/tasks/{args.id}/{args.verb}", {"reason": args.reason or ""})
+    _out(args, r, f"{args.verb}: {r['id']}")
+
+
+def render_tree(tasks: list[dict[str, Any]], root: str | None = None) -> str:
+    """Tasks as a tree by parent, each line: state, progress marker, title, assignee."""
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    ids = {t["id"] for t in tasks}
+    for t in tasks:
+        parent = t.get("parent") if t.get("parent") in ids else None
+        children.setdefault(parent, []).append(t)
+    marks = {
+        "done": "✔",
+        "failed": "✘",
+        "cancelled": "⊘",
+        "blocked": "■",
+        "in_progress": "▶",
+        "review": "?",
+        "rework": "↺",
+        "assigned": "→",
+        "pending": "·",
+    }
+    lines: list[str] = []
+
+    def walk(node: str | None, depth: int) -> None:
+        for t in sorted(children.get(node, []), key=lambda t: t["id"]):
+            who = f"  [{t['agent']}@{str(t['assignee'])[-6:]}]" if t.get("assignee") else ""
+            lines.append(
+                f"{'  ' * depth}{marks.get(t['state'], ' ')} {t['state']:11} "
+                f"{t['title']}  ({t['id'][-12:]}){who}"
+            )
+            walk(t["id"], depth + 1)
+
+    if root is not None:
+        top = [t for t in tasks if t["id"] == root]
+        for t in top:
+            children[None] = [t]
+    walk(None, 0)
+    return "\n".join(lines) or "(no tasks)"
+
+
+def cmd_task_tree(args: argparse.Namespace) -> None:
+    client = _client(args)
+    while True:
+        tasks = client.get("/v1/tasks")
+        text = render_tree(tasks, args.id)
+        if args.json or not args.watch:
+            _out(args, tasks, text)
+            return
+        print("\033[2J\033[H" + text, flush=True)
+        if all(t["state"] in ("done", "failed", "cancelled", "blocked") for t in tasks):
+            return
+        time.sleep(0.5)
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    rows = _client(args).get("/v1/leaderboard")
+    lines = [
+        f"{r['score']:.3f}  {r['agent']:16} {r['node'][-8:]}  done={r['done']} failed={r['failed']}"
+        for r in rows
+    ]
+    _out(args, rows, "\n".join(lines) or "(no history yet)")
+
+
+def cmd_activity(args: argparse.Namespace) -> None:
+    rows = _client(args).get("/v1/activity")
+    lines = [f"{r['at']}  {r['state']:11} {r['task'][-12:]}  {r.get('agent') or ''}" for r in rows]
+    _out(args, rows, "\n".join(lines) or "(no activity)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -367,6 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = tadd("list", cmd_task_list, "tasks in the swarm")
     sp.add_argument("--state")
     tadd("show", cmd_task_show, "one task with its log and results").add_argument("id")
+    for verb in ("cancel", "pause", "resume", "reassign"):
+        sp = tadd(verb, cmd_task_control, f"{verb} a task (and its subtree)")
+        sp.add_argument("id")
+        sp.add_argument("--reason")
+        sp.set_defaults(verb=verb)
+    sp = tadd("tree", cmd_task_tree, "the task tree with states")
+    sp.add_argument("id", nargs="?")
+    sp.add_argument("--watch", action="store_true", help="refresh until every task has ended")
+    add("leaderboard", cmd_leaderboard, "reputation of agents, from the replicated history")
+    add("activity", cmd_activity, "the activity feed: task state changes")
     sp = add("install-service", cmd_install_service, "install the systemd unit")
     sp.add_argument("--print", action="store_true", help="print the unit instead of installing it")
     sp = add("demo", cmd_demo, "run a local demo swarm on loopback")
@@ -387,6 +468,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # e.g. `mossnode task show ID | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,37 @@ def str_list(body: dict[str, Any], name: str, required: bool = True) -> list[str
     return list(value)
 
 
+CONTRACT_FIELDS: dict[str, tuple[type, ...]] = {
+    "input_schema": (dict,),
+    "output_schema": (dict,),
+    "deadline_ms": (int,),
+    "max_attempts": (int,),
+    "review_required": (bool,),
+    "exclusive": (bool,),
+    "max_rounds": (int,),
+    "cost": (int, float),
+    "budget": (int, float),
+}
+
+
+def check_contract(contract: dict[str, Any]) -> None:
+    """Refuse unknown or mistyped contract fields instead of silently defaulting them."""
+    for key, value in contract.items():
+        kinds = CONTRACT_FIELDS.get(key)
+        if kinds is None:
+            raise ApiError(
+                400,
+                "bad_field",
+                f"unknown contract field {key!r}; known: " + ", ".join(CONTRACT_FIELDS),
+            )
+        wrong_bool = isinstance(value, bool) and bool not in kinds
+        if value is not None and (not isinstance(value, kinds) or wrong_bool):
+            raise ApiError(400, "bad_field", f"contract.{key} has the wrong type")
+        positive = key in ("deadline_ms", "max_attempts", "max_rounds")
+        if positive and isinstance(value, int) and value < 1:
+            raise ApiError(400, "bad_field", f"contract.{key} must be >= 1")
+
+
 @dataclass(frozen=True)
 class Endpoint:
     method: str
@@ -211,6 +242,8 @@ def build_app(daemon: Daemon) -> Starlette:
             if body.get("contract") is not None
             else None,
         }
+        if draft["contract"] is not None:
+            check_contract(draft["contract"])
         return JSONResponse(await daemon.submit_task(draft), status_code=201)
 
     async def tasks_list(request: Request) -> Response:
@@ -219,6 +252,25 @@ def build_app(daemon: Daemon) -> Starlette:
 
     async def tasks_show(request: Request) -> Response:
         return JSONResponse(daemon.show_task(request.path_params["id"]))
+
+    def control(verb: str) -> Handler:
+        async def handler(request: Request) -> Response:
+            body = await json_body(request)
+            reason = field(body, "reason", str, "")
+            result = await daemon.control_task(request.path_params["id"], verb, reason)
+            return JSONResponse(result)
+
+        return handler
+
+    async def leaderboard(request: Request) -> Response:
+        return JSONResponse(daemon.leaderboard())
+
+    async def activity(request: Request) -> Response:
+        try:
+            since = int(request.query_params.get("since", "0"))
+        except ValueError:
+            raise ApiError(400, "bad_field", "since must be an integer (ms)") from None
+        return JSONResponse(daemon.activity(since))
 
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(daemon.metrics_text(), media_type="text/plain; version=0.0.4")
@@ -247,6 +299,24 @@ def build_app(daemon: Daemon) -> Starlette:
         Endpoint("POST", "/v1/tasks", "task.create", "Create a task", tasks_submit),
         Endpoint("GET", "/v1/tasks", "state.read", "Tasks in the swarm (?state=)", tasks_list),
         Endpoint("GET", "/v1/tasks/{id}", "state.read", "One task with its log", tasks_show),
+        Endpoint(
+            "POST", "/v1/tasks/{id}/cancel", "task.cancel", "Cancel a task tree", control("cancel")
+        ),
+        Endpoint(
+            "POST", "/v1/tasks/{id}/pause", "task.pause", "Pause a task tree", control("pause")
+        ),
+        Endpoint(
+            "POST", "/v1/tasks/{id}/resume", "task.resume", "Resume a task tree", control("resume")
+        ),
+        Endpoint(
+            "POST",
+            "/v1/tasks/{id}/reassign",
+            "task.reassign",
+            "Reassign a task",
+            control("reassign"),
+        ),
+        Endpoint("GET", "/v1/leaderboard", "state.read", "Reputation by agent", leaderboard),
+        Endpoint("GET", "/v1/activity", "state.read", "Activity feed (?since=ms)", activity),
         Endpoint("GET", "/v1/metrics", "state.read", "Prometheus metrics", metrics),
         Endpoint("GET", "/v1/openapi.json", PUBLIC, "This document", openapi),
     ]

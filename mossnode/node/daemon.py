@@ -36,6 +36,7 @@ from ..crypto.envelope import (
 )
 from ..crypto.identity import Identity
 from ..crypto.peerid import peer_id_from_public_key, public_key_from_peer_id
+from ..protocols import tasks as T
 from ..protocols.crdt import WriteRefused
 from ..protocols.membership import (
     Entry,
@@ -55,6 +56,7 @@ from .host import FrameError, maddrs, make_host, make_pubsub, read_frame, topic,
 from .ledger import load_ledger, save_ledger
 from .state import StateService
 from .store import Store, StoreError
+from .tasks import TaskService, apply_writes
 
 log = logging.getLogger("mossnode")
 
@@ -111,6 +113,7 @@ class Daemon:
         self.agents = AgentRegistry(state_dir)
         self.store: Store | None = None
         self.shared: StateService | None = None
+        self.tasks: TaskService | None = None
         # The kernel-verified uids that act as this node's operator on the API socket.
         self.operator_uids = frozenset({0, os.getuid()})
 
@@ -259,6 +262,9 @@ class Daemon:
         assert self.store is not None
         self.shared = StateService(self, self.store)
         await self.shared.start(self._nursery)
+        self.tasks = TaskService(self, self.shared)
+        self.shared.on_change = self.tasks.poke
+        await self.tasks.start(self._nursery)
         self._in_swarm.set()
 
     # --- gossip --------------------------------------------------------------------------
@@ -364,6 +370,13 @@ class Daemon:
     def _decided(self, entry: Entry) -> None:
         if self.shared is not None:
             self.shared.on_decided(cutoff=entry.kind in ("remove", "revoke"))
+        if self.tasks is not None:
+            self.tasks.poke()
+
+    async def propose_exclusive(self, task_id: str, node: str) -> None:
+        """Exclusive tasks are assigned by a decision; until consensus is wired, none is made."""
+        self.counters["exclusive_proposals"] += 1
+        log.debug("exclusive assignment of %s to %s awaits consensus", task_id, node)
 
     async def decide(self, kind: str, payload: dict[str, Any]) -> Entry:
         """Founder authority: sign, apply, persist, then announce one decision."""
@@ -711,38 +724,125 @@ class Daemon:
         return self.shared
 
     async def submit_task(self, draft: dict[str, Any]) -> dict[str, Any]:
-        shared = self._shared()
-        content = shared.replica.content().get("tasks", {})
-        missing = [d for d in draft["deps"] if d not in content]
-        if missing:
-            raise DaemonError(f"unknown dependency task(s): {', '.join(missing)}", "bad_field")
-        suffix = secrets.token_hex(6)
+        tasks = self._tasks()
+        now = now_ms()
+        tasks.refresh(now)
+        d = T.Draft(
+            suffix=secrets.token_hex(6),
+            title=draft["title"],
+            spec=draft["spec"],
+            input=draft["input"],
+            parent=draft["parent"],
+            deps=tuple(draft["deps"]),
+            capabilities=tuple(draft["capabilities"]),
+            role=draft["role"],
+            priority=draft["priority"],
+            contract=T.Contract.from_raw(draft["contract"] or {}),
+        )
+        plan = T.plan_create(
+            tasks.view,
+            d,
+            creator=self.peer_id,
+            now_ms=now,
+            statuses=tasks.statuses,
+            limits=tasks.limits,
+        )
+        if isinstance(plan, T.Refused):
+            raise DaemonError(f"task refused ({plan.code}): {plan.reason}", plan.code)
+        ws = T.writes(plan, now)
         try:
-            tid = await shared.write(lambda w: w.create_task(suffix, **draft))
+            await self._shared().write(lambda w: apply_writes(w, ws))
         except WriteRefused as exc:
             raise DaemonError(f"task refused: {exc}", "forbidden", 403) from None
-        return {"id": tid, "state": "pending"}
+        return {"id": plan.task_id, "state": "pending"}
+
+    def _tasks(self) -> TaskService:
+        self._shared()
+        assert self.tasks is not None
+        return self.tasks
+
+    def _task_row(self, tid: str, task: Any, st: T.Status | None) -> dict[str, Any]:
+        return {
+            "id": tid,
+            "title": task.title,
+            "state": str(st.state) if st else "pending",
+            "assignee": st.assignee if st else None,
+            "agent": st.agent if st else None,
+            "attempt": st.attempt if st else 1,
+            "parent": task.parent,
+            "deps": list(task.deps),
+            "capabilities": list(task.capabilities),
+            "priority": task.priority,
+            "creator": tid.rsplit(":", 1)[0],
+        }
 
     def list_tasks(self, state: str | None) -> list[dict[str, Any]]:
-        tasks = self._shared().replica.content().get("tasks", {})
-        out = [
-            {
-                "id": tid,
-                "title": t.get("title"),
-                "state": "pending",
-                "assignee": None,
-                "creator": t.get("creator"),
-                "deps": t.get("deps", []),
-            }
-            for tid, t in sorted(tasks.items())
-        ]
-        return [t for t in out if state is None or t["state"] == state]
+        tasks = self._tasks()
+        tasks.refresh(now_ms())
+        rows = [self._task_row(tid, t, tasks.statuses.get(tid)) for tid, t in tasks.view.items()]
+        rows.sort(key=lambda r: r["id"])
+        return [r for r in rows if state is None or r["state"] == state]
 
     def show_task(self, tid: str) -> dict[str, Any]:
-        t = self._shared().replica.task(tid)
-        if t is None:
+        tasks = self._tasks()
+        tasks.refresh(now_ms())
+        task = tasks.view.get(tid)
+        raw = self._shared().replica.task(tid)
+        if task is None or raw is None:
             raise DaemonError(f"no task {tid!r}", "not_found", 404)
-        return {"id": tid, **_jsonable(t), "state": "pending", "attempts": 0}
+        st = tasks.statuses.get(tid)
+        row = self._task_row(tid, task, st)
+        accepted = st.accepted if st else None
+        logs: list[dict[str, Any]] = []
+        for node, records in sorted(dict(raw.get("log") or {}).items()):
+            logs.extend({"node": node, **r} for r in records if isinstance(r, dict))
+        logs.sort(key=lambda r: (r.get("at", 0), r["node"]))
+        row.update(
+            {
+                "spec": raw.get("spec"),
+                "input": raw.get("input"),
+                "contract": raw.get("contract"),
+                "attempts": st.attempt if st else 0,
+                "result": _jsonable(accepted.output) if accepted else None,
+                "results": _jsonable(dict(raw.get("results") or {})),
+                "progress": _jsonable(dict(raw.get("progress") or {})),
+                "reviews": _jsonable(dict(raw.get("reviews") or {})),
+                "reasons": list(st.reasons) if st else [],
+                "log": _jsonable(logs),
+            }
+        )
+        return row
+
+    async def control_task(self, tid: str, verb: str, reason: str) -> dict[str, Any]:
+        """cancel, pause, resume or reassign a task tree, as this node (creator or supervisor)."""
+        tasks = self._tasks()
+        now = now_ms()
+        tasks.refresh(now)
+        if tid not in tasks.view:
+            raise DaemonError(f"no task {tid!r}", "not_found", 404)
+        plan = T.plan_control(
+            tasks.view,
+            tasks.statuses,
+            tid,
+            verb,
+            node=self.peer_id,
+            now_ms=now,
+            reason=reason,
+            authority=tasks._authority,
+        )
+        if isinstance(plan, T.Refused):
+            raise DaemonError(f"{verb} refused ({plan.code}): {plan.reason}", plan.code, 409)
+        ws = T.writes(plan, now)
+        await self._shared().write(lambda w: apply_writes(w, ws))
+        return {"id": tid, "action": verb}
+
+    def leaderboard(self) -> list[dict[str, Any]]:
+        tasks = self._tasks()
+        tasks.refresh(now_ms())
+        return T.leaderboard(tasks.view, tasks.statuses)
+
+    def activity(self, since: int = 0) -> list[dict[str, Any]]:
+        return [e for e in self._tasks().events if e["at"] > since]
 
     def peers(self) -> list[dict[str, Any]]:
         state = self._swarm()

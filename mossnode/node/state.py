@@ -69,6 +69,7 @@ class StateService:
         self._syncing: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._write_lock = trio.Lock()
+        self.on_change: Callable[[], None] = lambda: None  # the scheduler's wake-up
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -93,6 +94,7 @@ class StateService:
     def _queue(self, out: Outcome) -> None:
         if out.applied:
             self._enqueue(out.applied)
+            self.on_change()
         for ref in out.refused:
             self.counters[f"refused:{ref.rejection.reason.value}"] += 1
         if out.equivocations:
@@ -146,6 +148,7 @@ class StateService:
             result, entry = self.replica.write(fn, now_ms())
             if entry is not None:
                 self._enqueue([entry])
+                self.on_change()
                 await self._persisted()
                 self._to_publish.append(entry.data)
                 self._publish_wanted.set()

@@ -1,0 +1,255 @@
+"""The node's scheduler loop: derive task states, bid, claim, dispatch to local agents.
+
+Everything decided here is decided by ``protocols/tasks`` (pure); this loop only feeds it the
+replicated view, the local agents and the clock, writes the facts it asks for (durably, before
+acting on the next effect), and runs or cancels agent work. No polling by agents: the loop wakes
+when the shared state changes or at the next time the scheduler said something may change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..agents.base import Backend, Outcome
+from ..agents.exec import ExecBackend
+from ..protocols import tasks as T
+from ..protocols.crdt import Writer, WriteRefused
+from ..protocols.tasks.effects import Write
+
+if TYPE_CHECKING:
+    from .agents import Agent
+    from .daemon import Daemon
+    from .state import StateService
+
+log = logging.getLogger("mossnode.tasks")
+
+MIN_TICK_S = 0.02  # coalesce bursts of changes into one derivation
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def apply_writes(w: Writer, ws: tuple[Write, ...]) -> None:
+    for x in ws:
+        if x.kind == "create":
+            fields = dict(x.value)
+            suffix = fields.pop("suffix")
+            w.create_task(suffix, **fields)
+        elif x.kind == "log":
+            w.append_log(x.task_id, x.value)
+        else:
+            w.put(x.task_id, x.kind, x.value)
+
+
+class TaskService:
+    def __init__(self, daemon: Daemon, shared: StateService) -> None:
+        self.d = daemon
+        self.shared = shared
+        self.params = T.Params()
+        self.limits = T.Limits()
+        self.sched = T.Scheduler(daemon.peer_id, params=self.params, limits=self.limits)
+        self.view: T.TaskView = {}
+        self.statuses: dict[str, T.Status] = {}
+        self._wake = trio.Event()
+        self._runs: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self.workdir = daemon.state_dir / "work"
+        self.events: list[dict[str, Any]] = []  # activity feed (bounded)
+        self._last_states: dict[str, str] = {}
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        nursery.start_soon(self._loop)
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    # --- inputs to the pure scheduler -----------------------------------------------------
+
+    def _agents(self) -> list[T.LocalAgent]:
+        """Local agents with the roles the node itself holds: peers judge the node's writes
+        by the node's roles, so an agent can only act within them."""
+        load = min(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+        held = frozenset(self.d.node_roles())
+        return [
+            T.LocalAgent(
+                a.name,
+                frozenset(a.roles) & held,
+                frozenset(a.capabilities),
+                load,
+                a.max_concurrency,
+            )
+            for a in self.d.agents.agents.values()
+            if a.backend.startswith("exec:")  # the OpenClaw backend is not wired yet
+            and frozenset(a.roles) & held
+        ]
+
+    def _authority(self, node: str, permission: str) -> bool:
+        state = self.d._swarm()
+        return self.shared.policy.may(node, permission, state.height)
+
+    def refresh(self, now: int) -> None:
+        content = self.shared.replica.content().get("tasks", {})
+        self.view = T.build_view(content)
+        self.statuses = self.sched.derive(self.view, now, exclusive={}, authority=self._authority)
+        self._feed(now)
+
+    def _feed(self, now: int) -> None:
+        for tid, st in self.statuses.items():
+            s = str(st.state)
+            if self._last_states.get(tid) != s:
+                self._last_states[tid] = s
+                self.events.append(
+                    {"at": now, "task": tid, "state": s, "assignee": st.assignee, "agent": st.agent}
+                )
+        del self.events[:-1000]
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        wake_at: int | None = None
+        while True:
+            timeout = 5.0 if wake_at is None else max(0.0, (wake_at - now_ms()) / 1000)
+            with trio.move_on_after(timeout):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            await trio.sleep(MIN_TICK_S)
+            try:
+                wake_at = await self._tick()
+            except Exception:
+                log.exception("scheduler tick failed")
+                wake_at = now_ms() + 1000
+
+    async def _tick(self) -> int | None:
+        now = now_ms()
+        state = self.d._swarm()
+        content = self.shared.replica.content().get("tasks", {})
+        self.view = T.build_view(content, self.view or None)
+        rep = T.reputation(self.view, self.statuses) if self.statuses else None
+        plan = self.sched.tick(
+            self.view,
+            agents=self._agents(),
+            now_ms=now,
+            reputation=rep,
+            paused=state.paused,
+            exclusive={},
+            authority=self._authority,
+        )
+        self.statuses = dict(self.sched.statuses)
+        self._feed(now)
+        for effect in plan.effects:
+            await self._do(effect)
+        return plan.wake_at
+
+    async def _do(self, effect: T.Effect) -> None:
+        ws = T.writes(effect, now_ms())
+        if ws:
+            try:
+                await self.shared.write(lambda w: apply_writes(w, ws))
+            except WriteRefused as exc:
+                self.d.counters["task_write_refused"] += 1
+                log.warning("%s on %s refused: %s", type(effect).__name__, effect.task_id, exc)
+                return
+        if isinstance(effect, T.Dispatch):
+            self._start(effect.task_id, effect.agent, effect.payload, review=False)
+        elif isinstance(effect, T.DispatchReview):
+            self._start(effect.task_id, effect.agent, effect.payload, review=True)
+        elif isinstance(effect, T.Cancel):
+            scope = self._runs.pop(effect.task_id + ("#review" if effect.review else ""), None)
+            if scope is not None:
+                log.info("cancelling %s: %s", effect.task_id, effect.reason)
+                scope.cancel()
+        elif isinstance(effect, T.ProposeExclusive):
+            await self.d.propose_exclusive(effect.task_id, effect.node)
+
+    # --- running agent work -----------------------------------------------------------------
+
+    def _backend(self, agent: Agent) -> Backend:
+        kind, _, arg = agent.backend.partition(":")
+        if kind == "exec":
+            return ExecBackend(arg, Path(self.workdir) / agent.name)
+        raise ValueError(f"backend {kind} is not available")
+
+    def _start(self, tid: str, agent_name: str, payload: dict[str, Any], review: bool) -> None:
+        key = tid + ("#review" if review else "")
+        if key in self._runs or self._nursery is None:
+            return
+        agent = self.d.agents.agents.get(agent_name)
+        if agent is None:
+            return
+        scope = trio.CancelScope()
+        self._runs[key] = scope
+        self._nursery.start_soon(self._run, tid, agent, payload, review, scope)
+
+    async def _run(
+        self, tid: str, agent: Agent, payload: dict[str, Any], review: bool, scope: trio.CancelScope
+    ) -> None:
+        key = tid + ("#review" if review else "")
+        attempt, rnd = int(payload.get("attempt", 1)), int(payload.get("round", 1))
+
+        async def progress(fraction: float, message: str) -> None:
+            eff = T.Progress(tid, attempt, rnd, message or None, fraction)
+            await self.shared.write(lambda w: apply_writes(w, T.writes(eff, now_ms())))
+
+        outcome: Outcome | None = None
+        try:
+            with scope:
+                log.info("%s %s on agent %s", "reviewing" if review else "running", tid, agent.name)
+                outcome = await self._backend(agent).run(payload, progress)
+        except Exception as exc:
+            outcome = Outcome(False, error=f"backend failed: {exc}")
+        finally:
+            self._runs.pop(key, None)
+        if outcome is None:  # cancelled: the scheduler already knows why
+            return
+        await self._finish(tid, outcome, review)
+
+    async def _finish(self, tid: str, outcome: Outcome, review: bool) -> None:
+        now = now_ms()
+        content = self.shared.replica.content().get("tasks", {})
+        self.view = T.build_view(content, self.view or None)
+        if review:
+            out = outcome.output if outcome.ok and isinstance(outcome.output, dict) else {}
+            score, verdict = out.get("score"), out.get("verdict")
+            if type(score) is not int or verdict not in ("done", "rework"):
+                log.warning("review of %s gave no {score, verdict}: %s", tid, outcome.error)
+                score, verdict = 1, "rework"
+            plan = self.sched.review_finished(
+                self.view,
+                tid,
+                now_ms=now,
+                score=score,
+                verdict=str(verdict),
+                comments=str(out.get("comments", ""))[:2000],
+                exclusive={},
+                authority=self._authority,
+            )
+            if isinstance(plan, T.Refused):
+                log.warning("review of %s refused: %s", tid, plan.reason)
+                return
+        else:
+            plan = self.sched.finished(
+                self.view,
+                tid,
+                now_ms=now,
+                output=outcome.output,
+                ok=outcome.ok,
+                error=outcome.error or None,
+                exclusive={},
+                authority=self._authority,
+            )
+        for effect in plan.effects:
+            await self._do(effect)
+        self.poke()
+
+    # --- views ------------------------------------------------------------------------------
+
+    def running(self) -> list[str]:
+        return sorted(self._runs)
