@@ -342,6 +342,11 @@ def cmd_activity(args: argparse.Namespace) -> None:
     _out(args, rows, "\n".join(lines) or "(no activity)")
 
 
+def cmd_swarm(args: argparse.Namespace) -> None:
+    r = _client(args).post(f"/v1/swarm/{args.action}", {})
+    _out(args, r, f"swarm {args.action}d (decision #{r['seq']})")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -446,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = tadd("tree", cmd_task_tree, "the task tree with states")
     sp.add_argument("id", nargs="?")
     sp.add_argument("--watch", action="store_true", help="refresh until every task has ended")
+    sp = add("swarm", cmd_swarm, "swarm-wide decisions: pause (kill switch) or resume dispatch")
+    sp.add_argument("action", choices=["pause", "resume"])
     add("leaderboard", cmd_leaderboard, "reputation of agents, from the replicated history")
     add("activity", cmd_activity, "the activity feed: task state changes")
     sp = add("install-service", cmd_install_service, "install the systemd unit")

@@ -262,6 +262,13 @@ def build_app(daemon: Daemon) -> Starlette:
 
         return handler
 
+    def swarm_decision(kind: str) -> Handler:
+        async def handler(request: Request) -> Response:
+            entry = await daemon.decide(kind, {})
+            return JSONResponse({"seq": entry.seq, "kind": entry.kind})
+
+        return handler
+
     async def leaderboard(request: Request) -> Response:
         return JSONResponse(daemon.leaderboard())
 
@@ -314,6 +321,16 @@ def build_app(daemon: Daemon) -> Starlette:
             "task.reassign",
             "Reassign a task",
             control("reassign"),
+        ),
+        Endpoint(
+            "POST",
+            "/v1/swarm/pause",
+            "swarm.pause",
+            "Pause all dispatch (kill switch)",
+            swarm_decision("pause"),
+        ),
+        Endpoint(
+            "POST", "/v1/swarm/resume", "swarm.pause", "Resume dispatch", swarm_decision("resume")
         ),
         Endpoint("GET", "/v1/leaderboard", "state.read", "Reputation by agent", leaderboard),
         Endpoint("GET", "/v1/activity", "state.read", "Activity feed (?since=ms)", activity),

@@ -1,0 +1,12 @@
+"""Exec agent for the tests: sums its input n and its dependencies' outputs; optional sleep."""
+
+import json
+import sys
+import time
+
+task = json.load(sys.stdin)
+inp = task.get("input") or {}
+time.sleep(float(inp.get("sleep", 0)))
+deps = task.get("inputs_from_dependencies") or {}
+total = int(inp.get("n", 0)) + sum(int(v.get("n", 0)) for v in deps.values())
+print(json.dumps({"n": total}))

@@ -1,0 +1,125 @@
+"""Tasks across real daemons with exec agents: a DAG, takeover after kill -9, the kill switch."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mossnode.cluster import Cluster, wait_for
+
+pytestmark = pytest.mark.slow
+
+FAST = {"presence_interval_s": 0.5, "suspect_after_s": 1.5, "dead_after_s": 3.0}
+AGENT = f"exec:{sys.executable} {Path(__file__).with_name('agents') / 'adder.py'}"
+
+
+def swarm(cluster_factory, n: int) -> Cluster:
+    c: Cluster = cluster_factory(n, **FAST)
+    c.start(roles=["planner", "executor"])
+    for node in c.nodes:
+        node.cli(
+            "agent",
+            "add",
+            f"adder-{node.name}",
+            "--role",
+            "executor",
+            "--role",
+            "planner",
+            "--capability",
+            "math",
+            "--backend",
+            AGENT,
+        )
+    c.wait_all_alive()
+    return c
+
+
+def submit(node, title: str, n: int, after: list[str] = (), sleep: float = 0) -> str:
+    # a node accepts dependencies it already holds: wait for them to replicate to it
+    for dep in after:
+        wait_for(lambda dep=dep: any(t["id"] == dep for t in node.api.get("/v1/tasks")), 20,
+                 f"{dep} to reach {node.name}")
+    body = {
+        "title": title,
+        "capabilities": ["math"],
+        "after": list(after),
+        "input": {"n": n, "sleep": sleep},
+    }
+    return node.api.post("/v1/tasks", body)["id"]
+
+
+def state(node, tid: str) -> dict:
+    return node.api.get(f"/v1/tasks/{tid}")
+
+
+def test_dag_across_four_nodes(cluster_factory) -> None:
+    c = swarm(cluster_factory, 4)
+    a = submit(c.nodes[1], "a", 1)
+    b = submit(c.nodes[2], "b", 10, [a])
+    d = submit(c.nodes[3], "c", 100, [a])
+    e = submit(c.nodes[0], "d", 1000, [b, d])
+    wait_for(lambda: state(c.nodes[0], e)["state"] == "done", 60, "the DAG to finish")
+    # 1000 + (10 + 1) + (100 + 1)
+    assert state(c.nodes[2], e)["result"] == {"n": 1112}
+    assignees = {state(c.nodes[0], t)["assignee"] for t in (a, b, d, e)}
+    assert all(assignees)
+    for t in (a, b, d, e):  # every replica agrees
+        assert len({state(node, t)["state"] for node in c.nodes}) == 1
+
+
+def test_takeover_after_kill9(cluster_factory) -> None:
+    c = swarm(cluster_factory, 3)
+    tid = submit(c.nodes[0], "slow", 5, sleep=4)
+    first = wait_for(lambda: state(c.nodes[0], tid)["assignee"], 30, "an assignee")
+    wait_for(lambda: state(c.nodes[0], tid)["state"] == "in_progress", 30, "start")
+    victim = next(n for n in c.nodes if n.status()["peer_id"] == first)
+    victim.kill()
+    watcher = next(n for n in c.nodes if n is not victim)
+    wait_for(lambda: state(watcher, tid)["state"] == "done", 60, "takeover and completion")
+    t = state(watcher, tid)
+    assert t["assignee"] != first
+    assert t["result"] == {"n": 5}
+    assert t["attempt"] >= 2
+
+
+def test_swarm_pause_stops_dispatch(cluster_factory) -> None:
+    c = swarm(cluster_factory, 3)
+    founder = c.nodes[0]
+    founder.cli("swarm", "pause")
+    wait_for(lambda: all(n.status()["paused"] for n in c.nodes), 10, "pause everywhere")
+    tid = submit(c.nodes[1], "held", 7)
+    time.sleep(3)
+    t = state(c.nodes[2], tid)
+    assert t["state"] in ("pending", "assigned", "in_progress") and t["result"] is None
+    assert not any(p.get("message") == "started" for p in t["progress"].values())
+    founder.cli("swarm", "resume")
+    wait_for(lambda: state(c.nodes[2], tid)["state"] == "done", 60, "completion after resume")
+    assert state(c.nodes[2], tid)["result"] == {"n": 7}
+
+
+def test_bad_task_input_is_refused(cluster_factory) -> None:
+    c = swarm(cluster_factory, 2)
+    node = c.nodes[1]
+    before = node.status()["state_digest"]
+    a = submit(node, "a", 1)
+    cyc_err = node.cli("task", "submit", "--title", "x", "--after", "nope:abc", check=False)
+    assert cyc_err.returncode == 1 and "unknown" in cyc_err.stderr
+    r = node.cli(
+        "task", "submit", "--title", "x", "--contract", '{"max_attempts": "many"}', check=False
+    )
+    assert r.returncode == 1 and "max_attempts" in r.stderr
+    r = node.cli(
+        "task",
+        "submit",
+        "--title",
+        "x",
+        "--contract",
+        '{"output_schema": {"type": "object", "frobnicate": 1}}',
+        check=False,
+    )
+    assert r.returncode == 1 and "frobnicate" in r.stderr
+    assert before != node.status()["state_digest"]  # task a was written, nothing else
+    wait_for(lambda: state(node, a)["state"] == "done", 60, "a")
