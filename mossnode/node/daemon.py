@@ -886,6 +886,9 @@ class Daemon:
 
 
 def _jsonable(value: Any) -> Any:
+    """JSON for API answers: keys as peer ids, bytes as hex, Yrs' floats back to ints."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
     if isinstance(value, bytes):
         if len(value) == 32:
             try:
