@@ -56,7 +56,7 @@ from .host import FrameError, maddrs, make_host, make_pubsub, read_frame, topic,
 from .ledger import load_ledger, save_ledger
 from .state import StateService
 from .store import Store, StoreError
-from .tasks import TaskService, apply_writes
+from .tasks import TaskService, apply_writes, json_numbers
 
 log = logging.getLogger("mossnode")
 
@@ -887,8 +887,8 @@ class Daemon:
 
 def _jsonable(value: Any) -> Any:
     """JSON for API answers: keys as peer ids, bytes as hex, Yrs' floats back to ints."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
+    if isinstance(value, float):
+        return json_numbers(value)
     if isinstance(value, bytes):
         if len(value) == 32:
             try:

@@ -36,6 +36,17 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def json_numbers(value: Any) -> Any:
+    """Yrs stores every number as a float; give agents back the integers they wrote."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: json_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_numbers(v) for v in value]
+    return value
+
+
 def apply_writes(w: Writer, ws: tuple[Write, ...]) -> None:
     for x in ws:
         if x.kind == "create":
@@ -186,7 +197,7 @@ class TaskService:
             return
         scope = trio.CancelScope()
         self._runs[key] = scope
-        self._nursery.start_soon(self._run, tid, agent, payload, review, scope)
+        self._nursery.start_soon(self._run, tid, agent, json_numbers(payload), review, scope)
 
     async def _run(
         self, tid: str, agent: Agent, payload: dict[str, Any], review: bool, scope: trio.CancelScope
