@@ -10,6 +10,7 @@ BENCHES = {
     "gossip": "bench.gossip",
     "api": "bench.api",
     "crdt": "bench.crdt",
+    "tasks": "bench.tasks",
 }
 
 

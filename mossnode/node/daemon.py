@@ -263,7 +263,7 @@ class Daemon:
         self.shared = StateService(self, self.store)
         await self.shared.start(self._nursery)
         self.tasks = TaskService(self, self.shared)
-        self.shared.on_change = self.tasks.poke
+        self.shared.on_change = self.tasks.changed
         await self.tasks.start(self._nursery)
         self._in_swarm.set()
 
@@ -751,7 +751,7 @@ class Daemon:
             raise DaemonError(f"task refused ({plan.code}): {plan.reason}", plan.code)
         ws = T.writes(plan, now)
         try:
-            await self._shared().write(lambda w: apply_writes(w, ws))
+            await self._shared().write(lambda w: apply_writes(w, ws), touched=[plan.task_id])
         except WriteRefused as exc:
             raise DaemonError(f"task refused: {exc}", "forbidden", 403) from None
         return {"id": plan.task_id, "state": "pending"}
@@ -833,7 +833,7 @@ class Daemon:
         if isinstance(plan, T.Refused):
             raise DaemonError(f"{verb} refused ({plan.code}): {plan.reason}", plan.code, 409)
         ws = T.writes(plan, now)
-        await self._shared().write(lambda w: apply_writes(w, ws))
+        await self._shared().write(lambda w: apply_writes(w, ws), touched=[tid])
         return {"id": tid, "action": verb}
 
     def leaderboard(self) -> list[dict[str, Any]]:

@@ -69,7 +69,8 @@ class StateService:
         self._syncing: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._write_lock = trio.Lock()
-        self.on_change: Callable[[], None] = lambda: None  # the scheduler's wake-up
+        # The scheduler's wake-up, with the document paths that changed (None: unknown).
+        self.on_change: Callable[[list[tuple[Any, ...]] | None], None] = lambda paths: None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -94,7 +95,7 @@ class StateService:
     def _queue(self, out: Outcome) -> None:
         if out.applied:
             self._enqueue(out.applied)
-            self.on_change()
+            self.on_change(list(out.changed))
         for ref in out.refused:
             self.counters[f"refused:{ref.rejection.reason.value}"] += 1
         if out.equivocations:
@@ -139,8 +140,10 @@ class StateService:
 
     # --- local writes ---------------------------------------------------------------------
 
-    async def write(self, fn: Callable[[Any], T]) -> T:
-        """Run one local write; returns once the entry is durable (then it is gossiped)."""
+    async def write(self, fn: Callable[[Any], T], touched: list[str] | None = None) -> T:
+        """Run one local write; returns once the entry is durable (then it is gossiped).
+
+        ``touched``: the task ids it writes, so readers refresh only those."""
         if not self._synced.is_set():
             with trio.move_on_after(5):
                 await self._synced.wait()
@@ -148,7 +151,7 @@ class StateService:
             result, entry = self.replica.write(fn, now_ms())
             if entry is not None:
                 self._enqueue([entry])
-                self.on_change()
+                self.on_change([("tasks", t) for t in touched] if touched is not None else None)
                 await self._persisted()
                 self._to_publish.append(entry.data)
                 self._publish_wanted.set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,10 @@ class TaskService:
         self.workdir = daemon.state_dir / "work"
         self.events: list[dict[str, Any]] = []  # activity feed (bounded)
         self._last_states: dict[str, str] = {}
+        # Plain copies of the tasks, refreshed only where the document changed.
+        self._raw: dict[str, dict[str, Any]] = {}
+        self._dirty: set[str] = set()
+        self._rescan = True
 
     async def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -81,6 +86,39 @@ class TaskService:
 
     def poke(self) -> None:
         self._wake.set()
+
+    def changed(self, paths: list[tuple[Any, ...]] | None) -> None:
+        """The shared state changed at ``paths`` (None: anywhere): refresh and wake up."""
+        if paths is None:
+            self._rescan = True
+        else:
+            for p in paths:
+                if p and p[0] == "tasks":
+                    if len(p) >= 2 and isinstance(p[1], str):
+                        self._dirty.add(p[1])
+                    else:
+                        self._rescan = True
+        self._wake.set()
+
+    def _update_view(self) -> None:
+        doc_tasks = self.shared.replica.doc["tasks"]
+        changed = set(self._dirty)
+        self._dirty.clear()
+        if self._rescan:
+            self._rescan = False
+            keys = set(doc_tasks.keys())
+            changed |= keys - self._raw.keys()
+            for gone in self._raw.keys() - keys:
+                del self._raw[gone]
+                changed.add(gone)
+        for tid in changed:
+            t = self.shared.replica.task(tid)
+            if t is None:
+                self._raw.pop(tid, None)
+            else:
+                self._raw[tid] = t
+        if changed or not self.view:
+            self.view = T.build_view(self._raw, self.view or None, changed)
 
     # --- inputs to the pure scheduler -----------------------------------------------------
 
@@ -107,8 +145,7 @@ class TaskService:
         return self.shared.policy.may(node, permission, state.height)
 
     def refresh(self, now: int) -> None:
-        content = self.shared.replica.content().get("tasks", {})
-        self.view = T.build_view(content)
+        self._update_view()
         self.statuses = self.sched.derive(self.view, now, exclusive={}, authority=self._authority)
         self._feed(now)
 
@@ -141,8 +178,7 @@ class TaskService:
     async def _tick(self) -> int | None:
         now = now_ms()
         state = self.d._swarm()
-        content = self.shared.replica.content().get("tasks", {})
-        self.view = T.build_view(content, self.view or None)
+        self._update_view()
         rep = T.reputation(self.view, self.statuses) if self.statuses else None
         plan = self.sched.tick(
             self.view,
@@ -155,19 +191,40 @@ class TaskService:
         )
         self.statuses = dict(self.sched.statuses)
         self._feed(now)
-        for effect in plan.effects:
-            await self._do(effect)
+        await self._do_all(plan.effects)
         return plan.wake_at
+
+    async def _do_all(self, effects: Sequence[T.Effect]) -> None:
+        """Write the facts of all effects as one entry (one fsync, one gossip message), then
+        act: every fact is durable before any agent starts or stops."""
+        now = now_ms()
+        ws = tuple(w for e in effects for w in T.writes(e, now))
+        if ws:
+            try:
+                await self.shared.write(
+                    lambda w: apply_writes(w, ws), touched=sorted({x.task_id for x in ws})
+                )
+            except WriteRefused as exc:
+                # One refused fact must not hold back the others: write them one by one.
+                log.warning("batched task write refused (%s); writing effects singly", exc)
+                for e in effects:
+                    await self._do(e)
+                return
+        for e in effects:
+            await self._act(e)
 
     async def _do(self, effect: T.Effect) -> None:
         ws = T.writes(effect, now_ms())
         if ws:
             try:
-                await self.shared.write(lambda w: apply_writes(w, ws))
+                await self.shared.write(lambda w: apply_writes(w, ws), touched=[effect.task_id])
             except WriteRefused as exc:
                 self.d.counters["task_write_refused"] += 1
                 log.warning("%s on %s refused: %s", type(effect).__name__, effect.task_id, exc)
                 return
+        await self._act(effect)
+
+    async def _act(self, effect: T.Effect) -> None:
         if isinstance(effect, T.Dispatch):
             self._start(effect.task_id, effect.agent, effect.payload, review=False)
         elif isinstance(effect, T.DispatchReview):
@@ -207,7 +264,7 @@ class TaskService:
 
         async def progress(fraction: float, message: str) -> None:
             eff = T.Progress(tid, attempt, rnd, message or None, fraction)
-            await self.shared.write(lambda w: apply_writes(w, T.writes(eff, now_ms())))
+            await self.shared.write(lambda w: apply_writes(w, T.writes(eff, now_ms())), [tid])
 
         outcome: Outcome | None = None
         try:
@@ -224,8 +281,7 @@ class TaskService:
 
     async def _finish(self, tid: str, outcome: Outcome, review: bool) -> None:
         now = now_ms()
-        content = self.shared.replica.content().get("tasks", {})
-        self.view = T.build_view(content, self.view or None)
+        self._update_view()
         if review:
             out = outcome.output if outcome.ok and isinstance(outcome.output, dict) else {}
             score, verdict = out.get("score"), out.get("verdict")
@@ -256,8 +312,7 @@ class TaskService:
                 exclusive={},
                 authority=self._authority,
             )
-        for effect in plan.effects:
-            await self._do(effect)
+        await self._do_all(plan.effects)
         self.poke()
 
     # --- views ------------------------------------------------------------------------------
