@@ -116,7 +116,13 @@ def cmd_run(args: argparse.Namespace) -> None:
             nursery.cancel_scope.cancel()
 
     try:
-        trio.run(main)
+        profile = os.environ.get("MOSSNODE_PROFILE")  # developers: cProfile stats to this file
+        if profile:
+            import cProfile
+
+            cProfile.runctx("trio.run(main)", globals(), {"trio": trio, "main": main}, profile)
+        else:
+            trio.run(main)
     except DaemonError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
