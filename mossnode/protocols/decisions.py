@@ -1,0 +1,988 @@
+"""The decided log as a sequence of PBFT decisions, sans-IO: mapping, rules, verifier, votes.
+
+One decided-log entry per PBFT sequence number, and ``entry.seq`` IS the PBFT seq. The PBFT
+instance that orders the log runs with one request per batch and a checkpoint at every seq
+(:func:`pbft_config`), which makes three things simple and checkable by anyone:
+
+- the log is dense: null batches (view-change gap fill), duplicate requests and invalid
+  operations are decided too, as ``noop`` entries. A peer doing state transfer therefore cannot
+  hide a decision: every seq has an entry, and every entry's certificate pins its content;
+- a validator-set change decided at seq ``s`` is in force from ``s + 1`` (the core's rule
+  "first checkpoint at or after s + window - 1" with K = window = 1), so the set that certifies
+  entry ``s`` is ``state.validators()`` just before applying it;
+- an entry is a pure function of (state before it, decided batch): validators compute it when
+  they execute, any other node recomputes it from the certificate to verify it.
+
+Entry certificate: ``[batch payload, commit envelope, ...]`` where the payload is the canonical
+CBOR list of the (zero or one) signed ``pbft.request`` envelopes decided at that seq and the
+commits are quorum(n) ``pbft.commit`` envelopes for (view, seq, sha256(payload)).
+
+Operation (the request's ``op`` bytes): canonical CBOR ``{"kind": str, "payload": {...}}``.
+Its proposer is the request's signer (the PBFT client key). The entry is:
+
+- ``(kind, payload)`` of the operation when the proposer may propose it (:meth:`permit`) and
+  the state accepts it (:meth:`ConsensusMembership.check`);
+- ``noop {"reason": "invalid", "kind", "error"}`` otherwise (the error text is part of the
+  rules: every node computes the same one);
+- ``noop {"reason": "null"}`` for an empty batch, ``noop {"reason": "duplicate"}`` when PBFT
+  skipped every request of the batch (timestamp not above the client's last executed one).
+
+:class:`ConsensusMembership` is :class:`~mossnode.protocols.membership.Membership` plus what
+this needs: the ``noop`` and vote kinds, pluggable extension kinds, the per-client timestamp
+index that mirrors PBFT's de-duplication, and the open polls. :class:`DecisionMachine` is the
+PBFT application; :class:`ConsensusCore` ties a replica, a client and the state together so
+the I/O layer only moves bytes, persists and keeps timers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from ..crypto.envelope import Rejection, canonical, open_envelope, seal
+from ..crypto.identity import Identity
+from ..crypto.peerid import peer_id_from_public_key
+from .membership import (
+    KINDS as MEMBERSHIP_KINDS,
+)
+from .membership import (
+    NO_SKEW,
+    CertificateVerifier,
+    Entry,
+    Membership,
+    MembershipError,
+)
+from .pbft import (
+    NULL_PAYLOAD,
+    Client,
+    Completed,
+    Decided,
+    Effect,
+    Execution,
+    Invalid,
+    Outcome,
+    PbftConfig,
+    Persist,
+    Reconfigured,
+    Replica,
+    Send,
+    SetTimer,
+    verify_certificate,
+)
+from .pbft import Entry as PbftEntry
+from .pbft.messages import REPLY, REQUEST, Reply, Request, open_embedded
+
+NOOP = "noop"
+VOTE_OPEN = "vote.open"
+VOTE_CAST = "vote.cast"
+VOTE_OUTCOME = "vote.outcome"
+VOTE_KINDS = frozenset({VOTE_OPEN, VOTE_CAST, VOTE_OUTCOME})
+NOOP_REASONS = frozenset({"null", "duplicate", "invalid"})
+_PENDING = "pending"  # placeholder inside one replica call, never stored or shipped
+
+# Who may propose what: the permission the proposer (request signer) must hold.
+PERMISSION: dict[str, str | None] = {
+    "admit": "member.invite",
+    "remove": "member.remove",
+    "grant": "role.grant",
+    "revoke": "role.revoke",
+    "pause": "swarm.pause",
+    "resume": "swarm.pause",
+    VOTE_OPEN: "decision.propose",
+    VOTE_CAST: "decision.vote",
+    VOTE_OUTCOME: None,  # anyone who is a member; check() decides whether it may close
+}
+# Payload field that must hold the proposer's own key.
+ACTOR: dict[str, str] = {VOTE_OPEN: "proposer", VOTE_CAST: "voter", VOTE_OUTCOME: "closed_by"}
+
+MAX_KIND_LEN = 64
+MAX_OP_BYTES = 64 * 1024
+RULES = ("majority", "reputation")
+NEUTRAL_WEIGHT = 500  # reputation 0.5 in thousandths: a newcomer's score
+MAX_WEIGHT = 1_000_000
+
+
+def pbft_config(
+    swarm_id: bytes,
+    *,
+    view_timeout_ms: int = 2_000,
+    retransmit_ms: int = 500,
+    max_backoff: int = 6,
+    max_skew_ms: int = 30_000,
+) -> PbftConfig:
+    """The PBFT parameters of the decided log. Only the timing is tunable: one request per
+    batch and a checkpoint at every seq are part of the log's format (see the module doc)."""
+    return PbftConfig(
+        swarm_id=swarm_id,
+        checkpoint_interval=1,
+        window=1,
+        max_batch=1,
+        max_inflight=1,
+        view_timeout_ms=view_timeout_ms,
+        retransmit_ms=retransmit_ms,
+        max_backoff=max_backoff,
+        max_skew_ms=max_skew_ms,
+    )
+
+
+class DecisionError(Exception):
+    """The local state and the replica disagree: a bug or a corrupted store, never input."""
+
+
+# --------------------------------------------------------------------------- operations
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    if depth > 16:
+        return False
+    if value is None or isinstance(value, (bool, int, str, bytes)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def encode_op(kind: str, payload: Mapping[str, Any]) -> bytes:
+    """The request ``op`` for a proposed decision."""
+    return canonical({"kind": kind, "payload": dict(payload)})
+
+
+def decode_op(op: bytes) -> tuple[str, dict[str, Any]] | None:
+    """``(kind, payload)`` of a request op, or None if it is not a well-formed operation."""
+    if len(op) > MAX_OP_BYTES:
+        return None
+    try:
+        value = cbor2.loads(op)
+    except Exception:  # hostile bytes: cbor2 raises many types
+        return None
+    if not (isinstance(value, dict) and set(value) == {"kind", "payload"}):
+        return None
+    kind, payload = value["kind"], value["payload"]
+    if not (isinstance(kind, str) and 0 < len(kind) <= MAX_KIND_LEN):
+        return None
+    if not (isinstance(payload, dict) and _plain(payload)):
+        return None
+    return kind, payload
+
+
+def _validators_in(roles: Mapping[bytes, frozenset[str]]) -> list[bytes]:
+    return sorted(k for k, r in roles.items() if "validator" in r)
+
+
+def _peek(raw: bytes) -> tuple[str, bytes, Any] | None:
+    """(type, sender, body) of an envelope whose signature was already checked."""
+    try:
+        fields = cbor2.loads(raw[64:])
+        return str(fields[2]), bytes(fields[3]), fields[6]
+    except Exception:
+        return None
+
+
+def _batch(payload: bytes) -> list[bytes] | None:
+    try:
+        batch = cbor2.loads(payload)
+    except Exception:
+        return None
+    if not (isinstance(batch, list) and all(isinstance(b, bytes) for b in batch)):
+        return None
+    return batch
+
+
+def result_seq(result: bytes) -> int:
+    """The seq a PBFT reply names (results are ``{"seq": n}``); 0 if malformed."""
+    try:
+        value = cbor2.loads(result)
+    except Exception:
+        return 0
+    seq = value.get("seq") if isinstance(value, dict) else None
+    return seq if type(seq) is int and seq > 0 else 0
+
+
+def pbft_entry(entry: Entry) -> PbftEntry:
+    """A decided-log entry in the form :meth:`Replica.deliver` takes (it re-verifies it)."""
+    view = 0
+    peeked = _peek(entry.certificate[1]) if len(entry.certificate) > 1 else None
+    if peeked is not None and isinstance(peeked[2], dict) and type(peeked[2].get("v")) is int:
+        view = peeked[2]["v"]
+    return PbftEntry(entry.seq, view, entry.certificate[0], tuple(entry.certificate[1:]))
+
+
+def origin_of(entry: Entry, swarm_id: bytes) -> list[tuple[bytes, int]]:
+    """(client, timestamp) of every signed request in an entry's decided batch."""
+    batch = _batch(entry.certificate[0]) if entry.certificate else None
+    out: list[tuple[bytes, int]] = []
+    for raw in batch or []:
+        env = open_embedded(raw, swarm_id)
+        req = Request.parse(env.body) if env is not None and env.type == REQUEST else None
+        if env is not None and req is not None:
+            out.append((env.sender, req.timestamp))
+    return out
+
+
+# --------------------------------------------------------------------------- votes
+
+
+@dataclass
+class Poll:
+    """An open or closed vote; its id is the seq of its ``vote.open`` entry."""
+
+    id: int
+    proposer: bytes
+    title: str
+    rule: str
+    weights: dict[bytes, int]  # the electorate (members holding decision.vote at open) -> weight
+    ballots: dict[bytes, bool] = field(default_factory=dict)
+    result: str | None = None
+    closed_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    yes: int
+    no: int
+    total: int
+
+    @property
+    def decisive(self) -> str | None:
+        """The result once the votes still missing cannot change it, else None."""
+        if 2 * self.yes > self.total:
+            return "passed"
+        if 2 * self.no >= self.total:
+            return "rejected"
+        return None
+
+    @property
+    def early(self) -> str:
+        """The result if the proposer closes the vote now (a majority of the electorate's
+        weight is needed to pass)."""
+        return "passed" if 2 * self.yes > self.total else "rejected"
+
+
+def tally(poll: Poll) -> Tally:
+    yes = sum(w for k, w in poll.weights.items() if poll.ballots.get(k) is True)
+    no = sum(w for k, w in poll.weights.items() if poll.ballots.get(k) is False)
+    return Tally(yes, no, sum(poll.weights.values()))
+
+
+def open_payload(
+    proposer: bytes,
+    title: str,
+    *,
+    text: str = "",
+    rule: str = "majority",
+    weights: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """Payload of a ``vote.open`` op. ``weights``: peer id -> weight in thousandths (the
+    proposer's reputation figures, fixed here so every node tallies the same)."""
+    body: dict[str, Any] = {"proposer": proposer, "title": title, "text": text, "rule": rule}
+    if weights:
+        body["weights"] = dict(weights)
+    return body
+
+
+def cast_payload(voter: bytes, vote_id: int, choice: str) -> dict[str, Any]:
+    return {"voter": voter, "vote": vote_id, "choice": choice}
+
+
+def outcome_payload(state: ConsensusMembership, vote_id: int, closer: bytes) -> dict[str, Any]:
+    """Payload of the ``vote.outcome`` op that closes ``vote_id`` now (raises if unknown)."""
+    poll = state.polls.get(vote_id)
+    if poll is None:
+        raise MembershipError(f"no vote {vote_id}")
+    t = tally(poll)
+    return {
+        "vote": vote_id,
+        "closed_by": closer,
+        "yes": t.yes,
+        "no": t.no,
+        "total": t.total,
+        "result": t.decisive or t.early,
+    }
+
+
+# --------------------------------------------------------------------------- the state
+
+
+@dataclass(frozen=True)
+class Extension:
+    """A decision kind beyond the built-in ones (e.g. exclusive task assignment).
+
+    ``check(state, payload)`` must be deterministic and return why the payload is invalid now,
+    or None; ``apply(state, entry)`` updates whatever state the extension keeps (it may keep it
+    in a closure or on the state object). ``permission``: what the proposer must hold;
+    ``actor``: a payload field that must equal the proposer's key.
+    """
+
+    permission: str | None
+    check: Callable[[ConsensusMembership, dict[str, Any]], str | None]
+    apply: Callable[[ConsensusMembership, Entry], None] | None = None
+    actor: str | None = None
+
+
+TASK_ASSIGN = "task.assign"
+
+
+def exclusive_assignment(assignments: dict[str, str]) -> Extension:
+    """The ``task.assign`` kind: ``{"task": id, "node": peer id}`` assigns an exclusive task;
+    the first decision for a task wins, later ones decide as no-ops. Decided assignments are
+    recorded in ``assignments`` (task id -> peer id), the map the task lifecycle reads. Any
+    member may propose (the allocation that picked the node is deterministic; consensus only
+    makes the choice unique)."""
+
+    def check(state: ConsensusMembership, p: dict[str, Any]) -> str | None:
+        task, node = p.get("task"), p.get("node")
+        if not (isinstance(task, str) and 0 < len(task) <= 128):
+            return "payload.task must be a task id"
+        if not isinstance(node, str) or state.by_peer_id(node) is None:
+            return "payload.node must be a member's peer id"
+        if task in assignments:
+            return f"task {task} is already assigned"
+        return None
+
+    def apply(state: ConsensusMembership, entry: Entry) -> None:
+        assignments[entry.payload["task"]] = entry.payload["node"]
+
+    return Extension(permission=None, check=check, apply=apply)
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """What a decided batch means: the entry it yields and whose requests PBFT executed."""
+
+    kind: str
+    payload: dict[str, Any]
+    origin: tuple[bytes, int] | None  # (client, timestamp) the entry stands for
+    executed: dict[bytes, int]  # client -> timestamp, for every request PBFT executed
+
+
+def _trusted(state: Membership, entry: Entry) -> str | None:
+    return None
+
+
+def verify_consensus_certificate(state: Membership, entry: Entry) -> str | None:
+    """:data:`CertificateVerifier` of a consensus-backed log: None if ``entry`` is the one
+    decided at its seq, else why not. Pure; needs only the state before the entry."""
+    if not isinstance(state, ConsensusMembership):
+        return "a consensus-backed log is replayed into a ConsensusMembership"
+    cert = entry.certificate
+    if len(cert) < 2:
+        return "a consensus certificate holds the decided batch and quorum commits"
+    ok = verify_certificate(cert[1:], cert[0], state.validators(), state.swarm_id, seq=entry.seq)
+    if isinstance(ok, Invalid):
+        return f"certificate refused: {ok.reason}"
+    got = state.analyze(cert[0])
+    if isinstance(got, str):
+        return got
+    if entry.kind != got.kind or canonical(entry.payload) != canonical(got.payload):
+        return f"entry says {entry.kind!r} but the decided batch yields {got.kind!r}"
+    return None
+
+
+@dataclass
+class ConsensusMembership(Membership):
+    """The decided log's state when the log is consensus-backed (see the module doc)."""
+
+    verifier: CertificateVerifier = verify_consensus_certificate
+    extensions: dict[str, Extension] = field(default_factory=dict)
+    # client key -> timestamp of its last request PBFT executed (mirrors the replicas' table)
+    clients: dict[bytes, int] = field(default_factory=dict)
+    # seq -> (client, timestamp) of the request the entry stands for (not for null/duplicate)
+    origin: dict[int, tuple[bytes, int]] = field(default_factory=dict)
+    polls: dict[int, Poll] = field(default_factory=dict)
+
+    # -- views ------------------------------------------------------------------------------
+
+    def genesis_validators(self) -> list[bytes]:
+        return _validators_in(self.history[0])
+
+    def validators_at(self, seq: int) -> list[bytes]:
+        """The set that certifies entry ``seq`` (the set after entry ``seq - 1``)."""
+        return _validators_in(self.history[min(max(seq - 1, 0), len(self.history) - 1)])
+
+    # -- rules ------------------------------------------------------------------------------
+
+    def check(self, kind: str, payload: dict[str, Any]) -> str | None:
+        if kind in MEMBERSHIP_KINDS:
+            return super().check(kind, payload) or self._keeps_validators(kind, payload)
+        if kind == NOOP:
+            reason = payload.get("reason")
+            return None if reason in NOOP_REASONS or reason == _PENDING else "unknown noop"
+        if kind == VOTE_OPEN:
+            return self._check_open(payload)
+        if kind == VOTE_CAST:
+            return self._check_cast(payload)
+        if kind == VOTE_OUTCOME:
+            return self._check_outcome(payload)
+        ext = self.extensions.get(kind)
+        if ext is not None:
+            return ext.check(self, payload)
+        return f"unknown decision kind {kind!r}"
+
+    def permit(self, client: bytes, t: int, kind: str, payload: dict[str, Any]) -> str | None:
+        """Why ``client`` may not propose this operation (request timestamp ``t``), or None."""
+        if kind == NOOP:
+            return "noop entries cannot be proposed"
+        ext = self.extensions.get(kind)
+        if kind not in PERMISSION and ext is None:
+            return f"unknown decision kind {kind!r}"
+        actor = ACTOR.get(kind) or (ext.actor if ext is not None else None)
+        if actor is not None and payload.get(actor) != client:
+            return f"payload.{actor} must be the proposer's own key"
+        if kind == "admit":
+            if self.may(client, "member.invite"):
+                return None
+            return self._invitation(client, t, payload)
+        if not self.is_member(client):
+            return "the proposer is not a member"
+        if kind == "remove" and payload.get("public_key") == client:
+            return None  # leaving needs no permission
+        perm = PERMISSION.get(kind, ext.permission if ext else None)
+        if perm is not None and not self.may(client, perm):
+            return f"the proposer does not hold {perm}"
+        return None
+
+    def judge(self, client: bytes, t: int, op: bytes) -> tuple[str, dict[str, Any]]:
+        """The entry an executed request yields in the current state."""
+        parsed = decode_op(op)
+        if parsed is None:
+            return NOOP, {"reason": "invalid", "error": "malformed operation"}
+        kind, payload = parsed
+        try:
+            err = self.permit(client, t, kind, payload) or self.check(kind, payload)
+        except Exception as exc:  # an extension's check must not split the replicas either
+            err = f"check failed: {type(exc).__name__}"
+        if err is not None:
+            return NOOP, {"reason": "invalid", "kind": kind, "error": err}
+        return kind, payload
+
+    def analyze(self, payload: bytes) -> Analysis | str:
+        """The entry a decided batch yields now, mirroring the replica's execution rules:
+        requests that are not validly signed requests, or whose timestamp is not above the
+        client's last executed one, are skipped; the first executed request is the entry's
+        operation (a batch never holds more than one unless its primary was faulty)."""
+        batch = _batch(payload)
+        if batch is None:
+            return "the decided batch is malformed"
+        if not batch:
+            return Analysis(NOOP, {"reason": "null"}, None, {})
+        executed: dict[bytes, int] = {}
+        first: tuple[bytes, int, bytes] | None = None
+        for raw in batch:
+            env = open_embedded(raw, self.swarm_id)
+            req = Request.parse(env.body) if env is not None and env.type == REQUEST else None
+            if env is None or req is None:
+                continue
+            done = executed.get(env.sender, self.clients.get(env.sender))
+            if done is not None and req.timestamp <= done:
+                continue
+            executed[env.sender] = req.timestamp
+            if first is None:
+                first = (env.sender, req.timestamp, req.op)
+        if first is None:
+            return Analysis(NOOP, {"reason": "duplicate"}, None, executed)
+        kind, body = self.judge(*first)
+        return Analysis(kind, body, (first[0], first[1]), executed)
+
+    # -- applying ---------------------------------------------------------------------------
+
+    def apply(self, entry: Entry) -> None:
+        analysis: Analysis | None = None
+        if entry.certificate and entry.seq == self.height + 1:
+            got = self.analyze(entry.certificate[0])
+            analysis = got if isinstance(got, Analysis) else None
+        super().apply(entry)
+        if analysis is not None:
+            for client, t in analysis.executed.items():
+                self.clients[client] = max(t, self.clients.get(client, t))
+            if analysis.origin is not None:
+                self.origin[entry.seq] = analysis.origin
+        self._apply_extras(entry)
+
+    def apply_trusted(self, entry: Entry) -> None:
+        """Apply without checking the certificate: for entries this node's own replica
+        decided (it verified every commit) or placeholders inside one replica call."""
+        saved = self.verifier
+        self.verifier = _trusted
+        try:
+            self.apply(entry)
+        finally:
+            self.verifier = saved
+
+    def _apply_extras(self, entry: Entry) -> None:
+        p = entry.payload
+        if entry.kind == VOTE_OPEN:
+            raw = p.get("weights") or {}
+            weights: dict[bytes, int] = {}
+            for key in sorted(self.members):
+                if not self.may(key, "decision.vote"):
+                    continue
+                if p["rule"] == "majority":
+                    weights[key] = 1
+                else:
+                    weights[key] = int(raw.get(peer_id_from_public_key(key), NEUTRAL_WEIGHT))
+            self.polls[entry.seq] = Poll(entry.seq, p["proposer"], p["title"], p["rule"], weights)
+        elif entry.kind == VOTE_CAST:
+            self.polls[p["vote"]].ballots[p["voter"]] = p["choice"] == "yes"
+        elif entry.kind == VOTE_OUTCOME:
+            poll = self.polls[p["vote"]]
+            poll.result = p["result"]
+            poll.closed_at = entry.seq
+        else:
+            ext = self.extensions.get(entry.kind)
+            if ext is not None and ext.apply is not None:
+                ext.apply(self, entry)
+
+    # -- rule details -----------------------------------------------------------------------
+
+    def _keeps_validators(self, kind: str, payload: dict[str, Any]) -> str | None:
+        if kind != "remove" and not (kind == "revoke" and payload.get("role") == "validator"):
+            return None
+        left = [v for v in self.validators() if v != payload.get("public_key")]
+        return None if left else "the swarm would be left without validators"
+
+    def _invitation(self, client: bytes, t: int, payload: dict[str, Any]) -> str | None:
+        """An admission proposed by someone without member.invite must carry the invite
+        (``payload.invitation``: the signed ``member.invite`` envelope) of a member who has it;
+        the request timestamp must not be past the invite's expiry."""
+        raw = payload.get("invitation")
+        if not isinstance(raw, bytes):
+            return "the proposer does not hold member.invite and no invitation is attached"
+        env = open_envelope(raw, swarm_id=self.swarm_id, now_ms=0, max_skew_ms=NO_SKEW)
+        if isinstance(env, Rejection) or env.type != "member.invite":
+            return "the attached invitation is not a valid invite of this swarm"
+        body = env.body if isinstance(env.body, dict) else {}
+        if not self.may(env.sender, "member.invite"):
+            return "the invitation was not issued by a member holding member.invite"
+        if body.get("nonce") != payload.get("invite"):
+            return "payload.invite is not the invitation's nonce"
+        roles = body.get("roles")
+        wanted = payload.get("roles")
+        if not (isinstance(roles, list) and isinstance(wanted, list)) or set(roles) != set(wanted):
+            return "payload.roles differ from the roles the invitation grants"
+        expires = body.get("expires_at")
+        if type(expires) is not int or t > expires:
+            return "the invitation had expired when the admission was proposed"
+        if payload.get("invited_by") not in (None, env.sender):
+            return "payload.invited_by is not the invitation's issuer"
+        if not self.is_member(client) and payload.get("public_key") != client:
+            return "a non-member may only propose its own admission"
+        return None
+
+    def _check_open(self, p: dict[str, Any]) -> str | None:
+        title, text, rule = p.get("title"), p.get("text", ""), p.get("rule")
+        if not isinstance(p.get("proposer"), bytes):
+            return "payload.proposer must be a key"
+        if not (isinstance(title, str) and 0 < len(title) <= 200):
+            return "payload.title must be 1-200 characters"
+        if not (isinstance(text, str) and len(text) <= 4000):
+            return "payload.text must be at most 4000 characters"
+        if rule not in RULES:
+            return f"payload.rule must be one of {', '.join(RULES)}"
+        weights = p.get("weights", {})
+        if not isinstance(weights, dict) or not all(
+            isinstance(k, str) and type(w) is int and 0 <= w <= MAX_WEIGHT
+            for k, w in weights.items()
+        ):
+            return f"payload.weights must map peer ids to integers 0-{MAX_WEIGHT}"
+        if weights and rule != "reputation":
+            return "payload.weights only go with rule reputation"
+        return None
+
+    def _poll(self, p: dict[str, Any]) -> Poll | str:
+        vote = p.get("vote")
+        poll = self.polls.get(vote) if type(vote) is int else None
+        if poll is None:
+            return "payload.vote names no vote"
+        if poll.result is not None:
+            return f"vote {poll.id} is closed"
+        return poll
+
+    def _check_cast(self, p: dict[str, Any]) -> str | None:
+        poll = self._poll(p)
+        if isinstance(poll, str):
+            return poll
+        if p.get("choice") not in ("yes", "no"):
+            return "payload.choice must be yes or no"
+        voter = p.get("voter")
+        if not isinstance(voter, bytes) or voter not in poll.weights:
+            return "the voter is not in this vote's electorate"
+        if voter in poll.ballots:
+            return "the voter has already voted"
+        return None
+
+    def _check_outcome(self, p: dict[str, Any]) -> str | None:
+        poll = self._poll(p)
+        if isinstance(poll, str):
+            return poll
+        t = tally(poll)
+        if (p.get("yes"), p.get("no"), p.get("total")) != (t.yes, t.no, t.total):
+            return "payload tally differs from the votes cast"
+        if t.decisive is not None:
+            return None if p.get("result") == t.decisive else "payload.result is wrong"
+        if p.get("closed_by") != poll.proposer:
+            return "only the proposer may close a vote before its result is certain"
+        return None if p.get("result") == t.early else "payload.result is wrong"
+
+
+# --------------------------------------------------------------------------- the application
+
+
+class DecisionMachine:
+    """The PBFT application of the decided log.
+
+    ``execute`` runs inside a replica call, before the Decided effect carrying the commits is
+    out: it applies the entry provisionally (no certificate yet) so that the next request in
+    the same call is judged against the state after it. :meth:`finalize`, called for every
+    Decided effect in order right after the replica call, swaps in the certified entry. The
+    result of every request is ``{"seq": n}``: the same whether a replica executes live or
+    re-executes an entry it already got by state transfer.
+    """
+
+    def __init__(self, state: ConsensusMembership) -> None:
+        self.state = state
+
+    def execute(self, ex: Execution) -> bytes | Outcome:
+        st = self.state
+        n = ex.seq
+        result = canonical({"seq": n})
+        if n <= st.height:
+            if st.entries[n - 1].certificate:  # known by state transfer: re-execution
+                before = _validators_in(st.history[n - 1])
+                after = _validators_in(st.history[n])
+                return Outcome(result, tuple(after)) if after != before else result
+            # a further request of one batch (faulty primary): executed, not the entry's op
+            st.clients[ex.client] = max(ex.timestamp, st.clients.get(ex.client, ex.timestamp))
+            return result
+        while st.height < n - 1:  # null or all-duplicate batches in between
+            st.apply_trusted(Entry(st.height + 1, NOOP, {"reason": _PENDING}, []))
+        before = st.validators()
+        kind, payload = st.judge(ex.client, ex.timestamp, ex.op)
+        st.apply_trusted(Entry(n, kind, payload, []))
+        st.clients[ex.client] = ex.timestamp
+        st.origin[n] = (ex.client, ex.timestamp)
+        after = st.validators()
+        return Outcome(result, tuple(after)) if after != before else result
+
+    def finalize(self, d: Decided) -> Entry | None:
+        """The certified entry for ``d``; None if the log already held it (state transfer)."""
+        st = self.state
+        n = d.seq
+        cert = [d.payload, *d.certificate]
+        if n <= st.height:
+            old = st.entries[n - 1]
+            if old.certificate:
+                if old.certificate[0] != d.payload:
+                    raise DecisionError(f"seq {n}: the replica decided another batch than the log")
+                return None
+            kind, payload = old.kind, old.payload
+            if kind == NOOP and payload.get("reason") == _PENDING:
+                kind, payload = self._skipped(d.payload)
+            final = Entry(n, kind, payload, cert)
+            st.entries[n - 1] = final
+            return final
+        if n == st.height + 1:  # nothing was executed: a null or all-duplicate batch
+            kind, payload = self._skipped(d.payload)
+            final = Entry(n, kind, payload, cert)
+            st.apply_trusted(final)
+            return final
+        raise DecisionError(f"the replica decided seq {n} but the log is at {st.height}")
+
+    @staticmethod
+    def _skipped(payload: bytes) -> tuple[str, dict[str, Any]]:
+        return NOOP, {"reason": "null" if payload == NULL_PAYLOAD else "duplicate"}
+
+
+# --------------------------------------------------------------------------- the node core
+
+REPLICA = "replica"
+CLIENT = "client"
+
+
+@dataclass
+class Output:
+    """What the I/O layer must do after one call, in this order: persist ``records`` (replica
+    records, appended), ``client_state`` (replace) and ``entries`` (append to the decided log)
+    in one durable write; then send ``sends`` and arm ``timers``; then hand ``entries`` to the
+    application and resolve proposals from ``completed`` ((timestamp, seq) pairs)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    client_state: dict[str, int] | None = None
+    entries: list[Entry] = field(default_factory=list)
+    sends: list[tuple[str, bytes]] = field(default_factory=list)
+    timers: list[tuple[str, str, int]] = field(default_factory=list)
+    completed: list[tuple[int, int]] = field(default_factory=list)
+    reconfigured: list[Reconfigured] = field(default_factory=list)
+
+
+class ConsensusCore:
+    """One node's consensus, sans-IO: its replica (while it is, or was, a validator), its PBFT
+    client (to propose) and the decided-log state they drive.
+
+    Every call returns an :class:`Output`. Messages for this node itself (its client's request
+    to its own replica, its replica's reply to its own client) are delivered inside the call.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        state: ConsensusMembership,
+        config: PbftConfig,
+        *,
+        records: Sequence[Mapping[str, Any]] = (),
+        client_state: Mapping[str, int] | None = None,
+        client_retransmit_ms: int = 1_000,
+        max_client_retransmit_ms: int = 16_000,
+    ) -> None:
+        if config.checkpoint_interval != 1 or config.window != 1 or config.max_batch != 1:
+            raise ValueError("the decided log needs pbft_config(): K = window = batch = 1")
+        self.identity = identity
+        self.me = identity.public_key
+        self.my_pid = identity.peer_id
+        self.state = state
+        self.cfg = config
+        self.machine = DecisionMachine(state)
+        self.replica: Replica | None = None
+        self._records = [dict(r) for r in records]
+        cs = dict(client_state or {})
+        self._client_state = {"t": int(cs.get("t", 0)), "upto": int(cs.get("upto", 0))}
+        self.client = Client.restore(
+            [
+                {"k": "t", "t": self._client_state["t"]},
+                {"k": "seq", "upto": self._client_state["upto"]},
+            ],
+            identity,
+            state.validators(),
+            state.swarm_id,
+            retransmit_ms=client_retransmit_ms,
+            max_retransmit_ms=max_client_retransmit_ms,
+            max_skew_ms=config.max_skew_ms,
+        )
+        self.counters: Counter[str] = Counter()
+        self.last_refusal: str | None = None
+        self._reply_seq = 0
+        self._pids: dict[bytes, str] = {}
+        self._local: deque[bytes] = deque()
+        self._out = Output()
+        self._now = 0
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def is_validator(self) -> bool:
+        return self.me in self.state.validators()
+
+    def start(self, now_ms: int) -> Output:
+        """Restore or create the replica if this node is (or was) a validator; call once."""
+        self._begin(now_ms)
+        self._ensure_replica()
+        return self._end()
+
+    def receive(self, data: bytes, now_ms: int) -> Output:
+        self._begin(now_ms)
+        self._dispatch(data)
+        return self._end()
+
+    def on_timer(self, target: str, name: str, now_ms: int) -> Output:
+        self._begin(now_ms)
+        if target == REPLICA and self.replica is not None:
+            self._run(REPLICA, self.replica.on_timer(name, now_ms))
+        elif target == CLIENT:
+            self._run(CLIENT, self.client.on_timer(name, now_ms))
+        return self._end()
+
+    def submit(self, op: bytes, now_ms: int) -> tuple[int, Output]:
+        """Propose ``op`` (see :func:`encode_op`); returns the request timestamp."""
+        self._begin(now_ms)
+        t, effects = self.client.submit(op, now_ms)
+        self._run(CLIENT, effects)
+        return t, self._end()
+
+    def ingest(self, entries: Iterable[Entry], now_ms: int) -> tuple[int, Output]:
+        """State transfer: verify and apply entries that continue the log, in order. Stops at
+        the first gap or refusal (``last_refusal`` says why). Returns how many applied."""
+        self._begin(now_ms)
+        applied = 0
+        for e in sorted(entries, key=lambda e: e.seq):
+            if e.seq <= self.state.height:
+                continue
+            if e.seq != self.state.height + 1:
+                break
+            try:
+                self.state.apply(e)
+            except MembershipError as exc:
+                self.counters["ingest_refused"] += 1
+                self.last_refusal = str(exc)
+                break
+            applied += 1
+            self._out.entries.append(e)
+            self._after_entry()
+        if applied and self.replica is not None:
+            self._catch_up_replica()
+        return applied, self._end()
+
+    def status(self) -> dict[str, Any]:
+        r = self.replica
+        vals = self.state.validators()
+        return {
+            "validator": self.me in vals,
+            "validators": len(vals),
+            "height": self.state.height,
+            "view": r.view if r else None,
+            "primary": peer_id_from_public_key(r.primary) if r and r.validators else None,
+            "last_executed": r.last_executed if r else None,
+            "stable": r.stable_seq if r else None,
+            "pending_proposals": self.client.busy,
+            "rejections": dict(r.rejections) if r else {},
+            "counters": dict(self.counters),
+        }
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _begin(self, now_ms: int) -> None:
+        self._now = now_ms
+        self._out = Output()
+
+    def _end(self) -> Output:
+        while self._local:
+            self._dispatch(self._local.popleft())
+        out, self._out = self._out, Output()
+        return out
+
+    def _pid(self, key: bytes) -> str:
+        pid = self._pids.get(key)
+        if pid is None:
+            pid = self._pids[key] = peer_id_from_public_key(key)
+        return pid
+
+    def _dispatch(self, data: bytes) -> None:
+        peeked = _peek(data) if isinstance(data, bytes) and len(data) > 64 else None
+        if peeked is not None and peeked[0] == REPLY:
+            self._run(CLIENT, self.client.receive(data, self._now))
+        elif self.replica is not None:
+            self._run(REPLICA, self.replica.receive(data, self._now))
+        else:
+            self.counters["not_a_replica"] += 1
+
+    def _targets(self, source: str) -> set[bytes]:
+        if source == CLIENT:
+            return set(self.client.validators)
+        out = set(self.state.validators())
+        r = self.replica
+        if r is not None:
+            out.update(r.validators)
+            for first, vals in r.config_history:
+                if first > r.stable_seq:
+                    out.update(vals)
+        out.discard(self.me)
+        return out
+
+    def _run(self, source: str, effects: list[Effect]) -> None:
+        out = self._out
+        for eff in effects:
+            if isinstance(eff, Persist):
+                if source == REPLICA:
+                    out.records.append(eff.record)
+                else:
+                    self._client_record(eff.record)
+            elif isinstance(eff, Send):
+                pids = (
+                    [self._pid(k) for k in sorted(self._targets(source))]
+                    if eff.to is None
+                    else [eff.to]
+                )
+                for pid in pids:
+                    if pid == self.my_pid:
+                        self._local.append(eff.data)
+                    else:
+                        out.sends.append((pid, eff.data))
+            elif isinstance(eff, SetTimer):
+                out.timers.append((source, eff.name, eff.at_ms))
+            elif isinstance(eff, Decided):
+                self._decided(eff)
+            elif isinstance(eff, Reconfigured):
+                out.reconfigured.append(eff)
+                self.counters["reconfigured"] += 1
+            elif isinstance(eff, Completed):
+                out.completed.append((eff.timestamp, result_seq(eff.result)))
+
+    def _client_record(self, rec: Mapping[str, Any]) -> None:
+        if rec.get("k") == "t":
+            self._client_state["t"] = max(self._client_state["t"], int(rec["t"]))
+        elif rec.get("k") == "seq":
+            self._client_state["upto"] = max(self._client_state["upto"], int(rec["upto"]))
+        self._out.client_state = dict(self._client_state)
+
+    def _decided(self, d: Decided) -> None:
+        try:
+            entry = self.machine.finalize(d)
+        except DecisionError as exc:
+            self.counters["divergence"] += 1
+            self.last_refusal = str(exc)
+            return
+        if entry is not None:
+            self._out.entries.append(entry)
+            self._after_entry()
+        # The replica does not send itself a reply; our client needs it (with n = 1 it is the
+        # only one), and it is genuinely this validator's reply.
+        for raw, result in zip(_batch(d.payload) or [], d.results, strict=False):
+            peeked = _peek(raw)
+            req = Request.parse(peeked[2]) if peeked is not None else None
+            if result is None or peeked is None or peeked[1] != self.me or req is None:
+                continue
+            self._reply_seq += 1
+            reply = seal(
+                self.identity,
+                swarm_id=self.cfg.swarm_id,
+                type=REPLY,
+                seq=self._reply_seq,
+                timestamp=self._now,
+                body=Reply(d.view, req.timestamp, self.me, result).body(),
+            )
+            self._local.append(reply)
+
+    def _after_entry(self) -> None:
+        vals = tuple(self.state.validators())
+        if vals != self.client.validators:
+            self.client.set_validators(vals)
+        if self.replica is None and self.me in vals:
+            self._ensure_replica()
+
+    def _ensure_replica(self) -> None:
+        if self.replica is not None:
+            return
+        if self.me not in self.state.validators() and not self._records:
+            return
+        genesis = self.state.genesis_validators()
+        execute = self.machine.execute
+        if self._records:
+            r = Replica.restore(self._records, self.identity, genesis, self.cfg, execute)
+        else:
+            r = Replica(self.identity, genesis, self.cfg, execute)
+        self._records = []
+        self.replica = r
+        if r.last_executed > self.state.height:
+            # The records are ahead of the stored log (lost entries): state transfer refills it.
+            self.counters["replica_ahead_of_log"] += 1
+        self._catch_up_replica()
+        self._run(REPLICA, r.start(self._now))
+
+    def _catch_up_replica(self) -> None:
+        """Feed the replica the certified entries the log holds beyond its last executed one."""
+        r = self.replica
+        assert r is not None
+        while r.last_executed < self.state.height:
+            start = r.last_executed
+            chunk = [pbft_entry(e) for e in self.state.entries[start : start + 64]]
+            self._run(REPLICA, r.deliver(chunk, self._now))
+            if r.last_executed == start:
+                self.counters["deliver_refused"] += 1
+                break

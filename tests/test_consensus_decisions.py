@@ -1,0 +1,520 @@
+"""The decided log as PBFT decisions, pure: certificates, the entry mapping, rules and votes.
+
+Certificates here are signed by hand with the validators' keys (the tests hold them), so every
+refusal the verifier must make can be built exactly; the end-to-end tests use real replicas.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import cbor2
+import pytest
+from consensus_sim import T0, ConsensusSim, ident
+
+from mossnode.crypto.envelope import seal
+from mossnode.crypto.identity import Identity
+from mossnode.protocols.decisions import (
+    NOOP,
+    TASK_ASSIGN,
+    VOTE_CAST,
+    VOTE_OPEN,
+    VOTE_OUTCOME,
+    ConsensusCore,
+    ConsensusMembership,
+    Extension,
+    Tally,
+    cast_payload,
+    decode_op,
+    encode_op,
+    exclusive_assignment,
+    open_payload,
+    outcome_payload,
+    pbft_config,
+    tally,
+    verify_consensus_certificate,
+)
+from mossnode.protocols.membership import (
+    Entry,
+    Membership,
+    MembershipError,
+    make_genesis,
+    make_invite,
+)
+from mossnode.protocols.pbft import NULL_PAYLOAD, PbftConfig, batch_payload, digest
+from mossnode.protocols.pbft.messages import COMMIT, REQUEST, Request, Vote
+
+F, A, B, C, D, E = (ident(i) for i in range(6))
+IDS = {i.public_key: i for i in (F, A, B, C, D, E)}
+GENESIS = make_genesis(F, "unit", T0)
+SWARM = GENESIS.swarm_id
+_env_seq = [0]
+
+
+def request(who: Identity, kind: str, payload: dict[str, Any], t: int) -> bytes:
+    return request_op(who, encode_op(kind, payload), t)
+
+
+def request_op(who: Identity, op: bytes, t: int) -> bytes:
+    _env_seq[0] += 1
+    body = Request(op, t).body()
+    return seal(who, swarm_id=SWARM, type=REQUEST, seq=_env_seq[0], timestamp=T0, body=body)
+
+
+def commit(who: Identity, view: int, seq: int, payload: bytes) -> bytes:
+    _env_seq[0] += 1
+    body = Vote(view, seq, digest(payload)).body()
+    return seal(who, swarm_id=SWARM, type=COMMIT, seq=_env_seq[0], timestamp=T0, body=body)
+
+
+def certified(
+    state: ConsensusMembership,
+    batch: list[bytes],
+    signers: list[Identity] | None = None,
+    *,
+    seq: int | None = None,
+    view: int = 0,
+) -> Entry:
+    """The entry the batch yields now, with commits from ``signers`` (default: a quorum of the
+    validators in force)."""
+    payload = batch_payload(batch)
+    n = seq if seq is not None else state.height + 1
+    got = state.analyze(payload)
+    assert not isinstance(got, str), got
+    if signers is None:
+        vals = state.validators()
+        signers = [IDS[k] for k in vals[: (len(vals) + (len(vals) - 1) // 3) // 2 + 1]]
+    certs = [commit(s, view, n, payload) for s in signers]
+    return Entry(n, got.kind, got.payload, [payload, *certs])
+
+
+def admit(who: Identity, roles: list[str], nonce: bytes) -> dict[str, Any]:
+    return {"public_key": who.public_key, "roles": roles, "invite": nonce}
+
+
+def fresh() -> ConsensusMembership:
+    return ConsensusMembership(GENESIS)
+
+
+def four() -> ConsensusMembership:
+    """F, A, B, C validators (A, B, C admitted at seqs 1-3 by the founder)."""
+    st = fresh()
+    for t, who in enumerate((A, B, C), start=1):
+        st.apply(certified(st, [request(F, "admit", admit(who, ["validator"], b"v%d" % t), t)]))
+    assert len(st.validators()) == 4
+    return st
+
+
+def refused(state: ConsensusMembership, entry: Entry) -> str:
+    reason = verify_consensus_certificate(state, entry)
+    assert reason is not None
+    with pytest.raises(MembershipError):
+        state.apply(entry)
+    return reason
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def test_valid_certificate_applies_and_replays_from_genesis() -> None:
+    st = four()
+    e = certified(st, [request(F, "grant", {"public_key": A.public_key, "role": "planner"}, 9)])
+    assert verify_consensus_certificate(st, e) is None
+    st.apply(e)
+    assert "planner" in st.roles_of(A.public_key)
+    again = fresh()
+    again.replay(st.entries)
+    assert again.roles_of(A.public_key) == st.roles_of(A.public_key)
+    assert again.clients == st.clients and again.origin == st.origin
+    # the plain founder-authority Membership cannot read this log: noop/vote kinds, commits
+    with pytest.raises(MembershipError):
+        Membership(GENESIS).replay(st.entries)
+
+
+def test_2f_signatures_are_not_a_quorum() -> None:
+    st = four()
+    e = certified(st, [request(F, "pause", {}, 9)], [F, A])  # 2f = 2 of n = 4
+    assert "too_few_signatures" in refused(st, e)
+
+
+def test_commits_for_another_digest_are_refused() -> None:
+    st = four()
+    e = certified(st, [request(F, "pause", {}, 9)])
+    other = batch_payload([request(F, "resume", {}, 9)])
+    forged = Entry(
+        e.seq,
+        e.kind,
+        e.payload,
+        [e.certificate[0]] + [commit(s, 0, e.seq, other) for s in (F, A, B)],
+    )
+    assert "digest_mismatch" in refused(st, forged)
+    # and a batch swapped under honest commits does not hash to them either
+    swapped = Entry(e.seq, "resume", {}, [other, *e.certificate[1:]])
+    assert "digest_mismatch" in refused(st, swapped)
+
+
+def test_entry_that_is_not_the_decided_operation_is_refused() -> None:
+    st = four()
+    e = certified(st, [request(F, "pause", {}, 9)])
+    for kind, payload in (
+        ("resume", {}),
+        ("grant", {"public_key": A.public_key, "role": "admin"}),
+        (NOOP, {"reason": "invalid", "kind": "pause", "error": "x"}),  # hiding a decision
+        (NOOP, {"reason": "duplicate"}),
+        (NOOP, {"reason": "null"}),
+    ):
+        assert "decided batch yields" in refused(st, Entry(e.seq, kind, payload, e.certificate))
+    assert verify_consensus_certificate(st, e) is None
+
+
+def test_validator_set_at_the_wrong_seq_is_refused() -> None:
+    st = four()
+    batch = [request(F, "pause", {}, 9)]
+    # signed by the genesis set (the founder alone): a quorum at seq 1, not at seq 4
+    assert "too_few_signatures" in refused(st, certified(st, batch, [F]))
+    # a quorum of keys of which one is not a validator (yet)
+    assert "not_validator" in refused(st, certified(st, batch, [F, A, D]))
+    # a good quorum, but for another seq
+    e = certified(st, batch, seq=5)
+    assert "wrong_seq" in refused(st, Entry(4, e.kind, e.payload, e.certificate))
+    # commits that disagree on the view
+    payload = batch_payload(batch)
+    mixed = [payload, commit(F, 0, 4, payload), commit(A, 1, 4, payload), commit(B, 0, 4, payload)]
+    assert "mismatch" in refused(st, Entry(4, "pause", {}, mixed))
+    dup = [payload, commit(F, 0, 4, payload), commit(F, 0, 4, payload), commit(A, 0, 4, payload)]
+    assert "duplicate_signer" in refused(st, Entry(4, "pause", {}, dup))
+
+
+def test_after_a_reconfiguration_the_new_set_certifies_the_next_seq() -> None:
+    st = fresh()
+    e1 = certified(st, [request(F, "admit", admit(A, ["validator"], b"a"), 1)], [F])
+    st.apply(e1)
+    assert st.validators_at(1) == [F.public_key] and len(st.validators_at(2)) == 2
+    # seq 2 needs F and A (n = 2, quorum 2): the founder alone no longer suffices
+    batch = [request(F, "pause", {}, 2)]
+    assert "too_few_signatures" in refused(st, certified(st, batch, [F]))
+    st.apply(certified(st, batch, [F, A]))
+    # revoking A's validator role at seq 3 makes the founder alone the quorum from seq 4
+    st.apply(
+        certified(
+            st, [request(F, "revoke", {"public_key": A.public_key, "role": "validator"}, 3)], [F, A]
+        )
+    )
+    assert st.validators() == [F.public_key]
+    assert "not_validator" in refused(st, certified(st, [request(F, "resume", {}, 4)], [F, A]))
+    st.apply(certified(st, [request(F, "resume", {}, 4)], [F]))
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def test_null_and_duplicate_batches_decide_noops() -> None:
+    st = four()
+    null = certified(st, [])
+    assert (null.kind, null.payload, null.certificate[0]) == (
+        NOOP,
+        {"reason": "null"},
+        NULL_PAYLOAD,
+    )
+    st.apply(null)
+    first = request(F, "pause", {}, 50)
+    st.apply(certified(st, [first]))
+    assert st.paused and st.clients[F.public_key] == 50
+    # the same request decided again (a view change re-proposed it), or an older one
+    for raw in (first, request(F, "resume", {}, 49)):
+        dup = certified(st, [raw])
+        assert (dup.kind, dup.payload) == (NOOP, {"reason": "duplicate"})
+        claim = Entry(dup.seq, "resume", {}, dup.certificate)
+        assert "decided batch yields" in refused(st, claim)
+        st.apply(dup)
+    assert st.paused
+    assert st.origin[5] == (F.public_key, 50) and 6 not in st.origin
+
+
+def test_invalid_operations_decide_noops_with_the_reason() -> None:
+    st = four()
+    cases = [
+        (request(A, "pause", {}, 1), "the proposer does not hold swarm.pause"),
+        (request(D, "pause", {}, 1), "the proposer is not a member"),
+        (request(F, "admit", admit(A, ["executor"], b"x"), 60), "already a member"),
+        (request(F, "frobnicate", {}, 61), "unknown decision kind 'frobnicate'"),
+        (request(F, NOOP, {"reason": "null"}, 62), "noop entries cannot be proposed"),
+        (request_op(F, b"\xff\x00garbage", 63), "malformed operation"),
+    ]
+    for raw, error in cases:
+        e = certified(st, [raw])
+        assert e.kind == NOOP and e.payload["reason"] == "invalid"
+        assert e.payload["error"] == error
+        st.apply(e)
+    assert not st.paused
+    assert st.clients[A.public_key] == 1  # executed (as a no-op): PBFT will not run it again
+
+
+def test_first_executed_request_of_a_batch_is_the_entry() -> None:
+    st = four()
+    forged = bytearray(request(A, "pause", {}, 5))
+    forged[3] ^= 1  # bad signature: skipped like the replicas skip it
+    batch = [
+        bytes(forged),
+        request(F, "pause", {}, 70),
+        request(F, "resume", {}, 71),
+        request(B, "resume", {}, 7),
+    ]
+    e = certified(st, batch)
+    assert e.kind == "pause"
+    st.apply(e)
+    assert st.clients[F.public_key] == 71 and st.clients[B.public_key] == 7
+    assert A.public_key not in st.clients and st.origin[e.seq] == (F.public_key, 70)
+
+
+def test_nobody_may_leave_the_swarm_without_validators() -> None:
+    st = fresh()
+    st.apply(certified(st, [request(F, "admit", admit(A, ["executor"], b"a"), 1)], [F]))
+    e = certified(
+        st, [request(F, "revoke", {"public_key": F.public_key, "role": "validator"}, 2)], [F]
+    )
+    assert e.payload["error"] == "the swarm would be left without validators"
+    # a member may remove itself without member.remove
+    e = certified(st, [request(A, "remove", {"public_key": A.public_key}, 1)], [F])
+    assert e.kind == "remove"
+
+
+def test_admission_on_an_invitation_needs_no_member_invite() -> None:
+    st = four()
+    st.apply(certified(st, [request(F, "admit", admit(D, ["executor"], b"d"), 8)]))
+    token = make_invite(F, SWARM, ["reviewer"], now_ms=T0, ttl_ms=60_000, nonce=b"N" * 16, seq=1)
+    import base64
+
+    wire = base64.urlsafe_b64decode(token[5:] + "=" * (-len(token[5:]) % 4))
+    body = {**admit(E, ["reviewer"], b"N" * 16), "invitation": wire, "invited_by": F.public_key}
+    # relayed by D (executor: no member.invite) before expiry: admitted
+    ok = certified(st, [request(D, "admit", body, T0 + 1_000)])
+    assert ok.kind == "admit"
+    # after expiry (by the request's timestamp), or with more roles than granted: refused
+    late = certified(st, [request(D, "admit", body, T0 + 120_000)])
+    assert late.payload["error"] == "the invitation had expired when the admission was proposed"
+    greedy = certified(st, [request(D, "admit", {**body, "roles": ["admin"]}, T0 + 2_000)])
+    assert "differ" in greedy.payload["error"]
+    # a non-member may propose only its own admission
+    other = certified(st, [request(E, "admit", {**body, "public_key": A.public_key}, T0 + 3)])
+    assert other.kind == NOOP
+    own = certified(st, [request(E, "admit", body, T0 + 4)])
+    assert own.kind == "admit"
+    st.apply(own)
+    assert st.roles_of(E.public_key) == {"reviewer"}
+    # single use
+    again = certified(st, [request(D, "admit", {**body, "public_key": b"\x07" * 32}, T0 + 5)])
+    assert again.payload["error"] == "invite already used"
+
+
+def test_extension_kinds_are_pluggable() -> None:
+    assigned: dict[str, bytes] = {}
+
+    def check(state: ConsensusMembership, p: dict[str, Any]) -> str | None:
+        if not isinstance(p.get("task"), str):
+            return "payload.task must be a string"
+        return "task already assigned" if p["task"] in assigned else None
+
+    def apply(state: ConsensusMembership, e: Entry) -> None:
+        assigned[e.payload["task"]] = e.payload["assignee"]
+
+    ext = {"task.assign": Extension("task.create", check, apply, actor="by")}
+    st = ConsensusMembership(GENESIS, extensions=ext)
+    body = {"task": "t1", "assignee": F.public_key, "by": F.public_key}
+    st.apply(certified(st, [request(F, "task.assign", body, 1)], [F]))
+    assert assigned == {"t1": F.public_key}
+    e = certified(st, [request(F, "task.assign", body, 2)], [F])
+    assert e.payload["error"] == "task already assigned"
+    e = certified(
+        st, [request(F, "task.assign", {**body, "task": "t2", "by": A.public_key}, 3)], [F]
+    )
+    assert e.payload["error"] == "payload.by must be the proposer's own key"
+
+
+def test_exclusive_assignment_first_decision_wins() -> None:
+    assignments: dict[str, str] = {}
+    st = ConsensusMembership(GENESIS, extensions={TASK_ASSIGN: exclusive_assignment(assignments)})
+    st.apply(certified(st, [request(F, "admit", admit(A, ["executor"], b"a"), 1)], [F]))
+    first = certified(st, [request(A, TASK_ASSIGN, {"task": "t1", "node": A.peer_id}, 1)], [F])
+    st.apply(first)
+    second = certified(st, [request(F, TASK_ASSIGN, {"task": "t1", "node": F.peer_id}, 2)], [F])
+    assert second.payload["error"] == "task t1 is already assigned"
+    st.apply(second)
+    bad = certified(st, [request(F, TASK_ASSIGN, {"task": "t2", "node": D.peer_id}, 3)], [F])
+    assert bad.payload["error"] == "payload.node must be a member's peer id"
+    assert assignments == {"t1": A.peer_id}
+    # replaying elsewhere rebuilds the same map from the log
+    again: dict[str, str] = {}
+    ConsensusMembership(GENESIS, extensions={TASK_ASSIGN: exclusive_assignment(again)}).replay(
+        st.entries
+    )
+    assert again == assignments
+
+
+def test_operation_codec() -> None:
+    op = encode_op("grant", {"public_key": b"k", "role": "x"})
+    assert decode_op(op) == ("grant", {"public_key": b"k", "role": "x"})
+    for bad in (b"", b"\xa1akx", encode_op("", {}), b"\xa2dkindagpayload\xc1\x00"):
+        assert decode_op(bad) is None
+    with pytest.raises(ValueError):
+        ConsensusCore(F, fresh(), PbftConfig(swarm_id=SWARM))
+    assert pbft_config(SWARM).checkpoint_interval == 1
+
+
+# --------------------------------------------------------------------------- votes
+
+
+def voters() -> ConsensusMembership:
+    st = four()
+    for t, (who, role) in enumerate(((D, "executor"), (E, "reviewer")), start=20):
+        st.apply(certified(st, [request(F, "admit", admit(who, [role], b"e%d" % t), t)]))
+    return st
+
+
+def decide(
+    st: ConsensusMembership, who: Identity, kind: str, payload: dict[str, Any], t: int
+) -> Entry:
+    e = certified(st, [request(who, kind, payload, t)])
+    st.apply(e)
+    return e
+
+
+def test_majority_vote_passes_once_certain_and_is_final() -> None:
+    st = voters()
+    # electorate: members holding decision.vote: F (admin), D (executor), E (reviewer)
+    opened = decide(st, F, VOTE_OPEN, open_payload(F.public_key, "ship it?"), 30)
+    vid = opened.seq
+    assert set(st.polls[vid].weights) == {F.public_key, D.public_key, E.public_key}
+    assert decide(st, D, VOTE_CAST, cast_payload(D.public_key, vid, "yes"), 1).kind == VOTE_CAST
+    again = decide(st, D, VOTE_CAST, cast_payload(D.public_key, vid, "no"), 2)
+    assert again.payload["error"] == "the voter has already voted"
+    outsider = decide(st, A, VOTE_CAST, cast_payload(A.public_key, vid, "yes"), 3)
+    assert outsider.kind == NOOP  # validators hold no decision.vote
+    # not certain yet (1 of 3): only the proposer may close early, and then it is rejected
+    early = outcome_payload(st, vid, E.public_key)
+    assert decide(st, E, VOTE_OUTCOME, early, 4).payload["error"].startswith("only the proposer")
+    decide(st, E, VOTE_CAST, cast_payload(E.public_key, vid, "yes"), 5)
+    assert tally(st.polls[vid]).decisive == "passed"
+    out = outcome_payload(st, vid, E.public_key)
+    wrong = {**out, "yes": 3}
+    assert (
+        decide(st, E, VOTE_OUTCOME, wrong, 6).payload["error"]
+        == "payload tally differs from the votes cast"
+    )
+    assert decide(st, E, VOTE_OUTCOME, out, 7).kind == VOTE_OUTCOME
+    assert st.polls[vid].result == "passed"
+    late = decide(st, F, VOTE_CAST, cast_payload(F.public_key, vid, "no"), 31)
+    assert late.payload["error"] == f"vote {vid} is closed"
+    # the whole history replays identically elsewhere
+    other = fresh()
+    other.replay(st.entries)
+    assert other.polls == st.polls
+
+
+def test_reputation_weighted_vote_uses_the_weights_fixed_in_the_proposal() -> None:
+    st = voters()
+    weights = {F.peer_id: 100, D.peer_id: 600}  # E unlisted: neutral 500
+    opened = decide(
+        st, F, VOTE_OPEN, open_payload(F.public_key, "w", rule="reputation", weights=weights), 30
+    )
+    vid = opened.seq
+    assert st.polls[vid].weights == {F.public_key: 100, D.public_key: 600, E.public_key: 500}
+    decide(st, D, VOTE_CAST, cast_payload(D.public_key, vid, "yes"), 1)
+    assert tally(st.polls[vid]).decisive is None  # 600 of 1200 is not a majority
+    decide(st, F, VOTE_CAST, cast_payload(F.public_key, vid, "no"), 31)
+    assert tally(st.polls[vid]) == Tally(600, 100, 1200) and tally(st.polls[vid]).decisive is None
+    decide(st, E, VOTE_CAST, cast_payload(E.public_key, vid, "yes"), 2)
+    assert tally(st.polls[vid]).decisive == "passed"
+    # the proposer may also close early: the result is what the tally says
+    opened = decide(st, F, VOTE_OPEN, open_payload(F.public_key, "again"), 32)
+    decide(st, F, VOTE_CAST, cast_payload(F.public_key, opened.seq, "yes"), 33)
+    closed = decide(st, F, VOTE_OUTCOME, outcome_payload(st, opened.seq, F.public_key), 34)
+    assert closed.payload["result"] == "rejected"  # 1 of 3 is no majority of the electorate
+    bad = open_payload(F.public_key, "x", rule="majority", weights={F.peer_id: 1})
+    assert decide(st, F, VOTE_OPEN, bad, 35).kind == NOOP
+
+
+# --------------------------------------------------------------------------- replicas
+
+
+def test_single_validator_decides_alone() -> None:
+    sim = ConsensusSim(0)
+    f = sim.nodes[F.peer_id]
+    t = sim.propose(f, "admit", admit(A, ["executor"], b"a"))
+    # n = 1, f = 0: the founder's own commit is the quorum; decided within the call itself
+    assert f.completed == {t: 1} and [e.kind for e in f.log] == ["admit"]
+    assert len(f.log[0].certificate) == 2
+    t = sim.propose(f, "admit", admit(A, ["executor"], b"b"))
+    assert f.log[-1].payload["error"] == "already a member" and f.completed[t] == 2
+    sim.check_logs()
+
+
+def grow(sim: ConsensusSim) -> list[Any]:
+    f = sim.nodes[F.peer_id]
+    nodes = [f]
+    for k, who in enumerate((A, B, C), start=1):
+        t = sim.propose(f, "admit", admit(who, ["validator"], b"v%d" % k))
+        assert sim.run(30_000, lambda t=t: sim.decided(f, t))
+        node = sim.add(who)
+        assert sim.run(
+            30_000,
+            lambda node=node, k=k: (
+                node.core.replica is not None and node.core.replica.stable_seq >= k
+            ),
+        )
+        nodes.append(node)
+    return nodes
+
+
+def signer(raw: bytes) -> bytes:
+    return bytes(cbor2.loads(raw[64:])[3])
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_four_validators_grown_from_the_founder_survive_a_crash(seed: int) -> None:
+    """Seeded: lossy, duplicating, reordering network; a backup or the primary crashes while
+    the others decide (an invalid op and an admission); it restarts from its records and
+    stored log, catches up, and is then needed for the next quorum."""
+    rng = random.Random(seed)
+    sim = ConsensusSim(
+        seed,
+        drop=rng.choice([0.0, 0.05, 0.2]),
+        dup=rng.choice([0.0, 0.1]),
+        max_delay=rng.choice([5, 40, 150]),
+    )
+    f, a, b, c = grow(sim)
+    primary = f.core.replica.primary
+    backups = [n for n in (a, b, c) if n.identity.public_key != primary]
+    down = next((n for n in (a, b, c) if n.identity.public_key == primary), backups[0])
+    if seed % 2:
+        down = rng.choice(backups)
+    sim.crash(down)
+    t1 = sim.propose(f, "grant", {"public_key": D.public_key, "role": "planner"})
+    t2 = sim.propose(f, "admit", admit(D, ["executor"], b"d"))
+    assert sim.run(60_000, lambda: sim.decided(f, t1) and sim.decided(f, t2))
+    assert [e.kind for e in f.log[3:]] == [NOOP, "admit"]
+    assert f.log[3].payload["error"] == "not a member"
+    sim.restart(down)
+    assert sim.run(60_000, lambda: down.state.height >= 5 and down.core.replica.stable_seq >= 5)
+    other = next(n for n in (a, b, c) if n is not down)
+    sim.crash(other)
+    t = sim.propose(f, "grant", {"public_key": D.public_key, "role": "reviewer"})
+    assert sim.run(60_000, lambda: sim.decided(f, t))
+    entry = f.log[-1]
+    assert entry.kind == "grant"
+    assert down.identity.public_key in {signer(raw) for raw in entry.certificate[1:]}
+    sim.check_logs()
+
+
+def test_non_validators_follow_by_state_transfer_and_can_propose() -> None:
+    sim = ConsensusSim(7)
+    f = sim.nodes[F.peer_id]
+    t = sim.propose(f, "admit", admit(D, ["admin"], b"d"))
+    d = sim.add(D)
+    assert sim.run(10_000, lambda: d.state.height >= 1)
+    assert d.core.replica is None and not d.core.is_validator
+    t = sim.propose(d, "pause", {})
+    assert sim.run(10_000, lambda: sim.decided(d, t))
+    assert d.log[-1].kind == "pause" and d.state.origin[2] == (D.public_key, t)
+    sim.check_logs()
