@@ -11,6 +11,7 @@ BENCHES = {
     "api": "bench.api",
     "crdt": "bench.crdt",
     "tasks": "bench.tasks",
+    "pbft": "bench.pbft",
 }
 
 
