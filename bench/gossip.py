@@ -17,10 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mossnode.crypto.envelope import canonical
 from mossnode.crypto.identity import Identity, save_identity
-from mossnode.node.config import Config, write_config
+from mossnode.node.config import DB_FILE, Config, write_config
 from mossnode.node.ledger import save_ledger
-from mossnode.protocols.membership import Entry, Membership, founder_certificate, make_genesis
+from mossnode.node.store import Decided, Store
+from mossnode.protocols.decisions import ConsensusCore, ConsensusMembership, encode_op, pbft_config
+from mossnode.protocols.membership import make_genesis
 
 RATES = [5, 20, 50, 100, 200]
 SEND_S = 3.0
@@ -31,19 +34,28 @@ SIZES = [int(x) for x in os.environ.get("BENCH_GOSSIP_SIZES", "4,8,16").split(",
 def make_swarm(root: Path, n: int) -> list[Identity]:
     idents = [Identity.generate() for _ in range(n)]
     now = time.time_ns() // 1_000_000
-    state = Membership(make_genesis(idents[0], "bench", now))
+    # The founder alone decides the admissions (n = 1: its own commit is the quorum); every
+    # node starts with the certified log in its store.
+    genesis = make_genesis(idents[0], "bench", now)
+    core = ConsensusCore(idents[0], ConsensusMembership(genesis), pbft_config(genesis.swarm_id))
+    core.start(now)
+    rows: list[Decided] = []
     for i, ident in enumerate(idents[1:], 1):
         payload = {"public_key": ident.public_key, "roles": ["executor"], "invite": bytes([i])}
-        cert = founder_certificate(
-            state.genesis, idents[0], state.height + 1, "admit", payload, now
-        )
-        state.apply(Entry(state.height + 1, "admit", payload, cert))
+        _, out = core.submit(encode_op("admit", payload), now + i)
+        rows += [
+            Decided(e.seq, e.kind, canonical(e.payload), canonical(e.certificate))
+            for e in out.entries
+        ]
+    assert len(rows) == n - 1
     for i, ident in enumerate(idents):
         sd = root / f"n{i}"
         sd.mkdir(parents=True)
         save_identity(ident, sd / "identity.key")
         write_config(sd, Config(listen=["/ip4/127.0.0.1/tcp/0"]))
-        save_ledger(sd, state, {})
+        save_ledger(sd, genesis, {})
+        with Store(sd / DB_FILE) as store:
+            store.commit(decided=rows)
     return idents
 
 

@@ -67,11 +67,11 @@ def cmd_init(args: argparse.Namespace) -> None:
     result: dict[str, Any] = {"peer_id": ident.peer_id}
     if args.new_swarm:
         from .node.ledger import save_ledger
-        from .protocols.membership import Membership, make_genesis
+        from .protocols.membership import make_genesis
 
-        state = Membership(make_genesis(ident, args.new_swarm, time.time_ns() // 1_000_000))
-        save_ledger(sd, state, {})
-        result["swarm_id"] = state.swarm_id.hex()
+        genesis = make_genesis(ident, args.new_swarm, time.time_ns() // 1_000_000)
+        save_ledger(sd, genesis, {})
+        result["swarm_id"] = genesis.swarm_id.hex()
     _out(args, result, ident.peer_id)
 
 
@@ -157,8 +157,45 @@ def cmd_peers(args: argparse.Namespace) -> None:
 
 def cmd_decisions(args: argparse.Namespace) -> None:
     ds = _client(args).get("/v1/decisions")
-    lines = [f"#{d['seq']:<4} {d['kind']:8} {json.dumps(d['payload'])}" for d in ds]
+    lines = [f"#{d['seq']:<4} {d['kind']:12} {json.dumps(d['payload'])}" for d in ds]
     _out(args, ds, "\n".join(lines))
+
+
+def _vote_text(v: dict[str, Any]) -> str:
+    state = v["result"] or (f"open, certain: {v['decisive']}" if v["decisive"] else "open")
+    return (
+        f"vote #{v['id']} ({v['rule']}) {v['title']!r}: yes {v['yes']} / no {v['no']} "
+        f"of {v['total']}  [{state}]"
+    )
+
+
+def cmd_decide_propose(args: argparse.Namespace) -> None:
+    body = {"rule": args.kind, "title": args.title, "text": args.text or ""}
+    body["timeout_s"] = args.timeout
+    v = _client(args).post("/v1/votes", body)
+    _out(args, v, f"{_vote_text(v)}\nvote with: mossnode decide vote {v['id']} yes|no")
+
+
+def cmd_decide_vote(args: argparse.Namespace) -> None:
+    v = _client(args).post(
+        f"/v1/votes/{args.id}/vote", {"choice": args.choice, "timeout_s": args.timeout}
+    )
+    _out(args, v, _vote_text(v))
+
+
+def cmd_decide_close(args: argparse.Namespace) -> None:
+    v = _client(args).post(f"/v1/votes/{args.id}/close", {"timeout_s": args.timeout})
+    _out(args, v, _vote_text(v))
+
+
+def cmd_decide_list(args: argparse.Namespace) -> None:
+    vs = _client(args).get("/v1/votes")
+    _out(args, vs, "\n".join(_vote_text(v) for v in vs) or "(no votes)")
+
+
+def cmd_decide_show(args: argparse.Namespace) -> None:
+    v = _client(args).get(f"/v1/votes/{args.id}")
+    _out(args, v, json.dumps(v, indent=2))
 
 
 def cmd_install_service(args: argparse.Namespace) -> None:
@@ -409,7 +446,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--invite", required=True, help="invite token from `mossnode invite`")
     sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for admission")
     add("peers", cmd_peers, "list members and their health")
-    add("decisions", cmd_decisions, "show the decided log")
+    add("decisions", cmd_decisions, "show the decided log with its certificates")
+    decide = sub.add_parser(
+        "decide", parents=[common], help="group decisions: votes finalized by consensus"
+    )
+    dsub = decide.add_subparsers(dest="decide_command", required=True, metavar="ACTION")
+
+    def dadd(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
+        sp = dsub.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = dadd("propose", cmd_decide_propose, "open a vote (its id is the decision's seq)")
+    sp.add_argument(
+        "kind",
+        metavar="KIND",
+        choices=["majority", "reputation"],
+        help="how ballots count: majority (one per member) or reputation (leaderboard-weighted)",
+    )
+    sp.add_argument("--title", required=True, help="the question, 1-200 characters")
+    sp.add_argument("--text", help="details")
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the decision")
+    sp = dadd("vote", cmd_decide_vote, "cast this node's ballot in a vote")
+    sp.add_argument("id", type=int, metavar="ID")
+    sp.add_argument("choice", choices=["yes", "no"])
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the decision")
+    sp = dadd("close", cmd_decide_close, "finalize a vote's outcome (the proposer: early)")
+    sp.add_argument("id", type=int, metavar="ID")
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the decision")
+    dadd("list", cmd_decide_list, "votes and their tallies")
+    dadd("show", cmd_decide_show, "one vote with its electorate and ballots").add_argument(
+        "id", type=int, metavar="ID"
+    )
     agent = sub.add_parser("agent", parents=[common], help="manage this host's agents")
     asub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
 

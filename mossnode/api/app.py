@@ -269,6 +269,51 @@ def build_app(daemon: Daemon) -> Starlette:
 
         return handler
 
+    def vote_id(request: Request) -> int:
+        raw = request.path_params["id"]
+        if not raw.isdigit() or int(raw) < 1:
+            raise ApiError(400, "bad_field", "a vote id is the seq of its decision (>= 1)")
+        return int(raw)
+
+    def timeout_field(body: dict[str, Any]) -> float:
+        timeout = float(field(body, "timeout_s", float, 30.0))
+        if not 0 < timeout <= 600:
+            raise ApiError(400, "bad_field", "timeout_s must be in (0, 600]")
+        return timeout
+
+    async def votes_open(request: Request) -> Response:
+        body = await json_body(request)
+        rule = field(body, "rule", str, "majority")
+        if rule not in ("majority", "reputation"):
+            raise ApiError(400, "bad_field", "rule must be majority or reputation")
+        title = field(body, "title", str)
+        if not title.strip() or len(title) > 200:
+            raise ApiError(400, "bad_field", "field 'title' must be 1-200 characters")
+        text = field(body, "text", str, "")
+        if len(text) > 4000:
+            raise ApiError(400, "bad_field", "field 'text' must be at most 4000 characters")
+        vote = await daemon.open_vote(rule, title, text, timeout_field(body))
+        return JSONResponse(vote, status_code=201)
+
+    async def votes_cast(request: Request) -> Response:
+        vid = vote_id(request)
+        body = await json_body(request)
+        choice = field(body, "choice", str)
+        if choice not in ("yes", "no"):
+            raise ApiError(400, "bad_field", "choice must be yes or no")
+        return JSONResponse(await daemon.cast_vote(vid, choice, timeout_field(body)))
+
+    async def votes_close(request: Request) -> Response:
+        vid = vote_id(request)
+        body = await json_body(request)
+        return JSONResponse(await daemon.close_vote(vid, timeout_field(body)))
+
+    async def votes_list(request: Request) -> Response:
+        return JSONResponse(daemon.list_votes())
+
+    async def votes_show(request: Request) -> Response:
+        return JSONResponse(daemon.vote_view(vote_id(request)))
+
     async def leaderboard(request: Request) -> Response:
         return JSONResponse(daemon.leaderboard())
 
@@ -331,6 +376,19 @@ def build_app(daemon: Daemon) -> Starlette:
         ),
         Endpoint(
             "POST", "/v1/swarm/resume", "swarm.pause", "Resume dispatch", swarm_decision("resume")
+        ),
+        Endpoint("GET", "/v1/votes", "state.read", "Votes and their tallies", votes_list),
+        Endpoint("POST", "/v1/votes", "decision.propose", "Open a vote", votes_open),
+        Endpoint("GET", "/v1/votes/{id}", "state.read", "One vote with its ballots", votes_show),
+        Endpoint(
+            "POST", "/v1/votes/{id}/vote", "decision.vote", "Cast this node's ballot", votes_cast
+        ),
+        Endpoint(
+            "POST",
+            "/v1/votes/{id}/close",
+            "decision.propose",
+            "Finalize a vote's outcome",
+            votes_close,
         ),
         Endpoint("GET", "/v1/leaderboard", "state.read", "Reputation by agent", leaderboard),
         Endpoint("GET", "/v1/activity", "state.read", "Activity feed (?since=ms)", activity),

@@ -12,6 +12,7 @@ import os
 import secrets
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,27 @@ from ..crypto.identity import Identity
 from ..crypto.peerid import peer_id_from_public_key, public_key_from_peer_id
 from ..protocols import tasks as T
 from ..protocols.crdt import WriteRefused
+from ..protocols.decisions import (
+    NOOP,
+    TASK_ASSIGN,
+    VOTE_CAST,
+    VOTE_OPEN,
+    VOTE_OUTCOME,
+    ConsensusMembership,
+    Poll,
+    cast_payload,
+    encode_op,
+    exclusive_assignment,
+    open_payload,
+    outcome_payload,
+    tally,
+)
 from ..protocols.membership import (
     Entry,
-    Membership,
+    Genesis,
     MembershipError,
     check_invite,
     decode_invite,
-    founder_certificate,
     make_invite,
     parse_genesis,
 )
@@ -52,8 +67,15 @@ from ..protocols.presence import FailureDetector
 from . import systemd
 from .agents import AgentRegistry
 from .config import DB_FILE, LISTEN_FILE, SOCKET_FILE, Config
+from .consensus import (
+    ConsensusError,
+    ConsensusService,
+    ProposalRefused,
+    ProposalTimeout,
+    load_membership,
+)
 from .host import FrameError, maddrs, make_host, make_pubsub, read_frame, topic, write_frame
-from .ledger import load_ledger, save_ledger
+from .ledger import FOUNDED_BEFORE_CONSENSUS, load_ledger, save_ledger
 from .state import StateService
 from .store import Store, StoreError
 from .tasks import TaskService, apply_writes, json_numbers
@@ -61,7 +83,7 @@ from .tasks import TaskService, apply_writes, json_numbers
 log = logging.getLogger("mossnode")
 
 JOIN_PROTO = TProtocol("/moss/join/1")
-LOG_PROTO = TProtocol("/moss/log/1")
+ADMIT_TIMEOUT_S = 25.0  # a joiner waits 30 s by default
 LOCK_FILE = "daemon.lock"
 
 
@@ -89,10 +111,19 @@ class Daemon:
         self.started = time.monotonic()
         self.host = make_host(identity, mdns=cfg.mdns)
         self.pubsub, self.router = make_pubsub(self.host, cfg.gossip_heartbeat_s)
-        loaded = load_ledger(state_dir)
-        self.state: Membership | None = loaded[0] if loaded else None
-        extra = loaded[1] if loaded else {}
+        ledger = load_ledger(state_dir)
+        self.genesis: Genesis | None = ledger.genesis if ledger else None
+        self._legacy_entries = ledger.legacy_entries if ledger else 0
+        # The decided-log state is rebuilt from the store (every certificate verified) in run().
+        self.state: ConsensusMembership | None = None
+        # task id -> peer id of exclusive assignments, filled by the decided log's task.assign
+        self.exclusive: dict[str, str] = {}
+        self.consensus: ConsensusService | None = None
+        extra = ledger.extra if ledger else {}
         self.known_addrs: dict[str, list[str]] = dict(extra.get("addrs", {}))
+        self._addrs_dirty = False
+        self._proposing: set[str] = set()  # exclusive tasks with a proposal under way
+        self._announced = 0  # highest decided seq this node gossiped
         self.detector = FailureDetector(
             int(cfg.suspect_after_s * 1000), int(cfg.dead_after_s * 1000)
         )
@@ -138,7 +169,7 @@ class Daemon:
             body=body,
         )
 
-    def _swarm(self) -> Membership:
+    def _swarm(self) -> ConsensusMembership:
         if self.state is None:
             raise DaemonError(
                 "this node is not in a swarm yet: `mossnode init --new-swarm NAME` or "
@@ -159,8 +190,21 @@ class Daemon:
         return [str(a) for a in self.host.get_addrs()]
 
     def _persist(self) -> None:
-        assert self.state is not None
-        save_ledger(self.state_dir, self.state, {"addrs": self.known_addrs})
+        """Save the genesis and the members' addresses (the decided log is in the store)."""
+        assert self.genesis is not None
+        save_ledger(self.state_dir, self.genesis, {"addrs": self.known_addrs})
+        self._addrs_dirty = False
+
+    def _load_state(self, genesis: Genesis) -> ConsensusMembership:
+        """The decided-log state from the store, every certificate verified again."""
+        assert self.store is not None
+        self.exclusive.clear()
+        try:
+            return load_membership(
+                self.store, genesis, {TASK_ASSIGN: exclusive_assignment(self.exclusive)}
+            )
+        except MembershipError as exc:
+            raise DaemonError(f"{self.store.path}: decided log refused: {exc}") from None
 
     def _open(self, data: bytes) -> Envelope | Rejection:
         state = self._swarm()
@@ -187,6 +231,10 @@ class Daemon:
                 self.store = Store(self.state_dir / DB_FILE)
             except StoreError as exc:
                 raise DaemonError(str(exc)) from None
+            if self.genesis is not None:
+                if self._legacy_entries and self.store.last_decided_seq() == 0:
+                    raise DaemonError(FOUNDED_BEFORE_CONSENSUS.format(n=self._legacy_entries))
+                self.state = self._load_state(self.genesis)
             async with (
                 self.host.run(maddrs(self.listen)),
                 background_trio_service(self.pubsub),
@@ -194,7 +242,6 @@ class Daemon:
             ):
                 await self.pubsub.wait_until_ready()
                 self.host.set_stream_handler(JOIN_PROTO, self._on_join_stream)
-                self.host.set_stream_handler(LOG_PROTO, self._on_log_stream)
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     from ..api.server import serve_api
@@ -217,6 +264,14 @@ class Daemon:
                     await self.stopping.wait()
                     systemd.notify("STOPPING=1")
                     nursery.cancel_scope.cancel()
+                if self._addrs_dirty and self.genesis is not None:
+                    self._persist()
+                # Close connections before leaving host.run, so peers see them go at once.
+                with trio.move_on_after(5):
+                    try:
+                        await self.host.close()
+                    except Exception as exc:
+                        log.debug("host close: %s", exc)
         finally:
             for p in (self.state_dir / LISTEN_FILE, self.api_path):
                 p.unlink(missing_ok=True)
@@ -247,19 +302,26 @@ class Daemon:
         tmp.write_text("".join(a + "\n" for a in self.listen_addrs()))
         os.replace(tmp, path)
 
-    async def _enter_swarm(self) -> None:
-        """Subscribe to the swarm's topics and start presence; idempotent."""
+    async def _enter_swarm(self, entries: Sequence[Entry] = ()) -> None:
+        """Start consensus (ingesting ``entries``, a verified join reply, first), then subscribe
+        to the swarm's topics and start presence, shared state and tasks; idempotent."""
         if self._in_swarm.is_set():
             return
         state = self._swarm()
-        assert self._nursery is not None
+        assert self._nursery is not None and self.store is not None
+        self.consensus = ConsensusService(
+            self.identity, state, self.store, self.host, on_decided=self._on_entry
+        )
+        await self._nursery.start(self.consensus.run)
+        if entries:
+            # Before presence starts: our own envelopes must pass our own membership check.
+            await self.consensus.ingest(entries)
         for name, handler in (("presence", self._on_presence), ("consensus", self._on_consensus)):
             t = topic(state.swarm_id, name)
             self.pubsub.set_topic_validator(t, self._validator, False)
             sub = await self.pubsub.subscribe(t)
             self._nursery.start_soon(self._reader, sub, handler)
         self._nursery.start_soon(self._presence_loop)
-        assert self.store is not None
         self.shared = StateService(self, self.store)
         await self.shared.start(self._nursery)
         self.tasks = TaskService(self, self.shared)
@@ -333,6 +395,7 @@ class Daemon:
                 self.shared.trigger_sync(peer)
         if addrs and self.known_addrs.get(peer) != addrs:
             self.known_addrs[peer] = addrs
+            self._addrs_dirty = True
         height = body.get("height")
         if isinstance(height, int) and height > self._swarm().height:
             self._start_sync(peer)
@@ -340,7 +403,9 @@ class Daemon:
     # --- decided log ---------------------------------------------------------------------
 
     async def _on_consensus(self, env: Envelope) -> None:
-        if env.type != "decision":
+        """A validator announced a decision: ingest it if it is our next entry (its certificate
+        is verified first), or catch up from the sender if we are further behind."""
+        if env.type != "decision" or self.consensus is None:
             return
         state = self._swarm()
         try:
@@ -353,19 +418,34 @@ class Daemon:
         if entry.seq > state.height + 1:
             self._start_sync(env.sender_id)
             return
-        self._apply(entry)
-
-    def _apply(self, entry: Entry) -> None:
-        state = self._swarm()
-        try:
-            state.apply(entry)
-        except MembershipError as exc:
+        await self.consensus.ingest([entry])
+        if state.height < entry.seq:
             self.rejected["bad_decision"] += 1
-            log.warning("%s", exc)
-            return
-        self._persist()
+            log.warning("decision #%d refused: %s", entry.seq, self.consensus.core.last_refusal)
+
+    async def _on_entry(self, entry: Entry) -> None:
+        """Every new decided-log entry, in order, once it is durable in the store."""
         self._decided(entry)
-        log.info("decided #%d %s", entry.seq, entry.kind)
+        if entry.kind == NOOP:
+            log.debug("decided #%d noop %s", entry.seq, entry.payload.get("reason"))
+        else:
+            log.info("decided #%d %s", entry.seq, entry.kind)
+        if entry.kind == VOTE_CAST:
+            self._maybe_close_vote(entry.payload.get("vote"))
+        c = self.consensus
+        if c is not None and c.is_validator and entry.seq == self._swarm().height:
+            await self._announce(entry)
+
+    async def _announce(self, entry: Entry) -> None:
+        """Gossip a decided entry, so that non-validators learn of it at once (else within a
+        consensus sync interval). Receivers verify its certificate before applying it."""
+        if entry.seq <= self._announced:
+            return
+        self._announced = entry.seq
+        try:
+            await self.publish("consensus", "decision", entry.to_wire())
+        except Exception as exc:
+            log.debug("announcing decision #%d failed: %s", entry.seq, exc)
 
     def _decided(self, entry: Entry) -> None:
         if self.shared is not None:
@@ -373,71 +453,179 @@ class Daemon:
         if self.tasks is not None:
             self.tasks.poke()
 
-    async def propose_exclusive(self, task_id: str, node: str) -> None:
-        """Exclusive tasks are assigned by a decision; until consensus is wired, none is made."""
-        self.counters["exclusive_proposals"] += 1
-        log.debug("exclusive assignment of %s to %s awaits consensus", task_id, node)
+    def _start_sync(self, peer: str) -> None:
+        if peer in self._syncing or self._nursery is None or self.consensus is None:
+            return
+        self._syncing.add(peer)
+        self._nursery.start_soon(self._catch_up, peer)
 
-    async def decide(self, kind: str, payload: dict[str, Any]) -> Entry:
-        """Founder authority: sign, apply, persist, then announce one decision."""
+    async def _catch_up(self, peer: str) -> None:
+        try:
+            assert self.consensus is not None
+            await self.consensus.catch_up(peer)
+        finally:
+            self._syncing.discard(peer)
+
+    def _consensus(self) -> ConsensusService:
+        self._swarm()
+        if self.consensus is None:
+            raise DaemonError("consensus is not running yet", "unavailable", 503)
+        return self.consensus
+
+    async def propose_exclusive(self, task_id: str, node: str) -> None:
+        """Ask consensus to assign an exclusive task to ``node``; the first decision for a task
+        wins and lands in :attr:`exclusive`. Runs in the background: the scheduler must not wait
+        for a PBFT round (it proposes again after its lease if nothing was decided)."""
+        if (
+            self.consensus is None
+            or self._nursery is None
+            or task_id in self._proposing
+            or task_id in self.exclusive
+        ):
+            return
+        self._proposing.add(task_id)
+        self.counters["exclusive_proposals"] += 1
+        self._nursery.start_soon(self._propose_exclusive, task_id, node)
+
+    async def _propose_exclusive(self, task_id: str, node: str) -> None:
+        try:
+            assert self.consensus is not None
+            entry = await self.consensus.propose(TASK_ASSIGN, {"task": task_id, "node": node})
+            log.info("exclusive task %s assigned to %s (#%d)", task_id, node, entry.seq)
+        except ProposalRefused as exc:  # another node's proposal was decided first
+            log.debug("exclusive assignment of %s: %s", task_id, exc)
+        except ConsensusError as exc:
+            log.warning("exclusive assignment of %s: %s", task_id, exc)
+        finally:
+            self._proposing.discard(task_id)
+
+    async def decide(self, kind: str, payload: dict[str, Any], timeout_s: float = 30.0) -> Entry:
+        """Propose one decision through PBFT, proposed (signed) by this node, and wait for it.
+
+        Refused at once (400) if this node may not propose it or the current state rejects it;
+        409 if the validators decided it as a no-op (the state changed meanwhile); 504 if it
+        is not decided in time (it stays queued and may still be decided)."""
         state = self._swarm()
         if kind in ("remove", "revoke") and self.shared is not None and "cutoff" not in payload:
             author = peer_id_from_public_key(payload.get("public_key", b"\0" * 32))
             payload = {**payload, "cutoff": self.shared.replica.vector().get(author, 0)}
-        problem = state.check(kind, payload)
-        if problem:
-            raise DaemonError(f"decision refused: {problem}")
-        if self.identity.public_key != state.genesis.founder:
-            raise DaemonError(
-                "only the swarm's founder can decide until consensus is enabled", "forbidden", 403
-            )
-        seq = state.height + 1
-        cert = founder_certificate(state.genesis, self.identity, seq, kind, payload, now_ms())
-        entry = Entry(seq, kind, payload, cert)
-        state.apply(entry)
-        self._persist()
-        self._decided(entry)
-        await self.publish("consensus", "decision", entry.to_wire())
-        return entry
+        consensus = self._consensus()
+        verdict, body = state.judge(self.identity.public_key, now_ms(), encode_op(kind, payload))
+        if verdict == NOOP:
+            raise DaemonError(f"decision refused: {body.get('error', 'invalid operation')}")
+        try:
+            return await consensus.propose(kind, payload, timeout_s)
+        except ProposalTimeout as exc:
+            raise DaemonError(str(exc), "timeout", 504) from None
+        except ProposalRefused as exc:
+            raise DaemonError(str(exc), "conflict", 409) from None
+        except ConsensusError as exc:
+            raise DaemonError(str(exc), "unavailable", 503) from None
 
-    def _start_sync(self, peer: str) -> None:
-        if peer in self._syncing or self._nursery is None:
+    # --- votes ---------------------------------------------------------------------------
+
+    def reputation_weights(self) -> dict[str, int]:
+        """Peer id -> weight in thousandths for a reputation-weighted vote: each member node's
+        best agent score on the task leaderboard (members without history are left out and
+        count as a newcomer, 500)."""
+        state = self._swarm()
+        weights: dict[str, int] = {}
+        for row in self.leaderboard():
+            node, score = row.get("node"), row.get("score")
+            if not isinstance(node, str) or not isinstance(score, (int, float)):
+                continue
+            if state.by_peer_id(node) is None:
+                continue
+            w = max(0, min(1_000_000, round(float(score) * 1000)))
+            weights[node] = max(w, weights.get(node, 0))
+        return weights
+
+    def _poll(self, vote_id: int) -> Poll:
+        poll = self._swarm().polls.get(vote_id)
+        if poll is None:
+            raise DaemonError(f"no vote {vote_id}", "not_found", 404)
+        return poll
+
+    def vote_view(self, vote_id: int) -> dict[str, Any]:
+        state = self._swarm()
+        poll = self._poll(vote_id)
+        t = tally(poll)
+        opened = state.entries[vote_id - 1].payload
+        return {
+            "id": poll.id,
+            "title": poll.title,
+            "text": opened.get("text", ""),
+            "rule": poll.rule,
+            "proposer": peer_id_from_public_key(poll.proposer),
+            "electorate": {peer_id_from_public_key(k): w for k, w in poll.weights.items()},
+            "ballots": {
+                peer_id_from_public_key(k): "yes" if v else "no" for k, v in poll.ballots.items()
+            },
+            "yes": t.yes,
+            "no": t.no,
+            "total": t.total,
+            "decisive": t.decisive,
+            "result": poll.result,
+            "closed_at": poll.closed_at,
+        }
+
+    def list_votes(self) -> list[dict[str, Any]]:
+        return [self.vote_view(i) for i in sorted(self._swarm().polls)]
+
+    async def open_vote(
+        self, rule: str, title: str, text: str = "", timeout_s: float = 30.0
+    ) -> dict[str, Any]:
+        """Open a vote (``vote.open``); its id is the seq of the decided entry. A reputation
+        vote fixes the weights now, from this node's reading of the leaderboard."""
+        weights = self.reputation_weights() if rule == "reputation" else None
+        payload = open_payload(
+            self.identity.public_key, title, text=text, rule=rule, weights=weights
+        )
+        entry = await self.decide(VOTE_OPEN, payload, timeout_s)
+        return {**self.vote_view(entry.seq), "seq": entry.seq}
+
+    async def cast_vote(self, vote_id: int, choice: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Cast this node's ballot; if it makes the result certain, finalize the outcome too."""
+        self._poll(vote_id)
+        entry = await self.decide(
+            VOTE_CAST, cast_payload(self.identity.public_key, vote_id, choice), timeout_s
+        )
+        poll = self._poll(vote_id)
+        if poll.result is None and tally(poll).decisive is not None:
+            try:
+                await self.close_vote(vote_id, timeout_s)
+            except DaemonError as exc:  # someone else closed it first
+                log.debug("closing vote %d: %s", vote_id, exc)
+        return {**self.vote_view(vote_id), "seq": entry.seq, "choice": choice}
+
+    async def close_vote(self, vote_id: int, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Decide the outcome (``vote.outcome``): anyone once the result is certain, the
+        proposer at any time (then it passes only with a majority of all the weight)."""
+        poll = self._poll(vote_id)
+        if poll.result is not None:
+            raise DaemonError(f"vote {vote_id} is closed ({poll.result})", "conflict", 409)
+        payload = outcome_payload(self._swarm(), vote_id, self.identity.public_key)
+        entry = await self.decide(VOTE_OUTCOME, payload, timeout_s)
+        return {**self.vote_view(vote_id), "seq": entry.seq}
+
+    def _maybe_close_vote(self, vote_id: Any) -> None:
+        """Fallback for an outcome nobody proposed (the deciding voter's node went down): the
+        vote's proposer finalizes it a little later if it is still open."""
+        state = self.state
+        poll = state.polls.get(vote_id) if state is not None and type(vote_id) is int else None
+        if poll is None or poll.result is not None or self._nursery is None:
             return
-        self._syncing.add(peer)
-        self._nursery.start_soon(self._sync_log, peer)
+        if poll.proposer != self.identity.public_key or tally(poll).decisive is None:
+            return
+        self._nursery.start_soon(self._close_later, poll.id)
 
-    async def _sync_log(self, peer: str) -> None:
+    async def _close_later(self, vote_id: int, delay_s: float = 3.0) -> None:
+        await trio.sleep(delay_s)
         try:
-            with trio.move_on_after(10):
-                stream = await self.host.new_stream(ID.from_base58(peer), [LOG_PROTO])
-                await write_frame(stream, canonical({"from": self._swarm().height + 1}))
-                reply = cbor2.loads(await read_frame(stream))
-                await stream.close()
-                for raw in reply.get("entries", [])[:1000]:
-                    entry = Entry.from_wire(raw)
-                    if entry.seq == self._swarm().height + 1:
-                        self._apply(entry)
-        except Exception as exc:
-            log.debug("log sync from %s failed: %s", peer, exc)
-        finally:
-            self._syncing.discard(peer)
-
-    async def _on_log_stream(self, stream: INetStream) -> None:
-        try:
-            remote = str(stream.muxed_conn.peer_id)
-            state = self._swarm()
-            member = state.by_peer_id(remote)
-            if member is None:
-                raise DaemonError("not a member")
-            req = cbor2.loads(await read_frame(stream, 1024))
-            start = int(req["from"])
-            entries = [e.to_wire() for e in state.entries[max(start - 1, 0) :][:1000]]
-            await write_frame(stream, canonical({"entries": entries}))
-        except Exception as exc:
-            log.debug("log stream: %s", exc)
-            self.rejected["sync_refused"] += 1
-        finally:
-            await stream.close()
+            if self._poll(vote_id).result is None:
+                await self.close_vote(vote_id)
+        except (DaemonError, MembershipError) as exc:
+            log.debug("closing vote %d: %s", vote_id, exc)
 
     # --- joining -------------------------------------------------------------------------
 
@@ -482,6 +670,9 @@ class Daemon:
             await stream.close()
 
     async def _admit(self, data: bytes, remote: str) -> dict[str, Any]:
+        """Any member admits a joiner: it checks the invite, then proposes the admission
+        (carrying the signed invite, so it needs no member.invite itself) and answers with
+        the decided log once the validators have decided it."""
         state = self._swarm()
         r = open_envelope(
             data,
@@ -497,46 +688,37 @@ class Daemon:
         if r.type != "join.request" or not isinstance(r.body, dict):
             raise DaemonError("not a join request")
         if r.sender_id != remote and state.by_peer_id(remote) is None:
-            # Only a member may relay someone else's (joiner-signed) request to the founder.
+            # Only a member may relay someone else's (joiner-signed) request.
             raise DaemonError("join request is signed by another key than the connection's")
+        addrs = [a for a in r.body.get("addrs", []) if isinstance(a, str)][:16]
         if not state.is_member(r.sender):
-            if self.identity.public_key != state.genesis.founder:
-                return await self._forward_join(data)
-            invite = check_invite(str(r.body.get("invite", "")), state, now_ms())
-            await self.decide(
+            token = str(r.body.get("invite", ""))
+            invite = check_invite(token, state, now_ms())
+            wire, _ = decode_invite(token)
+            entry = await self.decide(
                 "admit",
                 {
                     "public_key": r.sender,
                     "roles": invite.roles,
                     "invite": invite.nonce,
                     "invited_by": invite.issuer,
+                    "invitation": wire,
                 },
+                timeout_s=ADMIT_TIMEOUT_S,
             )
-            addrs = [a for a in r.body.get("addrs", []) if isinstance(a, str)][:16]
-            if addrs:
-                self.known_addrs[r.sender_id] = addrs
             log.info("admitted %s with roles %s", r.sender_id, ",".join(invite.roles))
+            # Before the reply: the other members should know the newcomer by the time its
+            # first presence reaches them.
+            await self._announce(entry)
+        if addrs and self.known_addrs.get(r.sender_id) != addrs:
+            self.known_addrs[r.sender_id] = addrs
+            self._addrs_dirty = True
         return {
             "ok": True,
             "genesis": state.genesis.raw,
             "entries": [e.to_wire() for e in state.entries],
             "addrs": {**self.known_addrs, self.peer_id: self.listen_addrs()},
         }
-
-    async def _forward_join(self, data: bytes) -> dict[str, Any]:
-        founder = peer_id_from_public_key(self._swarm().genesis.founder)
-        with trio.fail_after(10):
-            stream = await self.host.new_stream(ID.from_base58(founder), [JOIN_PROTO])
-            await write_frame(stream, data)
-            reply = cbor2.loads(await read_frame(stream))
-            await stream.close()
-        if isinstance(reply, dict) and reply.get("ok"):
-            # Catch up ourselves right away so the new member is not gated out.
-            for raw in reply.get("entries", []):
-                entry = Entry.from_wire(raw)
-                if entry.seq == self._swarm().height + 1:
-                    self._apply(entry)
-        return dict(reply)
 
     async def join(self, addr: str, token: str, timeout: float) -> dict[str, Any]:
         try:
@@ -570,24 +752,28 @@ class Daemon:
         if not isinstance(reply, dict) or not reply.get("ok"):
             msg = reply.get("error") if isinstance(reply, dict) else "malformed reply"
             raise DaemonError(f"join refused: {msg}", "join_refused", 403)
+        if self.state is not None:  # a concurrent join got there first
+            return self._join_result()
         try:
             genesis = parse_genesis(reply["genesis"])
             if genesis.swarm_id != swarm_id:
                 raise MembershipError("peer answered for another swarm")
-            state = Membership(genesis)
-            state.replay(Entry.from_wire(e) for e in reply["entries"])
+            # Every certificate is verified against the validators in force at its seq.
+            scratch = ConsensusMembership(genesis)
+            scratch.replay(Entry.from_wire(e) for e in reply["entries"])
         except (MembershipError, KeyError, TypeError) as exc:
             raise DaemonError(f"join reply failed verification: {exc}", "bad_reply", 502) from None
-        if not state.is_member(self.identity.public_key):
+        if not scratch.is_member(self.identity.public_key):
             raise DaemonError("the swarm did not admit this node", "join_refused", 403)
-        self.state = state
+        self.genesis = genesis
+        self.state = self._load_state(genesis)
         for peer, addrs in dict(reply.get("addrs", {})).items():
             if isinstance(peer, str) and isinstance(addrs, list) and peer != self.peer_id:
                 self.known_addrs[peer] = [a for a in addrs if isinstance(a, str)][:16]
         self.known_addrs.setdefault(str(info.peer_id), [addr])
         self._persist()
-        await self._enter_swarm()
-        log.info("joined swarm %s", state.genesis.name)
+        await self._enter_swarm(scratch.entries)
+        log.info("joined swarm %s", genesis.name)
         return self._join_result()
 
     def _join_result(self) -> dict[str, Any]:
@@ -603,6 +789,8 @@ class Daemon:
                 self._gate()
                 if self.state is not None:
                     self._reconnect()
+                if self._addrs_dirty and self.genesis is not None:
+                    await trio.to_thread.run_sync(self._persist)
             except Exception:
                 log.exception("maintenance failed")
 
@@ -680,6 +868,7 @@ class Daemon:
             "connected_peers": len(self.host.get_connected_peers()),
             "state_digest": self.shared.replica.digest().hex() if self.shared else None,
             "state": self.shared.status() if self.shared else None,
+            "consensus": self.consensus.status() if self.consensus else None,
             "rejected": dict(self.rejected),
             "counters": dict(self.counters),
         }
@@ -688,6 +877,7 @@ class Daemon:
         """Prometheus text exposition of the daemon's counters and gauges."""
         state = self.state
         health = Counter(p["state"] for p in self.peers()) if state else Counter()
+        cs = self.consensus.status() if self.consensus else None
         lines = [
             "# TYPE mossnode_uptime_seconds gauge",
             f"mossnode_uptime_seconds {time.monotonic() - self.started:.3f}",
@@ -695,6 +885,10 @@ class Daemon:
             f"mossnode_members {len(state.members) if state else 0}",
             "# TYPE mossnode_decided_height gauge",
             f"mossnode_decided_height {state.height if state else 0}",
+            "# TYPE mossnode_validators gauge",
+            f"mossnode_validators {len(state.validators()) if state else 0}",
+            "# TYPE mossnode_consensus_view gauge",
+            f"mossnode_consensus_view {(cs or {}).get('view') or 0}",
             "# TYPE mossnode_connected_peers gauge",
             f"mossnode_connected_peers {len(self.host.get_connected_peers())}",
             "# TYPE mossnode_peers gauge",
@@ -870,8 +1064,13 @@ class Daemon:
             {
                 "seq": 0,
                 "kind": "genesis",
-                "payload": {"name": state.genesis.name, "founder": state.genesis.founder_id},
-                "certificate": [],
+                "payload": {
+                    "name": state.genesis.name,
+                    "founder": state.genesis.founder_id,
+                    "created_at": state.genesis.created_at,
+                },
+                # the genesis record itself, signed by the founder: the root of every check
+                "certificate": [state.genesis.raw.hex()],
             },
             *(
                 {

@@ -146,7 +146,9 @@ class TaskService:
 
     def refresh(self, now: int) -> None:
         self._update_view()
-        self.statuses = self.sched.derive(self.view, now, exclusive={}, authority=self._authority)
+        self.statuses = self.sched.derive(
+            self.view, now, exclusive=self.d.exclusive, authority=self._authority
+        )
         self._feed(now)
 
     def _feed(self, now: int) -> None:
@@ -186,7 +188,7 @@ class TaskService:
             now_ms=now,
             reputation=rep,
             paused=state.paused,
-            exclusive={},
+            exclusive=self.d.exclusive,
             authority=self._authority,
         )
         self.statuses = dict(self.sched.statuses)
@@ -295,7 +297,7 @@ class TaskService:
                 score=score,
                 verdict=str(verdict),
                 comments=str(out.get("comments", ""))[:2000],
-                exclusive={},
+                exclusive=self.d.exclusive,
                 authority=self._authority,
             )
             if isinstance(plan, T.Refused):
@@ -309,7 +311,7 @@ class TaskService:
                 output=outcome.output,
                 ok=outcome.ok,
                 error=outcome.error or None,
-                exclusive={},
+                exclusive=self.d.exclusive,
                 authority=self._authority,
             )
         await self._do_all(plan.effects)
