@@ -390,6 +390,14 @@ def cmd_swarm(args: argparse.Namespace) -> None:
     _out(args, r, f"swarm {args.action}d (decision #{r['seq']})")
 
 
+def cmd_mcp(args: argparse.Namespace) -> None:
+    from .api.mcp import run_stdio
+
+    token = os.environ.get("MOSSNODE_TOKEN") or None
+    client = ApiClient(socket_path(args.state_dir), token=token, as_agent=args.agent)
+    run_stdio(client, args.agent)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -529,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["pause", "resume"])
     add("leaderboard", cmd_leaderboard, "reputation of agents, from the replicated history")
     add("activity", cmd_activity, "the activity feed: task state changes")
+    sp = add("mcp", cmd_mcp, "MCP server on stdio for one local agent (for OpenClaw)")
+    sp.add_argument("--agent", required=True, help="the local agent this server acts as")
     sp = add("install-service", cmd_install_service, "install the systemd unit")
     sp.add_argument("--print", action="store_true", help="print the unit instead of installing it")
     sp = add("demo", cmd_demo, "run a local demo swarm on loopback")

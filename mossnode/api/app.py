@@ -134,6 +134,15 @@ def build_app(daemon: Daemon) -> Starlette:
             return rbac.agent(agent.name, frozenset(agent.roles), node_roles)
         cred = request.scope.get("extensions", {}).get("peer_cred")
         if cred and cred["uid"] in daemon.operator_uids:
+            acting = request.headers.get("x-mossnode-agent")
+            if acting:
+                # The operator binds a process (e.g. `mossnode mcp --agent NAME`) to one of its
+                # agents: that process then has the agent's permissions, never the operator's.
+                bound = daemon.agents.agents.get(acting)
+                if bound is None:
+                    return None
+                request.state.agent = bound
+                return rbac.agent(bound.name, frozenset(bound.roles), node_roles)
             return rbac.operator(cred["uid"], node_roles)
         return None
 

@@ -13,9 +13,17 @@ class ClientError(Exception):
 
 
 class ApiClient:
-    def __init__(self, socket_path: Path, timeout: float = 30.0, token: str | None = None) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        timeout: float = 30.0,
+        token: str | None = None,
+        as_agent: str | None = None,
+    ) -> None:
         self.socket_path = socket_path
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if as_agent and not token:
+            headers["X-Mossnode-Agent"] = as_agent  # honoured only for the operator's own uid
         self._client = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(socket_path)),
             base_url="http://mossnode",

@@ -1,0 +1,221 @@
+"""``mossnode mcp --agent NAME``: an MCP server on stdio for one local agent.
+
+OpenClaw (or any MCP client) starts it as a stdio server (``mcp.servers.<name>.command``). It
+speaks JSON-RPC 2.0, one message per line, and turns tool calls into local API calls made as
+that agent, so the agent never has to know or remember its identity or token: the operator's
+process binds it with ``X-Mossnode-Agent``, or the agent's own token comes from
+``MOSSNODE_TOKEN``. Every call is RBAC-checked by the daemon as that agent.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from .. import __version__
+from .client import ApiClient, ClientError
+
+PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    schema: dict[str, Any]
+    call: Callable[[ApiClient, dict[str, Any]], Any]
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": props,
+        "required": required or [],
+        "additionalProperties": False,
+    }
+
+
+STR = {"type": "string"}
+STRS = {"type": "array", "items": {"type": "string"}}
+
+TOOLS = [
+    Tool(
+        "swarm_status",
+        "This node's status: peer id, swarm, members, state digest.",
+        _obj({}),
+        lambda c, a: c.get("/v1/status"),
+    ),
+    Tool(
+        "whoami",
+        "Which agent you are in the swarm, your roles and permissions.",
+        _obj({}),
+        lambda c, a: c.get("/v1/whoami"),
+    ),
+    Tool(
+        "list_peers",
+        "Members of the swarm with health, roles and agents.",
+        _obj({}),
+        lambda c, a: c.get("/v1/peers"),
+    ),
+    Tool(
+        "list_tasks",
+        "Tasks in the swarm, optionally only those in one state.",
+        _obj(
+            {
+                "state": {
+                    "type": "string",
+                    "enum": [
+                        "pending",
+                        "assigned",
+                        "in_progress",
+                        "review",
+                        "rework",
+                        "blocked",
+                        "done",
+                        "cancelled",
+                        "failed",
+                    ],
+                }
+            }
+        ),
+        lambda c, a: c.get("/v1/tasks" + (f"?state={a['state']}" if a.get("state") else "")),
+    ),
+    Tool(
+        "show_task",
+        "One task with its state, result, reviews and log.",
+        _obj({"id": STR}, ["id"]),
+        lambda c, a: c.get(f"/v1/tasks/{a['id']}"),
+    ),
+    Tool(
+        "submit_task",
+        "Create a task for the swarm. Agents with matching capabilities bid for it; use "
+        "'after' to make it wait for other tasks, whose results it then receives.",
+        _obj(
+            {
+                "title": STR,
+                "spec": STR,
+                "capabilities": STRS,
+                "after": STRS,
+                "input": {},
+                "parent": STR,
+                "contract": {"type": "object"},
+            },
+            ["title"],
+        ),
+        lambda c, a: c.post("/v1/tasks", a),
+    ),
+    Tool(
+        "cancel_task",
+        "Cancel a task and its subtree (creator or supervisor).",
+        _obj({"id": STR, "reason": STR}, ["id"]),
+        lambda c, a: c.post(f"/v1/tasks/{a['id']}/cancel", {"reason": a.get("reason", "")}),
+    ),
+    Tool(
+        "leaderboard",
+        "Reputation of agents derived from the swarm's history.",
+        _obj({}),
+        lambda c, a: c.get("/v1/leaderboard"),
+    ),
+    Tool(
+        "activity",
+        "Recent task state changes in the swarm.",
+        _obj({}),
+        lambda c, a: c.get("/v1/activity"),
+    ),
+]
+BY_NAME = {t.name: t for t in TOOLS}
+
+
+class McpServer:
+    def __init__(self, client: ApiClient, agent: str) -> None:
+        self.client = client
+        self.agent = agent
+
+    def handle(self, msg: Any) -> dict[str, Any] | None:
+        """One JSON-RPC message in, its response out (None for notifications)."""
+        if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0" or "method" not in msg:
+            return _error(
+                msg.get("id") if isinstance(msg, dict) else None, -32600, "invalid request"
+            )
+        mid, method = msg.get("id"), msg["method"]
+        params = msg.get("params") or {}
+        if "id" not in msg:
+            return None  # notifications (initialized, cancelled) need no answer
+        if method == "initialize":
+            asked = params.get("protocolVersion") if isinstance(params, dict) else None
+            version = asked if asked in PROTOCOL_VERSIONS else PROTOCOL_VERSIONS[0]
+            return _result(
+                mid,
+                {
+                    "protocolVersion": version,
+                    "capabilities": {"tools": {"listChanged": False}},
+                    "serverInfo": {"name": "mossnode", "version": __version__},
+                    "instructions": f"You are agent '{self.agent}' of this host's mossnode swarm "
+                    "member. Use these tools to see and create swarm tasks.",
+                },
+            )
+        if method == "ping":
+            return _result(mid, {})
+        if method == "tools/list":
+            return _result(
+                mid,
+                {
+                    "tools": [
+                        {"name": t.name, "description": t.description, "inputSchema": t.schema}
+                        for t in TOOLS
+                    ]
+                },
+            )
+        if method == "tools/call":
+            if not isinstance(params, dict):
+                return _error(mid, -32602, "params must be an object")
+            tool = BY_NAME.get(str(params.get("name")))
+            args = params.get("arguments") or {}
+            if tool is None:
+                return _error(mid, -32602, f"unknown tool {params.get('name')!r}")
+            if not isinstance(args, dict):
+                return _error(mid, -32602, "arguments must be an object")
+            missing = [r for r in tool.schema["required"] if r not in args]
+            unknown = [k for k in args if k not in tool.schema["properties"]]
+            if missing or unknown:
+                return _result(
+                    mid, _text(f"bad arguments: missing {missing}, unknown {unknown}", error=True)
+                )
+            try:
+                return _result(mid, _text(json.dumps(tool.call(self.client, args), indent=1)))
+            except ClientError as exc:
+                return _result(mid, _text(str(exc), error=True))
+        return _error(mid, -32601, f"method not found: {method}")
+
+    def serve(self, inp: IO[str], out: IO[str]) -> None:
+        for line in inp:
+            if not line.strip():
+                continue
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                resp: dict[str, Any] | None = _error(None, -32700, "parse error")
+            else:
+                resp = self.handle(msg)
+            if resp is not None:
+                out.write(json.dumps(resp) + "\n")
+                out.flush()
+
+
+def _result(mid: Any, result: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": mid, "result": result}
+
+
+def _error(mid: Any, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": mid, "error": {"code": code, "message": message}}
+
+
+def _text(text: str, error: bool = False) -> dict[str, Any]:
+    return {"content": [{"type": "text", "text": text}], "isError": error}
+
+
+def run_stdio(client: ApiClient, agent: str) -> None:
+    McpServer(client, agent).serve(sys.stdin, sys.stdout)

@@ -1,0 +1,102 @@
+"""The MCP server on stdio against a real daemon: handshake, tools, calls bound to one agent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mossnode.cluster import Cluster
+
+
+@pytest.fixture
+def node(cluster_factory):
+    c: Cluster = cluster_factory(1)
+    c.init()
+    n = c.nodes[0]
+    n.start()
+    n.cli("agent", "add", "planner1", "--role", "admin", "--backend", "exec:true")
+    n.cli("agent", "add", "reviewer1", "--role", "reviewer", "--backend", "exec:true")
+    return n
+
+
+def session(node, agent: str, messages: list[dict]) -> list[dict]:
+    lines = "".join(json.dumps(m) + "\n" for m in messages)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mossnode",
+            "--state-dir",
+            str(node.state_dir),
+            "mcp",
+            "--agent",
+            agent,
+        ],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def call(i: int, name: str, args: dict | None = None) -> dict:
+    return {
+        "jsonrpc": "2.0",
+        "id": i,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": args or {}},
+    }
+
+
+def test_handshake_and_calls(node) -> None:
+    out = session(
+        node,
+        "planner1",
+        [
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-06-18",
+                    "capabilities": {},
+                    "clientInfo": {"name": "test", "version": "1"},
+                },
+            },
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+            call(3, "whoami"),
+            call(4, "submit_task", {"title": "from mcp"}),
+            call(5, "list_tasks"),
+            call(6, "nope"),
+            call(7, "show_task", {}),
+            {"jsonrpc": "2.0", "id": 8, "method": "resources/list"},
+        ],
+    )
+    by_id = {m["id"]: m for m in out}
+    assert set(by_id) == {1, 2, 3, 4, 5, 6, 7, 8}  # the notification got no answer
+    assert by_id[1]["result"]["protocolVersion"] == "2025-06-18"
+    assert "tools" in by_id[1]["result"]["capabilities"]
+    names = {t["name"] for t in by_id[2]["result"]["tools"]}
+    assert {"submit_task", "list_tasks", "show_task", "whoami"} <= names
+    who = json.loads(by_id[3]["result"]["content"][0]["text"])
+    assert who["kind"] == "agent" and who["name"] == "planner1"  # bound, not the operator
+    assert not by_id[4]["result"]["isError"]
+    tasks = json.loads(by_id[5]["result"]["content"][0]["text"])
+    assert [t["title"] for t in tasks] == ["from mcp"]
+    assert by_id[6]["error"]["code"] == -32602
+    assert by_id[7]["result"]["isError"]
+    assert by_id[8]["error"]["code"] == -32601
+
+
+def test_agent_permissions_apply(node) -> None:
+    out = session(node, "reviewer1", [call(1, "submit_task", {"title": "not allowed"})])
+    res = out[0]["result"]
+    assert res["isError"] and "task.create" in res["content"][0]["text"]
+    out = session(node, "ghost", [call(1, "whoami")])
+    assert out[0]["result"]["isError"]
