@@ -657,6 +657,7 @@ class Daemon:
     async def _on_join_stream(self, stream: INetStream) -> None:
         try:
             remote = str(stream.muxed_conn.peer_id)
+            self._first_seen[remote] = time.monotonic()  # presenting an invite: a fresh window
             data = await read_frame(stream, 64 * 1024)
             try:
                 reply = await self._admit(data, remote)
@@ -738,8 +739,7 @@ class Daemon:
         )
         try:
             with trio.fail_after(timeout):
-                await self.host.connect(info)
-                stream = await self.host.new_stream(info.peer_id, [JOIN_PROTO])
+                stream = await self._join_stream(info)
                 await write_frame(stream, request)
                 reply = cbor2.loads(await read_frame(stream))
                 await stream.close()
@@ -775,6 +775,21 @@ class Daemon:
         await self._enter_swarm(scratch.entries)
         log.info("joined swarm %s", genesis.name)
         return self._join_result()
+
+    async def _join_stream(self, info: PeerInfo) -> INetStream:
+        """Open the join stream; once more on a fresh connection if the old one was closing
+        (the peer gates non-members whose join window passed)."""
+        for attempt in (1, 2):
+            try:
+                await self.host.connect(info)
+                return await self.host.new_stream(info.peer_id, [JOIN_PROTO])
+            except Exception:
+                if attempt == 2:
+                    raise
+                with trio.move_on_after(2):
+                    await self.host.disconnect(info.peer_id)
+                await trio.sleep(0.2)
+        raise AssertionError("unreachable")
 
     def _join_result(self) -> dict[str, Any]:
         state = self._swarm()
