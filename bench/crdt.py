@@ -14,12 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import cbor2
 import nacl.signing
 from pycrdt import Doc, Map
 
 from mossnode.cluster import Cluster, wait_for
 from mossnode.crypto.envelope import SIG_LEN
 from mossnode.crypto.identity import Identity, load_identity
+from mossnode.node.consensus import load_membership
 from mossnode.node.ledger import load_ledger
 from mossnode.node.store import Store, load_replica
 from mossnode.protocols.crdt import Replica
@@ -62,8 +64,6 @@ def make_updates(author: Identity, state: Membership, n: int) -> tuple[list[byte
         wires.append(e.data)
     # the Yrs updates themselves, for the raw apply baseline
     for w in wires:
-        import cbor2
-
         raw_updates.append(cbor2.loads(w[SIG_LEN:])[6]["u"])
     return wires, raw_updates
 
@@ -75,10 +75,14 @@ def receive_path() -> None:
     # raw baselines
     vk = nacl.signing.VerifyKey(author.public_key)
     signed = [nacl.signing.SigningKey(author.seed).sign(w[SIG_LEN:]) for w in wires[:2000]]
-    t0 = time.perf_counter()
-    for s in signed:
-        vk.verify(s)
-    raw_verify = len(signed) / (time.perf_counter() - t0)
+
+    def verify_rate() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        for s in signed:
+            vk.verify(s)
+        return len(signed) / (time.perf_counter() - t0), len(signed) / (time.process_time() - c0)
+
+    raw_verify, raw_verify_cpu = verify_rate()
     doc: Doc = Doc()
     doc["tasks"] = Map()
     t0 = time.perf_counter()
@@ -89,18 +93,26 @@ def receive_path() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "state.db")
         rep = Replica(founder, state.swarm_id, MembershipPolicy(state))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(0, len(wires), 256):
             out = rep.receive_batch(wires[i : i + 256], time.time_ns() // 1_000_000)
             store.commit(entries=[(e.author, e.seq, e.data) for e in out.applied])
         full = len(wires) / (time.perf_counter() - t0)
+        full_cpu = len(wires) / (time.process_time() - c0)
         assert sum(rep.vector().values()) == N_UPDATES
         store.close()
+    # the machine is shared: take the better of two baseline runs (the stricter comparison)
+    again, again_cpu = verify_rate()
+    raw_verify, raw_verify_cpu = max(raw_verify, again), max(raw_verify_cpu, again_cpu)
     print(f"raw PyNaCl verify            {raw_verify:9.0f} /s")
     print(f"raw pycrdt apply_update      {raw_apply:9.0f} /s")
     print(
         f"full path (verify, authorize, apply, store)  {full:9.0f} /s   "
         f"ratio to raw verify {full / raw_verify:.2f} (target >= 0.50)"
+    )
+    print(
+        f"  same in CPU time: {1e6 / full_cpu:.0f} us per update vs {1e6 / raw_verify_cpu:.0f} us "
+        f"per verify, ratio {full_cpu / raw_verify_cpu:.2f}"
     )
 
 
@@ -112,10 +124,10 @@ def catch_up() -> None:
         a.stop()
         # write 10,000 updates as node a, straight into its store, while b is away
         ident = load_identity(a.state_dir / "identity.key")
-        loaded = load_ledger(a.state_dir)
-        assert loaded is not None
-        state = loaded[0]
+        ledger = load_ledger(a.state_dir)
+        assert ledger is not None
         store = Store(a.state_dir / "state.db")
+        state = load_membership(store, ledger.genesis)
         rep = load_replica(
             store, ident, state.swarm_id, MembershipPolicy(state), time.time_ns() // 1_000_000
         ).replica
@@ -154,11 +166,17 @@ def size_and_rss() -> None:
                 w.create_task(f"s{b}-{i}", title=f"task {b}-{i}", capabilities=["python"])
 
         rep.write(many, now)
-    size = len(rep.snapshot())
+    snapshot = rep.snapshot()
+    size = len(snapshot)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
         f"{N_TASKS} tasks: document snapshot {size / 1e6:.1f} MB, "
         f"process max RSS {rss / 1024:.0f} MB (+{(rss - before) / 1024:.0f} MB)"
+    )
+    yrs = len(cbor2.loads(snapshot)["doc"])
+    print(
+        f"  of the snapshot, the Yrs document update is {yrs / 1e6:.1f} MB; "
+        f"the location index holds {len(rep._index)} rows"
     )
 
 

@@ -313,6 +313,9 @@ class MembershipPolicy:
     def __init__(self, state: Membership) -> None:
         self.state = state
         self._keys: dict[str, bytes] = {}
+        # (author, policy_seq) -> roles, for seqs the history already holds: those entries
+        # never change once appended, so the answer is final.
+        self._roles_at: dict[tuple[str, int], frozenset[str] | None] = {}
 
     def _key(self, author: str) -> bytes | None:
         key = self._keys.get(author)
@@ -325,10 +328,18 @@ class MembershipPolicy:
         return key
 
     def _roles(self, author: str, policy_seq: int) -> frozenset[str] | None:
+        memo = (author, policy_seq)
+        if memo in self._roles_at:
+            return self._roles_at[memo]
         key = self._key(author)
-        if key is None or not 0 <= policy_seq < len(self.state.history):
-            return None
-        return self.state.history[policy_seq].get(key)
+        history = self.state.history
+        if key is None or not 0 <= policy_seq < len(history):
+            return None  # not cached: a later seq becomes known when the log advances
+        roles = history[policy_seq].get(key)
+        if len(self._roles_at) >= 65536:
+            self._roles_at.clear()
+        self._roles_at[memo] = roles
+        return roles
 
     def latest_seq(self) -> int:
         return self.state.height
@@ -342,7 +353,9 @@ class MembershipPolicy:
 
     def floor(self, author: str, update_seq: int) -> int:
         key = self._key(author)
-        cuts = self.state.cutoffs.get(key, []) if key else []
+        cuts = self.state.cutoffs.get(key) if key else None
+        if not cuts:
+            return 0
         return max((d for c, d in cuts if update_seq > c), default=0)
 
 

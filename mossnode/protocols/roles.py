@@ -41,8 +41,23 @@ BUILTIN_ROLES = frozenset(PERMISSIONS)
 BASE_PERMISSIONS = frozenset({"presence.publish", "state.read", "messages.send"})
 
 
+_MEMO: dict[frozenset[str], frozenset[str]] = {}
+_MEMO_MAX = 4096
+
+
 def permissions_of(roles: frozenset[str] | set[str]) -> frozenset[str]:
+    """Everything ``roles`` grant. Memoized per frozenset of roles: the table above is a
+    constant, and write authorization asks this once per update."""
+    if isinstance(roles, frozenset):
+        known = _MEMO.get(roles)
+        if known is not None:
+            return known
     out: set[str] = set(BASE_PERMISSIONS)
     for r in roles:
         out |= PERMISSIONS.get(r, frozenset())
-    return frozenset(out)
+    granted = frozenset(out)
+    if isinstance(roles, frozenset):
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[roles] = granted
+    return granted

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from pycrdt import Doc, Map
+from pycrdt import Array, Doc, Map, _pycrdt
 
 from mossnode.crypto.envelope import canonical
 
@@ -47,4 +47,147 @@ def content(doc: Doc[Map[Any]]) -> dict[str, Any]:
 
 
 def state_digest(doc: Doc[Map[Any]]) -> bytes:
+    """The digest, computed from scratch through pycrdt's public API (the reference for
+    :class:`ContentDigest`, which replicas use)."""
     return hashlib.sha256(b"mossnode/v1/state\0" + canonical(content(doc))).digest()
+
+
+def _map_header(n: int) -> bytes:
+    """The canonical CBOR head of a map of ``n`` pairs."""
+    if n < 24:
+        return bytes([0xA0 + n])
+    for head, size in ((0xB8, 1), (0xB9, 2), (0xBA, 4), (0xBB, 8)):
+        if n < 1 << (8 * size):
+            return bytes([head]) + n.to_bytes(size, "big")
+    raise ValueError("map too large")
+
+
+def _order(encoded_key: bytes) -> tuple[int, bytes]:
+    """cbor2's canonical map order: shorter encoded keys first, then bytewise."""
+    return (len(encoded_key), encoded_key)
+
+
+_RawMap: type = _pycrdt.Map  # what Map.integrated is
+_RawArray: type = _pycrdt.Array
+_RAW_OTHER = frozenset(
+    getattr(_pycrdt, name)
+    for name in ("Text", "XmlElement", "XmlFragment", "XmlText", "Doc")
+    if hasattr(_pycrdt, name)
+)
+
+
+def _raw_py(value: Any, txn: Any) -> Any:
+    """``plain(to_py())`` on pycrdt's Rust objects inside one transaction: what the public
+    API returns, without a Python wrapper and a transaction per value."""
+    kind = type(value)
+    if kind is _RawMap:
+        return {str(k): _raw_py(value.get(txn, k), txn) for k in value.keys(txn)}
+    if kind is _RawArray:
+        return [_raw_py(value.get(txn, i), txn) for i in range(value.len(txn))]
+    if kind is dict:
+        return {str(k): _raw_py(v, txn) for k, v in value.items()}
+    if kind is list:
+        return [_raw_py(v, txn) for v in value]
+    if kind is bytearray:
+        return bytes(value)
+    if kind in _RAW_OTHER:  # text, XML, sub-documents: never stored here
+        raise TypeError(f"unexpected {kind.__name__} in the document")
+    return plain(value)
+
+
+def _value(top: Map[Any], key: str, txn: Any) -> Any:
+    """``plain(top.to_py()[key])``."""
+    try:
+        return _raw_py(top.integrated.get(txn._txn, key), txn._txn)
+    except Exception:  # pycrdt internals moved: the public, slower way
+        value = top[key]
+        return plain(value.to_py() if isinstance(value, (Map, Array)) else value)
+
+
+def fast_content(doc: Doc[Map[Any]]) -> dict[str, Any]:
+    """:func:`content`, read in one transaction without pycrdt's wrappers."""
+    with doc.transaction() as txn:
+        try:
+            return {name: _raw_py(root(doc, name).integrated, txn._txn) for name in ROOTS}
+        except Exception:  # pycrdt internals moved: the public, slower way
+            return content(doc)
+
+
+def task_of(doc: Doc[Map[Any]], tasks: Map[Any], tid: str) -> dict[str, Any] | None:
+    """``tasks/<tid>`` as plain Python (None if it is not a map), read in one transaction.
+    ``tasks`` is ``doc["tasks"]`` (which pycrdt rebuilds, with every root, at each access)."""
+    with doc.transaction() as txn:
+        if tid not in tasks:
+            return None
+        try:
+            raw = tasks.integrated.get(txn._txn, tid)
+            if type(raw) is not _RawMap:
+                return None
+            out = _raw_py(raw, txn._txn)
+        except Exception:  # pycrdt internals moved: the public, slower way
+            task = tasks.get(tid)
+            return plain(task.to_py()) if isinstance(task, Map) else None
+    assert isinstance(out, dict)
+    return out
+
+
+class ContentDigest:
+    """:func:`state_digest`, kept up to date per top-level key.
+
+    The canonical CBOR of the content is a map of roots, each a map of keys; this keeps every
+    ``(key, value)`` pair encoded, re-encodes only the keys the replica saw change (deep
+    observer events, :meth:`touch`), and hashes the pairs in canonical order. Equal to
+    :func:`state_digest` by construction (tests compare the two on random histories); a digest
+    of a large document costs a hash pass instead of converting it all to Python.
+    """
+
+    def __init__(self) -> None:
+        self._pairs: dict[str, dict[str, tuple[bytes, bytes]]] | None = None
+        self._dirty: dict[str, set[str]] = {name: set() for name in ROOTS}
+        self._digest: bytes | None = None
+
+    def reset(self) -> None:
+        """Forget everything (the document was replaced)."""
+        self._pairs = None
+        self._digest = None
+        for keys in self._dirty.values():
+            keys.clear()
+
+    def touch(self, name: str, key: str) -> None:
+        self._digest = None
+        if self._pairs is not None:
+            self._dirty[name].add(key)
+
+    def digest(self, doc: Doc[Map[Any]]) -> bytes:
+        if self._digest is not None:
+            return self._digest
+        if self._pairs is None:
+            self._pairs = {name: {} for name in ROOTS}
+            for name in ROOTS:
+                self._dirty[name] = set(root(doc, name).keys())
+        with doc.transaction() as txn:
+            for name in ROOTS:
+                dirty = self._dirty[name]
+                if not dirty:
+                    continue
+                pairs = self._pairs[name]
+                top = root(doc, name)
+                for key in dirty:
+                    if key in top:
+                        pairs[key] = (canonical(str(key)), canonical(_value(top, key, txn)))
+                    else:
+                        pairs.pop(key, None)
+                dirty.clear()
+        h = hashlib.sha256(b"mossnode/v1/state\0")
+        h.update(_map_header(len(ROOTS)))
+        for enc_name, name in sorted(
+            ((canonical(n), n) for n in ROOTS), key=lambda p: _order(p[0])
+        ):
+            pairs = self._pairs[name]
+            h.update(enc_name)
+            h.update(_map_header(len(pairs)))
+            for enc_key, enc_value in sorted(pairs.values(), key=lambda p: _order(p[0])):
+                h.update(enc_key)
+                h.update(enc_value)
+        self._digest = h.digest()
+        return self._digest

@@ -28,6 +28,7 @@ MAX_SPAN = 1 << 20  # clocks one update may add: bounds what a tiny tombstone ru
 MAX_DEPS = 100_000
 DIGEST_LEN = 32
 NO_SKEW_LIMIT = 1 << 62  # stored entries are replayed years later; seq, not time, stops replay
+_U64 = 1 << 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,16 +69,18 @@ def parse_body(env: Envelope) -> StateEntry | Rejection:
     deps: dict[int, int] = {}
     last = -1
     for pair in pairs:
+        if not isinstance(pair, list) or len(pair) != 2:
+            return Rejection(Reason.MALFORMED, "dependencies are not sorted [client, clock] pairs")
+        client, clock = pair
         if (
-            not isinstance(pair, list)
-            or len(pair) != 2
-            or any(type(x) is not int or x < 0 or x >= 1 << 64 for x in pair)
-            or pair[0] <= last
-            or pair[1] == 0
+            type(client) is not int
+            or type(clock) is not int
+            or not last < client < _U64
+            or not 0 < clock < _U64
         ):
             return Rejection(Reason.MALFORMED, "dependencies are not sorted [client, clock] pairs")
-        last = pair[0]
-        deps[pair[0]] = pair[1]
+        last = client
+        deps[client] = clock
     return StateEntry(
         _peer_id(env.sender),
         env.sender,

@@ -7,8 +7,10 @@ entries before sending them, and feeds the policy from the decided log.
 Apply rule: an author's entry is applied only when (a) its seq is the author's next one and (b)
 the document holds every item it refers to (the part of its declared dependency state vector it
 uses); until then it waits in a bounded pending set. It is checked structurally against the
-owner rules, applied to a shadow copy with deep observers whose changes are checked again, and
-only then applied to the real document. A refused entry blocks its author: everything it wrote
+owner rules, then applied once, to the document itself, under deep observers whose changes are
+checked again (the second line); should that second check (or Yrs) refuse it, the document is
+put back from a saved state plus the updates applied since (:meth:`Replica._restore_doc`), so a
+refused entry never leaves a trace. A refused entry blocks its author: everything it wrote
 later depends on it and waits forever, the intended fate of a Byzantine author, reported in
 :attr:`Replica.blocked`. An author caught signing two histories is excluded from the fork on,
 identically everywhere (see docs/state-schema.md).
@@ -29,15 +31,22 @@ from pycrdt import Doc, Map, Subscription
 from mossnode.crypto.envelope import (
     Reason,
     Rejection,
-    canonical,
     seal,
 )
 from mossnode.crypto.identity import Identity
 from mossnode.crypto.peerid import public_key_from_peer_id
 
-from .authorize import Admitted, check_events, check_update, event_changes, references
+from .authorize import (
+    Accepted,
+    Admitted,
+    admit,
+    check_events,
+    check_update,
+    event_changes,
+    references,
+)
 from .clients import client_id_for
-from .document import content, new_doc, plain, state_digest
+from .document import ContentDigest, fast_content, new_doc, task_of
 from .entry import (
     MAX_SPAN,
     STATE_UPDATE,
@@ -47,7 +56,7 @@ from .entry import (
     parse_body,
 )
 from .lib0 import DecodeError
-from .locations import GONE, LocationIndex
+from .locations import LocationIndex, WrittenSet
 from .outcome import (
     Blocked,
     Entry,
@@ -61,11 +70,12 @@ from .outcome import (
 from .rules import Op, Policy
 from .schema import ROOTS, TASKS, Path
 from .writes import Writer
-from .yrs_update import Update, decode_update, gc_update
+from .yrs_update import RawUpdate, decode_raw, gc_update
 
 T = TypeVar("T")
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: compact location index and write-once set; 1 still loads
 MAX_EXCLUDED_SPAN = 1 << 32  # how far past a blocked author's last entry others may refer
+LAG_BYTES = 4 << 20  # updates remembered past the saved document state, at least (_applied)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +94,7 @@ class _Waiting:
     """A verified entry, its decoded update, and what the document must hold to apply it."""
 
     entry: StateEntry
-    update: Update
+    update: RawUpdate
     needs: dict[int, int]
 
     @property
@@ -135,14 +145,20 @@ class Replica:
         self.limits = limits or Limits()
         self.me = identity.peer_id
         self.client = client_id_for(identity.public_key)
-        self.doc: Doc[Map[Any]] = new_doc(self.client)  # read it; never write it directly
         self._events: list[tuple[Path, Op]] = []
-        self._captured: list[bytes] = []
-        self._shadow: Doc[Map[Any]] = new_doc(self.client)
+        self._observer_failed: list[Exception] = []
+        self._content_digest = ContentDigest()
         self._subs: list[Subscription] = []
-        self._watch_shadow()
+        self.doc: Doc[Map[Any]] = new_doc(self.client)  # read it; never write it directly
+        self._tasks_root: Map[Any] = self.doc[TASKS]
+        self._watch(self.doc)
+        # What the document was: a saved state plus the updates applied since, to put it back
+        # after a change it should not have taken (see _restore_doc).
+        self._checkpoint: bytes | None = None
+        self._lag: list[bytes] = []
+        self._lag_bytes = 0
         self._index = LocationIndex()
-        self._written: set[Path] = set()
+        self._written = WrittenSet()
         self._sv: dict[int, int] = {}
         self._authors: dict[str, _Author] = {}
         self._excluded_from: dict[int, int] = {}  # client -> clock where its GC stand-in starts
@@ -161,15 +177,15 @@ class Replica:
     # -- reading ---------------------------------------------------------------------------
 
     def digest(self) -> bytes:
-        """Hash of the canonical content: equal on replicas with equal content."""
-        return state_digest(self.doc)
+        """Hash of the canonical content: equal on replicas with equal content. Kept per
+        top-level key (``document.ContentDigest``): only what changed is encoded again."""
+        return self._content_digest.digest(self.doc)
 
     def content(self) -> dict[str, Any]:
-        return content(self.doc)
+        return fast_content(self.doc)
 
     def task(self, tid: str) -> dict[str, Any] | None:
-        task = self.doc[TASKS].get(tid)
-        return plain(task.to_py()) if isinstance(task, Map) else None
+        return task_of(self.doc, self._tasks_root, tid)
 
     def vector(self) -> dict[str, int]:
         """``{author peer id: highest contiguous seq applied}``."""
@@ -212,19 +228,28 @@ class Replica:
         if self.own_signed > st.seq:
             detail = f"own entry {st.seq + 1} waits on entries that were excluded; chain stalled"
             raise WriteRefused(Rejection(Reason.FORBIDDEN, detail))
+        # The transaction runs on the document itself; if the result is refused (or fn
+        # raises), the document is put back as it was (_restore_doc).
+        captured: list[bytes] = []
         self._events.clear()
-        self._captured.clear()
+        doc = self.doc
+        sub = doc.observe(lambda ev: captured.append(ev.update))
         try:
-            with self._shadow.transaction():
-                result = fn(Writer(self._shadow, self.me, now_ms))
+            with doc.transaction():
+                result = fn(Writer(doc, self.me, now_ms))
+            if self._observer_failed:
+                raise self._observer_failed.pop()
         except BaseException:
-            self._rebuild_shadow()
+            self._observer_failed.clear()
+            doc.unobserve(sub)
+            self._restore_doc()
             raise
-        updates = [u for u in self._captured if u != b"\x00\x00"]
+        doc.unobserve(sub)
+        updates = [u for u in captured if u != b"\x00\x00"]
         if not updates:
             return result, None
         if len(updates) != 1:
-            self._rebuild_shadow()
+            self._restore_doc()
             raise WriteRefused(Rejection(Reason.MALFORMED, "write spanned several transactions"))
         raw = seal(
             self.identity,
@@ -237,12 +262,12 @@ class Replica:
         parsed = self._open(raw, now_ms)
         opened = self._prepare(parsed) if isinstance(parsed, StateEntry) else parsed
         if not isinstance(opened, _Waiting):
-            self._rebuild_shadow()
+            self._restore_doc()
             raise WriteRefused(opened if isinstance(opened, Rejection) else opened.rejection)
         out = Outcome()
         refused = self._admit(opened, out, local_events=list(self._events))
         if refused is not None:
-            self._rebuild_shadow()
+            self._restore_doc()
             raise WriteRefused(refused)
         self.own_signed = opened.seq
         return result, out.applied[0]
@@ -258,9 +283,17 @@ class Replica:
 
     def receive_batch(self, batch: Iterable[bytes], now_ms: int) -> Outcome:
         out = Outcome()
+        pending = self._pending
         for data in batch:
-            self._accept(data, now_ms, out)
-            self._drain(out)
+            author = self._accept(data, now_ms, out)
+            if author is not None and len(pending) == 1 and author in pending:
+                # only this author waits: _drain would apply its chain and find nothing else
+                while self._apply_next(author, out):
+                    pass
+                if not pending[author]:
+                    del pending[author]
+            else:
+                self._drain(out)
         return self._finish(out, now_ms)
 
     def drain(self, now_ms: int = 0) -> Outcome:
@@ -295,13 +328,13 @@ class Replica:
 
     def _prepare(self, parsed: StateEntry) -> _Waiting | _Poison:
         """Decode the update and find what it refers to: once, when the entry is kept."""
+        client = _client_of_key(parsed.public_key)
         try:
-            update = decode_update(parsed.update)
+            update = decode_raw(parsed.update, client=client)
         except DecodeError as exc:
             rejection = Rejection(Reason.MALFORMED, f"not a Yrs update: {exc}")
             return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
-        client = client_id_for(parsed.public_key)
-        foreign = next((i.client for i in update.items if i.client != client), None)
+        foreign = next((c for c, _, _ in update.runs if c != client), None)
         if foreign is not None:
             rejection = Rejection(Reason.FORBIDDEN, f"carries items of client {foreign}")
             return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
@@ -319,11 +352,12 @@ class Replica:
         out.refused.append(Refusal(author, seq, rejection))
         return rejection
 
-    def _accept(self, data: bytes, now_ms: int, out: Outcome) -> None:
+    def _accept(self, data: bytes, now_ms: int, out: Outcome) -> str | None:
+        """Verify ``data`` and hold it; returns its author if it is now held (waiting)."""
         opened = self._open(data, now_ms)
         if isinstance(opened, Rejection):
             self._refuse(out, None, None, opened.reason, opened.detail)
-            return
+            return None
         author, seq = opened.author, opened.seq
         if author == self.me:
             self.own_signed = max(self.own_signed, seq)
@@ -333,7 +367,7 @@ class Replica:
                 self._refuse(out, author, seq, Reason.REPLAY, "already applied")
             else:
                 self._equivocation(author, seq, st.log[seq - 1], opened.raw, out)
-            return
+            return None
         blocked = self.blocked.get(author)
         if blocked is not None and seq >= blocked.seq:
             culprit = self._culprits.get(author)
@@ -343,7 +377,7 @@ class Replica:
                 self._refuse(out, author, seq, Reason.REPLAY, "already refused")
             else:
                 self._refuse(out, author, seq, Reason.FORBIDDEN, "author is blocked")
-            return
+            return None
         pend = self._pending.setdefault(author, {})
         held = pend.get(seq)
         if held is not None:
@@ -351,8 +385,9 @@ class Replica:
                 self._refuse(out, author, seq, Reason.REPLAY, "already pending")
             else:
                 self._equivocation(author, seq, held.raw, opened.raw, out)
-            return
+            return None
         self._hold(pend, self._prepare(opened) if isinstance(opened, StateEntry) else opened)
+        return author
 
     def _hold(self, pend: dict[int, _Pending], item: _Pending) -> None:
         lim = self.limits
@@ -426,8 +461,8 @@ class Replica:
             return False
         gc = gc_update(client, have, clock)
         self.doc.apply_update(gc)
-        self._shadow.apply_update(gc)
-        self._index.add(client, have, clock, GONE)
+        self._applied(gc)
+        self._index.add_gone(client, have, clock)
         self._sv[client] = clock
         return True
 
@@ -482,7 +517,8 @@ class Replica:
     ) -> Rejection | None:
         """Verify ``w`` (the author's next entry, what it refers to present) and apply it.
 
-        With ``local_events`` the update is this node's own, already in the shadow.
+        With ``local_events`` the update is this node's own, already in the document (the
+        caller puts the document back if this refuses it).
         """
         e = w.entry
         st = self._author(e.author, e.public_key)
@@ -497,11 +533,12 @@ class Replica:
         if e.policy_seq < floor:
             detail = f"cites policy {e.policy_seq}, below its cut-off floor {floor}"
             return Rejection(Reason.NOT_MEMBER, detail)
-        verdict = check_update(
+        start = self._sv.get(st.client, 0)
+        verdict: Accepted | Admitted | Rejection | None = admit(
             w.update,
             author=e.author,
             client=st.client,
-            start=self._sv.get(st.client, 0),
+            start=start,
             deps=e.deps,
             index=self._index,
             written=self._written,
@@ -509,35 +546,65 @@ class Replica:
             policy_seq=e.policy_seq,
             max_span=MAX_SPAN,
         )
+        if verdict is None:  # not a plain success: the reference decides
+            verdict = check_update(
+                w.update.as_update(),
+                author=e.author,
+                client=st.client,
+                start=start,
+                deps=e.deps,
+                index=self._index,
+                written=self._written,
+                policy=self.policy,
+                policy_seq=e.policy_seq,
+                max_span=MAX_SPAN,
+            )
         if isinstance(verdict, Rejection):
             return verdict
+        # Applied once, to the document itself, with deep observers: the events are the second
+        # line (check_events). Should it refuse what the structural check admitted (a decoder
+        # gap), or Yrs raise, the document is put back as it was before this update.
         if local_events is None:
             self._events.clear()
             try:
-                self._shadow.apply_update(e.update)
+                self.doc.apply_update(e.update)
+                if self._observer_failed:
+                    raise self._observer_failed.pop()
             except BaseException as exc:  # a Rust panic surfaces as a BaseException
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
-                self._rebuild_shadow()
+                self._observer_failed.clear()
+                self._restore_doc()
                 return Rejection(Reason.MALFORMED, f"Yrs refused the update: {exc!r}")
             events = list(self._events)
+            observed = check_events(e.author, events, self.policy, e.policy_seq)
+            if observed is not None:
+                self._restore_doc()
+                return observed
         else:
             events = local_events
-        observed = check_events(e.author, events, self.policy, e.policy_seq)
-        if observed is not None:
-            self._rebuild_shadow()
-            return observed
-        self.doc.apply_update(e.update)
+            observed = check_events(e.author, events, self.policy, e.policy_seq)
+            if observed is not None:
+                return observed
+        self._applied(e.update)
         self._commit(st, e, verdict)
         out.applied.append(Entry(e.author, e.seq, e.raw))
         out.changed.extend(path for path, _ in events)
         return None
 
-    def _commit(self, st: _Author, e: StateEntry, verdict: Admitted) -> None:
-        for start, end, loc in verdict.runs:
-            self._index.add(st.client, start, end, loc)
-        self._written |= verdict.once_paths
-        if verdict.runs:
+    def _commit(self, st: _Author, e: StateEntry, verdict: Accepted | Admitted) -> None:
+        index = self._index
+        if isinstance(verdict, Accepted):
+            index.add_spans(st.client, verdict.spans)
+            for container, key in verdict.once:
+                self._written.add_child(container, key)
+            moved = bool(verdict.spans)
+        else:
+            for start, end, loc in verdict.runs:
+                index.add(st.client, start, end, loc)
+            self._written.update(verdict.once_paths)
+            moved = bool(verdict.runs)
+        if moved:
             self._sv[st.client] = verdict.end_clock
         self._record(st, e.author, e.raw, e.digest)
         st.policy_seq = e.policy_seq
@@ -550,27 +617,61 @@ class Replica:
         self._pos.setdefault(author, []).append(len(self._order))
         self._order.append((author, st.seq))
 
-    # -- shadow ----------------------------------------------------------------------------
+    # -- the document and how to put it back ------------------------------------------------
 
-    def _watch_shadow(self) -> None:
+    def _watch(self, doc: Doc[Map[Any]]) -> None:
+        """Deep observers on the roots, straight on pycrdt's Rust objects: its Python wrapper
+        would convert every event's values, and the rules only need paths and actions."""
         events = self._events
-        captured = self._captured
+        failed = self._observer_failed
+        touch = self._content_digest.touch
 
         def watcher(name: str) -> Callable[[list[Any]], None]:
-            # one parameter only: pycrdt passes the transaction too to a two-parameter callback
-            return lambda evs: events.extend(event_changes(name, evs))
+            def seen(evs: list[Any]) -> None:
+                try:
+                    changes = event_changes(name, evs)
+                    events.extend(changes)
+                    for path, _ in changes:
+                        key = path[1] if len(path) > 1 else None
+                        if key is not None:
+                            touch(name, key)
+                except Exception as exc:  # judged as Yrs refusing the update
+                    failed.append(exc)
 
-        for name in ROOTS:
-            self._subs.append(self._shadow[name].observe_deep(watcher(name)))
-        self._subs.append(self._shadow.observe(lambda ev: captured.append(ev.update)))
+            return seen
 
-    def _rebuild_shadow(self) -> None:
-        """Make the shadow equal to the real document again after a refused update."""
-        self._shadow = new_doc(self.client, self.doc.get_update())
-        self._subs = []
-        self._watch_shadow()
+        self._subs = [doc[name].integrated.observe_deep(watcher(name)) for name in ROOTS]
+
+    def _set_doc(self, doc: Doc[Map[Any]]) -> None:
+        self.doc = doc
+        self._tasks_root = doc[TASKS]
+        self._watch(doc)
         self._events.clear()
-        self._captured.clear()
+        self._content_digest.reset()
+
+    def _applied(self, update: bytes) -> None:
+        """Remember an update the document took, for :meth:`_restore_doc`. Once what is
+        remembered outweighs the saved state, the state is saved again (amortised: each save
+        costs about what the updates since the last one did)."""
+        self._lag.append(update)
+        self._lag_bytes += len(update)
+        if self._lag_bytes > max(LAG_BYTES, len(self._checkpoint or b"")):
+            self._save(self.doc.get_update())
+
+    def _save(self, state: bytes) -> None:
+        self._checkpoint = state
+        self._lag = []
+        self._lag_bytes = 0
+
+    def _restore_doc(self) -> None:
+        """Put the document back to the saved state plus every update applied since: what it
+        was before the change now refused (or a local transaction that raised). This replaces
+        the shadow copy the document used to be written through: one Yrs document in memory,
+        one apply per update, and the cost of a copy paid only on this (rare) path."""
+        doc = new_doc(self.client, self._checkpoint)
+        for update in self._lag:
+            doc.apply_update(update)
+        self._set_doc(doc)
 
     # -- anti-entropy ----------------------------------------------------------------------
 
@@ -639,11 +740,15 @@ class Replica:
         Holds the document, the version vector with head digests, the location index and the
         write-once set: state derived from verified entries, so a restore trusts it.
         """
-        return canonical(
+        state = self.doc.get_update()
+        self._save(state)  # a fresh saved state for _restore_doc, for free
+        # plain (not canonical) CBOR: nothing compares snapshots across nodes, and sorting
+        # the map keys of the large tables triples the encoding time
+        return cbor2.dumps(
             {
                 "v": SNAPSHOT_VERSION,
                 "own": self.own_signed,
-                "doc": self.doc.get_update(),
+                "doc": state,
                 "sv": [[c, k] for c, k in sorted(self._sv.items())],
                 "excluded": [[c, k] for c, k in sorted(self._excluded_from.items())],
                 "authors": [
@@ -652,7 +757,7 @@ class Replica:
                     if st.seq
                 ],
                 "index": self._index.dump(),
-                "written": [list(p) for p in sorted(self._written, key=repr)],
+                "written": self._written.dump(),
                 "blocked": [
                     [a, r.seq, r.rejection.reason.value, r.rejection.detail, self._culprits.get(a)]
                     for a, r in sorted(self.blocked.items())
@@ -666,14 +771,15 @@ class Replica:
     def _load(self, snapshot: bytes) -> dict[str, tuple[int, bytes]]:
         try:
             data = cbor2.loads(snapshot)
-            if data["v"] != SNAPSHOT_VERSION:
+            if data["v"] not in (1, SNAPSHOT_VERSION):
                 raise StateError(f"snapshot version {data['v']} is not {SNAPSHOT_VERSION}")
-            self.doc = new_doc(self.client, data["doc"])
+            self._set_doc(new_doc(self.client, data["doc"]))
+            self._save(data["doc"])
             self.own_signed = int(data["own"])
             self._sv = {c: k for c, k in data["sv"]}
             self._excluded_from = {c: k for c, k in data["excluded"]}
             self._index = LocationIndex.load(data["index"])
-            self._written = {tuple(p) for p in data["written"]}
+            self._written = WrittenSet.load(data["written"])
             expect: dict[str, tuple[int, bytes]] = {}
             for author, seq, policy_seq, head in data["authors"]:
                 st = self._author(author, public_key_from_peer_id(author))
@@ -689,7 +795,6 @@ class Replica:
             raise
         except Exception as exc:
             raise StateError(f"snapshot does not decode: {type(exc).__name__}: {exc}") from None
-        self._rebuild_shadow()
         return expect
 
     @classmethod
@@ -771,3 +876,8 @@ class Replica:
 @functools.lru_cache(maxsize=4096)
 def _client_of(author: str) -> int:
     return client_id_for(public_key_from_peer_id(author))
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_of_key(public_key: bytes) -> int:
+    return client_id_for(public_key)

@@ -177,3 +177,89 @@ def judge(
     if op is Op.WRITE and content is not None and content not in rule.kinds:
         return rule, f"{content.value} content not allowed at {where}"
     return rule, None
+
+
+# -- the table by path shape ------------------------------------------------------------------
+#
+# A pattern tells path segments apart only by: None or not, membership in CORE_FIELDS or
+# SUB_MAPS, and equality with its literal segments. So every other string behaves alike, and a
+# path's *shape* (those strings replaced by "") matches the same row at the same positions as
+# the path itself. Authorization looks rows up by shape, once per shape, and reads the owner
+# from the real path at the row's {task} or {node} position.
+
+_LITERALS = frozenset(
+    seg
+    for rule in RULES
+    for seg in rule.pattern
+    if not seg.startswith("{") and seg not in ("[]", "**")
+)
+_SPECIAL = _LITERALS | _CORE | _SUB
+if "" in _SPECIAL:
+    raise AssertionError("the shape placeholder must not be a pattern segment")
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A row found for a shape, and where in the path its owner is named."""
+
+    rule: Rule
+    owner_at: int  # index of the {node} or {task} segment
+    creator: bool  # the owner is the creator named in the task id at owner_at
+    kinds: tuple[Content, ...]  # rule.kinds, tested by identity (Enum hashing is slow)
+
+
+def shape_seg(seg: str | None) -> str | None:
+    return seg if seg is None or seg in _SPECIAL else ""
+
+
+def shape(path: Path) -> Path:
+    return tuple(seg if seg is None or seg in _SPECIAL else "" for seg in path)
+
+
+def resolve(path_shape: Path, rules: tuple[Rule, ...] = RULES) -> Resolved | None:
+    """The row for every path of this shape, or None if no row matches."""
+    found = find_rule(path_shape, rules)
+    if found is None:
+        return None
+    rule = found[0]
+    slot = "{node}" if rule.owner == "node" else "{task}"
+    return Resolved(rule, rule.pattern.index(slot), rule.owner == "creator", tuple(rule.kinds))
+
+
+_BY_SHAPE: dict[Path, Resolved | None] = {}
+_NOT_YET: object = object()
+
+
+def permits(
+    author: str,
+    path: Path,
+    op: Op,
+    content: Content | None,
+    policy: Policy,
+    policy_seq: int,
+    may: dict[str, bool],
+) -> bool:
+    """True only where :func:`judge` allows (a fast "yes"; ask :func:`judge` on False).
+    ``may`` memoizes ``policy.may`` for this author and policy seq."""
+    path_shape = shape(path)
+    res = _BY_SHAPE.get(path_shape, _NOT_YET)
+    if res is _NOT_YET:
+        if len(_BY_SHAPE) > 4096:
+            _BY_SHAPE.clear()
+        res = _BY_SHAPE[path_shape] = resolve(path_shape)
+    if res is None:
+        return False
+    assert isinstance(res, Resolved)
+    seg = path[res.owner_at]
+    if seg is None or (task_creator(seg) if res.creator else seg) != author:
+        return False
+    permission = res.rule.write if op is Op.WRITE else res.rule.delete
+    if permission is None:
+        return False
+    if permission != MEMBER:
+        ok = may.get(permission)
+        if ok is None:
+            ok = may[permission] = policy.may(author, permission, policy_seq)
+        if not ok:
+            return False
+    return not (op is Op.WRITE and content is not None and content not in res.kinds)

@@ -1,8 +1,8 @@
 """Local write helpers: the only ways a node changes the document, each inside the schema.
 
 A :class:`Writer` is handed to the callback of :meth:`Replica.write`; everything it does happens
-in one Yrs transaction on the replica's shadow document, becomes one signed entry, and passes the
-same authorization as a remote update before it reaches the real document. Values are JSON-like
+in one Yrs transaction on the replica's document, becomes one signed entry, and passes the
+same authorization as a remote update (or the document is put back). Values are JSON-like
 (None, bool, int, float, str, bytes, lists and string-keyed dicts of those); Yrs returns numbers
 as floats.
 """

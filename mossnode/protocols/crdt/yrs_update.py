@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .lib0 import DecodeError, Reader, var_uint
 
@@ -45,8 +46,10 @@ class Content(enum.Enum):
     OTHER = "other"  # text, XML, embeds, formats, sub-documents, skips: never allowed
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
+class Item(NamedTuple):
+    """One struct of an update. A tuple: the fast decoder builds plain tuples of this layout
+    (see :data:`RawItem`), and every reader indexes them in this order."""
+
     client: int
     clock: int
     length: int
@@ -55,6 +58,11 @@ class Item:
     right_origin: ID | None = None
     parent: str | ID | None = None  # root name, parent item id; None when inherited
     parent_sub: str | None = None  # map key, only when the parent is explicit
+
+
+# (client, clock, length, content, origin, right_origin, parent, parent_sub): Item's layout
+RawItem = tuple[int, int, int, Content, ID | None, ID | None, str | ID | None, str | None]
+Delete = tuple[int, int, int]  # (client, clock, length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,3 +186,405 @@ def gc_update(client: int, start: int, end: int) -> bytes:
         + var_uint(end - start)
         + b"\x00"
     )
+
+
+# -- the fast path ------------------------------------------------------------------------------
+#
+# :func:`decode_update` above is the reference: a plain reading of the format, one method call
+# per field. Authorization decodes every received update, so :func:`decode_raw` reads the same
+# grammar in one function with the one-byte varint case inlined, the author's own client id
+# matched as a byte string, and ``Any`` values skipped instead of built. It may only ever accept
+# what the reference accepts, with the same result; whenever it meets anything it does not
+# handle, or any error, it hands the bytes to the reference, which then decides (and words the
+# error). tests/test_crdt_fastpath.py checks the two against each other on mutated updates.
+
+
+@dataclass(frozen=True, slots=True)
+class RawUpdate:
+    """A decoded update whose items are plain tuples in :class:`Item`'s layout.
+
+    ``runs`` (client, first clock, end clock) of each non-empty struct group and ``refs``, every
+    item id an item refers to (origins, right origins, parent ids; a parent shared by
+    consecutive siblings once), in item order, are what :func:`authorize.references` needs.
+    """
+
+    items: list[RawItem]
+    deletes: list[Delete]
+    runs: list[tuple[int, int, int]]
+    refs: list[ID]
+
+    def as_update(self) -> Update:
+        return Update(tuple(Item._make(i) for i in self.items), tuple(self.deletes))
+
+
+class _Unhandled(Exception):
+    """Valid or not, the reference decoder will tell."""
+
+
+_MAX_ANY_DEPTH = 32
+_U64 = 1 << 64
+_VALUE = Content.VALUE
+_GC_KIND = Content.GC
+_OTHER = Content.OTHER
+_DELETED_KIND = Content.DELETED
+_MAP = Content.MAP
+_ARRAY = Content.ARRAY
+
+
+def _uint(buf: bytes, pos: int) -> tuple[int, int]:
+    """A varuint at ``pos`` (any length); ``(value, next position)``."""
+    value = 0
+    shift = 0
+    for _ in range(10):
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            if value >= _U64:
+                raise _Unhandled
+            return value, pos
+        shift += 7
+    raise _Unhandled
+
+
+def _skip_any(buf: bytes, pos: int, end: int, depth: int) -> int:
+    """Skip one lib0 ``Any`` (validating it as :meth:`Reader.any` does); the next position."""
+    if depth > _MAX_ANY_DEPTH:
+        raise _Unhandled
+    tag = buf[pos]
+    pos += 1
+    if tag == 119:  # string
+        n = buf[pos]
+        if n < 0x80:
+            pos += 1
+        else:
+            n, pos = _uint(buf, pos)
+        if n > end - pos:
+            raise _Unhandled
+        buf[pos : pos + n].decode("utf-8")
+        return pos + n
+    if tag == 126 or tag == 127 or tag == 120 or tag == 121:
+        return pos
+    if tag == 125:  # signed varint, at most 10 bytes
+        b = buf[pos]
+        pos += 1
+        count = 1
+        while b & 0x80:
+            count += 1
+            if count > 10:
+                raise _Unhandled
+            b = buf[pos]
+            pos += 1
+        return pos
+    if tag == 123 or tag == 122 or tag == 124:
+        size = 4 if tag == 124 else 8
+        if pos + size > end:
+            raise _Unhandled
+        return pos + size
+    if tag == 118:  # object: count(2), then (string key, value) pairs
+        n = buf[pos]
+        if n < 0x80:
+            pos += 1
+        else:
+            n, pos = _uint(buf, pos)
+        if n * 2 > end - pos:
+            raise _Unhandled
+        for _ in range(n):
+            k = buf[pos]
+            if k < 0x80:
+                pos += 1
+            else:
+                k, pos = _uint(buf, pos)
+            if k > end - pos:
+                raise _Unhandled
+            buf[pos : pos + k].decode("utf-8")
+            pos = _skip_any(buf, pos + k, end, depth + 1)
+        return pos
+    if tag == 117:  # array: count(1), then values
+        n = buf[pos]
+        if n < 0x80:
+            pos += 1
+        else:
+            n, pos = _uint(buf, pos)
+        if n > end - pos:
+            raise _Unhandled
+        for _ in range(n):
+            pos = _skip_any(buf, pos, end, depth + 1)
+        return pos
+    if tag == 116:  # bytes
+        n = buf[pos]
+        if n < 0x80:
+            pos += 1
+        else:
+            n, pos = _uint(buf, pos)
+        if n > end - pos:
+            raise _Unhandled
+        return pos + n
+    raise _Unhandled
+
+
+def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> RawUpdate:
+    """See the section comment. ``hint`` is the varuint encoding of ``hint_value`` (the
+    author's client id): where it starts a client field, that field is ``hint_value``."""
+    end = len(buf)
+    hlen = len(hint)
+    uint = _uint
+    skip_any = _skip_any
+    unhandled = _Unhandled
+    value_kind, map_kind, array_kind, deleted_kind = _VALUE, _MAP, _ARRAY, _DELETED_KIND
+    items: list[RawItem] = []
+    append = items.append
+    runs: list[tuple[int, int, int]] = []
+    refs: list[ID] = []
+    refer = refs.append
+    last_parent = b""
+    last_parent_id: ID = (0, 0)
+    pos = 0
+    n_groups = buf[pos]
+    if n_groups < 0x80:
+        pos += 1
+    else:
+        n_groups, pos = uint(buf, pos)
+    if n_groups * 3 > end - pos:
+        raise unhandled
+    for _ in range(n_groups):
+        n_structs = buf[pos]
+        if n_structs < 0x80:
+            pos += 1
+        else:
+            n_structs, pos = uint(buf, pos)
+        if n_structs > end - pos:
+            raise unhandled
+        if hlen and buf.startswith(hint, pos):
+            client = hint_value
+            pos += hlen
+        else:
+            client, pos = uint(buf, pos)
+        clock = buf[pos]
+        if clock < 0x80:
+            pos += 1
+        else:
+            clock, pos = uint(buf, pos)
+        first = clock
+        if len(items) + n_structs > max_items:
+            raise unhandled
+        for _ in range(n_structs):
+            info = buf[pos]
+            pos += 1
+            ref = info & 0x1F
+            if ref == 0 or ref == 10:  # GC, skip
+                length = buf[pos]
+                if length < 0x80:
+                    pos += 1
+                else:
+                    length, pos = uint(buf, pos)
+                append((client, clock, length, _GC_KIND if ref == 0 else _OTHER, *_NONE4))
+            else:
+                origin: ID | None = None
+                right: ID | None = None
+                parent: str | ID | None = None
+                sub: str | None = None
+                if info & 0x80:
+                    if hlen and buf.startswith(hint, pos):
+                        c = hint_value
+                        pos += hlen
+                    else:
+                        c, pos = uint(buf, pos)
+                    k = buf[pos]
+                    if k < 0x80:
+                        pos += 1
+                    else:
+                        k, pos = uint(buf, pos)
+                    origin = (c, k)
+                    refer(origin)
+                if info & 0x40:
+                    if hlen and buf.startswith(hint, pos):
+                        c = hint_value
+                        pos += hlen
+                    else:
+                        c, pos = uint(buf, pos)
+                    k = buf[pos]
+                    if k < 0x80:
+                        pos += 1
+                    else:
+                        k, pos = uint(buf, pos)
+                    right = (c, k)
+                    refer(right)
+                if not info & 0xC0:
+                    flag = buf[pos]
+                    if flag < 0x80:
+                        pos += 1
+                    else:
+                        flag, pos = uint(buf, pos)
+                    if flag == 1:
+                        n = buf[pos]
+                        if n < 0x80:
+                            pos += 1
+                        else:
+                            n, pos = uint(buf, pos)
+                        if n > end - pos:
+                            raise unhandled
+                        parent = buf[pos : pos + n].decode("utf-8")
+                        pos += n
+                    elif last_parent and buf.startswith(last_parent, pos):
+                        parent = last_parent_id  # siblings repeat their parent's id
+                        pos += len(last_parent)
+                    else:
+                        at = pos
+                        if hlen and buf.startswith(hint, pos):
+                            c = hint_value
+                            pos += hlen
+                        else:
+                            c, pos = uint(buf, pos)
+                        k = buf[pos]
+                        if k < 0x80:
+                            pos += 1
+                        else:
+                            k, pos = uint(buf, pos)
+                        parent = last_parent_id = (c, k)
+                        last_parent = buf[at:pos]
+                        refer(parent)
+                    if info & 0x20:
+                        n = buf[pos]
+                        if n < 0x80:
+                            pos += 1
+                        else:
+                            n, pos = uint(buf, pos)
+                        if n > end - pos:
+                            raise unhandled
+                        sub = buf[pos : pos + n].decode("utf-8")
+                        pos += n
+                if ref == 8:  # ContentAny
+                    length = buf[pos]
+                    if length < 0x80:
+                        pos += 1
+                    else:
+                        length, pos = uint(buf, pos)
+                    if length > end - pos:
+                        raise unhandled
+                    for _ in range(length):
+                        # the common values inline: short strings, null, booleans, numbers
+                        tag = buf[pos]
+                        if tag == 119:
+                            n = buf[pos + 1]
+                            if n < 0x80:
+                                pos += 2
+                                if n > end - pos:
+                                    raise unhandled
+                                buf[pos : pos + n].decode("utf-8")
+                                pos += n
+                                continue
+                        elif tag == 126 or tag == 127 or tag == 120 or tag == 121:
+                            pos += 1
+                            continue
+                        elif tag == 123:
+                            pos += 9
+                            if pos > end:
+                                raise unhandled
+                            continue
+                        elif (tag == 125 and buf[pos + 1] < 0x80) or (
+                            tag == 117 and buf[pos + 1] == 0
+                        ):  # a one-byte integer, an empty array
+                            pos += 2
+                            continue
+                        pos = skip_any(buf, pos, end, 0)
+                    kind = value_kind
+                elif ref == 7:  # ContentType
+                    type_ref = buf[pos]
+                    if type_ref < 0x80:
+                        pos += 1
+                    else:
+                        type_ref, pos = uint(buf, pos)
+                    if type_ref == TYPE_MAP:
+                        kind = map_kind
+                    elif type_ref == TYPE_ARRAY:
+                        kind = array_kind
+                    else:
+                        raise unhandled  # text, XML: decoded (and refused) by the reference
+                    length = 1
+                elif ref == 1:  # ContentDeleted
+                    length = buf[pos]
+                    if length < 0x80:
+                        pos += 1
+                    else:
+                        length, pos = uint(buf, pos)
+                    kind = deleted_kind
+                else:
+                    raise unhandled  # JSON, binary, string, embed, format, doc, unknown
+                append((client, clock, length, kind, origin, right, parent, sub))
+            if length < 1:
+                raise unhandled
+            clock += length
+        if n_structs:
+            runs.append((client, first, clock))
+    deletes: list[Delete] = []
+    n_clients = buf[pos]
+    if n_clients < 0x80:
+        pos += 1
+    else:
+        n_clients, pos = uint(buf, pos)
+    if n_clients * 2 > end - pos:
+        raise unhandled
+    for _ in range(n_clients):
+        if hlen and buf.startswith(hint, pos):
+            client = hint_value
+            pos += hlen
+        else:
+            client, pos = uint(buf, pos)
+        n_ranges = buf[pos]
+        if n_ranges < 0x80:
+            pos += 1
+        else:
+            n_ranges, pos = uint(buf, pos)
+        if n_ranges * 2 > end - pos:
+            raise unhandled
+        for _ in range(n_ranges):
+            clock, pos = uint(buf, pos)
+            length, pos = uint(buf, pos)
+            if length < 1:
+                raise unhandled
+            deletes.append((client, clock, length))
+    if pos != end:
+        raise unhandled
+    return RawUpdate(items, deletes, runs, refs)
+
+
+_NONE4 = (None, None, None, None)
+_HINTS: dict[int, bytes] = {}
+
+
+def _hint(client: int) -> bytes:
+    hint = _HINTS.get(client)
+    if hint is None:
+        if len(_HINTS) > 4096:
+            _HINTS.clear()
+        hint = _HINTS[client] = var_uint(client)
+    return hint
+
+
+def decode_raw(data: bytes, *, client: int = 0, max_items: int = 100_000) -> RawUpdate:
+    """:func:`decode_update`'s result with plain-tuple items, fast; raises the reference's
+    :class:`DecodeError` for anything the reference refuses. ``client`` (the author's client
+    id, if known) only speeds up reading it."""
+    hint = _hint(client) if client else b""
+    try:
+        return _decode_fast(data, max_items, hint, client)
+    except Exception:  # anything at all: the reference decides
+        pass
+    ref = decode_update(data, max_items=max_items)
+    return raw_of(ref)
+
+
+def raw_of(update: Update) -> RawUpdate:
+    """An :class:`Update` (from the reference decoder) as a :class:`RawUpdate`."""
+    runs: list[tuple[int, int, int]] = []
+    refs: list[ID] = []
+    for item in update.items:
+        if runs and runs[-1][0] == item.client and runs[-1][2] == item.clock:
+            runs[-1] = (item.client, runs[-1][1], item.clock + item.length)
+        else:
+            runs.append((item.client, item.clock, item.clock + item.length))
+        for r in (item.origin, item.right_origin, item.parent):
+            if isinstance(r, tuple):
+                refs.append(r)
+    return RawUpdate(list(update.items), list(update.deletes), runs, refs)
