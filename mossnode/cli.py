@@ -433,10 +433,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mossnode {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
-        sp.set_defaults(fn=fn)
-        return sp
+    def adder(group: Any) -> Any:
+        """A function adding a subcommand that shares the common options to ``group``."""
+
+        def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
+            sp: argparse.ArgumentParser = group.add_parser(
+                name, parents=[common], help=help_, description=help_
+            )
+            sp.set_defaults(fn=fn)
+            return sp
+
+        return add
+
+    add = adder(sub)
 
     sp = add("init", cmd_init, "create this node's identity and config")
     sp.add_argument("--new-swarm", metavar="NAME", help="found a new swarm with this name")
@@ -460,10 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dsub = decide.add_subparsers(dest="decide_command", required=True, metavar="ACTION")
 
-    def dadd(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
-        sp = dsub.add_parser(name, parents=[common], help=help_, description=help_)
-        sp.set_defaults(fn=fn)
-        return sp
+    dadd = adder(dsub)
 
     sp = dadd("propose", cmd_decide_propose, "open a vote (its id is the decision's seq)")
     sp.add_argument(
@@ -489,10 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("agent", parents=[common], help="manage this host's agents")
     asub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
 
-    def aadd(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
-        sp = asub.add_parser(name, parents=[common], help=help_, description=help_)
-        sp.set_defaults(fn=fn)
-        return sp
+    aadd = adder(asub)
 
     sp = aadd("add", cmd_agent_add, "register a local agent and print its token once")
     sp.add_argument("name")
@@ -510,10 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     task = sub.add_parser("task", parents=[common], help="submit and follow tasks")
     tsub = task.add_subparsers(dest="task_command", required=True, metavar="ACTION")
 
-    def tadd(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
-        sp = tsub.add_parser(name, parents=[common], help=help_, description=help_)
-        sp.set_defaults(fn=fn)
-        return sp
+    tadd = adder(tsub)
 
     sp = tadd("submit", cmd_task_submit, "create a task")
     sp.add_argument("--title", required=True)
