@@ -116,7 +116,8 @@ def cmd_run(args: argparse.Namespace) -> None:
             nursery.cancel_scope.cancel()
 
     try:
-        profile = os.environ.get("MOSSNODE_PROFILE")  # developers: cProfile stats to this file
+        # developers: cProfile stats to this file ("{pid}" is replaced by the process id)
+        profile = os.environ.get("MOSSNODE_PROFILE", "").replace("{pid}", str(os.getpid()))
         if profile:
             import cProfile
 

@@ -375,6 +375,9 @@ class Daemon:
             "version": __version__,
             "height": state.height,
             "uptime_s": round(time.monotonic() - self.started, 1),
+            # own state entries written so far: with the envelope's timestamp, it tells peers
+            # they hold all this node wrote up to then (protocols/tasks/stability.py)
+            "state_seq": self.shared.replica.vector().get(self.peer_id, 0) if self.shared else 0,
         }
 
     async def _presence_loop(self) -> None:
@@ -393,6 +396,8 @@ class Daemon:
             log.info("peer %s is alive", peer)
             if self.shared is not None:
                 self.shared.trigger_sync(peer)
+        if self.tasks is not None:
+            self.tasks.heard(peer, env.timestamp, body)
         if addrs and self.known_addrs.get(peer) != addrs:
             self.known_addrs[peer] = addrs
             self._addrs_dirty = True

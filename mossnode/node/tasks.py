@@ -67,6 +67,9 @@ class TaskService:
         self.params = T.Params()
         self.limits = T.Limits()
         self.sched = T.Scheduler(daemon.peer_id, params=self.params, limits=self.limits)
+        self.horizons = T.Horizons()
+        self._bidders: dict[tuple[Any, ...], list[str]] = {}
+        self.sched.stable = T.stable_rule(daemon.peer_id, self._expected_bidders, self._horizon)
         self.view: T.TaskView = {}
         self.statuses: dict[str, T.Status] = {}
         self._wake = trio.Event()
@@ -87,8 +90,56 @@ class TaskService:
     def poke(self) -> None:
         self._wake.set()
 
+    def heard(self, peer: str, at: int, body: dict[str, Any]) -> None:
+        """A presence heartbeat: it may complete what this node knows ``peer`` wrote."""
+        seq = body.get("state_seq")
+        if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+            applied = self.shared.replica.vector().get(peer, 0)
+            if self.horizons.heard(peer, at, seq, applied):
+                self._wake.set()
+
+    def _horizon(self, node: str) -> int:
+        return max(self.shared.replica.horizon(node), self.horizons.of(node))
+
+    def _expected_bidders(self, task: T.Task) -> list[str]:
+        """Live members advertising an agent able to take ``task``: those whose bids a
+        window's decision must not miss (see protocols/tasks/stability.py)."""
+        now = now_ms()
+        key = (frozenset(task.capabilities), task.role, now // 100)
+        if key in self._bidders:
+            return self._bidders[key]
+        if len(self._bidders) > 256:
+            self._bidders.clear()
+        state = self.d._swarm()
+        out: list[str] = []
+        for peer, rec in self.d.detector.peers.items():
+            agents = rec.info.get("agents")
+            if not isinstance(agents, list) or self.d.detector.health(peer, now) != "alive":
+                continue
+            member = state.by_peer_id(peer)
+            if member is None:
+                continue
+            held = frozenset(member.roles)  # a node's agents act only within its own roles
+            for a in agents:
+                if not isinstance(a, dict):
+                    continue
+                roles, caps = a.get("roles"), a.get("capabilities")
+                if not isinstance(roles, list) or not isinstance(caps, list):
+                    continue
+                try:
+                    agent = T.LocalAgent("", frozenset(roles) & held, frozenset(caps))
+                except TypeError:  # unhashable junk from a peer
+                    continue
+                if T.capable(agent, task):
+                    out.append(peer)
+                    break
+        self._bidders[key] = out
+        return out
+
     def changed(self, paths: list[tuple[Any, ...]] | None) -> None:
         """The shared state changed at ``paths`` (None: anywhere): refresh and wake up."""
+        if self.horizons.pending:
+            self.horizons.applied(self.shared.replica.vector())
         if paths is None:
             self._rescan = True
         else:

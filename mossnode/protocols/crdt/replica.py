@@ -124,6 +124,7 @@ class _Author:
     seq: int = 0  # highest contiguous seq applied
     policy_seq: int = 0
     head: bytes = b""  # digest of entry `seq`
+    at: int = 0  # the author's timestamp on its latest applied entry
     log: list[bytes] = field(default_factory=list)  # raw entries 1..seq
     digests: list[bytes] = field(default_factory=list)
 
@@ -190,6 +191,12 @@ class Replica:
     def vector(self) -> dict[str, int]:
         """``{author peer id: highest contiguous seq applied}``."""
         return {a: st.seq for a, st in self._authors.items() if st.seq}
+
+    def horizon(self, author: str) -> int:
+        """The author's own clock on its latest entry applied here: every entry it wrote
+        before that moment is applied too (entries apply in seq order)."""
+        st = self._authors.get(author)
+        return st.at if st is not None else 0
 
     def heads(self) -> dict[str, bytes]:
         """Digest of each author's latest applied entry, to spot forks in anti-entropy."""
@@ -608,6 +615,7 @@ class Replica:
             self._sv[st.client] = verdict.end_clock
         self._record(st, e.author, e.raw, e.digest)
         st.policy_seq = e.policy_seq
+        st.at = max(st.at, e.timestamp)
 
     def _record(self, st: _Author, author: str, raw: bytes, digest: bytes) -> None:
         st.seq += 1

@@ -33,6 +33,7 @@ from .params import Params
 from .recurring import Schedule, due, period_suffix
 from .reputation import Reputation, leaderboard, reputation
 from .scheduler import Run, Scheduler
+from .stability import Horizons, Stable, stable_rule
 from .submission import plan_review, plan_submit
 from .supervision import Draft, Limits, Refused, check_deps_update, plan_control, plan_create
 
@@ -50,6 +51,7 @@ __all__ = [
     "DispatchReview",
     "Draft",
     "Effect",
+    "Horizons",
     "LateResult",
     "Limits",
     "LocalAgent",
@@ -65,6 +67,7 @@ __all__ = [
     "Run",
     "Schedule",
     "Scheduler",
+    "Stable",
     "State",
     "Status",
     "Submit",
@@ -89,6 +92,7 @@ __all__ = [
     "plan_review",
     "plan_submit",
     "reputation",
+    "stable_rule",
     "tiebreak",
     "validate",
     "window",

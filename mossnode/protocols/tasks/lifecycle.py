@@ -44,6 +44,7 @@ from .model import (
 from .params import Params
 from .recurring import duplicates
 from .review import deciding_review
+from .stability import Stable
 
 FAULT_KINDS = frozenset(
     {"lease", "deadline", "error", "schema", "no_claim", "rework_limit", "superseded"}
@@ -127,6 +128,7 @@ class _Ctx:
     exclusive: Mapping[str, str]
     authority: control.Authority | None
     dups: Mapping[str, str]
+    stable: Stable | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,17 +232,22 @@ def derive_all(
     exclusive: Mapping[str, str] | None = None,
     authority: control.Authority | None = None,
     cache: Cache | None = None,
+    stable: Stable | None = None,
 ) -> dict[str, Status]:
     """Statuses of every task in ``view`` at ``now_ms``.
 
     ``exclusive``: ``{task id: node}`` assignments decided by consensus for exclusive tasks.
     ``authority(node, permission)``: the decided log's policy, for supervisor actions.
+    ``stable(task, window)``: whether this node holds every bid that counts in ``window``
+    (:mod:`.stability`); a window is decided only then. None: assume it does.
     ``cache``: a :class:`Cache` the caller keeps between calls with the same ``params`` and
     policy (clear it when the policy changes; time must not go backwards). A status is
     reused while its task object is the same, its ``wake_at`` has not come, and no
     dependency or parent status changed; the result is the same as without a cache.
     """
-    ctx = _Ctx(view, now_ms, params or Params(), exclusive or {}, authority, duplicates(view))
+    ctx = _Ctx(
+        view, now_ms, params or Params(), exclusive or {}, authority, duplicates(view), stable
+    )
     topo = cache.topology if cache is not None else None
     changed: set[str] = set()
     if topo is None or not topo.fits(view):
@@ -577,7 +584,11 @@ def _one(
                 claims, key=lambda n: (claims[n].at, -scores[n], tiebreak(task.id, j, n), n)
             )
             claimed = True
-        elif w is not None and now >= w.decide_at:
+        elif (
+            w is not None
+            and now >= w.decide_at
+            and (sup is not None or ctx.stable is None or ctx.stable(task, w))
+        ):
             assignee = best(task.id, j, w.bids, w.bids)
             claim_deadline = w.decide_at + p.claim_timeout_ms
 
@@ -587,11 +598,11 @@ def _one(
     if assignee is None:
         if sup is not None:
             return closed(sup, "superseded", "superseded by a later attempt")
-        return _One(
-            state=State.PENDING,
-            window=w,
-            wake=w.decide_at if w is not None and now < w.decide_at else None,
-        )
+        wake = None
+        if w is not None:
+            # not yet known to hold every counted bid: look again soon (arrivals also wake us)
+            wake = w.decide_at if now < w.decide_at else now + max(10, p.settle_ms // 4)
+        return _One(state=State.PENDING, window=w, wake=wake)
 
     if not claimed:
         agent = w.bids[assignee].agent if w is not None and assignee in w.bids else None

@@ -52,10 +52,12 @@ from .model import HELD, TERMINAL, State, Task, TaskView
 from .params import Params
 from .reputation import Reputation
 from .review import independent
+from .stability import Stable
 from .submission import SUBMITTABLE, plan_review
 from .supervision import Limits, Refused, agent_capacity
 
 REVIEWER = "reviewer"
+SPREAD_MS = 1_000  # tasks created within this span are taken in a per-node order
 
 
 @dataclass(slots=True)
@@ -76,6 +78,7 @@ class Scheduler:
     running: dict[str, Run] = field(default_factory=dict)
     reviewing: dict[str, Run] = field(default_factory=dict)
     statuses: dict[str, Status] = field(default_factory=dict)
+    stable: Stable | None = None  # see .stability; None in simulations with bounded delays
     _proposed: dict[str, int] = field(default_factory=dict)
     _cache: Cache = field(default_factory=Cache)
     _ordered: tuple[TaskView | None, list[str]] = (None, [])
@@ -96,6 +99,7 @@ class Scheduler:
             exclusive=exclusive,
             authority=authority,
             cache=self._cache,
+            stable=self.stable,
         )
         return self.statuses
 
@@ -432,10 +436,22 @@ class Scheduler:
     # -- helpers -------------------------------------------------------------------------------
 
     def _order(self, view: TaskView) -> list[str]:
-        """Task ids by priority (highest first), then age, then id; recomputed per view."""
+        """Task ids by priority (highest first), then age in ``SPREAD_MS`` buckets, then a
+        per-node hash; recomputed per view.
+
+        The hash spreads the nodes: were every node to bid on the same few oldest tasks first,
+        each task would collect a bid from every node while the others waited for a window, and
+        the swarm would run only one node's capacity at a time. Older buckets still go first.
+        """
         if self._ordered[0] is not view:
-            order = sorted(view, key=lambda t: (-view[t].priority, view[t].created_at, t))
-            self._ordered = (view, order)
+            me = self.me.encode()
+
+            def key(t: str) -> tuple[float, int, bytes]:
+                task = view[t]
+                spread = hashlib.blake2b(t.encode(), key=me[-64:], digest_size=8).digest()
+                return (-task.priority, task.created_at // SPREAD_MS, spread)
+
+            self._ordered = (view, sorted(view, key=key))
         return self._ordered[1]
 
     def _lost(self, s: Status | None, run: Run, now: int) -> str | None:
