@@ -6,6 +6,8 @@ libp2p PublicKey message ``{Type: Ed25519 (1), Data: <32 bytes>}``.
 
 from __future__ import annotations
 
+import functools
+
 _ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _INDEX = {c: i for i, c in enumerate(_ALPHABET)}
 # protobuf: field 1 (varint) = 1 (Ed25519), field 2 (bytes, len 32)
@@ -35,6 +37,7 @@ def b58decode(text: str) -> bytes:
     return b"\0" * pad + body
 
 
+@functools.lru_cache(maxsize=4096)  # pure; the same few members' ids are asked for all the time
 def peer_id_from_public_key(public_key: bytes) -> str:
     """The libp2p PeerID string (``12D3KooW...``) of a raw 32-byte Ed25519 public key."""
     if len(public_key) != 32:
@@ -42,6 +45,7 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return b58encode(_MH_PREFIX + _PB_PREFIX + public_key)
 
 
+@functools.lru_cache(maxsize=4096)
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """Inverse of :func:`peer_id_from_public_key`; raises ValueError for non-Ed25519 ids."""
     raw = b58decode(peer_id)

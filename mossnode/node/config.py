@@ -42,6 +42,7 @@ class Config:
     bootstrap: list[str] = field(default_factory=list)
     mdns: bool = False
     presence_interval_s: float = 1.0
+    presence_budget: float = 8.0  # heartbeats/s a node receives at most: large swarms beat slower
     suspect_after_s: float = 3.0
     dead_after_s: float = 6.0
     join_window_s: float = 5.0
@@ -87,6 +88,8 @@ class Config:
             raise ConfigError(f"{source}: need 0 < suspect_after_s < dead_after_s")
         if cfg.presence_interval_s <= 0:
             raise ConfigError(f"{source}: presence_interval_s must be > 0")
+        if cfg.presence_budget <= 0:
+            raise ConfigError(f"{source}: presence_budget must be > 0")
         return cfg
 
 

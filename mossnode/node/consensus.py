@@ -132,7 +132,7 @@ class ConsensusService:
         view_timeout_ms: int = 2_000,
         retransmit_ms: int = 500,
         client_retransmit_ms: int = 1_000,
-        sync_interval_s: float = 2.0,
+        sync_interval_s: float = 10.0,  # fallback: presence heights trigger catch-up at once
     ) -> None:
         if not isinstance(membership, ConsensusMembership):
             raise TypeError("ConsensusService needs a ConsensusMembership (see load_membership)")

@@ -63,7 +63,7 @@ from ..protocols.membership import (
     make_invite,
     parse_genesis,
 )
-from ..protocols.presence import FailureDetector
+from ..protocols.presence import FailureDetector, presence_scale
 from . import systemd
 from .agents import AgentRegistry
 from .config import DB_FILE, LISTEN_FILE, SOCKET_FILE, Config
@@ -124,6 +124,7 @@ class Daemon:
         self._addrs_dirty = False
         self._proposing: set[str] = set()  # exclusive tasks with a proposal under way
         self._announced = 0  # highest decided seq this node gossiped
+        self._peer_totals: dict[str, int] = {}
         self.detector = FailureDetector(
             int(cfg.suspect_after_s * 1000), int(cfg.dead_after_s * 1000)
         )
@@ -365,6 +366,7 @@ class Daemon:
 
     def presence_body(self) -> dict[str, Any]:
         state = self._swarm()
+        vector = self.shared.replica.vector() if self.shared is not None else {}
         return {
             "addrs": self.listen_addrs(),
             "load": os.getloadavg()[0],
@@ -377,7 +379,10 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started, 1),
             # own state entries written so far: with the envelope's timestamp, it tells peers
             # they hold all this node wrote up to then (protocols/tasks/stability.py)
-            "state_seq": self.shared.replica.vector().get(self.peer_id, 0) if self.shared else 0,
+            "state_seq": vector.get(self.peer_id, 0),
+            # entries held from all authors: a peer holding fewer pulls from us at once, so
+            # periodic anti-entropy is only the fallback
+            "state_total": sum(vector.values()),
         }
 
     async def _presence_loop(self) -> None:
@@ -386,7 +391,10 @@ class Daemon:
                 await self.publish("presence", "presence", self.presence_body())
             except Exception:
                 log.exception("presence publish failed")
-            await trio.sleep(self.cfg.presence_interval_s)
+            base_ms = int(self.cfg.presence_interval_s * 1000)
+            scale = presence_scale(len(self._swarm().members), base_ms, self.cfg.presence_budget)
+            self.detector.scale = scale
+            await trio.sleep(self.cfg.presence_interval_s * scale)
 
     async def _on_presence(self, env: Envelope) -> None:
         body = env.body if isinstance(env.body, dict) else {}
@@ -398,6 +406,14 @@ class Daemon:
                 self.shared.trigger_sync(peer)
         if self.tasks is not None:
             self.tasks.heard(peer, env.timestamp, body)
+        total = body.get("state_total")
+        if self.shared is not None and isinstance(total, int):
+            # still short of what the peer held a heartbeat ago: gossip lost something (entries
+            # merely in flight arrive within a period), so pull from it now
+            before = self._peer_totals.get(peer)
+            self._peer_totals[peer] = total
+            if before is not None and self.shared.total() < before:
+                self.shared.trigger_sync(peer)
         if addrs and self.known_addrs.get(peer) != addrs:
             self.known_addrs[peer] = addrs
             self._addrs_dirty = True
