@@ -76,6 +76,7 @@ from .consensus import (
 )
 from .host import FrameError, maddrs, make_host, make_pubsub, read_frame, topic, write_frame
 from .ledger import FOUNDED_BEFORE_CONSENSUS, load_ledger, save_ledger
+from .messaging import MSG_PROTO, TOPIC_NAME, MessagingService
 from .state import StateService
 from .store import Store, StoreError
 from .tasks import TaskService, apply_writes, json_numbers
@@ -145,6 +146,7 @@ class Daemon:
         self.store: Store | None = None
         self.shared: StateService | None = None
         self.tasks: TaskService | None = None
+        self.messaging = MessagingService(self)
         # The kernel-verified uids that act as this node's operator on the API socket.
         self.operator_uids = frozenset({0, os.getuid()})
 
@@ -183,8 +185,11 @@ class Daemon:
         return self.state.roles_of(self.identity.public_key) if self.state else set()
 
     def agents_changed(self) -> None:
-        """Local agents changed: the next presence heartbeat advertises them."""
+        """Local agents changed: advertise them now (receivers of their messages check them
+        against presence) rather than at the next heartbeat."""
         self.counters["agents_changed"] += 1
+        if self._nursery is not None and self._in_swarm.is_set():
+            self._nursery.start_soon(self._publish_presence)
 
     def listen_addrs(self) -> list[str]:
         return [str(a) for a in self.host.get_addrs()]
@@ -242,6 +247,7 @@ class Daemon:
             ):
                 await self.pubsub.wait_until_ready()
                 self.host.set_stream_handler(JOIN_PROTO, self._on_join_stream)
+                self.host.set_stream_handler(MSG_PROTO, self.messaging.on_stream)
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     from ..api.server import serve_api
@@ -316,7 +322,11 @@ class Daemon:
         if entries:
             # Before presence starts: our own envelopes must pass our own membership check.
             await self.consensus.ingest(entries)
-        for name, handler in (("presence", self._on_presence), ("consensus", self._on_consensus)):
+        for name, handler in (
+            ("presence", self._on_presence),
+            ("consensus", self._on_consensus),
+            (TOPIC_NAME, self.messaging.on_gossip),
+        ):
             t = topic(state.swarm_id, name)
             self.pubsub.set_topic_validator(t, self._validator, False)
             sub = await self.pubsub.subscribe(t)
@@ -377,12 +387,15 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
 
+    async def _publish_presence(self) -> None:
+        try:
+            await self.publish("presence", "presence", self.presence_body())
+        except Exception:
+            log.exception("presence publish failed")
+
     async def _presence_loop(self) -> None:
         while True:
-            try:
-                await self.publish("presence", "presence", self.presence_body())
-            except Exception:
-                log.exception("presence publish failed")
+            await self._publish_presence()
             await trio.sleep(self.cfg.presence_interval_s)
 
     async def _on_presence(self, env: Envelope) -> None:
@@ -884,6 +897,7 @@ class Daemon:
             "state_digest": self.shared.replica.digest().hex() if self.shared else None,
             "state": self.shared.status() if self.shared else None,
             "consensus": self.consensus.status() if self.consensus else None,
+            "messaging": self.messaging.status(),
             "rejected": dict(self.rejected),
             "counters": dict(self.counters),
         }

@@ -438,6 +438,10 @@ class Inbox:
             self.items.popleft()
 
     def read(self, after: int, limit: int) -> list[Delivery]:
-        """Acknowledge up to ``after`` and return at most ``limit`` deliveries after it."""
+        """Acknowledge up to ``after`` and return at most ``limit`` deliveries after it. A
+        cursor beyond the last delivery is from an earlier inbox (the daemon restarted): read
+        from the start."""
+        if after > self.last_seq:
+            after = 0
         self.ack(after)
         return [d for d in self.items if d.seq > after][:limit]
