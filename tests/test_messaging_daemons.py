@@ -328,3 +328,64 @@ def test_cli_and_long_poll(swarm: Swarm) -> None:
     assert "ci" in text
     node1.cli("msg", "--agent", "bob", "unsubscribe", "ci")
     assert node1.cli_json("msg", "topics", "--agent", "bob") == {"topics": []}
+
+
+def test_stream_paths_were_used(swarm: Swarm) -> None:
+    """The cross-node cases above went over /moss/msg/1 and gossip, not a local shortcut."""
+    c0 = swarm.cluster.nodes[0].status()["counters"]
+    c1 = swarm.cluster.nodes[1].status()["counters"]
+    assert c0["msg_out_direct"] >= 1 and c0["msg_in_reply"] >= 1
+    assert c1["msg_in_direct"] >= 1 and c1["msg_out_reply"] >= 1
+    assert c1["msg_in_topic"] >= 1 and c0["msg_in_broadcast"] >= 1
+
+
+async def test_non_member_request_is_refused_and_counted(swarm: Swarm) -> None:
+    import multiaddr
+    from libp2p.network.stream.exceptions import StreamEOF
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    from mossnode.crypto.envelope import seal
+    from mossnode.crypto.identity import Identity
+    from mossnode.node.host import FrameError, make_host, read_frame, write_frame
+    from mossnode.node.messaging import MSG_PROTO, REQUEST
+    from mossnode.protocols import messages as M
+
+    node1 = swarm.cluster.nodes[1]
+    status = node1.status()
+    before = status["rejected"].get("not_member", 0)
+    swarm.drain("bob")
+    rogue = Identity.generate()
+    m = M.new_message(
+        suffix="0123456789abcdef",
+        mode=M.DIRECT,
+        origin=rogue.peer_id,
+        sender="alice",
+        roles=["admin"],
+        body="let me in",
+        sent_at=int(time.time() * 1000),
+        to="bob",
+        node=swarm.ids[1],
+        timeout_ms=5000,
+    )
+    assert isinstance(m, M.Message)
+    data = seal(
+        rogue,
+        swarm_id=bytes.fromhex(status["swarm_id"]),
+        type=REQUEST,
+        seq=1,
+        timestamp=int(time.time() * 1000),
+        body=m.wire(),
+    )
+    host = make_host(rogue)
+    async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        info = info_from_p2p_addr(multiaddr.Multiaddr(node1.addr))
+        await host.connect(info)
+        stream = await host.new_stream(info.peer_id, [MSG_PROTO])
+        await write_frame(stream, data)
+        try:
+            answer: bytes | None = await read_frame(stream)
+        except (FrameError, StreamEOF):
+            answer = None
+        assert answer is None  # closed without an answer
+    assert node1.status()["rejected"].get("not_member", 0) > before
+    assert swarm.drain("bob") == []
