@@ -465,7 +465,8 @@ def cmd_mcp(args: argparse.Namespace) -> None:
     from .api.mcp import run_stdio
 
     token = os.environ.get("MOSSNODE_TOKEN") or None
-    client = ApiClient(socket_path(args.state_dir), token=token, as_agent=args.agent)
+    # long enough for a message request (timeout_s up to 300) or an inbox long poll
+    client = ApiClient(socket_path(args.state_dir), timeout=330, token=token, as_agent=args.agent)
     run_stdio(client, args.agent)
 
 
