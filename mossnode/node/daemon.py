@@ -188,6 +188,7 @@ class Daemon:
         """Local agents changed: advertise them now (receivers of their messages check them
         against presence) rather than at the next heartbeat."""
         self.counters["agents_changed"] += 1
+        self.messaging.forget_missing()
         if self._nursery is not None and self._in_swarm.is_set():
             self._nursery.start_soon(self._publish_presence)
 

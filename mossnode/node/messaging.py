@@ -91,20 +91,21 @@ class MessagingService:
     def _count(self, kind: str) -> None:
         self.d.counters[f"msg_{kind}"] += 1
 
-    def _refused(self, refusal: M.Refusal | Rejection | str, msg: M.Message | None) -> None:
+    def _refused(self, refusal: M.Refusal | str, msg: M.Message | None) -> None:
         """Count a refusal of an incoming message (metric label msg_<code>) and log it."""
-        code = refusal.code if isinstance(refusal, M.Refusal) else str(refusal)
-        if isinstance(refusal, Rejection):
-            code = refusal.reason.value  # already counted by the daemon's envelope check
-        else:
-            self.d.rejected[f"msg_{code}"] += 1
+        code = refusal.code if isinstance(refusal, M.Refusal) else refusal
+        self.d.rejected[f"msg_{code}"] += 1
         log.info("refused message %s: %s", msg.id if msg else "-", refusal)
 
+    def forget_missing(self) -> None:
+        """Drop the inboxes and subscriptions of agents no longer registered here."""
+        known = self.d.agents.agents
+        for table in (self.inboxes, self.subscriptions):
+            for gone in [n for n in table if n not in known]:
+                del table[gone]
+
     def _deliver(self, name: str, msg: M.Message) -> None:
-        known = self._local()
-        for gone in [n for n in self.inboxes if n not in known]:
-            del self.inboxes[gone]
-            self.subscriptions.pop(gone, None)
+        self.forget_missing()
         inbox = self.inboxes.setdefault(name, M.Inbox())
         before = inbox.dropped
         inbox.push(msg, now_ms())
@@ -250,8 +251,7 @@ class MessagingService:
                     )
                 env = self._expect(await self._frame(stream), REPLY, msg.node)
             finally:
-                with trio.move_on_after(2):
-                    await stream.close()
+                await _close(stream)
             reply = M.from_wire(env.body, env.sender_id, env.timestamp)
             if isinstance(reply, M.Refusal):
                 self._refused(reply, None)
@@ -317,8 +317,12 @@ class MessagingService:
                 return
             pending = self._hold(msg)
             await self._ack(stream, msg.id, None)
-            with trio.move_on_after(msg.timeout_ms / 1000):
-                await pending.answered.wait()
+            async with trio.open_nursery() as nursery:
+                # The requester closing the stream means it stopped waiting: stop too.
+                nursery.start_soon(_until_closed, stream, nursery.cancel_scope)
+                with trio.move_on_after(msg.timeout_ms / 1000):
+                    await pending.answered.wait()
+                nursery.cancel_scope.cancel()
             if pending.reply is not None:
                 await write_frame(stream, self.d.seal(REPLY, pending.reply.wire()))
                 pending.delivered = True
@@ -329,8 +333,7 @@ class MessagingService:
             if pending is not None:
                 self.pending.pop(pending.request.id, None)
                 pending.finished.set()
-            with trio.move_on_after(2):
-                await stream.close()
+            await _close(stream)
 
     async def _ack(self, stream: INetStream, mid: Any, refused: M.Refusal | None) -> None:
         body: dict[str, Any] = {"id": mid if isinstance(mid, str) else "", "ok": refused is None}
@@ -483,3 +486,23 @@ class MessagingService:
             "pending_requests": len(self.pending),
             "subscriptions": {n: sorted(s) for n, s in self.subscriptions.items() if s},
         }
+
+
+async def _until_closed(stream: INetStream, scope: trio.CancelScope) -> None:
+    """Read until the peer closes (it sends nothing more on a request stream), then cancel."""
+    try:
+        while await stream.read(1024):
+            pass
+    except Exception as exc:
+        log.debug("request stream closed: %s", exc)
+    scope.cancel()
+
+
+async def _close(stream: INetStream) -> None:
+    """Close a stream even while the caller is being cancelled (else it stays open)."""
+    with trio.move_on_after(2) as scope:
+        scope.shield = True
+        try:
+            await stream.close()
+        except Exception as exc:
+            log.debug("closing a message stream: %s", exc)
