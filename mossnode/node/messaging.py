@@ -13,6 +13,7 @@ are published on the swarm's ``msg`` gossip topic and delivered by every node to
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -27,7 +28,7 @@ from libp2p.peer.id import ID
 from ..crypto.envelope import Envelope, Rejection
 from ..protocols import messages as M
 from .agents import Agent
-from .host import FrameError, read_frame, write_frame
+from .host import read_frame, write_frame
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -41,6 +42,7 @@ MAX_PENDING = 1024  # direct requests waiting for a reply on this node
 MAX_TOPICS = 64  # subscriptions per agent
 FIRST_FRAME_S = 10.0  # a peer that opens a stream must send its request within this
 REPLY_HANDOFF_S = 10.0  # how long a reply call waits for its write to the requester
+CODE_RE = re.compile(r"^[a-z_]{1,40}$")
 
 
 def now_ms() -> int:
@@ -134,14 +136,17 @@ class MessagingService:
     # --- direct requests ------------------------------------------------------------------
 
     def resolve(self, name: str, node: str | None) -> tuple[str, str]:
-        """Find the node of a bare agent name from this node's agents and members' presence."""
+        """Find the node of a bare agent name among this node's agents and the agents that live
+        members advertise in presence."""
         if node is not None:
             return name, node
         found = [self.d.peer_id] if name in self.d.agents.agents else []
         state = self.d._swarm()
+        t = now_ms()
         for peer, rec in self.d.detector.peers.items():
-            member = state.by_peer_id(peer) is not None
-            if member and M.advertised_roles(rec.info, name) is not None:
+            if state.by_peer_id(peer) is None or self.d.detector.health(peer, t) == "dead":
+                continue
+            if M.advertised_roles(rec.info, name) is not None:
                 found.append(peer)
         if not found:
             raise MessagingError(f"no agent {name!r} is known in the swarm", "unknown_agent", 404)
@@ -243,12 +248,7 @@ class MessagingService:
                         "the recipient acknowledged another message", "bad_reply", 502
                     )
                 if not ack.body.get("ok"):
-                    status = ack.body.get("status")
-                    raise MessagingError(
-                        str(ack.body.get("message", "refused")),
-                        str(ack.body.get("code", "refused")),
-                        status if status in (400, 403, 404, 409, 413, 503) else 403,
-                    )
+                    raise _refused_by_peer(ack.body)
                 env = self._expect(await self._frame(stream), REPLY, msg.node)
             finally:
                 await _close(stream)
@@ -268,7 +268,7 @@ class MessagingService:
         """The next frame; a stream the recipient closed means it stopped waiting."""
         try:
             return await read_frame(stream, self.d.cfg.max_envelope_bytes)
-        except (FrameError, Exception) as exc:
+        except Exception as exc:  # FrameError, StreamEOF, a reset connection
             raise MessagingError(
                 f"the recipient's node closed the request without a reply ({exc})", "timeout", 504
             ) from None
@@ -486,6 +486,18 @@ class MessagingService:
             "pending_requests": len(self.pending),
             "subscriptions": {n: sorted(s) for n, s in self.subscriptions.items() if s},
         }
+
+
+def _refused_by_peer(ack: dict[str, Any]) -> MessagingError:
+    """The recipient's node refused the request: pass its reason on, within bounds."""
+    code, status = ack.get("code"), ack.get("status")
+    if not isinstance(code, str) or not CODE_RE.match(code):
+        code = "refused"
+    return MessagingError(
+        f"the recipient's node refused the message: {str(ack.get('message', ''))[:300]}",
+        code,
+        status if status in (400, 403, 404, 409, 413, 503) else 403,
+    )
 
 
 async def _until_closed(stream: INetStream, scope: trio.CancelScope) -> None:
