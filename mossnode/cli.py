@@ -391,11 +391,83 @@ def cmd_swarm(args: argparse.Namespace) -> None:
     _out(args, r, f"swarm {args.action}d (decision #{r['seq']})")
 
 
+def _msg_client(args: argparse.Namespace) -> ApiClient:
+    """Messages are sent and read as an agent: its token (MOSSNODE_TOKEN), or the operator
+    binding one of this host's agents with --agent."""
+    token = os.environ.get("MOSSNODE_TOKEN") or None
+    agent = getattr(args, "agent", None)
+    if not token and not agent:
+        raise CliError("messages are sent as an agent: pass --agent NAME or set MOSSNODE_TOKEN")
+    timeout = max(getattr(args, "timeout", 0.0), getattr(args, "wait", 0.0)) + 30
+    return ApiClient(socket_path(args.state_dir), timeout=timeout, token=token, as_agent=agent)
+
+
+def _msg_body(text: str) -> Any:
+    """A message body: JSON, or else the text itself as a JSON string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _msg_line(m: dict[str, Any]) -> str:
+    where = {"topic": f"#{m.get('topic')}", "broadcast": f"role:{m.get('role')}"}
+    return (
+        f"[{m['seq']}] {m['id']}  {m['mode']} {where.get(m['mode'], '')} from {m['from']}: "
+        f"{json.dumps(m['body'])}"
+    )
+
+
+def cmd_msg_send(args: argparse.Namespace) -> None:
+    r = _msg_client(args).post(
+        "/v1/messages",
+        {"to": args.to, "body": _msg_body(args.body), "timeout_s": args.timeout},
+    )
+    _out(args, r, json.dumps(r["reply"]["body"]))
+
+
+def cmd_msg_reply(args: argparse.Namespace) -> None:
+    r = _msg_client(args).post(f"/v1/messages/{args.id}/reply", {"body": _msg_body(args.body)})
+    _out(args, r, f"replied to {r['reply_to']}")
+
+
+def cmd_msg_publish(args: argparse.Namespace) -> None:
+    r = _msg_client(args).post(f"/v1/topics/{args.topic}/publish", {"body": _msg_body(args.body)})
+    _out(args, r, r["id"])
+
+
+def cmd_msg_broadcast(args: argparse.Namespace) -> None:
+    r = _msg_client(args).post("/v1/broadcast", {"role": args.role, "body": _msg_body(args.body)})
+    _out(args, r, r["id"])
+
+
+def cmd_msg_inbox(args: argparse.Namespace) -> None:
+    query = f"?after={args.after}&wait_s={args.wait}&limit={args.limit}"
+    r = _msg_client(args).get("/v1/messages" + query)
+    lines = [_msg_line(m) for m in r["messages"]]
+    if r["messages"]:
+        lines.append(f"(acknowledge with --after {r['next']})")
+    if r["dropped"]:
+        lines.append(f"({r['dropped']} older message(s) dropped: the inbox was full)")
+    _out(args, r, "\n".join(lines) or "(no messages)")
+
+
+def cmd_msg_topic(args: argparse.Namespace) -> None:
+    r = _msg_client(args).post(f"/v1/topics/{args.topic}/{args.action}", {})
+    _out(args, r, f"{args.action}d {args.topic}; topics: {', '.join(r['topics']) or '(none)'}")
+
+
+def cmd_msg_topics(args: argparse.Namespace) -> None:
+    r = _msg_client(args).get("/v1/topics")
+    _out(args, r, "\n".join(r["topics"]) or "(no topics)")
+
+
 def cmd_mcp(args: argparse.Namespace) -> None:
     from .api.mcp import run_stdio
 
     token = os.environ.get("MOSSNODE_TOKEN") or None
-    client = ApiClient(socket_path(args.state_dir), token=token, as_agent=args.agent)
+    # long enough for a message request (timeout_s up to 300) or an inbox long poll
+    client = ApiClient(socket_path(args.state_dir), timeout=330, token=token, as_agent=args.agent)
     run_stdio(client, args.agent)
 
 
@@ -538,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["pause", "resume"])
     add("leaderboard", cmd_leaderboard, "reputation of agents, from the replicated history")
     add("activity", cmd_activity, "the activity feed: task state changes")
+    _add_msg(sub, common)
     sp = add("mcp", cmd_mcp, "MCP server on stdio for one local agent (for OpenClaw)")
     sp.add_argument("--agent", required=True, help="the local agent this server acts as")
     sp = add("install-service", cmd_install_service, "install the systemd unit")
@@ -546,6 +619,52 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nodes", type=int, default=3)
     sp.add_argument("--keep", action="store_true", help="leave the nodes running")
     return p
+
+
+def _add_msg(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``mossnode msg ...``: agent messaging, as one agent (--agent NAME or MOSSNODE_TOKEN)."""
+    as_agent = argparse.ArgumentParser(add_help=False)
+    as_agent.add_argument(
+        "--agent",
+        default=argparse.SUPPRESS,
+        metavar="NAME",
+        help="act as this local agent (operator only; else MOSSNODE_TOKEN)",
+    )
+    msg = sub.add_parser(
+        "msg", parents=[common, as_agent], help="agent messaging: requests, topics, broadcasts"
+    )
+    msub = msg.add_subparsers(dest="msg_command", required=True, metavar="ACTION")
+
+    def madd(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = msub.add_parser(
+            name, parents=[common, as_agent], help=help_, description=help_
+        )
+        sp.set_defaults(fn=fn)
+        return sp
+
+    body_help = "the body: JSON, or else taken as a string"
+    sp = madd("send", cmd_msg_send, "send a request to an agent and print its reply")
+    sp.add_argument("to", help="AGENT@PEER_ID, or an agent name known in the swarm")
+    sp.add_argument("body", help=body_help)
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
+    sp = madd("reply", cmd_msg_reply, "reply to a request in your inbox")
+    sp.add_argument("id", help="the request's id")
+    sp.add_argument("body", help=body_help)
+    sp = madd("publish", cmd_msg_publish, "publish to a topic's subscribers on every node")
+    sp.add_argument("topic")
+    sp.add_argument("body", help=body_help)
+    sp = madd("broadcast", cmd_msg_broadcast, "send to every agent holding a role")
+    sp.add_argument("role")
+    sp.add_argument("body", help=body_help)
+    sp = madd("inbox", cmd_msg_inbox, "read your inbox (--after SEQ acknowledges up to SEQ)")
+    sp.add_argument("--after", type=int, default=0, metavar="SEQ")
+    sp.add_argument("--wait", type=float, default=0.0, help="seconds to wait for a message")
+    sp.add_argument("--limit", type=int, default=100)
+    for action in ("subscribe", "unsubscribe"):
+        sp = madd(action, cmd_msg_topic, f"{action} to a topic")
+        sp.add_argument("topic")
+        sp.set_defaults(action=action)
+    madd("topics", cmd_msg_topics, "the topics you follow")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from mossnode.protocols.tasks import (
     State,
     stable_rule,
 )
-from tests.test_tasks_core import P, Doc, agent, only
+from tests.test_tasks_core import Doc, P, agent, only
 
 
 def test_horizons_wait_for_the_entries_a_heartbeat_reports() -> None:
@@ -63,9 +63,8 @@ def test_slow_gossip_no_longer_makes_two_winners() -> None:
 
     def run(gated: bool) -> list[str]:
         seen = {"B": Doc(), "C": Doc()}  # each node's own replica
-        tid = ""
         for d in seen.values():
-            tid = d.create("A", "t")
+            d.create("A", "t")
         scheds = {n: Scheduler(n, params=P) for n in seen}
         heard: dict[str, dict[str, int]] = {"B": {}, "C": {}}
         if gated:

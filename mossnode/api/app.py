@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from ..node.agents import AgentError
+from ..node.agents import Agent, AgentError
+from ..node.messaging import MessagingError
 from ..protocols import rbac
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ def build_app(daemon: Daemon) -> Starlette:
                 return await ep.handler(request)
             except ApiError as exc:
                 return error(exc.status, exc.code, exc.message, exc.details)
-            except (DaemonError, AgentError) as exc:
+            except (DaemonError, AgentError, MessagingError) as exc:
                 status = getattr(exc, "status", 400)
                 return error(status, getattr(exc, "code", "bad_request"), str(exc))
 
@@ -333,6 +334,82 @@ def build_app(daemon: Daemon) -> Starlette:
             raise ApiError(400, "bad_field", "since must be an integer (ms)") from None
         return JSONResponse(daemon.activity(since))
 
+    # --- agent messaging ----------------------------------------------------------------
+
+    def as_agent(request: Request) -> Agent:
+        agent: Agent | None = getattr(request.state, "agent", None)
+        if agent is None:
+            raise ApiError(
+                400,
+                "agent_required",
+                "messages are sent and read as an agent: use its token, or bind one with "
+                "X-Mossnode-Agent (`mossnode msg --agent NAME`)",
+            )
+        return agent
+
+    def query_number(request: Request, name: str, default: float, low: float, high: float) -> float:
+        raw = request.query_params.get(name)
+        try:
+            value = float(raw) if raw is not None else default
+        except ValueError:
+            raise ApiError(400, "bad_field", f"{name} must be a number") from None
+        if not low <= value <= high:
+            raise ApiError(400, "bad_field", f"{name} must be in [{low:g}, {high:g}]")
+        return value
+
+    def message_body(body: dict[str, Any]) -> Any:
+        if "body" not in body:
+            raise ApiError(400, "missing_field", "field 'body' is required (any JSON value)")
+        return body["body"]
+
+    async def messages_send(request: Request) -> Response:
+        agent = as_agent(request)
+        body = await json_body(request)
+        to = field(body, "to", str)
+        node = field(body, "node", str, None) if body.get("node") is not None else None
+        timeout = float(field(body, "timeout_s", float, 30.0))
+        if not 0 < timeout <= 300:
+            raise ApiError(400, "bad_field", "timeout_s must be in (0, 300]")
+        payload = message_body(body)
+        return JSONResponse(await daemon.messaging.request(agent, to, node, payload, timeout))
+
+    async def messages_read(request: Request) -> Response:
+        agent = as_agent(request)
+        after = int(query_number(request, "after", 0, 0, 2**53))
+        wait = query_number(request, "wait_s", 0, 0, 300)
+        limit = int(query_number(request, "limit", 100, 1, 1000))
+        return JSONResponse(await daemon.messaging.read(agent, after, wait, limit))
+
+    async def messages_reply(request: Request) -> Response:
+        agent = as_agent(request)
+        body = await json_body(request)
+        payload = message_body(body)
+        mid = request.path_params["id"]
+        return JSONResponse(await daemon.messaging.reply(agent, mid, payload))
+
+    async def topics_list(request: Request) -> Response:
+        return JSONResponse(daemon.messaging.topics(as_agent(request)))
+
+    def topic_action(verb: str) -> Handler:
+        async def handler(request: Request) -> Response:
+            agent = as_agent(request)
+            name = request.path_params["name"]
+            if verb == "publish":
+                payload = message_body(await json_body(request))
+                return JSONResponse(await daemon.messaging.publish(agent, name, payload))
+            if verb == "subscribe":
+                return JSONResponse(daemon.messaging.subscribe(agent, name))
+            return JSONResponse(daemon.messaging.unsubscribe(agent, name))
+
+        return handler
+
+    async def broadcast(request: Request) -> Response:
+        agent = as_agent(request)
+        body = await json_body(request)
+        role = field(body, "role", str)
+        payload = message_body(body)
+        return JSONResponse(await daemon.messaging.broadcast(agent, role, payload))
+
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(daemon.metrics_text(), media_type="text/plain; version=0.0.4")
 
@@ -401,6 +478,56 @@ def build_app(daemon: Daemon) -> Starlette:
         ),
         Endpoint("GET", "/v1/leaderboard", "state.read", "Reputation by agent", leaderboard),
         Endpoint("GET", "/v1/activity", "state.read", "Activity feed (?since=ms)", activity),
+        Endpoint(
+            "POST",
+            "/v1/messages",
+            "messages.send",
+            "Send a request to an agent (agent@peer) and wait for its reply",
+            messages_send,
+        ),
+        Endpoint(
+            "GET",
+            "/v1/messages",
+            "messages.receive",
+            "The caller's inbox (?after=seq acknowledges, &wait_s= long-polls, &limit=)",
+            messages_read,
+        ),
+        Endpoint(
+            "POST",
+            "/v1/messages/{id}/reply",
+            "messages.receive",
+            "Reply to a request in the caller's inbox",
+            messages_reply,
+        ),
+        Endpoint("GET", "/v1/topics", "messages.receive", "The caller's topics", topics_list),
+        Endpoint(
+            "POST",
+            "/v1/topics/{name}/subscribe",
+            "messages.receive",
+            "Subscribe the caller to a topic",
+            topic_action("subscribe"),
+        ),
+        Endpoint(
+            "POST",
+            "/v1/topics/{name}/unsubscribe",
+            "messages.receive",
+            "Unsubscribe the caller from a topic",
+            topic_action("unsubscribe"),
+        ),
+        Endpoint(
+            "POST",
+            "/v1/topics/{name}/publish",
+            "messages.publish",
+            "Publish to a topic's subscribers on every node",
+            topic_action("publish"),
+        ),
+        Endpoint(
+            "POST",
+            "/v1/broadcast",
+            "messages.broadcast",
+            "Send to every agent holding a role, on every node",
+            broadcast,
+        ),
         Endpoint("GET", "/v1/metrics", "state.read", "Prometheus metrics", metrics),
         Endpoint("GET", "/v1/openapi.json", PUBLIC, "This document", openapi),
     ]

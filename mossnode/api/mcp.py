@@ -27,6 +27,9 @@ class Tool:
     description: str
     schema: dict[str, Any]
     call: Callable[[ApiClient, dict[str, Any]], Any]
+    # The server keeps the inbox cursor for this tool: it passes ``after`` unless the agent
+    # does, and advances it to the answer's ``next`` (so reading again acknowledges).
+    cursor: bool = False
 
 
 def _obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
@@ -40,6 +43,14 @@ def _obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, 
 
 STR = {"type": "string"}
 STRS = {"type": "array", "items": {"type": "string"}}
+ANY = {"description": "any JSON value"}
+
+
+def _quoted(name: str) -> str:
+    from urllib.parse import quote
+
+    return quote(name, safe=":@")
+
 
 TOOLS = [
     Tool(
@@ -125,6 +136,61 @@ TOOLS = [
         _obj({}),
         lambda c, a: c.get("/v1/activity"),
     ),
+    Tool(
+        "send_message",
+        "Send a request to another agent ('name@peer_id', or a name known in the swarm) and "
+        "wait for its reply, which this returns. Fails after timeout_s (default 30).",
+        _obj({"to": STR, "body": ANY, "timeout_s": {"type": "number"}}, ["to", "body"]),
+        lambda c, a: c.post("/v1/messages", a),
+    ),
+    Tool(
+        "read_messages",
+        "Your inbox: requests to you (answer them with reply_message), topic messages and "
+        "broadcasts. Each call acknowledges what the previous call returned. wait_s waits "
+        "up to that many seconds for a first message.",
+        _obj(
+            {
+                "wait_s": {"type": "number"},
+                "limit": {"type": "integer"},
+                "after": {"type": "integer"},
+            }
+        ),
+        lambda c, a: c.get(
+            f"/v1/messages?after={int(a.get('after', 0))}&wait_s={float(a.get('wait_s', 0))}"
+            f"&limit={int(a.get('limit', 100))}"
+        ),
+        cursor=True,
+    ),
+    Tool(
+        "reply_message",
+        "Reply to a request from your inbox (its id); the sender is waiting for it.",
+        _obj({"id": STR, "body": ANY}, ["id", "body"]),
+        lambda c, a: c.post(f"/v1/messages/{_quoted(a['id'])}/reply", {"body": a["body"]}),
+    ),
+    Tool(
+        "publish_message",
+        "Publish to a named topic: every agent subscribed to it, on every node, receives it.",
+        _obj({"topic": STR, "body": ANY}, ["topic", "body"]),
+        lambda c, a: c.post(f"/v1/topics/{_quoted(a['topic'])}/publish", {"body": a["body"]}),
+    ),
+    Tool(
+        "broadcast_message",
+        "Send to every agent in the swarm holding a role (e.g. reviewer).",
+        _obj({"role": STR, "body": ANY}, ["role", "body"]),
+        lambda c, a: c.post("/v1/broadcast", {"role": a["role"], "body": a["body"]}),
+    ),
+    Tool(
+        "subscribe_topic",
+        "Receive the messages published to a topic from now on.",
+        _obj({"topic": STR}, ["topic"]),
+        lambda c, a: c.post(f"/v1/topics/{_quoted(a['topic'])}/subscribe", {}),
+    ),
+    Tool(
+        "unsubscribe_topic",
+        "Stop receiving a topic's messages.",
+        _obj({"topic": STR}, ["topic"]),
+        lambda c, a: c.post(f"/v1/topics/{_quoted(a['topic'])}/unsubscribe", {}),
+    ),
 ]
 BY_NAME = {t.name: t for t in TOOLS}
 
@@ -133,6 +199,7 @@ class McpServer:
     def __init__(self, client: ApiClient, agent: str) -> None:
         self.client = client
         self.agent = agent
+        self.cursor = 0  # the inbox cursor for read_messages
 
     def handle(self, msg: Any) -> dict[str, Any] | None:
         """One JSON-RPC message in, its response out (None for notifications)."""
@@ -154,7 +221,7 @@ class McpServer:
                     "capabilities": {"tools": {"listChanged": False}},
                     "serverInfo": {"name": "mossnode", "version": __version__},
                     "instructions": f"You are agent '{self.agent}' of this host's mossnode swarm "
-                    "member. Use these tools to see and create swarm tasks.",
+                    "member. Use these tools to see and create swarm tasks, and to message other agents.",
                 },
             )
         if method == "ping":
@@ -184,9 +251,14 @@ class McpServer:
                 return _result(
                     mid, _text(f"bad arguments: missing {missing}, unknown {unknown}", error=True)
                 )
+            if tool.cursor:
+                args = {"after": self.cursor, **args}
             try:
-                return _result(mid, _text(json.dumps(tool.call(self.client, args), indent=1)))
-            except ClientError as exc:
+                answer = tool.call(self.client, args)
+                if tool.cursor and isinstance(answer, dict):
+                    self.cursor = int(answer.get("next", self.cursor))
+                return _result(mid, _text(json.dumps(answer, indent=1)))
+            except (ClientError, ValueError, TypeError) as exc:
                 return _result(mid, _text(str(exc), error=True))
         return _error(mid, -32601, f"method not found: {method}")
 

@@ -76,6 +76,7 @@ from .consensus import (
 )
 from .host import FrameError, maddrs, make_host, make_pubsub, read_frame, topic, write_frame
 from .ledger import FOUNDED_BEFORE_CONSENSUS, load_ledger, save_ledger
+from .messaging import MSG_PROTO, TOPIC_NAME, MessagingService
 from .state import StateService
 from .store import Store, StoreError
 from .tasks import TaskService, apply_writes, json_numbers
@@ -146,6 +147,7 @@ class Daemon:
         self.store: Store | None = None
         self.shared: StateService | None = None
         self.tasks: TaskService | None = None
+        self.messaging = MessagingService(self)
         # The kernel-verified uids that act as this node's operator on the API socket.
         self.operator_uids = frozenset({0, os.getuid()})
 
@@ -184,8 +186,12 @@ class Daemon:
         return self.state.roles_of(self.identity.public_key) if self.state else set()
 
     def agents_changed(self) -> None:
-        """Local agents changed: the next presence heartbeat advertises them."""
+        """Local agents changed: advertise them now (receivers of their messages check them
+        against presence) rather than at the next heartbeat."""
         self.counters["agents_changed"] += 1
+        self.messaging.forget_missing()
+        if self._nursery is not None and self._in_swarm.is_set():
+            self._nursery.start_soon(self._publish_presence)
 
     def listen_addrs(self) -> list[str]:
         return [str(a) for a in self.host.get_addrs()]
@@ -243,6 +249,7 @@ class Daemon:
             ):
                 await self.pubsub.wait_until_ready()
                 self.host.set_stream_handler(JOIN_PROTO, self._on_join_stream)
+                self.host.set_stream_handler(MSG_PROTO, self.messaging.on_stream)
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     from ..api.server import serve_api
@@ -317,7 +324,11 @@ class Daemon:
         if entries:
             # Before presence starts: our own envelopes must pass our own membership check.
             await self.consensus.ingest(entries)
-        for name, handler in (("presence", self._on_presence), ("consensus", self._on_consensus)):
+        for name, handler in (
+            ("presence", self._on_presence),
+            ("consensus", self._on_consensus),
+            (TOPIC_NAME, self.messaging.on_gossip),
+        ):
             t = topic(state.swarm_id, name)
             self.pubsub.set_topic_validator(t, self._validator, False)
             sub = await self.pubsub.subscribe(t)
@@ -385,12 +396,15 @@ class Daemon:
             "state_total": sum(vector.values()),
         }
 
+    async def _publish_presence(self) -> None:
+        try:
+            await self.publish("presence", "presence", self.presence_body())
+        except Exception:
+            log.exception("presence publish failed")
+
     async def _presence_loop(self) -> None:
         while True:
-            try:
-                await self.publish("presence", "presence", self.presence_body())
-            except Exception:
-                log.exception("presence publish failed")
+            await self._publish_presence()
             base_ms = int(self.cfg.presence_interval_s * 1000)
             scale = presence_scale(len(self._swarm().members), base_ms, self.cfg.presence_budget)
             self.detector.scale = scale
@@ -905,6 +919,7 @@ class Daemon:
             "state_digest": self.shared.replica.digest().hex() if self.shared else None,
             "state": self.shared.status() if self.shared else None,
             "consensus": self.consensus.status() if self.consensus else None,
+            "messaging": self.messaging.status(),
             "rejected": dict(self.rejected),
             "counters": dict(self.counters),
         }

@@ -5,6 +5,12 @@ The table is the default RBAC policy; custom roles are added by decisions in the
 
 from __future__ import annotations
 
+# Agent messaging (protocols/messages.py): direct requests, topic publishing, role broadcasts,
+# and being delivered to at all. Granted by work roles, not to every member, so a node can hold
+# agents that may only listen, or neither.
+_TALK = frozenset({"messages.send", "messages.receive", "messages.publish"})
+_ANNOUNCE = _TALK | {"messages.broadcast"}
+
 PERMISSIONS: dict[str, frozenset[str]] = {
     "admin": frozenset(
         {
@@ -18,13 +24,15 @@ PERMISSIONS: dict[str, frozenset[str]] = {
             "decision.vote",
             "task.create",
             "task.cancel",
+            *_ANNOUNCE,
         }
     ),
     "validator": frozenset({"consensus.participate"}),
-    "planner": frozenset({"task.create", "task.cancel", "decision.propose", "decision.vote"}),
-    "executor": frozenset({"task.claim", "task.submit", "task.progress", "decision.vote"}),
-    "reviewer": frozenset({"task.review", "decision.vote"}),
-    "patrol": frozenset({"task.inspect", "task.flag", "decision.vote"}),
+    "planner": frozenset({"task.create", "task.cancel", "decision.propose", "decision.vote"})
+    | _ANNOUNCE,
+    "executor": frozenset({"task.claim", "task.submit", "task.progress", "decision.vote"}) | _TALK,
+    "reviewer": frozenset({"task.review", "decision.vote"}) | _TALK,
+    "patrol": frozenset({"task.inspect", "task.flag", "decision.vote"}) | _TALK,
     "supervisor": frozenset(
         {
             "task.pause",
@@ -33,12 +41,13 @@ PERMISSIONS: dict[str, frozenset[str]] = {
             "task.reassign",
             "swarm.pause",
             "decision.vote",
+            *_ANNOUNCE,
         }
     ),
 }
 BUILTIN_ROLES = frozenset(PERMISSIONS)
-# Every member may do these whatever its roles: talk, report presence, read.
-BASE_PERMISSIONS = frozenset({"presence.publish", "state.read", "messages.send"})
+# Every member may do these whatever its roles: report presence, read.
+BASE_PERMISSIONS = frozenset({"presence.publish", "state.read"})
 
 
 _MEMO: dict[frozenset[str], frozenset[str]] = {}
