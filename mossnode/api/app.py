@@ -21,6 +21,7 @@ from starlette.routing import Route
 from .. import __version__
 from ..node.agents import AgentError
 from ..protocols import rbac
+from ..protocols.tasks.confidential import check_roles
 
 if TYPE_CHECKING:
     from ..node.daemon import Daemon
@@ -253,14 +254,30 @@ def build_app(daemon: Daemon) -> Starlette:
         }
         if draft["contract"] is not None:
             check_contract(draft["contract"])
+        secret = body.get("confidential")
+        if secret is not None:
+            if not isinstance(secret, dict) or set(secret) != {"roles"}:
+                raise ApiError(400, "bad_field", "field 'confidential' must be {\"roles\": [...]}")
+            bad = check_roles(secret["roles"])
+            if bad is not None:
+                raise ApiError(400, "bad_field", f"confidential: {bad}")
+            draft["confidential"] = sorted(set(secret["roles"]))
         return JSONResponse(await daemon.submit_task(draft), status_code=201)
 
     async def tasks_list(request: Request) -> Response:
         state = request.query_params.get("state")
         return JSONResponse(daemon.list_tasks(state))
 
+    def reader(request: Request) -> frozenset[str]:
+        """Roles that let a caller read confidential values: an agent's roles that its node
+        holds. The operator reads none (it can act as one of its agents to read)."""
+        who: rbac.Principal = request.state.principal
+        if who.kind != "agent":
+            return frozenset()
+        return who.roles & frozenset(daemon.node_roles())
+
     async def tasks_show(request: Request) -> Response:
-        return JSONResponse(daemon.show_task(request.path_params["id"]))
+        return JSONResponse(daemon.show_task(request.path_params["id"], reader(request)))
 
     def control(verb: str) -> Handler:
         async def handler(request: Request) -> Response:
