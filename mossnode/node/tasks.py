@@ -278,8 +278,7 @@ class TaskService:
         try:
             with scope:
                 log.info("%s %s on agent %s", "reviewing" if review else "running", tid, agent.name)
-                if secret:
-                    payload = self._open_payload(tid, payload, review)
+                payload = self._open_payload(tid, payload, review)
                 outcome = await self._backend(agent).run(payload, progress)
         except Exception as exc:
             outcome = Outcome(False, error=f"backend failed: {exc}")
@@ -405,9 +404,11 @@ class TaskService:
         return replace(e, output=sealed, error=generic)
 
     def _open_payload(self, tid: str, payload: dict[str, Any], review: bool) -> dict[str, Any]:
-        """The agent's payload with this node's sealed values opened (SealedError if not)."""
+        """The agent's payload with the sealed values of the task and of its confidential
+        dependencies opened with this node's key (SealedError if one does not open)."""
         out = dict(payload)
-        out["input"] = self._open(payload.get("input"), C.input_context(tid))
+        if self._confidential(tid):
+            out["input"] = self._open(payload.get("input"), C.input_context(tid))
         deps = dict(payload.get("inputs_from_dependencies") or {})
         for dep, value in deps.items():
             d, st = self.view.get(dep), self.statuses.get(dep)
@@ -416,8 +417,8 @@ class TaskService:
         if "inputs_from_dependencies" in payload:
             out["inputs_from_dependencies"] = deps
         st = self.statuses.get(tid)
-        if review and st is not None and st.assignee and payload.get("output") is not None:
-            out["output"] = self._open(payload["output"], C.output_context(tid, st.assignee))
+        if review and self._confidential(tid) and st is not None and st.assignee:
+            out["output"] = self._open(payload.get("output"), C.output_context(tid, st.assignee))
         return out
 
     def reveal(self, tid: str, row: dict[str, Any], reader: frozenset[str]) -> dict[str, Any]:
