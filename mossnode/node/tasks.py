@@ -312,6 +312,9 @@ class TaskService:
                 log.warning("review of %s refused: %s", tid, plan.reason)
                 return
         else:
+            unfit = T.storable(outcome.output) if outcome.ok else None
+            if unfit is not None:  # Yrs would refuse it (or fail hard): a failed attempt
+                outcome = Outcome(False, error=f"output cannot be stored: {unfit}")
             plan = self.sched.finished(
                 self.view,
                 tid,
