@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mossnode.cluster import Cluster, Node
+from mossnode.protocols.tasks import storable
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +78,31 @@ def api(tmp_path_factory) -> Any:
     yield node, client, ops
     client.close()
     c.stop()
+
+
+def test_the_document_describes_every_input(api) -> None:
+    _node, _client, ops = api
+    for method, path, op in ops:
+        if method == "POST":
+            assert body_schema(op) is not None, path
+    queries = {path for method, path, op in ops if query_schema(op) is not None}
+    assert queries == {"/v1/tasks", "/v1/activity"}
+    task = next(body_schema(op) for m, p, op in ops if (m, p) == ("POST", "/v1/tasks"))
+    assert task is not None and task["required"] == ["title"]
+    assert task["properties"]["confidential"]["properties"]["roles"]["type"] == "array"
+
+
+def test_storable_values() -> None:
+    assert storable({"a": [1, 2.5, None, True, "x"], "n": 2**53}) is None
+    for bad, why in (
+        ({"n": 2**53 + 1}, "integer out of range"),
+        ([float("inf")], "not finite"),
+        ({"k": b"bytes"}, "not a JSON value"),
+        ({1: 2}, "keys must be strings"),
+        ([[[[]]]], "nested more than 3"),
+    ):
+        got = storable(bad, max_depth=3)
+        assert got is not None and why in got.message, (bad, got)
 
 
 def snapshot(client: httpx.Client) -> tuple[Any, ...]:

@@ -14,6 +14,7 @@ from mossnode.crypto.sealed import (
     Sealed,
     SealedError,
     open_sealed,
+    recipients_of,
     seal,
     x25519_public,
 )
@@ -108,6 +109,10 @@ def test_malformed_stored_values_are_refused_not_raised_as_crashes() -> None:
     for value in bad_values:
         with pytest.raises(SealedError):
             Sealed.from_raw(value)
+    # the cheap recipient lookup agrees on good values and never raises on bad ones
+    assert recipients_of(good) == tuple(sorted(TO_AB))
+    assert [recipients_of(v) for v in bad_values[:4]] == [(), (), (), ()]
+    assert recipients_of({**good, "keys": {}}) == ()
 
 
 def test_bad_arguments_are_clear_errors() -> None:

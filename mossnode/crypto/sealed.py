@@ -117,6 +117,18 @@ class Sealed:
         return cls(ct, epk, wrapped)
 
 
+def recipients_of(raw: Any) -> tuple[str, ...]:
+    """The recipients a stored sealed value names, without decoding it (cheap enough to ask
+    on every scheduling step); () for anything that is not shaped like one. Opening still
+    checks everything."""
+    if not isinstance(raw, Mapping) or raw.get("alg") != ALG:
+        return ()
+    keys = raw.get("keys")
+    if not isinstance(keys, Mapping) or not 0 < len(keys) <= MAX_RECIPIENTS:
+        return ()
+    return tuple(sorted(k for k in keys if isinstance(k, str)))
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 

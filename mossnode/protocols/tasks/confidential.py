@@ -32,7 +32,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ...crypto.sealed import Randomness, Sealed, SealedError, open_sealed, seal
+from ...crypto.sealed import Randomness, Sealed, SealedError, open_sealed, recipients_of, seal
 from .contract import Violation
 
 if TYPE_CHECKING:  # lifecycle imports this module
@@ -118,10 +118,7 @@ def open_value(raw: Any, *, context: str, peer_id: str, seed: bytes) -> Any:
 
 def holders(raw: Any) -> tuple[str, ...]:
     """Recipients of a stored sealed value; () if it is not one."""
-    try:
-        return Sealed.from_raw(raw).recipients
-    except SealedError:
-        return ()
+    return recipients_of(raw)
 
 
 def unsealed(value: Any) -> Violation | None:
