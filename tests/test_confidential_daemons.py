@@ -60,11 +60,11 @@ def test_confidential_task_is_sealed_run_where_readable_and_redacted(cluster_fac
     keeper = add_agent(reader, "keeper", ["executor", "reviewer"], ["math"])
     clerk = add_agent(reader, "clerk", ["executor"], ["paper"])  # same node, not the role
     add_agent(outsider, "outsider", ["executor"], ["math"])  # could run it, cannot read it
-    c.wait_all_alive()
+    c.wait_all_alive(60)
     reader_id = reader.status()["peer_id"]
     wait_for(
         lambda: any(p["peer_id"] == reader_id and p["agents"] for p in founder.peers()),
-        30,
+        60,
         "the founder to see the reader's agents",
     )
 
@@ -93,7 +93,7 @@ def test_confidential_task_is_sealed_run_where_readable_and_redacted(cluster_fac
         return node.api.get(f"/v1/tasks/{tid}")["state"] == "done"
 
     for node in c.nodes:
-        wait_for(lambda node=node: done(node, after), 90, f"both tasks done on {node.name}")
+        wait_for(lambda node=node: done(node, after), 180, f"both tasks done on {node.name}")
 
     # the agent of the role on the node with the key reads input and result
     mine = keeper.get(f"/v1/tasks/{secret}")

@@ -278,7 +278,7 @@ class TaskService:
         try:
             with scope:
                 log.info("%s %s on agent %s", "reviewing" if review else "running", tid, agent.name)
-                payload = self._open_payload(tid, payload, review)
+                payload = self.open_payload(tid, payload, review)
                 outcome = await self._backend(agent).run(payload, progress)
         except Exception as exc:
             outcome = Outcome(False, error=f"backend failed: {exc}")
@@ -326,7 +326,7 @@ class TaskService:
                 authority=self._authority,
             )
             if self._confidential(tid):
-                plan = replace(plan, effects=tuple(self._seal_effect(e) for e in plan.effects))
+                plan = replace(plan, effects=tuple(self.seal_outcome(e) for e in plan.effects))
         await self._do_all(plan.effects)
         self.poke()
 
@@ -377,9 +377,10 @@ class TaskService:
         sealed = self._seal(plan.fields["input"], C.input_context(plan.task_id), to)
         return replace(plan, fields={**plan.fields, "input": sealed})
 
-    def _seal_effect(self, e: T.Effect) -> T.Effect:
+    def seal_outcome(self, e: T.Effect) -> T.Effect:
         """An outcome of a confidential task as written: the output (or, for a failure, the
-        error and the offending output) sealed to the readers, plain text only generic."""
+        error and the offending output) sealed to the readers, plain text only generic.
+        Every path that writes a Submit or LateResult must pass it through here."""
         if not isinstance(e, T.Submit | T.LateResult):
             return e
         task = self.view.get(e.task_id)
@@ -406,7 +407,7 @@ class TaskService:
             return replace(e, output=sealed, error=generic)
         return replace(e, output=sealed, error=generic)
 
-    def _open_payload(self, tid: str, payload: dict[str, Any], review: bool) -> dict[str, Any]:
+    def open_payload(self, tid: str, payload: dict[str, Any], review: bool) -> dict[str, Any]:
         """The agent's payload with the sealed values of the task and of its confidential
         dependencies opened with this node's key (SealedError if one does not open)."""
         out = dict(payload)
