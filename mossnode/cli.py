@@ -299,6 +299,8 @@ def cmd_task_submit(args: argparse.Namespace) -> None:
         body["input"] = args.input
     if args.contract is not None:
         body["contract"] = args.contract
+    if args.confidential_to:
+        body["confidential"] = {"roles": args.confidential_to}
     r = _client(args).post("/v1/tasks", body)
     _out(args, r, r["id"])
 
@@ -595,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--after", action="append", metavar="ID", help="dependency (repeatable)")
     sp.add_argument("--input", type=_json_arg, help="input as JSON")
     sp.add_argument("--contract", type=_json_arg, help="contract as JSON")
+    sp.add_argument(
+        "--confidential-to",
+        action="append",
+        metavar="ROLE",
+        help="seal input and output to nodes with agents of ROLE (repeatable)",
+    )
     sp = tadd("list", cmd_task_list, "tasks in the swarm")
     sp.add_argument("--state")
     tadd("show", cmd_task_show, "one task with its log and results").add_argument("id")

@@ -22,6 +22,9 @@ from .. import __version__
 from ..node.agents import Agent, AgentError
 from ..node.messaging import MessagingError
 from ..protocols import rbac
+from ..protocols.tasks.confidential import check_roles
+from ..protocols.tasks.contract import STORE_DEPTH, storable, validate
+from . import schemas as S
 
 if TYPE_CHECKING:
     from ..node.daemon import Daemon
@@ -48,11 +51,43 @@ async def json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
         body = json.loads(raw or b"{}")
-    except ValueError:
+        # a lone surrogate (``"\\ud800"``) parses but cannot be stored or answered as UTF-8
+        json.dumps(body, ensure_ascii=False).encode()
+    except (ValueError, RecursionError):
         raise ApiError(400, "bad_json", "request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "request body must be a JSON object")
     return body
+
+
+def check_body(body: dict[str, Any], schema: S.Schema) -> None:
+    """A body against its endpoint's schema: 400 naming the first offending field. Values
+    must also be storable as they are (numbers in range, bounded nesting), whatever field."""
+    bad = storable(body, max_depth=STORE_DEPTH + 1) or validate(body, schema)
+    if bad is not None:
+        code = "missing_field" if bad.message.startswith("missing required") else "bad_field"
+        raise ApiError(400, code, f"invalid request body {bad}", {"path": bad.path})
+
+
+def check_query(request: Request, schema: S.Schema) -> None:
+    """Query parameters against the endpoint's query schema (integers parsed first)."""
+    props = schema.get("properties", {})
+    args: dict[str, Any] = {}
+    for name, value in request.query_params.multi_items():
+        if name in args:
+            raise ApiError(400, "bad_field", f"query parameter {name!r} given twice")
+        want = props.get(name, {}).get("type")
+        if want in ("integer", "number"):
+            try:
+                num = int(value) if want == "integer" else float(value)
+                args[name] = num if len(value) <= 20 else value
+            except ValueError:
+                args[name] = value
+        else:
+            args[name] = value
+    bad = validate(args, schema)
+    if bad is not None:
+        raise ApiError(400, "bad_field", f"invalid query {bad}", {"path": bad.path})
 
 
 def field(body: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
@@ -116,6 +151,8 @@ class Endpoint:
     permission: str
     summary: str
     handler: Handler
+    body: S.Schema | None = None  # JSON Schema of the request body (POST), enforced
+    query: S.Schema | None = None  # JSON Schema of the query parameters, enforced
 
 
 def build_app(daemon: Daemon) -> Starlette:
@@ -163,6 +200,10 @@ def build_app(daemon: Daemon) -> Starlette:
                             {"permission": denial.permission},
                         )
                     request.state.principal = who
+                if ep.body is not None:
+                    check_body(await json_body(request), ep.body)
+                if ep.query is not None:
+                    check_query(request, ep.query)
                 return await ep.handler(request)
             except ApiError as exc:
                 return error(exc.status, exc.code, exc.message, exc.details)
@@ -254,14 +295,30 @@ def build_app(daemon: Daemon) -> Starlette:
         }
         if draft["contract"] is not None:
             check_contract(draft["contract"])
+        secret = body.get("confidential")
+        if secret is not None:
+            if not isinstance(secret, dict) or set(secret) != {"roles"}:
+                raise ApiError(400, "bad_field", "field 'confidential' must be {\"roles\": [...]}")
+            bad = check_roles(secret["roles"])
+            if bad is not None:
+                raise ApiError(400, "bad_field", f"confidential: {bad}")
+            draft["confidential"] = sorted(set(secret["roles"]))
         return JSONResponse(await daemon.submit_task(draft), status_code=201)
 
     async def tasks_list(request: Request) -> Response:
         state = request.query_params.get("state")
         return JSONResponse(daemon.list_tasks(state))
 
+    def reader(request: Request) -> frozenset[str]:
+        """Roles that let a caller read confidential values: an agent's roles that its node
+        holds. The operator reads none (it can act as one of its agents to read)."""
+        who: rbac.Principal = request.state.principal
+        if who.kind != "agent":
+            return frozenset()
+        return who.roles & frozenset(daemon.node_roles())
+
     async def tasks_show(request: Request) -> Response:
-        return JSONResponse(daemon.show_task(request.path_params["id"]))
+        return JSONResponse(daemon.show_task(request.path_params["id"], reader(request)))
 
     def control(verb: str) -> Handler:
         async def handler(request: Request) -> Response:
@@ -421,10 +478,10 @@ def build_app(daemon: Daemon) -> Starlette:
         Endpoint("GET", "/v1/whoami", "state.read", "The caller and its permissions", whoami),
         Endpoint("GET", "/v1/peers", "state.read", "Members and their health", peers),
         Endpoint("GET", "/v1/decisions", "state.read", "The decided log", decisions),
-        Endpoint("POST", "/v1/invites", "member.invite", "Create an invite", invites),
-        Endpoint("POST", "/v1/join", "swarm.join", "Join a swarm through a member", join),
+        Endpoint("POST", "/v1/invites", "member.invite", "Create an invite", invites, S.INVITE),
+        Endpoint("POST", "/v1/join", "swarm.join", "Join a swarm through a member", join, S.JOIN),
         Endpoint("GET", "/v1/agents", "agent.manage", "This host's agents", agents_list),
-        Endpoint("POST", "/v1/agents", "agent.manage", "Register an agent", agents_add),
+        Endpoint("POST", "/v1/agents", "agent.manage", "Register an agent", agents_add, S.AGENT),
         Endpoint("GET", "/v1/agents/{name}", "agent.manage", "One agent", agents_show),
         Endpoint("DELETE", "/v1/agents/{name}", "agent.manage", "Remove an agent", agents_remove),
         Endpoint(
@@ -433,25 +490,33 @@ def build_app(daemon: Daemon) -> Starlette:
             "agent.manage",
             "Replace an agent's token",
             agents_rotate,
+            S.EMPTY,
         ),
-        Endpoint("POST", "/v1/tasks", "task.create", "Create a task", tasks_submit),
-        Endpoint("GET", "/v1/tasks", "state.read", "Tasks in the swarm (?state=)", tasks_list),
+        Endpoint("POST", "/v1/tasks", "task.create", "Create a task", tasks_submit, S.TASK),
+        Endpoint(
+            "GET",
+            "/v1/tasks",
+            "state.read",
+            "Tasks in the swarm (?state=)",
+            tasks_list,
+            query=S.TASKS_QUERY,
+        ),
         Endpoint("GET", "/v1/tasks/{id}", "state.read", "One task with its log", tasks_show),
-        Endpoint(
-            "POST", "/v1/tasks/{id}/cancel", "task.cancel", "Cancel a task tree", control("cancel")
-        ),
-        Endpoint(
-            "POST", "/v1/tasks/{id}/pause", "task.pause", "Pause a task tree", control("pause")
-        ),
-        Endpoint(
-            "POST", "/v1/tasks/{id}/resume", "task.resume", "Resume a task tree", control("resume")
-        ),
-        Endpoint(
-            "POST",
-            "/v1/tasks/{id}/reassign",
-            "task.reassign",
-            "Reassign a task",
-            control("reassign"),
+        *(
+            Endpoint(
+                "POST",
+                f"/v1/tasks/{{id}}/{verb}",
+                f"task.{verb}",
+                summary,
+                control(verb),
+                S.CONTROL,
+            )
+            for verb, summary in (
+                ("cancel", "Cancel a task tree"),
+                ("pause", "Pause a task tree"),
+                ("resume", "Resume a task tree"),
+                ("reassign", "Reassign a task"),
+            )
         ),
         Endpoint(
             "POST",
@@ -459,15 +524,26 @@ def build_app(daemon: Daemon) -> Starlette:
             "swarm.pause",
             "Pause all dispatch (kill switch)",
             swarm_decision("pause"),
+            S.EMPTY,
         ),
         Endpoint(
-            "POST", "/v1/swarm/resume", "swarm.pause", "Resume dispatch", swarm_decision("resume")
+            "POST",
+            "/v1/swarm/resume",
+            "swarm.pause",
+            "Resume dispatch",
+            swarm_decision("resume"),
+            S.EMPTY,
         ),
         Endpoint("GET", "/v1/votes", "state.read", "Votes and their tallies", votes_list),
-        Endpoint("POST", "/v1/votes", "decision.propose", "Open a vote", votes_open),
+        Endpoint("POST", "/v1/votes", "decision.propose", "Open a vote", votes_open, S.VOTE_OPEN),
         Endpoint("GET", "/v1/votes/{id}", "state.read", "One vote with its ballots", votes_show),
         Endpoint(
-            "POST", "/v1/votes/{id}/vote", "decision.vote", "Cast this node's ballot", votes_cast
+            "POST",
+            "/v1/votes/{id}/vote",
+            "decision.vote",
+            "Cast this node's ballot",
+            votes_cast,
+            S.VOTE_CAST,
         ),
         Endpoint(
             "POST",
@@ -475,15 +551,24 @@ def build_app(daemon: Daemon) -> Starlette:
             "decision.propose",
             "Finalize a vote's outcome",
             votes_close,
+            S.VOTE_CLOSE,
         ),
         Endpoint("GET", "/v1/leaderboard", "state.read", "Reputation by agent", leaderboard),
-        Endpoint("GET", "/v1/activity", "state.read", "Activity feed (?since=ms)", activity),
+        Endpoint(
+            "GET",
+            "/v1/activity",
+            "state.read",
+            "Activity feed (?since=ms)",
+            activity,
+            query=S.ACTIVITY_QUERY,
+        ),
         Endpoint(
             "POST",
             "/v1/messages",
             "messages.send",
             "Send a request to an agent (agent@peer) and wait for its reply",
             messages_send,
+            S.MESSAGE,
         ),
         Endpoint(
             "GET",
@@ -491,6 +576,7 @@ def build_app(daemon: Daemon) -> Starlette:
             "messages.receive",
             "The caller's inbox (?after=seq acknowledges, &wait_s= long-polls, &limit=)",
             messages_read,
+            query=S.MESSAGES_QUERY,
         ),
         Endpoint(
             "POST",
@@ -498,6 +584,7 @@ def build_app(daemon: Daemon) -> Starlette:
             "messages.receive",
             "Reply to a request in the caller's inbox",
             messages_reply,
+            S.MESSAGE_BODY,
         ),
         Endpoint("GET", "/v1/topics", "messages.receive", "The caller's topics", topics_list),
         Endpoint(
@@ -506,6 +593,7 @@ def build_app(daemon: Daemon) -> Starlette:
             "messages.receive",
             "Subscribe the caller to a topic",
             topic_action("subscribe"),
+            S.EMPTY,
         ),
         Endpoint(
             "POST",
@@ -513,6 +601,7 @@ def build_app(daemon: Daemon) -> Starlette:
             "messages.receive",
             "Unsubscribe the caller from a topic",
             topic_action("unsubscribe"),
+            S.EMPTY,
         ),
         Endpoint(
             "POST",
@@ -520,6 +609,7 @@ def build_app(daemon: Daemon) -> Starlette:
             "messages.publish",
             "Publish to a topic's subscribers on every node",
             topic_action("publish"),
+            S.MESSAGE_BODY,
         ),
         Endpoint(
             "POST",
@@ -527,6 +617,7 @@ def build_app(daemon: Daemon) -> Starlette:
             "messages.broadcast",
             "Send to every agent holding a role, on every node",
             broadcast,
+            S.BROADCAST,
         ),
         Endpoint("GET", "/v1/metrics", "state.read", "Prometheus metrics", metrics),
         Endpoint("GET", "/v1/openapi.json", PUBLIC, "This document", openapi),
@@ -557,12 +648,24 @@ def openapi_document(endpoints: list[Endpoint]) -> dict[str, Any]:
                 "403": {"description": "the caller lacks x-permission"},
             },
         }
-        params = [p[1:-1] for p in ep.path.split("/") if p.startswith("{")]
-        if params:
-            op["parameters"] = [
-                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                for p in params
+        params: list[dict[str, Any]] = [
+            {"name": p[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+            for p in ep.path.split("/")
+            if p.startswith("{")
+        ]
+        if ep.query is not None:
+            required = ep.query.get("required", [])
+            params += [
+                {"name": name, "in": "query", "required": name in required, "schema": schema}
+                for name, schema in ep.query["properties"].items()
             ]
+        if params:
+            op["parameters"] = params
+        if ep.body is not None:
+            op["requestBody"] = {
+                "required": bool(ep.body.get("required")),
+                "content": {"application/json": {"schema": ep.body}},
+            }
         paths.setdefault(ep.path, {})[ep.method.lower()] = op
     return {
         "openapi": "3.1.0",

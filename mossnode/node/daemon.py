@@ -972,6 +972,9 @@ class Daemon:
         tasks = self._tasks()
         now = now_ms()
         tasks.refresh(now)
+        contract = dict(draft["contract"] or {})
+        if draft.get("confidential"):
+            contract["confidential"] = list(draft["confidential"])
         d = T.Draft(
             suffix=secrets.token_hex(6),
             title=draft["title"],
@@ -982,7 +985,7 @@ class Daemon:
             capabilities=tuple(draft["capabilities"]),
             role=draft["role"],
             priority=draft["priority"],
-            contract=T.Contract.from_raw(draft["contract"] or {}),
+            contract=T.Contract.from_raw(contract),
         )
         plan = T.plan_create(
             tasks.view,
@@ -994,6 +997,10 @@ class Daemon:
         )
         if isinstance(plan, T.Refused):
             raise DaemonError(f"task refused ({plan.code}): {plan.reason}", plan.code)
+        if d.contract.confidential:
+            plan = tasks.seal_create(plan)
+            if isinstance(plan, T.Refused):
+                raise DaemonError(f"task refused ({plan.code}): {plan.reason}", plan.code, 409)
         ws = T.writes(plan, now)
         try:
             await self._shared().write(lambda w: apply_writes(w, ws), touched=[plan.task_id])
@@ -1028,7 +1035,9 @@ class Daemon:
         rows.sort(key=lambda r: r["id"])
         return [r for r in rows if state is None or r["state"] == state]
 
-    def show_task(self, tid: str) -> dict[str, Any]:
+    def show_task(self, tid: str, reader: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """One task; ``reader`` are the caller's roles, which decide whether it sees the
+        sealed values of a confidential task (see TaskService.reveal)."""
         tasks = self._tasks()
         tasks.refresh(now_ms())
         task = tasks.view.get(tid)
@@ -1056,7 +1065,7 @@ class Daemon:
                 "log": _jsonable(logs),
             }
         )
-        return row
+        return tasks.reveal(tid, row, reader)
 
     async def control_task(self, tid: str, verb: str, reason: str) -> dict[str, Any]:
         """cancel, pause, resume or reassign a task tree, as this node (creator or supervisor)."""

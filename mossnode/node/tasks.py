@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +20,10 @@ import trio
 
 from ..agents.base import Backend, Outcome
 from ..agents.exec import ExecBackend
+from ..crypto.sealed import Randomness, SealedError
 from ..protocols import tasks as T
 from ..protocols.crdt import Writer, WriteRefused
+from ..protocols.tasks import confidential as C
 from ..protocols.tasks.effects import Write
 
 if TYPE_CHECKING:
@@ -315,14 +318,18 @@ class TaskService:
         key = tid + ("#review" if review else "")
         attempt, rnd = int(payload.get("attempt", 1)), int(payload.get("round", 1))
 
+        secret = self._confidential(tid)
+
         async def progress(fraction: float, message: str) -> None:
-            eff = T.Progress(tid, attempt, rnd, message or None, fraction)
+            # an agent's progress text may quote what it reads: not written for secret tasks
+            eff = T.Progress(tid, attempt, rnd, None if secret else message or None, fraction)
             await self.shared.write(lambda w: apply_writes(w, T.writes(eff, now_ms())), [tid])
 
         outcome: Outcome | None = None
         try:
             with scope:
                 log.info("%s %s on agent %s", "reviewing" if review else "running", tid, agent.name)
+                payload = self.open_payload(tid, payload, review)
                 outcome = await self._backend(agent).run(payload, progress)
         except Exception as exc:
             outcome = Outcome(False, error=f"backend failed: {exc}")
@@ -339,7 +346,8 @@ class TaskService:
             out = outcome.output if outcome.ok and isinstance(outcome.output, dict) else {}
             score, verdict = out.get("score"), out.get("verdict")
             if type(score) is not int or verdict not in ("done", "rework"):
-                log.warning("review of %s gave no {score, verdict}: %s", tid, outcome.error)
+                why = C.SEALED_DETAILS if self._confidential(tid) else outcome.error
+                log.warning("review of %s gave no {score, verdict}: %s", tid, why)
                 score, verdict = 1, "rework"
             plan = self.sched.review_finished(
                 self.view,
@@ -355,6 +363,9 @@ class TaskService:
                 log.warning("review of %s refused: %s", tid, plan.reason)
                 return
         else:
+            unfit = T.storable(outcome.output) if outcome.ok else None
+            if unfit is not None:  # Yrs would refuse it (or fail hard): a failed attempt
+                outcome = Outcome(False, error=f"output cannot be stored: {unfit}")
             plan = self.sched.finished(
                 self.view,
                 tid,
@@ -365,8 +376,149 @@ class TaskService:
                 exclusive=self.d.exclusive,
                 authority=self._authority,
             )
+            if self._confidential(tid):
+                plan = replace(plan, effects=tuple(self.seal_outcome(e) for e in plan.effects))
         await self._do_all(plan.effects)
         self.poke()
+
+    # --- confidential tasks (protocols/tasks/confidential.py has the rules) -----------------
+
+    def _confidential(self, tid: str) -> bool:
+        task = self.view.get(tid)
+        return task is not None and bool(task.contract.confidential)
+
+    def members(self) -> C.Members:
+        state = self.d._swarm()
+        return {m.peer_id: (m.public_key, frozenset(m.roles)) for m in state.members.values()}
+
+    def advertised(self) -> dict[str, set[str]]:
+        """Peer id -> roles of the agents each node advertises in presence (ours: local)."""
+        out: dict[str, set[str]] = {}
+        for peer, rec in self.d.detector.peers.items():
+            agents = rec.info.get("agents")
+            for a in agents if isinstance(agents, list) else []:
+                roles = a.get("roles") if isinstance(a, dict) else None
+                if isinstance(roles, list):
+                    out.setdefault(peer, set()).update(r for r in roles if isinstance(r, str))
+        out[self.d.peer_id] = {r for a in self.d.agents.agents.values() for r in a.roles}
+        return out
+
+    def _seal(self, value: Any, context: str, to: dict[str, bytes]) -> dict[str, Any]:
+        rand = Randomness.from_bytes(os.urandom(Randomness.SIZE))
+        return C.seal_value(value, context=context, recipients=to, rand=rand)
+
+    def _open(self, value: Any, context: str) -> Any:
+        return C.open_value(
+            value, context=context, peer_id=self.d.peer_id, seed=self.d.identity.seed
+        )
+
+    def seal_create(self, plan: T.Create) -> T.Create | T.Refused:
+        """Seal a new confidential task's input to its readers (refused if nobody could read
+        it: no member node holds one of its roles with an agent of that role)."""
+        roles = plan.fields["contract"]["confidential"]
+        members = self.members()
+        readers = C.recipients(roles, members, self.advertised(), author="")
+        if not readers:
+            return T.Refused(
+                "no_reader",
+                f"no member node holds one of the roles {roles} with an agent of that role "
+                "in presence: nobody could read or run this task",
+            )
+        to = C.recipients(roles, members, self.advertised(), author=self.d.peer_id)
+        sealed = self._seal(plan.fields["input"], C.input_context(plan.task_id), to)
+        return replace(plan, fields={**plan.fields, "input": sealed})
+
+    def seal_outcome(self, e: T.Effect) -> T.Effect:
+        """An outcome of a confidential task as written: the output (or, for a failure, the
+        error and the offending output) sealed to the readers, plain text only generic.
+        Every path that writes a Submit or LateResult must pass it through here."""
+        if not isinstance(e, T.Submit | T.LateResult):
+            return e
+        task = self.view.get(e.task_id)
+        if task is None or not task.contract.confidential:
+            return e
+        violation = e.violation if isinstance(e, T.Submit) else None
+        if e.ok and violation is None:
+            value: Any = e.output
+        else:
+            value = {"error": e.error, "violation": violation, "output": e.output}
+        to = C.recipients(
+            task.contract.confidential,
+            self.members(),
+            self.advertised(),
+            author=self.d.peer_id,
+            also=C.holders(task.input),
+        )
+        sealed = self._seal(value, C.output_context(e.task_id, self.d.peer_id), to)
+        generic = None if e.ok else f"agent reported failure ({C.SEALED_DETAILS})"
+        if isinstance(e, T.Submit):
+            if violation is not None:
+                generic = f"output violates output_schema ({C.SEALED_DETAILS})"
+                return replace(e, output=sealed, error=generic, violation=generic)
+            return replace(e, output=sealed, error=generic)
+        return replace(e, output=sealed, error=generic)
+
+    def open_payload(self, tid: str, payload: dict[str, Any], review: bool) -> dict[str, Any]:
+        """The agent's payload with the sealed values of the task and of its confidential
+        dependencies opened with this node's key (SealedError if one does not open)."""
+        out = dict(payload)
+        if self._confidential(tid):
+            out["input"] = self._open(payload.get("input"), C.input_context(tid))
+        deps = dict(payload.get("inputs_from_dependencies") or {})
+        for dep, value in deps.items():
+            d, st = self.view.get(dep), self.statuses.get(dep)
+            if d is not None and d.contract.confidential and st is not None and st.accepted:
+                deps[dep] = self._open(value, C.output_context(dep, st.accepted.node))
+        if "inputs_from_dependencies" in payload:
+            out["inputs_from_dependencies"] = deps
+        st = self.statuses.get(tid)
+        if review and self._confidential(tid) and st is not None and st.assignee:
+            out["output"] = self._open(payload.get("output"), C.output_context(tid, st.assignee))
+        return out
+
+    def reveal(self, tid: str, row: dict[str, Any], reader: frozenset[str]) -> dict[str, Any]:
+        """A task row for a caller holding ``reader`` roles: sealed values opened if one of
+        them is a role the task is confidential to and this node holds the key; otherwise
+        (and for anything that does not open) the redacted placeholder."""
+        task = self.view.get(tid)
+        if task is None or not task.contract.confidential:
+            return row
+        roles = task.contract.confidential
+        entitled = bool(reader & frozenset(roles))
+
+        def show(value: Any, context: str) -> Any:
+            if entitled:
+                try:
+                    return self._open(value, context)
+                except SealedError:
+                    pass
+            return C.redacted(roles)
+
+        out = dict(row)
+        out["input"] = show(row.get("input"), C.input_context(tid))
+        st = self.statuses.get(tid)
+        if row.get("result") is not None and st is not None and st.accepted is not None:
+            out["result"] = show(row["result"], C.output_context(tid, st.accepted.node))
+        results = {}
+        for node, r in dict(row.get("results") or {}).items():
+            if isinstance(r, dict) and r.get("output") is not None:
+                r = {**r, "output": show(r["output"], C.output_context(tid, node))}
+            results[node] = r
+        out["results"] = results
+        logs = []
+        for rec in row.get("log") or []:
+            if isinstance(rec, dict) and rec.get("output") is not None:
+                rec = {**rec, "output": show(rec["output"], C.output_context(tid, rec["node"]))}
+            logs.append(rec)
+        out["log"] = logs
+        if not entitled:
+            progress = {}
+            for node, p in dict(row.get("progress") or {}).items():
+                if isinstance(p, dict) and p.get("message") not in (None, "started"):
+                    p = {**p, "message": None}
+                progress[node] = p
+            out["progress"] = progress
+        return out
 
     # --- views ------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ out as values. See docs/tasks.md.
 """
 
 from .allocation import LocalAgent, bid_score, capable, tiebreak, window, winner
-from .contract import Violation, check_schema, validate
+from .contract import Violation, check_schema, storable, validate
 from .control import Authority
 from .effects import (
     Bid,
@@ -93,6 +93,7 @@ __all__ = [
     "plan_submit",
     "reputation",
     "stable_rule",
+    "storable",
     "tiebreak",
     "validate",
     "window",

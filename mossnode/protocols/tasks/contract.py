@@ -61,7 +61,14 @@ class Violation:
 
 
 def _is_number(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(float(v))
+    """A finite double: an integer too large for one is not a number here (no replica or
+    request can make ``float()`` overflow in a check)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _is_type(v: Any, t: str) -> bool:
@@ -219,6 +226,42 @@ def validate(instance: Any, schema: Any, path: str = "$", depth: int = 0) -> Vio
     return None
 
 
+MAX_SAFE_INT = 2**53  # beyond this JSON numbers lose precision; Yrs cannot store them at all
+STORE_DEPTH = 24  # nesting the shared document's value encoding (32 levels) always takes
+
+
+def storable(
+    value: Any, path: str = "$", depth: int = 0, max_depth: int = STORE_DEPTH
+) -> Violation | None:
+    """Can ``value`` go into the shared document as it is? JSON types only, string keys,
+    finite numbers, integers within +-2**53, at most ``max_depth`` levels of nesting.
+    Checked before anything is written (request bodies, agent outputs): Yrs itself refuses
+    or fails hard on such values."""
+    if value is None or isinstance(value, bool | str):
+        return None
+    if isinstance(value, int):
+        return None if abs(value) <= MAX_SAFE_INT else Violation(path, "integer out of range")
+    if isinstance(value, float):
+        return None if math.isfinite(value) else Violation(path, "number is not finite")
+    if not isinstance(value, Mapping | list | tuple):
+        return Violation(path, f"{type(value).__name__} is not a JSON value")
+    if depth >= max_depth:
+        return Violation(path, f"nested more than {max_depth} levels")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return Violation(path, "object keys must be strings")
+            bad = storable(item, _child(path, key), depth + 1, max_depth)
+            if bad:
+                return bad
+        return None
+    for i, item in enumerate(value):
+        bad = storable(item, _child(path, i), depth + 1, max_depth)
+        if bad:
+            return bad
+    return None
+
+
 def _out_of_range(key: str, x: float, lim: float) -> bool:
     if key == "minimum":
         return x < lim
@@ -236,6 +279,8 @@ def _type_name(v: Any) -> str:
         return "boolean"
     if _is_number(v):
         return "integer" if float(v).is_integer() else "number"
+    if isinstance(v, int | float):
+        return "a number out of range"
     if isinstance(v, str):
         return "string"
     if isinstance(v, list | tuple):

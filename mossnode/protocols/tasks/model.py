@@ -77,7 +77,9 @@ class Contract:
     fault (reputation penalty, task re-offered). ``max_attempts`` bounds faulty attempts.
     ``max_rounds`` bounds review rounds within one attempt. ``exclusive`` tasks are
     assigned by consensus and run at most once. ``cost`` is charged to the task tree's
-    ``budget`` (set on the root; see :mod:`.supervision`).
+    ``budget`` (set on the root; see :mod:`.supervision`). ``confidential`` names the roles
+    that may read the task's input and outputs, which are then stored sealed (see
+    :mod:`.confidential`); empty for an ordinary task.
     """
 
     input_schema: Schema | None = None
@@ -89,6 +91,7 @@ class Contract:
     max_rounds: int = 3
     cost: float = 1.0
     budget: float | None = None
+    confidential: tuple[str, ...] = ()
 
     @classmethod
     def from_raw(cls, raw: Any) -> Contract:
@@ -111,10 +114,11 @@ class Contract:
             max_rounds=max(1, rounds) if rounds is not None else 3,
             cost=max(0.0, cost) if cost is not None else 1.0,
             budget=budget if budget is not None and budget >= 0 else None,
+            confidential=tuple(sorted(set(_strs(raw.get("confidential"))))),
         )
 
     def to_raw(self) -> dict[str, Any]:
-        return {
+        raw: dict[str, Any] = {
             "input_schema": dict(self.input_schema) if self.input_schema is not None else None,
             "output_schema": dict(self.output_schema) if self.output_schema is not None else None,
             "deadline_ms": self.deadline_ms,
@@ -125,6 +129,9 @@ class Contract:
             "cost": self.cost,
             "budget": self.budget,
         }
+        if self.confidential:  # only then: ordinary tasks keep their stored form
+            raw["confidential"] = list(self.confidential)
+        return raw
 
 
 # -- per-node entries: each is the value at tasks/<id>/<kind>/<node>, written only by <node> ----

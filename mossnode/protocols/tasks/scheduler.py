@@ -32,6 +32,7 @@ from typing import Any
 
 from . import control
 from .allocation import LocalAgent, bid_score, capable
+from .confidential import readable, reviewable
 from .contract import validate
 from .effects import (
     Bid,
@@ -190,7 +191,9 @@ class Scheduler:
             if not s.claimed:
                 mine = local.get(s.agent) if s.agent is not None else None
                 agent: LocalAgent | None = None
-                if mine is not None and capable(mine, task) and room(mine.name):
+                if not readable(view, st, tid, me):
+                    agent = None  # won without being able to read it (keys changed): give up
+                elif mine is not None and capable(mine, task) and room(mine.name):
                     agent = mine
                 else:
                     agent = pick(task)
@@ -283,7 +286,7 @@ class Scheduler:
                     if last is not None and now - last < p.lease_ms:
                         wakes.append(last + p.lease_ms)
                         continue
-                    if pick(task) is not None:
+                    if pick(task) is not None and readable(view, st, tid, me):
                         effects.append(ProposeExclusive(tid, me))
                         self._proposed[tid] = now
                         wakes.append(now + p.lease_ms)
@@ -297,6 +300,8 @@ class Scheduler:
                 b = task.bids.get(me)
                 if b is not None and b.attempt == s.attempt:
                     continue
+                if not readable(view, st, tid, me):
+                    continue  # confidential input this node cannot open: leave it to others
                 agent = pick(task)
                 if agent is None:
                     continue
@@ -313,6 +318,8 @@ class Scheduler:
             for tid in in_review:
                 s, task = st[tid], view[tid]
                 if tid in self.reviewing or s.paused or not reviewers:
+                    continue
+                if not reviewable(view, tid, s.assignee, me):
                     continue
                 mine_rev = task.reviews.get(me)
                 if mine_rev is not None and (mine_rev.attempt, mine_rev.round) == (

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import control, dag
+from .confidential import check_roles
 from .contract import check_schema, validate
 from .effects import Control, Create
 from .lifecycle import Status
@@ -64,6 +65,10 @@ def task_id(creator: str, suffix: str) -> str:
 
 
 def _check_contract(c: Contract) -> Refused | None:
+    if c.confidential:
+        bad_roles = check_roles(c.confidential)
+        if bad_roles is not None:
+            return Refused("bad_roles", bad_roles)
     for name, schema in (("input_schema", c.input_schema), ("output_schema", c.output_schema)):
         if schema is not None:
             bad = check_schema(schema)
