@@ -51,7 +51,7 @@ async def main(addr: str, swarm_hex: str, member: str, seconds: float, mode: str
                 pass
             print(json.dumps({"entries": got}))
             return
-        subs = [await pubsub.subscribe(topic(swarm_id, t)) for t in ("presence", "consensus")]
+        subs = [await pubsub.subscribe(topic(swarm_id, t)) for t in ("presence", "consensus", "state", "msg")]
 
         async def count(sub) -> None:
             nonlocal received

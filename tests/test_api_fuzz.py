@@ -86,7 +86,7 @@ def test_the_document_describes_every_input(api) -> None:
         if method == "POST":
             assert body_schema(op) is not None, path
     queries = {path for method, path, op in ops if query_schema(op) is not None}
-    assert queries == {"/v1/tasks", "/v1/activity"}
+    assert queries == {"/v1/tasks", "/v1/activity", "/v1/messages"}
     task = next(body_schema(op) for m, p, op in ops if (m, p) == ("POST", "/v1/tasks"))
     assert task is not None and task["required"] == ["title"]
     assert task["properties"]["confidential"]["properties"]["roles"]["type"] == "array"

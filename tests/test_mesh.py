@@ -85,6 +85,8 @@ def test_intruder_is_not_relayed(cluster_factory) -> None:
         assert st["rejected"].get("not_member", 0) == 0
         assert st["rejected"].get("bad_signature", 0) == 0
         assert st["decided_height"] == 2 and st["members"] == 3
+    # It learned nothing: no gossip reached it, even while its connection was still open.
+    assert out["received"] == 0
     # Its connection was closed once the join window passed.
     assert target.status()["counters"].get("gated", 0) >= 1
 

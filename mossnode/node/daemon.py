@@ -112,6 +112,8 @@ class Daemon:
         self.started = time.monotonic()
         self.host = make_host(identity, mdns=cfg.mdns)
         self.pubsub, self.router = make_pubsub(self.host, cfg.gossip_heartbeat_s)
+        self.router.admit = self._admits
+        self._members_at: tuple[int, frozenset[str]] = (-1, frozenset())
         ledger = load_ledger(state_dir)
         self.genesis: Genesis | None = ledger.genesis if ledger else None
         self._legacy_entries = ledger.legacy_entries if ledger else 0
@@ -843,6 +845,16 @@ class Daemon:
                     await trio.to_thread.run_sync(self._persist)
             except Exception:
                 log.exception("maintenance failed")
+
+    def _admits(self, peer: ID) -> bool:
+        """Whether gossip may go to ``peer``: a member (anyone while this node has no swarm)."""
+        if self.state is None:
+            return True
+        height, ids = self._members_at
+        if height != self.state.height:
+            ids = frozenset(m.peer_id for m in self.state.members.values())
+            self._members_at = (self.state.height, ids)
+        return str(peer) in ids
 
     def _gate(self) -> None:
         """Close connections of non-members once their join window has passed."""

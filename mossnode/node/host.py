@@ -9,12 +9,15 @@ has. Envelopes are verified by our own topic validators, so those heuristics add
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import multiaddr
 from libp2p import new_host
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 
@@ -33,8 +36,37 @@ def make_host(identity: Identity, mdns: bool = False) -> IHost:
     return new_host(key_pair=create_new_key_pair(identity.seed), enable_mDNS=mdns)
 
 
-def make_pubsub(host: IHost, heartbeat_s: float) -> tuple[Pubsub, GossipSub]:
-    router = GossipSub(
+class MemberGossipSub(GossipSub):
+    """Gossipsub that relays only to peers ``admit`` accepts (the swarm's members).
+
+    Connection gating closes a non-member's connection only after its join window; until then
+    it could subscribe, be grafted into the mesh and receive the swarm's gossip. Here nothing is
+    forwarded to it, its IWANTs go unanswered, and its GRAFTs are ignored, so it learns nothing.
+    """
+
+    admit: Callable[[ID], bool] = staticmethod(lambda peer: True)
+
+    def _get_peers_to_send(
+        self,
+        topic_ids: Iterable[str],
+        msg_forwarder: ID,
+        origin: ID,
+        msg_id: bytes | None = None,
+    ) -> Iterable[ID]:
+        peers = super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id)
+        return [p for p in peers if self.admit(p)]
+
+    async def handle_iwant(self, iwant_msg: Any, sender_peer_id: ID) -> None:
+        if self.admit(sender_peer_id):
+            await super().handle_iwant(iwant_msg, sender_peer_id)
+
+    async def handle_graft(self, graft_msg: Any, sender_peer_id: ID) -> None:
+        if self.admit(sender_peer_id):
+            await super().handle_graft(graft_msg, sender_peer_id)
+
+
+def make_pubsub(host: IHost, heartbeat_s: float) -> tuple[Pubsub, MemberGossipSub]:
+    router = MemberGossipSub(
         protocols=GOSSIPSUB_PROTOCOLS,
         degree=6,
         degree_low=4,
