@@ -35,11 +35,26 @@ def b58decode(text: str) -> bytes:
     return b"\0" * pad + body
 
 
+_MEMO: dict[bytes, str] = {}
+_MEMO_MAX = 4096
+
+
 def peer_id_from_public_key(public_key: bytes) -> str:
-    """The libp2p PeerID string (``12D3KooW...``) of a raw 32-byte Ed25519 public key."""
+    """The libp2p PeerID string (``12D3KooW...``) of a raw 32-byte Ed25519 public key.
+
+    Memoized: status views and authorization ask for the same few members' ids constantly,
+    and the base58 conversion is quadratic big-integer work."""
+    known = _MEMO.get(public_key) if type(public_key) is bytes else None
+    if known is not None:
+        return known
     if len(public_key) != 32:
         raise ValueError("an Ed25519 public key is 32 bytes")
-    return b58encode(_MH_PREFIX + _PB_PREFIX + public_key)
+    pid = b58encode(_MH_PREFIX + _PB_PREFIX + public_key)
+    if type(public_key) is bytes:
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[public_key] = pid
+    return pid
 
 
 def public_key_from_peer_id(peer_id: str) -> bytes:

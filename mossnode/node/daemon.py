@@ -107,6 +107,8 @@ class Daemon:
         self.state_dir = state_dir
         self.cfg = cfg
         self.identity = identity
+        self._peer_id = identity.peer_id  # base58 on every call is measurable on the API path
+        self._addrs: tuple[float, list[str]] = (-1.0, [])
         self.listen = listen or cfg.listen
         self.started = time.monotonic()
         self.host = make_host(identity, mdns=cfg.mdns)
@@ -152,7 +154,7 @@ class Daemon:
 
     @property
     def peer_id(self) -> str:
-        return self.identity.peer_id
+        return self._peer_id
 
     def next_seq(self) -> int:
         self._seq += 1
@@ -187,7 +189,12 @@ class Daemon:
         self.counters["agents_changed"] += 1
 
     def listen_addrs(self) -> list[str]:
-        return [str(a) for a in self.host.get_addrs()]
+        """The host's advertised addresses, recomputed at most once a second: building them
+        (multiaddr parsing, base58) cost most of a status call."""
+        t = time.monotonic()
+        if t - self._addrs[0] >= 1.0 or not self._addrs[1]:
+            self._addrs = (t, [str(a) for a in self.host.get_addrs()])
+        return list(self._addrs[1])
 
     def _persist(self) -> None:
         """Save the genesis and the members' addresses (the decided log is in the store)."""
