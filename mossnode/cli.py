@@ -27,6 +27,7 @@ from .node.config import (
     ConfigError,
     default_state_dir,
     load_config,
+    socket_gid,
     socket_path,
     write_config,
 )
@@ -87,6 +88,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .node.ledger import LedgerError
 
     cfg = load_config(args.state_dir)
+    socket_gid(cfg)  # a missing api.group stops the start here, with a clear message
     level = getattr(logging, (args.log_level or cfg.log_level).upper(), logging.INFO)
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -11,7 +11,6 @@ Each request's scope carries ``scope["extensions"]["peer_cred"] = {"pid", "uid",
 
 from __future__ import annotations
 
-import grp
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..node.config import socket_gid
 from .app import build_app
 
 if TYPE_CHECKING:
@@ -270,8 +270,9 @@ async def serve_api(daemon: Daemon, *, task_status: Any = trio.TASK_STATUS_IGNOR
         await sock.bind(str(path))
     finally:
         os.umask(old)
-    if daemon.cfg.api_socket_group:
-        os.chown(path, -1, grp.getgrnam(daemon.cfg.api_socket_group).gr_gid)
+    gid = socket_gid(daemon.cfg)
+    if gid is not None:
+        os.chown(path, -1, gid)
     os.chmod(path, daemon.cfg.api_socket_mode)
     sock.listen(128)
     listener = trio.SocketListener(sock)
