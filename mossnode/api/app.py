@@ -1,25 +1,31 @@
-"""Starlette app for the local API. Every route names the permission it needs.
+"""The local API as an ASGI app. Every endpoint names the permission it needs.
 
 Errors are ``{"error": {"code", "message", "details"?}}`` with a 4xx/5xx status. Input is fully
 validated before the daemon is touched, and authorization happens before that, so a refused
 request changes nothing.
+
+Requests and responses are Starlette's; routing is a table lookup here instead of Starlette's
+middleware stack and linear regex router, which cost a measurable share of every call.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from starlette.applications import Starlette
+import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
 
 from .. import __version__
 from ..node.agents import AgentError
+from ..node.events import TYPES as EVENT_TYPES
+from ..node.events import EventHub, Subscriber, pump
+from ..node.tasks import WorkRefused
 from ..protocols import rbac
 
 if TYPE_CHECKING:
@@ -117,7 +123,79 @@ class Endpoint:
     handler: Handler
 
 
-def build_app(daemon: Daemon) -> Starlette:
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Any]]
+Send = Callable[[Any], Awaitable[None]]
+
+
+class EventStream(Response):
+    """``text/event-stream`` of one subscriber, until the client leaves or is dropped."""
+
+    def __init__(self, hub: EventHub, sub: Subscriber, keepalive_s: float) -> None:
+        self.hub, self.sub, self.keepalive_s = hub, sub, keepalive_s
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-store"),
+        ]
+
+        async def write(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            try:
+                await pump(self.sub, write, self.keepalive_s)
+            except trio.TooSlowError:
+                return  # a stalled client: the connection is closed without the last chunk
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.hub.unsubscribe(self.sub)
+
+
+class Router:
+    """Endpoints by method and path; ``{name}`` segments match one non-empty segment."""
+
+    def __init__(self, endpoints: list[Endpoint], wrap: Callable[[Endpoint], Handler]) -> None:
+        self.static: dict[str, dict[str, Handler]] = {}
+        self.templates: list[tuple[tuple[str, ...], dict[str, Handler]]] = []
+        for ep in endpoints:
+            parts = tuple(ep.path.split("/"))
+            if any(p.startswith("{") for p in parts):
+                for tpl, methods in self.templates:
+                    if tpl == parts:
+                        methods[ep.method] = wrap(ep)
+                        break
+                else:
+                    self.templates.append((parts, {ep.method: wrap(ep)}))
+            else:
+                self.static.setdefault(ep.path, {})[ep.method] = wrap(ep)
+
+    def match(self, path: str) -> tuple[dict[str, Handler], dict[str, str]] | None:
+        methods = self.static.get(path)
+        if methods is not None:
+            return methods, {}
+        parts = path.split("/")
+        for tpl, methods in self.templates:
+            if len(tpl) != len(parts):
+                continue
+            params: dict[str, str] = {}
+            for want, got in zip(tpl, parts, strict=True):
+                if want.startswith("{"):
+                    if not got:
+                        break
+                    params[want[1:-1]] = got
+                elif want != got:
+                    break
+            else:
+                return methods, params
+        return None
+
+
+def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     from ..node.daemon import DaemonError
 
     def principal(request: Request) -> rbac.Principal | None:
@@ -131,6 +209,8 @@ def build_app(daemon: Daemon) -> Starlette:
             if agent is None:
                 return None
             request.state.agent = agent
+            if daemon.tasks is not None:
+                daemon.tasks.seen(agent.name)
             return rbac.agent(agent.name, frozenset(agent.roles), node_roles)
         cred = request.scope.get("extensions", {}).get("peer_cred")
         if cred and cred["uid"] in daemon.operator_uids:
@@ -142,6 +222,8 @@ def build_app(daemon: Daemon) -> Starlette:
                 if bound is None:
                     return None
                 request.state.agent = bound
+                if daemon.tasks is not None:
+                    daemon.tasks.seen(bound.name)
                 return rbac.agent(bound.name, frozenset(bound.roles), node_roles)
             return rbac.operator(cred["uid"], node_roles)
         return None
@@ -165,11 +247,25 @@ def build_app(daemon: Daemon) -> Starlette:
                 return await ep.handler(request)
             except ApiError as exc:
                 return error(exc.status, exc.code, exc.message, exc.details)
-            except (DaemonError, AgentError) as exc:
+            except (DaemonError, AgentError, WorkRefused) as exc:
                 status = getattr(exc, "status", 400)
                 return error(status, getattr(exc, "code", "bad_request"), str(exc))
 
         return handler
+
+    def calling_agent(request: Request) -> str:
+        """The agent a work endpoint acts for: only ever the caller itself."""
+        agent = getattr(request.state, "agent", None)
+        if agent is None:
+            raise ApiError(
+                403,
+                "agent_required",
+                "only an agent acts on its work: present its token (or X-Mossnode-Agent)",
+            )
+        return str(agent.name)
+
+    def work_tasks() -> Any:
+        return daemon._tasks()
 
     async def status(request: Request) -> Response:
         return JSONResponse(daemon.status())
@@ -333,6 +429,85 @@ def build_app(daemon: Daemon) -> Starlette:
             raise ApiError(400, "bad_field", "since must be an integer (ms)") from None
         return JSONResponse(daemon.activity(since))
 
+    async def events(request: Request) -> Response:
+        raw = request.query_params.get("since") or request.headers.get("last-event-id")
+        since: int | None = None
+        if raw:
+            if not raw.strip().isdigit():
+                raise ApiError(400, "bad_field", "since / Last-Event-ID must be an event id")
+            since = int(raw)
+        types: list[str] | None = None
+        if request.query_params.get("types"):
+            types = [t.strip() for t in request.query_params["types"].split(",") if t.strip()]
+            unknown = sorted(set(types) - EVENT_TYPES)
+            if unknown:
+                raise ApiError(
+                    400,
+                    "bad_field",
+                    f"unknown event type(s) {', '.join(unknown)}; known: "
+                    + ", ".join(sorted(EVENT_TYPES)),
+                )
+        who: rbac.Principal = request.state.principal
+        agent = getattr(request.state, "agent", None)
+        name = agent.name if agent is not None else None
+        sub = daemon.events.subscribe(since, types, name, operator=who.kind == "operator")
+        if name is not None and daemon.tasks is not None:
+            daemon.tasks.seen(name)
+        return EventStream(daemon.events, sub, daemon.cfg.api_keepalive_s)
+
+    async def my_work(request: Request) -> Response:
+        return JSONResponse(work_tasks().my_work(calling_agent(request)))
+
+    async def task_claim(request: Request) -> Response:
+        agent = calling_agent(request)
+        await json_body(request)
+        return JSONResponse(await work_tasks().bid(agent, request.path_params["id"]))
+
+    async def task_progress(request: Request) -> Response:
+        agent = calling_agent(request)
+        body = await json_body(request)
+        fraction = (
+            field(body, "fraction", float, None) if body.get("fraction") is not None else None
+        )
+        if fraction is not None and not (math.isfinite(fraction) and 0 <= fraction <= 1):
+            raise ApiError(400, "bad_field", "fraction must be a number from 0 to 1")
+        message = field(body, "message", str, "")
+        if len(message) > 2000:
+            raise ApiError(400, "bad_field", "message must be at most 2000 characters")
+        if fraction is None and not message:
+            raise ApiError(400, "missing_field", "send a fraction, a message, or both")
+        tid = request.path_params["id"]
+        await work_tasks().progress(agent, tid, fraction, message)
+        return JSONResponse({"id": tid, "fraction": fraction, "message": message})
+
+    async def task_submit_work(request: Request) -> Response:
+        agent = calling_agent(request)
+        body = await json_body(request)
+        err = field(body, "error", str, None) if body.get("error") is not None else None
+        if err is None and "output" not in body:
+            raise ApiError(400, "missing_field", "field 'output' (or 'error') is required")
+        if err is not None and ("output" in body or not err.strip() or len(err) > 4000):
+            raise ApiError(400, "bad_field", "'error' is 1-4000 characters and excludes 'output'")
+        result = await work_tasks().submit(
+            agent, request.path_params["id"], body.get("output"), err
+        )
+        return JSONResponse(result)
+
+    async def task_review(request: Request) -> Response:
+        agent = calling_agent(request)
+        body = await json_body(request)
+        score = field(body, "score", int)
+        if not 1 <= score <= 5:
+            raise ApiError(400, "bad_field", "score must be an integer from 1 to 5")
+        verdict = field(body, "verdict", str)
+        if verdict not in ("done", "rework"):
+            raise ApiError(400, "bad_field", "verdict must be done or rework")
+        comments = field(body, "comments", str, "")
+        if len(comments) > 2000:
+            raise ApiError(400, "bad_field", "comments must be at most 2000 characters")
+        tid = request.path_params["id"]
+        return JSONResponse(await work_tasks().review(agent, tid, score, verdict, comments))
+
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(daemon.metrics_text(), media_type="text/plain; version=0.0.4")
 
@@ -399,22 +574,71 @@ def build_app(daemon: Daemon) -> Starlette:
             "Finalize a vote's outcome",
             votes_close,
         ),
+        Endpoint(
+            "POST",
+            "/v1/tasks/{id}/claim",
+            "task.claim",
+            "Bid on a ready task for the calling agent (the best bid wins; no separate claim)",
+            task_claim,
+        ),
+        Endpoint(
+            "POST",
+            "/v1/tasks/{id}/progress",
+            "task.progress",
+            "Report progress {fraction, message} on the calling agent's work",
+            task_progress,
+        ),
+        Endpoint(
+            "POST",
+            "/v1/tasks/{id}/submit",
+            "task.submit",
+            "Submit the calling agent's {output} (or {error}); checked against output_schema",
+            task_submit_work,
+        ),
+        Endpoint(
+            "POST",
+            "/v1/tasks/{id}/review",
+            "task.review",
+            "Review a submission {score 1-5, verdict done|rework, comments}; never one's own",
+            task_review,
+        ),
+        Endpoint(
+            "GET",
+            "/v1/agents/me/work",
+            "state.read",
+            "Work handed to the calling agent (tasks to do, submissions to review)",
+            my_work,
+        ),
+        Endpoint(
+            "GET",
+            "/v1/events",
+            "state.read",
+            "Server-sent events (?since=ID or Last-Event-ID, ?types=task,decision,peer,work)",
+            events,
+        ),
         Endpoint("GET", "/v1/leaderboard", "state.read", "Reputation by agent", leaderboard),
         Endpoint("GET", "/v1/activity", "state.read", "Activity feed (?since=ms)", activity),
         Endpoint("GET", "/v1/metrics", "state.read", "Prometheus metrics", metrics),
         Endpoint("GET", "/v1/openapi.json", PUBLIC, "This document", openapi),
     ]
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return error(404, "not_found", f"no such endpoint: {request.method} {request.url.path}")
+    router = Router(endpoints, guarded)
 
-    async def not_allowed(request: Request, exc: Exception) -> Response:
-        return error(
-            405, "method_not_allowed", f"{request.method} not allowed on {request.url.path}"
-        )
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        found = router.match(path)
+        if found is None:
+            response: Response = error(404, "not_found", f"no such endpoint: {method} {path}")
+        elif method not in found[0]:
+            response = error(405, "method_not_allowed", f"{method} not allowed on {path}")
+        else:
+            scope["path_params"] = found[1]
+            response = await found[0][method](Request(scope, receive, send))
+        await response(scope, receive, send)
 
-    routes = [Route(ep.path, guarded(ep), methods=[ep.method]) for ep in endpoints]
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
+    return app
 
 
 def openapi_document(endpoints: list[Endpoint]) -> dict[str, Any]:

@@ -23,7 +23,14 @@ SOCKET_FILE = "api.sock"
 LISTEN_FILE = "listen_addrs"
 DB_FILE = "state.db"
 # [api] keys and the Config fields they set (the node.api_socket* spellings are accepted too)
-API_KEYS = {"socket": "api_socket", "mode": "api_socket_mode", "group": "api_socket_group"}
+API_KEYS = {
+    "socket": "api_socket",
+    "mode": "api_socket_mode",
+    "group": "api_socket_group",
+    "event_buffer": "api_event_buffer",
+    "event_queue": "api_event_queue",
+    "keepalive_s": "api_keepalive_s",
+}
 
 
 class ConfigError(Exception):
@@ -54,6 +61,9 @@ class Config:
     api_socket: str = ""  # empty: <state_dir>/api.sock; [api] socket
     api_socket_mode: int = 0o660  # [api] mode
     api_socket_group: str = ""  # [api] group; empty: the daemon user's primary group
+    api_event_buffer: int = 10_000  # [api] event_buffer: events kept for resuming streams
+    api_event_queue: int = 1_000  # [api] event_queue: events a slow stream may fall behind
+    api_keepalive_s: float = 15.0  # [api] keepalive_s: comment on an idle event stream
     log_level: str = "info"
 
     def to_toml(self) -> str:
@@ -105,6 +115,8 @@ class Config:
             raise ConfigError(f"{source}: need 0 < suspect_after_s < dead_after_s")
         if cfg.presence_interval_s <= 0:
             raise ConfigError(f"{source}: presence_interval_s must be > 0")
+        if cfg.api_event_buffer < 1 or cfg.api_event_queue < 1 or cfg.api_keepalive_s <= 0:
+            raise ConfigError(f"{source}: api.event_buffer, event_queue, keepalive_s must be > 0")
         if not 0 <= cfg.api_socket_mode <= 0o777:
             raise ConfigError(f'{source}: api.mode must be a file mode like "0660"')
         return cfg

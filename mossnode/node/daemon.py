@@ -74,6 +74,7 @@ from .consensus import (
     ProposalTimeout,
     load_membership,
 )
+from .events import EventHub
 from .host import FrameError, maddrs, make_host, make_pubsub, read_frame, topic, write_frame
 from .ledger import FOUNDED_BEFORE_CONSENSUS, load_ledger, save_ledger
 from .state import StateService
@@ -144,6 +145,7 @@ class Daemon:
         self.stopping = trio.Event()
         self.api_path = Path(cfg.api_socket) if cfg.api_socket else state_dir / SOCKET_FILE
         self.agents = AgentRegistry(state_dir)
+        self.events = EventHub(cfg.api_event_buffer, cfg.api_event_queue)
         self.store: Store | None = None
         self.shared: StateService | None = None
         self.tasks: TaskService | None = None
@@ -433,6 +435,7 @@ class Daemon:
     async def _on_entry(self, entry: Entry) -> None:
         """Every new decided-log entry, in order, once it is durable in the store."""
         self._decided(entry)
+        self.events.publish("decision", {"seq": entry.seq, "kind": entry.kind})
         if entry.kind == NOOP:
             log.debug("decided #%d noop %s", entry.seq, entry.payload.get("reason"))
         else:
