@@ -114,6 +114,57 @@ TOOLS = [
         lambda c, a: c.post(f"/v1/tasks/{a['id']}/cancel", {"reason": a.get("reason", "")}),
     ),
     Tool(
+        "my_work",
+        "Work your node won for you: tasks to do (kind 'run', with their input and the results "
+        "of their dependencies) and submissions to review (kind 'review').",
+        _obj({}),
+        lambda c, a: c.get("/v1/agents/me/work"),
+    ),
+    Tool(
+        "claim_task",
+        "Bid for a ready task yourself (your node also bids for you on its own); the best bid "
+        "wins, and won work then appears in my_work.",
+        _obj({"id": STR}, ["id"]),
+        lambda c, a: c.post(f"/v1/tasks/{a['id']}/claim", {}),
+    ),
+    Tool(
+        "report_progress",
+        "Report progress on a task you hold: fraction done (0 to 1) and/or a short message.",
+        _obj(
+            {"id": STR, "fraction": {"type": "number", "minimum": 0, "maximum": 1}, "message": STR},
+            ["id"],
+        ),
+        lambda c, a: c.post(
+            f"/v1/tasks/{a['id']}/progress", {k: v for k, v in a.items() if k != "id"}
+        ),
+    ),
+    Tool(
+        "submit_result",
+        "Submit your result for a task you hold. 'output' must satisfy the task's output "
+        "schema; send 'error' instead if you cannot do the task.",
+        _obj({"id": STR, "output": {}, "error": STR}, ["id"]),
+        lambda c, a: c.post(
+            f"/v1/tasks/{a['id']}/submit", {k: v for k, v in a.items() if k != "id"}
+        ),
+    ),
+    Tool(
+        "review_task",
+        "Review another agent's submission waiting in review: score 1-5, verdict 'done' or "
+        "'rework', and comments that say what to fix.",
+        _obj(
+            {
+                "id": STR,
+                "score": {"type": "integer", "minimum": 1, "maximum": 5},
+                "verdict": {"type": "string", "enum": ["done", "rework"]},
+                "comments": STR,
+            },
+            ["id", "score", "verdict"],
+        ),
+        lambda c, a: c.post(
+            f"/v1/tasks/{a['id']}/review", {k: v for k, v in a.items() if k != "id"}
+        ),
+    ),
+    Tool(
         "leaderboard",
         "Reputation of agents derived from the swarm's history.",
         _obj({}),
@@ -154,7 +205,9 @@ class McpServer:
                     "capabilities": {"tools": {"listChanged": False}},
                     "serverInfo": {"name": "mossnode", "version": __version__},
                     "instructions": f"You are agent '{self.agent}' of this host's mossnode swarm "
-                    "member. Use these tools to see and create swarm tasks.",
+                    "member. Use these tools to see and create swarm tasks, and to do your "
+                    "work: my_work lists what you were given; report_progress while you work; "
+                    "submit_result when done; review_task for submissions you are to review.",
                 },
             )
         if method == "ping":
