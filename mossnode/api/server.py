@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..node.config import socket_gid
+from ..node.events import watch_peers
 from .app import build_app
 
 if TYPE_CHECKING:
@@ -281,6 +282,7 @@ async def serve_api(daemon: Daemon, *, task_status: Any = trio.TASK_STATUS_IGNOR
     limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
     task_status.started()
     async with listener, trio.open_nursery() as nursery:
+        nursery.start_soon(watch_peers, daemon, daemon.events)
         while True:
             stream = await listener.accept()
             nursery.start_soon(_handle, stream, app, limiter)
