@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 
 from .. import __version__
 from ..node.agents import AgentError
@@ -34,12 +34,41 @@ if TYPE_CHECKING:
 log = logging.getLogger("mossnode.api")
 Handler = Callable[[Request], Awaitable[Response]]
 PUBLIC = ""  # permission of routes anyone who can open the socket may call
+PRINCIPAL = "mossnode.principal"  # scope keys: who is calling, and as which agent if any
+AGENT = "mossnode.agent"
 
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
+
+
+_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+class JSONResponse(Response):
+    """Starlette's JSONResponse without its per-call costs: one shared encoder, headers
+    built directly."""
+
+    media_type = "application/json"
+
+    def __init__(self, content: Any, status_code: int = 200) -> None:
+        self.status_code = status_code
+        self.background = None
+        self.body = _ENCODE(content).encode()
+        self.raw_headers = [
+            (b"content-length", str(len(self.body)).encode()),
+            (b"content-type", b"application/json"),
+        ]
+
+
+def header(request: Request, name: bytes) -> str | None:
+    """One request header (the server lower-cases names), without building a Headers map."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
@@ -198,9 +227,28 @@ class Router:
 def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     from ..node.daemon import DaemonError
 
+    principals: dict[tuple[str, frozenset[str], frozenset[str]], rbac.Principal] = {}
+
+    def as_agent(request: Request, agent: Any, node_roles: frozenset[str]) -> rbac.Principal:
+        request.scope[AGENT] = agent
+        if daemon.tasks is not None:
+            daemon.tasks.seen(agent.name)
+        key = (agent.name, frozenset(agent.roles), node_roles)
+        if key not in principals:
+            remember(key, rbac.agent(agent.name, key[1], node_roles))
+        return principals[key]
+
+    def remember(key: tuple[str, frozenset[str], frozenset[str]], who: rbac.Principal) -> None:
+        if len(principals) >= 1024:
+            principals.clear()
+        principals[key] = who
+
     def principal(request: Request) -> rbac.Principal | None:
+        """Who calls: an agent by its bearer token, else the operator by its kernel-reported
+        uid. Principals are memoized per (name, roles, node roles): all three are in the key,
+        so a role change (of the agent or of the node) is a new principal."""
         node_roles = frozenset(daemon.node_roles())
-        auth = request.headers.get("authorization", "")
+        auth = header(request, b"authorization")
         if auth:
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not token:
@@ -208,24 +256,25 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
             agent = daemon.agents.by_token(token.strip())
             if agent is None:
                 return None
-            request.state.agent = agent
-            if daemon.tasks is not None:
-                daemon.tasks.seen(agent.name)
-            return rbac.agent(agent.name, frozenset(agent.roles), node_roles)
+            return as_agent(request, agent, node_roles)
         cred = request.scope.get("extensions", {}).get("peer_cred")
         if cred and cred["uid"] in daemon.operator_uids:
-            acting = request.headers.get("x-mossnode-agent")
+            acting = header(request, b"x-mossnode-agent")
             if acting:
                 # The operator binds a process (e.g. `mossnode mcp --agent NAME`) to one of its
                 # agents: that process then has the agent's permissions, never the operator's.
                 bound = daemon.agents.agents.get(acting)
                 if bound is None:
                     return None
-                request.state.agent = bound
-                if daemon.tasks is not None:
-                    daemon.tasks.seen(bound.name)
-                return rbac.agent(bound.name, frozenset(bound.roles), node_roles)
-            return rbac.operator(cred["uid"], node_roles)
+                return as_agent(request, bound, node_roles)
+            op: tuple[str, frozenset[str], frozenset[str]] = (
+                f"uid:{cred['uid']}",
+                frozenset(),
+                node_roles,
+            )
+            if op not in principals:
+                remember(op, rbac.operator(cred["uid"], node_roles))
+            return principals[op]
         return None
 
     def guarded(ep: Endpoint) -> Handler:
@@ -243,7 +292,7 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
                             denial.message,
                             {"permission": denial.permission},
                         )
-                    request.state.principal = who
+                    request.scope[PRINCIPAL] = who
                 return await ep.handler(request)
             except ApiError as exc:
                 return error(exc.status, exc.code, exc.message, exc.details)
@@ -255,7 +304,7 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
 
     def calling_agent(request: Request) -> str:
         """The agent a work endpoint acts for: only ever the caller itself."""
-        agent = getattr(request.state, "agent", None)
+        agent = request.scope.get(AGENT)
         if agent is None:
             raise ApiError(
                 403,
@@ -271,7 +320,7 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
         return JSONResponse(daemon.status())
 
     async def whoami(request: Request) -> Response:
-        who: rbac.Principal = request.state.principal
+        who: rbac.Principal = request.scope[PRINCIPAL]
         return JSONResponse(
             {
                 "kind": who.kind,
@@ -430,7 +479,7 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
         return JSONResponse(daemon.activity(since))
 
     async def events(request: Request) -> Response:
-        raw = request.query_params.get("since") or request.headers.get("last-event-id")
+        raw = request.query_params.get("since") or header(request, b"last-event-id")
         since: int | None = None
         if raw:
             if not raw.strip().isdigit():
@@ -447,8 +496,8 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
                     f"unknown event type(s) {', '.join(unknown)}; known: "
                     + ", ".join(sorted(EVENT_TYPES)),
                 )
-        who: rbac.Principal = request.state.principal
-        agent = getattr(request.state, "agent", None)
+        who: rbac.Principal = request.scope[PRINCIPAL]
+        agent = request.scope.get(AGENT)
         name = agent.name if agent is not None else None
         sub = daemon.events.subscribe(since, types, name, operator=who.kind == "operator")
         if name is not None and daemon.tasks is not None:
