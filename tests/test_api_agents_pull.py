@@ -154,7 +154,7 @@ def test_pull_agents_work_and_review_through_the_api(cluster_factory) -> None:
     )
     # the operator is no agent: work endpoints act only for an agent's own token
     r = n1.api._client.post(f"/v1/tasks/{tid}/review", json={"score": 5, "verdict": "done"})
-    assert r.status_code == 403
+    assert r.status_code == 400 and r.json()["error"]["code"] == "agent_required", r.text
 
     # 4. the assignee submits; the reviewer on another node gets the review as an event
     r = w.post(f"/v1/tasks/{tid}/submit", json=good)

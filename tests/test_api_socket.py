@@ -51,6 +51,8 @@ def test_socket_mode_group_and_group_members(cluster_factory) -> None:
     try:
         plain = _as_user(nobody.pw_uid, group.gr_gid, str(sock), STATUS)
         assert plain.startswith(b"HTTP/1.1 401"), plain[:200]
+        events = STATUS.replace(b"/v1/status", b"/v1/events")
+        assert _as_user(nobody.pw_uid, group.gr_gid, str(sock), events).startswith(b"HTTP/1.1 401")
         with_token = STATUS.replace(
             b"\r\n\r\n", b"\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n"
         )

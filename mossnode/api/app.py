@@ -307,7 +307,7 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
         agent = request.scope.get(AGENT)
         if agent is None:
             raise ApiError(
-                403,
+                400,
                 "agent_required",
                 "only an agent acts on its work: present its token (or X-Mossnode-Agent)",
             )
