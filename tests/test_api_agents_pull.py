@@ -3,11 +3,13 @@ API as the calling agent only, and refused requests change nothing."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 import pytest
 from streams import Follow
+from test_mcp import call, session
 
 from mossnode.cluster import Cluster, wait_for
 
@@ -234,3 +236,49 @@ def test_claim_places_the_agents_bid(cluster_factory) -> None:
     )
     assert w.post(f"/v1/tasks/{free}/submit", json={"output": "ok"}).status_code == 200
     wait_for(lambda: task(planner, free)["state"] == "done", 30, "done")
+
+
+def test_an_openclaw_agent_works_through_mcp(cluster_factory) -> None:
+    """Until a gateway runner exists, an ``openclaw:`` agent pulls: it bids like any agent and
+    does its work through the MCP tools of ``mossnode mcp --agent NAME``."""
+    c: Cluster = cluster_factory(2, **FAST)
+    c.start(roles=["executor"])
+    c.wait_all_alive()
+    planner, n1 = c.nodes
+    n1.cli(
+        "agent",
+        "add",
+        "oc",
+        "--role",
+        "executor",
+        "--capability",
+        "llm",
+        "--backend",
+        "openclaw:main",
+    )
+    tid = planner.api.post(
+        "/v1/tasks",
+        {"title": "write", "capabilities": ["llm"], "contract": {"output_schema": SCHEMA}},
+    )["id"]
+    wait_for(lambda: task(planner, tid)["state"] == "in_progress", 60, "the agent to win it")
+    out = session(
+        n1,
+        "oc",
+        [
+            call(1, "my_work"),
+            call(2, "report_progress", {"id": tid, "fraction": 0.3, "message": "drafting"}),
+            call(3, "submit_result", {"id": tid, "output": {"y": "text"}}),
+            call(4, "submit_result", {"id": tid, "output": {"y": 7}}),
+            call(5, "my_work"),
+        ],
+    )
+    res = {m["id"]: m["result"] for m in out}
+    work = json.loads(res[1]["content"][0]["text"])
+    assert [(w["task"], w["kind"]) for w in work] == [(tid, "run")]
+    assert not res[2]["isError"]
+    assert res[3]["isError"] and "output_schema" in res[3]["content"][0]["text"]
+    assert not res[4]["isError"], res[4]
+    assert json.loads(res[5]["content"][0]["text"]) == []
+    wait_for(lambda: task(planner, tid)["state"] == "done", 30, "done")
+    t = task(planner, tid)
+    assert t["result"] == {"y": 7} and t["agent"] == "oc"
