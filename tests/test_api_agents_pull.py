@@ -282,3 +282,30 @@ def test_an_openclaw_agent_works_through_mcp(cluster_factory) -> None:
     wait_for(lambda: task(planner, tid)["state"] == "done", 30, "done")
     t = task(planner, tid)
     assert t["result"] == {"y": 7} and t["agent"] == "oc"
+
+
+def test_work_of_an_agent_that_went_offline_goes_back(cluster_factory) -> None:
+    c: Cluster = cluster_factory(2, pull_idle_s=4.0, **FAST)
+    c.start(roles=["executor"])
+    c.wait_all_alive()
+    planner, n1 = c.nodes
+    w = client(n1, add_agent(n1, "flaky", "--role", "executor", "--capability", "rare"))
+    seen = Follow(n1, since=0, types=["work"])  # the operator sees every agent's work events
+    tid = planner.api.post("/v1/tasks", {"title": "t", "capabilities": ["rare"]})["id"]
+    wait_for(
+        lambda: any(x["task"] == tid for x in w.get("/v1/agents/me/work").json()),
+        60,
+        "the agent to get the task",
+    )
+    # silence: no stream, no calls; its node releases the attempt and offers the task again
+    gone = seen.wait(lambda e: e["data"].get("action") == "cancel", "the work taken back", 60)
+    assert "offline" in gone["data"]["reason"] and gone["data"]["task"] == tid
+    wait_for(lambda: task(planner, tid)["state"] == "pending", 30, "the task offered again")
+    t = task(planner, tid)
+    assert any("offline" in str(x.get("reason")) for x in t["log"]), t["log"]
+    # back online: it bids again and gets the next attempt
+    wait_for(
+        lambda: [x["attempt"] for x in w.get("/v1/agents/me/work").json()] == [2],
+        60,
+        "attempt 2 for the returning agent",
+    )

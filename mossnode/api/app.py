@@ -150,6 +150,22 @@ class Endpoint:
     permission: str
     summary: str
     handler: Handler
+    body: dict[str, Any] | None = None  # JSON Schema of the request body, for the document
+    query: tuple[dict[str, Any], ...] = ()  # OpenAPI parameters beyond the path's
+    media: str = "application/json"
+
+
+def _obj(props: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"type": "object", "properties": props, "required": list(required)}
+
+
+NUMBER01 = {"type": "number", "minimum": 0, "maximum": 1}
+TEXT = {"type": "string", "maxLength": 2000}
+EVENT_QUERY = (
+    {"name": "since", "in": "query", "schema": {"type": "integer"}},
+    {"name": "types", "in": "query", "schema": {"type": "string"}, "description": "a,b,..."},
+    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer"}},
+)
 
 
 Scope = MutableMapping[str, Any]
@@ -629,6 +645,7 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
             "task.claim",
             "Bid on a ready task for the calling agent (the best bid wins; no separate claim)",
             task_claim,
+            _obj({}),
         ),
         Endpoint(
             "POST",
@@ -636,6 +653,7 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
             "task.progress",
             "Report progress {fraction, message} on the calling agent's work",
             task_progress,
+            _obj({"fraction": NUMBER01, "message": TEXT}),
         ),
         Endpoint(
             "POST",
@@ -643,6 +661,7 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
             "task.submit",
             "Submit the calling agent's {output} (or {error}); checked against output_schema",
             task_submit_work,
+            _obj({"output": {}, "error": {"type": "string", "maxLength": 4000}}),
         ),
         Endpoint(
             "POST",
@@ -650,6 +669,14 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
             "task.review",
             "Review a submission {score 1-5, verdict done|rework, comments}; never one's own",
             task_review,
+            _obj(
+                {
+                    "score": {"type": "integer", "minimum": 1, "maximum": 5},
+                    "verdict": {"type": "string", "enum": ["done", "rework"]},
+                    "comments": TEXT,
+                },
+                ("score", "verdict"),
+            ),
         ),
         Endpoint(
             "GET",
@@ -664,10 +691,14 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
             "state.read",
             "Server-sent events (?since=ID or Last-Event-ID, ?types=task,decision,peer,work)",
             events,
+            query=EVENT_QUERY,
+            media="text/event-stream",
         ),
         Endpoint("GET", "/v1/leaderboard", "state.read", "Reputation by agent", leaderboard),
         Endpoint("GET", "/v1/activity", "state.read", "Activity feed (?since=ms)", activity),
-        Endpoint("GET", "/v1/metrics", "state.read", "Prometheus metrics", metrics),
+        Endpoint(
+            "GET", "/v1/metrics", "state.read", "Prometheus metrics", metrics, media="text/plain"
+        ),
         Endpoint("GET", "/v1/openapi.json", PUBLIC, "This document", openapi),
     ]
 
@@ -697,18 +728,20 @@ def openapi_document(endpoints: list[Endpoint]) -> dict[str, Any]:
             "summary": ep.summary,
             "x-permission": ep.permission or None,
             "responses": {
-                "200": {"description": "OK", "content": {"application/json": {}}},
+                "200": {"description": "OK", "content": {ep.media: {}}},
                 "400": {"description": "invalid input: {error: {code, message}}"},
                 "401": {"description": "no valid token"},
                 "403": {"description": "the caller lacks x-permission"},
             },
         }
         params = [p[1:-1] for p in ep.path.split("/") if p.startswith("{")]
-        if params:
+        if params or ep.query:
             op["parameters"] = [
                 {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                 for p in params
-            ]
+            ] + [dict(q) for q in ep.query]
+        if ep.body is not None:
+            op["requestBody"] = {"content": {"application/json": {"schema": ep.body}}}
         paths.setdefault(ep.path, {})[ep.method.lower()] = op
     return {
         "openapi": "3.1.0",

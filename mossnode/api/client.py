@@ -25,6 +25,7 @@ class ApiClient:
         as_agent: str | None = None,
     ) -> None:
         self.socket_path = socket_path
+        self._args = (timeout, token, as_agent)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if as_agent and not token:
             headers["X-Mossnode-Agent"] = as_agent  # honoured only for the operator's own uid
@@ -34,6 +35,10 @@ class ApiClient:
             timeout=timeout,
             headers=headers,
         )
+
+    def clone(self) -> ApiClient:
+        """Another client for the same caller, with its own connections (e.g. for a thread)."""
+        return ApiClient(self.socket_path, *self._args)
 
     def _check_socket(self) -> None:
         if not self.socket_path.exists():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -270,5 +271,24 @@ def _text(text: str, error: bool = False) -> dict[str, Any]:
     return {"content": [{"type": "text", "text": text}], "isError": error}
 
 
+def keep_online(client: ApiClient, stop: threading.Event) -> None:
+    """Hold the agent's event stream open while the MCP server runs: a pull agent with an
+    open stream is online, so it keeps getting work and keeps the work it holds however long
+    its model thinks between tool calls."""
+    while not stop.is_set():
+        try:
+            for _ in client.events(types=["work"]):
+                if stop.is_set():
+                    return
+        except ClientError:
+            pass
+        stop.wait(2.0)
+
+
 def run_stdio(client: ApiClient, agent: str) -> None:
-    McpServer(client, agent).serve(sys.stdin, sys.stdout)
+    stop = threading.Event()
+    threading.Thread(target=keep_online, args=(client.clone(), stop), daemon=True).start()
+    try:
+        McpServer(client, agent).serve(sys.stdin, sys.stdout)
+    finally:
+        stop.set()

@@ -58,6 +58,9 @@ class Config:
     max_envelope_bytes: int = 1 << 20
     max_clock_skew_s: float = 30.0
     gossip_heartbeat_s: float = 1.0
+    # a pull agent with no event stream and no API call for this long is offline: it takes no
+    # new work, and work it holds goes back to the swarm
+    pull_idle_s: float = 120.0
     api_socket: str = ""  # empty: <state_dir>/api.sock; [api] socket
     api_socket_mode: int = 0o660  # [api] mode
     api_socket_group: str = ""  # [api] group; empty: the daemon user's primary group
@@ -115,6 +118,8 @@ class Config:
             raise ConfigError(f"{source}: need 0 < suspect_after_s < dead_after_s")
         if cfg.presence_interval_s <= 0:
             raise ConfigError(f"{source}: presence_interval_s must be > 0")
+        if cfg.pull_idle_s <= 0:
+            raise ConfigError(f"{source}: pull_idle_s must be > 0")
         if cfg.api_event_buffer < 1 or cfg.api_event_queue < 1 or cfg.api_keepalive_s <= 0:
             raise ConfigError(f"{source}: api.event_buffer, event_queue, keepalive_s must be > 0")
         if not 0 <= cfg.api_socket_mode <= 0o777:

@@ -7,9 +7,10 @@ when the shared state changes or at the next time the scheduler said something m
 
 Pull agents (backend ``api``, and ``openclaw:`` until a gateway runner exists) have no runner
 here. They bid like the others while they are online (an open event stream, or an API call in
-the last :data:`PULL_LIVE_S`); work their node wins for them is handed over as a ``work`` event
+the last ``pull_idle_s``); work their node wins for them is handed over as a ``work`` event
 and listed by :meth:`TaskService.my_work`, and they report through the API (progress, submit,
-review), which this service checks with the same pure rules before writing anything.
+review), which this service checks with the same pure rules before writing anything. Work held
+by an agent that went offline is released, so a vanished agent cannot hold a task forever.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ log = logging.getLogger("mossnode.tasks")
 
 MIN_TICK_S = 0.02  # coalesce bursts of changes into one derivation
 PULL_BACKENDS = frozenset({"api", "openclaw"})  # agents that fetch their work over the API
-PULL_LIVE_S = 60.0  # a pull agent without a stream is online this long after its last call
 # Refusal codes of the pure task rules, as HTTP statuses for the API.
 REFUSAL_STATUS = {
     "not_found": 404,
@@ -208,11 +208,11 @@ class TaskService:
     def online(self, name: str) -> bool:
         """Is this pull agent around to take work? Right after a start every agent counts as
         online for a while, so that work it held is not given away before it reconnects."""
-        t = time.monotonic()
+        t, idle = time.monotonic(), self.d.cfg.pull_idle_s
         return (
             self.d.events.listeners(name) > 0
-            or t - self._seen.get(name, -PULL_LIVE_S) < PULL_LIVE_S
-            or t - self._born < PULL_LIVE_S
+            or t - self._seen.get(name, -idle) < idle
+            or t - self._born < idle
         )
 
     def seen(self, name: str) -> None:
@@ -282,7 +282,7 @@ class TaskService:
         )
         self.statuses = dict(self.sched.statuses)
         self._feed(now)
-        await self._do_all(plan.effects)
+        await self._do_all(self._reclaim() + list(plan.effects))
         return plan.wake_at
 
     async def _do_all(self, effects: Sequence[T.Effect]) -> None:
@@ -432,6 +432,27 @@ class TaskService:
         self.d.events.publish(
             "work", {"action": "review" if review else "run", **work.public()}, agent
         )
+
+    def _reclaim(self) -> list[T.Effect]:
+        """Take back work from pull agents that went offline: a task is released (the swarm
+        offers it again), a review is dropped (another reviewer takes it)."""
+        effects: list[T.Effect] = []
+        for key, work in sorted(self.work.items()):
+            if self.online(work.agent):
+                continue
+            why = f"pull agent {work.agent} went offline"
+            del self.work[key]
+            info = {"action": "cancel", "task": work.task, "review": work.review}
+            self.d.events.publish("work", {**info, "reason": why}, work.agent)
+            held = self.sched.reviewing if work.review else self.sched.running
+            run = held.get(work.task)
+            if run is None or run.agent != work.agent:
+                continue
+            del held[work.task]
+            if not work.review:
+                log.info("releasing %s: %s", work.task, why)
+                effects.append(T.Release(work.task, work.attempt, why))
+        return effects
 
     def my_work(self, agent: str) -> list[dict[str, Any]]:
         return [w.public() for _, w in sorted(self.work.items()) if w.agent == agent]
