@@ -122,8 +122,8 @@ def test_peer_health_events(cluster_factory) -> None:
             e["type"] == "peer" and e["data"] == {**e["data"], "peer_id": peer, "state": state}
         )
 
-    follow.wait(health("alive"), "alive")
+    alive = follow.wait(health("alive"), "alive")
     other.stop()
-    dead = follow.wait(health("dead"), "dead")
+    dead = follow.wait(lambda e: health("dead")(e) and e["id"] > alive["id"], "dead")
     assert dead["data"]["old"] in ("alive", "suspect")
     assert {e["type"] for e in follow.events} == {"gap", "peer"}
