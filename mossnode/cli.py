@@ -27,6 +27,7 @@ from .node.config import (
     ConfigError,
     default_state_dir,
     load_config,
+    socket_gid,
     socket_path,
     write_config,
 )
@@ -87,6 +88,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .node.ledger import LedgerError
 
     cfg = load_config(args.state_dir)
+    socket_gid(cfg)  # a missing api.group stops the start here, with a clear message
     level = getattr(logging, (args.log_level or cfg.log_level).upper(), logging.INFO)
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -388,6 +390,33 @@ def cmd_activity(args: argparse.Namespace) -> None:
     _out(args, rows, "\n".join(lines) or "(no activity)")
 
 
+def render_event(ev: dict[str, Any]) -> str:
+    """One readable line per event."""
+    d, kind = ev.get("data") or {}, ev.get("type")
+    if kind == "task":
+        who = f"  {d.get('agent')}@{str(d.get('assignee'))[-6:]}" if d.get("assignee") else ""
+        what = f"{d.get('task')}  {d.get('old') or '-'} -> {d.get('state')}{who}"
+    elif kind == "decision":
+        what = f"#{d.get('seq')} {d.get('kind')}"
+    elif kind == "peer":
+        what = f"{d.get('peer_id')}  {d.get('old') or '-'} -> {d.get('state')}"
+    elif kind == "work":
+        what = f"{d.get('action')} {d.get('task')} (attempt {d.get('attempt', '-')})"
+    else:
+        what = json.dumps(d, sort_keys=True)
+    return f"{ev.get('id')}  {kind:8} {what}"
+
+
+def cmd_events(args: argparse.Namespace) -> None:
+    types = [t for part in args.types or [] for t in part.split(",") if t]
+    if args.count is not None and args.count < 1:
+        raise CliError("--count must be at least 1")
+    for n, ev in enumerate(_client(args).events(args.since, types or None), start=1):
+        print(json.dumps(ev) if args.json else render_event(ev), flush=True)
+        if args.count is not None and n >= args.count:
+            return
+
+
 def cmd_swarm(args: argparse.Namespace) -> None:
     r = _client(args).post(f"/v1/swarm/{args.action}", {})
     _out(args, r, f"swarm {args.action}d (decision #{r['seq']})")
@@ -576,7 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("--role", action="append", required=True, help="role (repeatable)")
     sp.add_argument("--capability", action="append", help="capability (repeatable)")
-    sp.add_argument("--backend", required=True, help="exec:COMMAND or openclaw:AGENT_ID")
+    sp.add_argument(
+        "--backend", required=True, help="exec:COMMAND, openclaw:AGENT_ID or api (pulls its work)"
+    )
     sp.add_argument("--max-concurrency", type=int, default=1)
     aadd("list", cmd_agent_list, "list this host's agents")
     for verb, fn, help_ in (
@@ -619,6 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("leaderboard", cmd_leaderboard, "reputation of agents, from the replicated history")
     add("activity", cmd_activity, "the activity feed: task state changes")
     _add_msg(sub, common)
+    sp = add("events", cmd_events, "follow the event stream (one line, or JSON object, each)")
+    sp.add_argument("--since", type=int, metavar="ID", help="resume after this event id")
+    sp.add_argument(
+        "--types", action="append", metavar="T[,T]", help="only task, decision, peer, work"
+    )
+    sp.add_argument("--count", type=int, metavar="N", help="stop after N events")
     sp = add("mcp", cmd_mcp, "MCP server on stdio for one local agent (for OpenClaw)")
     sp.add_argument("--agent", required=True, help="the local agent this server acts as")
     sp = add("install-service", cmd_install_service, "install the systemd unit")

@@ -27,6 +27,11 @@ CALLS = [
     ("GET", "/v1/agents/exec1", None, "agent.manage"),
     ("DELETE", "/v1/agents/nobody-here", None, "agent.manage"),
     ("POST", "/v1/agents/nobody-here/rotate-token", {}, "agent.manage"),
+    ("GET", "/v1/agents/me/work", None, "state.read"),
+    ("POST", "/v1/tasks/nope:1/claim", {}, "task.claim"),
+    ("POST", "/v1/tasks/nope:1/progress", {"fraction": 7}, "task.progress"),
+    ("POST", "/v1/tasks/nope:1/submit", {}, "task.submit"),
+    ("POST", "/v1/tasks/nope:1/review", {"score": 9}, "task.review"),
 ]
 
 
@@ -114,7 +119,7 @@ def test_denials_are_counted(node) -> None:
 def test_openapi_names_permissions(node) -> None:
     n, _ = node
     doc = client(n, None).get("/v1/openapi.json").json()
-    templates = {"exec1": "{name}", "nobody-here": "{name}"}
+    templates = {"exec1": "{name}", "nobody-here": "{name}", "nope:1": "{id}"}
     for method, path, _, perm in CALLS:
         tpl = "/".join(templates.get(p, p) for p in path.split("/"))
         assert doc["paths"][tpl][method.lower()]["x-permission"] == perm

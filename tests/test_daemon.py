@@ -36,7 +36,7 @@ def test_status_over_socket(node) -> None:
 def test_socket_mode(node) -> None:
     st = (node.state_dir / "api.sock").stat()
     assert stat.S_ISSOCK(st.st_mode)
-    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert stat.S_IMODE(st.st_mode) == 0o660  # group may connect (see test_api_socket)
 
 
 def test_api_errors(node) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -125,6 +126,57 @@ TOOLS = [
         lambda c, a: c.post(f"/v1/tasks/{a['id']}/cancel", {"reason": a.get("reason", "")}),
     ),
     Tool(
+        "my_work",
+        "Work your node won for you: tasks to do (kind 'run', with their input and the results "
+        "of their dependencies) and submissions to review (kind 'review').",
+        _obj({}),
+        lambda c, a: c.get("/v1/agents/me/work"),
+    ),
+    Tool(
+        "claim_task",
+        "Bid for a ready task yourself (your node also bids for you on its own); the best bid "
+        "wins, and won work then appears in my_work.",
+        _obj({"id": STR}, ["id"]),
+        lambda c, a: c.post(f"/v1/tasks/{a['id']}/claim", {}),
+    ),
+    Tool(
+        "report_progress",
+        "Report progress on a task you hold: fraction done (0 to 1) and/or a short message.",
+        _obj(
+            {"id": STR, "fraction": {"type": "number", "minimum": 0, "maximum": 1}, "message": STR},
+            ["id"],
+        ),
+        lambda c, a: c.post(
+            f"/v1/tasks/{a['id']}/progress", {k: v for k, v in a.items() if k != "id"}
+        ),
+    ),
+    Tool(
+        "submit_result",
+        "Submit your result for a task you hold. 'output' must satisfy the task's output "
+        "schema; send 'error' instead if you cannot do the task.",
+        _obj({"id": STR, "output": {}, "error": STR}, ["id"]),
+        lambda c, a: c.post(
+            f"/v1/tasks/{a['id']}/submit", {k: v for k, v in a.items() if k != "id"}
+        ),
+    ),
+    Tool(
+        "review_task",
+        "Review another agent's submission waiting in review: score 1-5, verdict 'done' or "
+        "'rework', and comments that say what to fix.",
+        _obj(
+            {
+                "id": STR,
+                "score": {"type": "integer", "minimum": 1, "maximum": 5},
+                "verdict": {"type": "string", "enum": ["done", "rework"]},
+                "comments": STR,
+            },
+            ["id", "score", "verdict"],
+        ),
+        lambda c, a: c.post(
+            f"/v1/tasks/{a['id']}/review", {k: v for k, v in a.items() if k != "id"}
+        ),
+    ),
+    Tool(
         "leaderboard",
         "Reputation of agents derived from the swarm's history.",
         _obj({}),
@@ -221,7 +273,10 @@ class McpServer:
                     "capabilities": {"tools": {"listChanged": False}},
                     "serverInfo": {"name": "mossnode", "version": __version__},
                     "instructions": f"You are agent '{self.agent}' of this host's mossnode swarm "
-                    "member. Use these tools to see and create swarm tasks, and to message other agents.",
+                    "member. Use these tools to see and create swarm tasks, to message other "
+                    "agents, and to do your work: my_work lists what you were given; "
+                    "report_progress while you work; submit_result when done; review_task for "
+                    "submissions you are to review.",
                 },
             )
         if method == "ping":
@@ -289,5 +344,24 @@ def _text(text: str, error: bool = False) -> dict[str, Any]:
     return {"content": [{"type": "text", "text": text}], "isError": error}
 
 
+def keep_online(client: ApiClient, stop: threading.Event) -> None:
+    """Hold the agent's event stream open while the MCP server runs: a pull agent with an
+    open stream is online, so it keeps getting work and keeps the work it holds however long
+    its model thinks between tool calls."""
+    while not stop.is_set():
+        try:
+            for _ in client.events(types=["work"]):
+                if stop.is_set():
+                    return
+        except ClientError:
+            pass
+        stop.wait(2.0)
+
+
 def run_stdio(client: ApiClient, agent: str) -> None:
-    McpServer(client, agent).serve(sys.stdin, sys.stdout)
+    stop = threading.Event()
+    threading.Thread(target=keep_online, args=(client.clone(), stop), daemon=True).start()
+    try:
+        McpServer(client, agent).serve(sys.stdin, sys.stdout)
+    finally:
+        stop.set()

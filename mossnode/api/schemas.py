@@ -146,3 +146,23 @@ MESSAGES_QUERY = obj(
         "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
     }
 )
+
+TEXT: Schema = {"type": "string", "maxLength": 2000}
+PROGRESS = obj(
+    {"fraction": nullable({"type": "number", "minimum": 0, "maximum": 1}), "message": TEXT}
+)
+SUBMIT = obj({"output": ANY_JSON, "error": nullable({"type": "string", "maxLength": 4000})})
+REVIEW = obj(
+    {
+        "score": {"type": "integer", "minimum": 1, "maximum": 5},
+        "verdict": {"type": "string", "enum": ["done", "rework"]},
+        "comments": TEXT,
+    },
+    ("score", "verdict"),
+)
+EVENTS_QUERY = obj(
+    {
+        "since": {"type": "integer", "minimum": 0, "maximum": 2**63},
+        "types": {"type": "string", "maxLength": 200},
+    }
+)

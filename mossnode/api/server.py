@@ -11,7 +11,6 @@ Each request's scope carries ``scope["extensions"]["peer_cred"] = {"pid", "uid",
 
 from __future__ import annotations
 
-import grp
 import json
 import logging
 import os
@@ -23,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..node.config import socket_gid
+from ..node.events import watch_peers
 from .app import build_app
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ REASONS = {
     409: "Conflict",
     411: "Length Required",
     413: "Payload Too Large",
+    422: "Unprocessable Content",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
@@ -270,8 +272,9 @@ async def serve_api(daemon: Daemon, *, task_status: Any = trio.TASK_STATUS_IGNOR
         await sock.bind(str(path))
     finally:
         os.umask(old)
-    if daemon.cfg.api_socket_group:
-        os.chown(path, -1, grp.getgrnam(daemon.cfg.api_socket_group).gr_gid)
+    gid = socket_gid(daemon.cfg)
+    if gid is not None:
+        os.chown(path, -1, gid)
     os.chmod(path, daemon.cfg.api_socket_mode)
     sock.listen(128)
     listener = trio.SocketListener(sock)
@@ -279,6 +282,7 @@ async def serve_api(daemon: Daemon, *, task_status: Any = trio.TASK_STATUS_IGNOR
     limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
     task_status.started()
     async with listener, trio.open_nursery() as nursery:
+        nursery.start_soon(watch_peers, daemon, daemon.events)
         while True:
             stream = await listener.accept()
             nursery.start_soon(_handle, stream, app, limiter)

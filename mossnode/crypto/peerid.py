@@ -37,9 +37,16 @@ def b58decode(text: str) -> bytes:
     return b"\0" * pad + body
 
 
-@functools.lru_cache(maxsize=4096)  # pure; the same few members' ids are asked for all the time
 def peer_id_from_public_key(public_key: bytes) -> str:
-    """The libp2p PeerID string (``12D3KooW...``) of a raw 32-byte Ed25519 public key."""
+    """The libp2p PeerID string (``12D3KooW...``) of a raw 32-byte Ed25519 public key.
+
+    Memoized (with the inverse below): status views and authorization ask for the same few
+    members' ids constantly, and base58 is quadratic big-integer work."""
+    return _peer_id(bytes(public_key))
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_id(public_key: bytes) -> str:
     if len(public_key) != 32:
         raise ValueError("an Ed25519 public key is 32 bytes")
     return b58encode(_MH_PREFIX + _PB_PREFIX + public_key)

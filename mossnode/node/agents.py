@@ -49,9 +49,13 @@ def hash_token(token: str) -> str:
 
 
 def parse_backend(spec: str) -> tuple[str, str]:
+    """``exec:COMMAND`` (run here), ``openclaw:AGENT_ID``, or ``api`` (the agent pulls its
+    work through the API; openclaw agents do too until a gateway runner exists)."""
+    if spec == "api":
+        return "api", ""
     kind, sep, arg = spec.partition(":")
-    if not sep or kind not in ("exec", "openclaw") or not arg.strip():
-        raise AgentError("backend must be exec:COMMAND or openclaw:AGENT_ID")
+    if not sep or kind not in ("exec", "openclaw", "api") or not arg.strip():
+        raise AgentError("backend must be exec:COMMAND, openclaw:AGENT_ID or api")
     return kind, arg.strip()
 
 

@@ -7,6 +7,7 @@ heartbeat every second and peers declared dead after a few missed beats.
 
 from __future__ import annotations
 
+import grp
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -21,6 +22,15 @@ CONFIG_FILE = "config.toml"
 SOCKET_FILE = "api.sock"
 LISTEN_FILE = "listen_addrs"
 DB_FILE = "state.db"
+# [api] keys and the Config fields they set (the node.api_socket* spellings are accepted too)
+API_KEYS = {
+    "socket": "api_socket",
+    "mode": "api_socket_mode",
+    "group": "api_socket_group",
+    "event_buffer": "api_event_buffer",
+    "event_queue": "api_event_queue",
+    "keepalive_s": "api_keepalive_s",
+}
 
 
 class ConfigError(Exception):
@@ -49,13 +59,22 @@ class Config:
     max_envelope_bytes: int = 1 << 20
     max_clock_skew_s: float = 30.0
     gossip_heartbeat_s: float = 1.0
-    api_socket: str = ""  # empty: <state_dir>/api.sock
-    api_socket_mode: int = 0o600
-    api_socket_group: str = ""
+    # a pull agent with no event stream and no API call for this long is offline: it takes no
+    # new work, and work it holds goes back to the swarm
+    pull_idle_s: float = 120.0
+    api_socket: str = ""  # empty: <state_dir>/api.sock; [api] socket
+    api_socket_mode: int = 0o660  # [api] mode
+    api_socket_group: str = ""  # [api] group; empty: the daemon user's primary group
+    api_event_buffer: int = 10_000  # [api] event_buffer: events kept for resuming streams
+    api_event_queue: int = 1_000  # [api] event_queue: events a slow stream may fall behind
+    api_keepalive_s: float = 15.0  # [api] keepalive_s: comment on an idle event stream
     log_level: str = "info"
 
     def to_toml(self) -> str:
-        return tomli_w.dumps({"node": {k: v for k, v in asdict(self).items()}})
+        node = {k: v for k, v in asdict(self).items() if k not in API_KEYS.values()}
+        api: dict[str, Any] = {k: getattr(self, f) for k, f in API_KEYS.items()}
+        api["mode"] = f"{self.api_socket_mode:04o}"
+        return tomli_w.dumps({"node": node, "api": api})
 
     @classmethod
     def from_toml(cls, text: str, source: str = "config.toml") -> Config:
@@ -63,10 +82,22 @@ class Config:
             data: dict[str, Any] = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-        node = data.get("node", {})
-        extra = set(data) - {"node"}
+        node = dict(data.get("node", {}))
+        extra = set(data) - {"node", "api"}
         if extra:
             raise ConfigError(f"{source}: unknown section(s): {', '.join(sorted(extra))}")
+        api = data.get("api", {})
+        if not isinstance(api, dict):
+            raise ConfigError(f"{source}: api must be a section ([api])")
+        for key, value in api.items():
+            if key not in API_KEYS:
+                raise ConfigError(f"{source}: unknown key api.{key}; known: {', '.join(API_KEYS)}")
+            if key == "mode" and isinstance(value, str):
+                try:
+                    value = int(value, 8)
+                except ValueError:
+                    raise ConfigError(f'{source}: api.mode must be octal like "0660"') from None
+            node[API_KEYS[key]] = value
         known = {f.name: f for f in fields(cls)}
         cfg = cls()
         for key, value in node.items():
@@ -90,6 +121,12 @@ class Config:
             raise ConfigError(f"{source}: presence_interval_s must be > 0")
         if cfg.presence_budget <= 0:
             raise ConfigError(f"{source}: presence_budget must be > 0")
+        if cfg.pull_idle_s <= 0:
+            raise ConfigError(f"{source}: pull_idle_s must be > 0")
+        if cfg.api_event_buffer < 1 or cfg.api_event_queue < 1 or cfg.api_keepalive_s <= 0:
+            raise ConfigError(f"{source}: api.event_buffer, event_queue, keepalive_s must be > 0")
+        if not 0 <= cfg.api_socket_mode <= 0o777:
+            raise ConfigError(f'{source}: api.mode must be a file mode like "0660"')
         return cfg
 
 
@@ -104,6 +141,21 @@ def load_config(state_dir: Path) -> Config:
     if os.environ.get("MOSSNODE_API_SOCKET"):
         cfg.api_socket = os.environ["MOSSNODE_API_SOCKET"]
     return cfg
+
+
+def socket_gid(cfg: Config) -> int | None:
+    """The gid the API socket is given (None: the daemon's own), checked before the daemon
+    starts so that a misspelt group stops it with a clear message, not a half-open socket."""
+    name = cfg.api_socket_group
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"api.group {name!r} does not exist on this host; create it (groupadd {name}) "
+            "or change api.group in config.toml"
+        ) from None
 
 
 def socket_path(state_dir: Path) -> Path:

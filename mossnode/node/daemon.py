@@ -74,6 +74,7 @@ from .consensus import (
     ProposalTimeout,
     load_membership,
 )
+from .events import EventHub
 from .host import FrameError, maddrs, make_host, make_pubsub, read_frame, topic, write_frame
 from .ledger import FOUNDED_BEFORE_CONSENSUS, load_ledger, save_ledger
 from .messaging import MSG_PROTO, TOPIC_NAME, MessagingService
@@ -108,6 +109,8 @@ class Daemon:
         self.state_dir = state_dir
         self.cfg = cfg
         self.identity = identity
+        self._peer_id = identity.peer_id  # base58 on every call is measurable on the API path
+        self._addrs: tuple[float, list[str]] = (-1.0, [])
         self.listen = listen or cfg.listen
         self.started = time.monotonic()
         self.host = make_host(identity, mdns=cfg.mdns)
@@ -146,6 +149,7 @@ class Daemon:
         self.stopping = trio.Event()
         self.api_path = Path(cfg.api_socket) if cfg.api_socket else state_dir / SOCKET_FILE
         self.agents = AgentRegistry(state_dir)
+        self.events = EventHub(cfg.api_event_buffer, cfg.api_event_queue)
         self.store: Store | None = None
         self.shared: StateService | None = None
         self.tasks: TaskService | None = None
@@ -157,7 +161,7 @@ class Daemon:
 
     @property
     def peer_id(self) -> str:
-        return self.identity.peer_id
+        return self._peer_id
 
     def next_seq(self) -> int:
         self._seq += 1
@@ -196,7 +200,12 @@ class Daemon:
             self._nursery.start_soon(self._publish_presence)
 
     def listen_addrs(self) -> list[str]:
-        return [str(a) for a in self.host.get_addrs()]
+        """The host's advertised addresses, recomputed at most once a second: building them
+        (multiaddr parsing, base58) cost most of a status call."""
+        t = time.monotonic()
+        if t - self._addrs[0] >= 1.0 or not self._addrs[1]:
+            self._addrs = (t, [str(a) for a in self.host.get_addrs()])
+        return list(self._addrs[1])
 
     def _persist(self) -> None:
         """Save the genesis and the members' addresses (the decided log is in the store)."""
@@ -463,6 +472,7 @@ class Daemon:
     async def _on_entry(self, entry: Entry) -> None:
         """Every new decided-log entry, in order, once it is durable in the store."""
         self._decided(entry)
+        self.events.publish("decision", {"seq": entry.seq, "kind": entry.kind})
         if entry.kind == NOOP:
             log.debug("decided #%d noop %s", entry.seq, entry.payload.get("reason"))
         else:

@@ -4,6 +4,13 @@ Everything decided here is decided by ``protocols/tasks`` (pure); this loop only
 replicated view, the local agents and the clock, writes the facts it asks for (durably, before
 acting on the next effect), and runs or cancels agent work. No polling by agents: the loop wakes
 when the shared state changes or at the next time the scheduler said something may change.
+
+Pull agents (backend ``api``, and ``openclaw:`` until a gateway runner exists) have no runner
+here. They bid like the others while they are online (an open event stream, or an API call in
+the last ``pull_idle_s``); work their node wins for them is handed over as a ``work`` event
+and listed by :meth:`TaskService.my_work`, and they report through the API (progress, submit,
+review), which this service checks with the same pure rules before writing anything. Work held
+by an agent that went offline is released, so a vanished agent cannot hold a task forever.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +32,7 @@ from ..protocols import tasks as T
 from ..protocols.crdt import Writer, WriteRefused
 from ..protocols.tasks import confidential as C
 from ..protocols.tasks.effects import Write
+from ..protocols.tasks.supervision import agent_capacity
 
 if TYPE_CHECKING:
     from .agents import Agent
@@ -34,6 +42,58 @@ if TYPE_CHECKING:
 log = logging.getLogger("mossnode.tasks")
 
 MIN_TICK_S = 0.02  # coalesce bursts of changes into one derivation
+PULL_BACKENDS = frozenset({"api", "openclaw"})  # agents that fetch their work over the API
+# Refusal codes of the pure task rules, as HTTP statuses for the API.
+REFUSAL_STATUS = {
+    "not_found": 404,
+    "state": 409,
+    "window": 409,
+    "exclusive": 409,
+    "capacity": 409,
+    "not_capable": 409,
+    "not_assignee": 403,
+    "self_review": 403,
+    "forbidden": 403,
+    "output_schema": 422,
+    "bad_score": 400,
+    "bad_verdict": 400,
+}
+
+
+class WorkRefused(Exception):
+    """An agent's request about its work was refused; nothing was written."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = REFUSAL_STATUS.get(code, 400)
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """Work handed to a pull agent: a task attempt and round to do, or a submission to review."""
+
+    agent: str
+    task: str
+    review: bool
+    attempt: int
+    round: int
+    payload: dict[str, Any]
+    since: int
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "kind": "review" if self.review else "run",
+            "attempt": self.attempt,
+            "round": self.round,
+            "since": self.since,
+            "payload": self.payload,
+        }
+
+
+def backend_kind(agent: Agent) -> str:
+    return agent.backend.partition(":")[0]
 
 
 def now_ms() -> int:
@@ -85,6 +145,9 @@ class TaskService:
         self._raw: dict[str, dict[str, Any]] = {}
         self._dirty: set[str] = set()
         self._rescan = True
+        self.work: dict[str, Work] = {}  # "<task>" or "<task>#review" -> pull agent's work
+        self._seen: dict[str, float] = {}  # pull agent -> monotonic time of its last API call
+        self._born = time.monotonic()
 
     async def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -181,18 +244,36 @@ class TaskService:
         by the node's roles, so an agent can only act within them."""
         load = min(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
         held = frozenset(self.d.node_roles())
-        return [
-            T.LocalAgent(
-                a.name,
-                frozenset(a.roles) & held,
-                frozenset(a.capabilities),
-                load,
-                a.max_concurrency,
+        out = []
+        for a in self.d.agents.agents.values():
+            kind = backend_kind(a)
+            roles = frozenset(a.roles) & held
+            if not roles or (kind != "exec" and kind not in PULL_BACKENDS):
+                continue
+            if kind in PULL_BACKENDS and not self.online(a.name):
+                # Offline: it keeps (and finishes) the work it holds, but takes nothing new.
+                roles = frozenset()
+            out.append(
+                T.LocalAgent(a.name, roles, frozenset(a.capabilities), load, a.max_concurrency)
             )
-            for a in self.d.agents.agents.values()
-            if a.backend.startswith("exec:")  # the OpenClaw backend is not wired yet
-            and frozenset(a.roles) & held
-        ]
+        return out
+
+    def online(self, name: str) -> bool:
+        """Is this pull agent around to take work? Right after a start every agent counts as
+        online for a while, so that work it held is not given away before it reconnects."""
+        t, idle = time.monotonic(), self.d.cfg.pull_idle_s
+        return (
+            self.d.events.listeners(name) > 0
+            or t - self._seen.get(name, -idle) < idle
+            or t - self._born < idle
+        )
+
+    def seen(self, name: str) -> None:
+        """A pull agent called the API: it is online (wake the loop if it was not)."""
+        was = self.online(name)
+        self._seen[name] = time.monotonic()
+        if not was:
+            self.poke()
 
     def _authority(self, node: str, permission: str) -> bool:
         state = self.d._swarm()
@@ -208,11 +289,18 @@ class TaskService:
     def _feed(self, now: int) -> None:
         for tid, st in self.statuses.items():
             s = str(st.state)
-            if self._last_states.get(tid) != s:
+            old = self._last_states.get(tid)
+            if old != s:
                 self._last_states[tid] = s
-                self.events.append(
-                    {"at": now, "task": tid, "state": s, "assignee": st.assignee, "agent": st.agent}
-                )
+                entry = {
+                    "at": now,
+                    "task": tid,
+                    "state": s,
+                    "assignee": st.assignee,
+                    "agent": st.agent,
+                }
+                self.events.append(entry)
+                self.d.events.publish("task", {**entry, "old": old})
         del self.events[:-1000]
 
     # --- the loop ---------------------------------------------------------------------------
@@ -247,7 +335,7 @@ class TaskService:
         )
         self.statuses = dict(self.sched.statuses)
         self._feed(now)
-        await self._do_all(plan.effects)
+        await self._do_all(self._reclaim() + list(plan.effects))
         return plan.wake_at
 
     async def _do_all(self, effects: Sequence[T.Effect]) -> None:
@@ -286,10 +374,15 @@ class TaskService:
         elif isinstance(effect, T.DispatchReview):
             self._start(effect.task_id, effect.agent, effect.payload, review=True)
         elif isinstance(effect, T.Cancel):
-            scope = self._runs.pop(effect.task_id + ("#review" if effect.review else ""), None)
+            key = effect.task_id + ("#review" if effect.review else "")
+            scope = self._runs.pop(key, None)
             if scope is not None:
                 log.info("cancelling %s: %s", effect.task_id, effect.reason)
                 scope.cancel()
+            work = self.work.pop(key, None)
+            if work is not None:
+                info = {"action": "cancel", "task": work.task, "review": work.review}
+                self.d.events.publish("work", {**info, "reason": effect.reason}, work.agent)
         elif isinstance(effect, T.ProposeExclusive):
             await self.d.propose_exclusive(effect.task_id, effect.node)
 
@@ -307,6 +400,14 @@ class TaskService:
             return
         agent = self.d.agents.agents.get(agent_name)
         if agent is None:
+            return
+        if backend_kind(agent) in PULL_BACKENDS:
+            try:
+                opened = self.open_payload(tid, json_numbers(payload), review)
+            except SealedError as exc:  # cannot happen for work this node bid on: say so loudly
+                log.error("cannot open confidential %s for %s: %s", tid, agent.name, exc)
+                return
+            self._hand_over(key, agent.name, opened, review)
             return
         scope = trio.CancelScope()
         self._runs[key] = scope
@@ -519,6 +620,166 @@ class TaskService:
                 progress[node] = p
             out["progress"] = progress
         return out
+
+    # --- pull agents ------------------------------------------------------------------------
+
+    def _hand_over(self, key: str, agent: str, payload: dict[str, Any], review: bool) -> None:
+        tid = key.removesuffix("#review")
+        work = Work(
+            agent,
+            tid,
+            review,
+            int(payload.get("attempt", 1)),
+            int(payload.get("round", 1)),
+            payload,
+            now_ms(),
+        )
+        self.work[key] = work
+        log.info("%s %s handed to pull agent %s", "review of" if review else "task", tid, agent)
+        self.d.events.publish(
+            "work", {"action": "review" if review else "run", **work.public()}, agent
+        )
+
+    def _reclaim(self) -> list[T.Effect]:
+        """Take back work from pull agents that went offline: a task is released (the swarm
+        offers it again), a review is dropped (another reviewer takes it)."""
+        effects: list[T.Effect] = []
+        for key, work in sorted(self.work.items()):
+            if self.online(work.agent):
+                continue
+            why = f"pull agent {work.agent} went offline"
+            del self.work[key]
+            info = {"action": "cancel", "task": work.task, "review": work.review}
+            self.d.events.publish("work", {**info, "reason": why}, work.agent)
+            held = self.sched.reviewing if work.review else self.sched.running
+            run = held.get(work.task)
+            if run is None or run.agent != work.agent:
+                continue
+            del held[work.task]
+            if not work.review:
+                log.info("releasing %s: %s", work.task, why)
+                effects.append(T.Release(work.task, work.attempt, why))
+        return effects
+
+    def my_work(self, agent: str) -> list[dict[str, Any]]:
+        return [w.public() for _, w in sorted(self.work.items()) if w.agent == agent]
+
+    def _task(self, tid: str) -> tuple[T.Task, T.Status]:
+        self.refresh(now_ms())
+        task, st = self.view.get(tid), self.statuses.get(tid)
+        if task is None or st is None:
+            raise WorkRefused("not_found", f"no task {tid!r}")
+        return task, st
+
+    async def _write(self, effect: T.Effect) -> None:
+        ws = T.writes(effect, now_ms())
+        try:
+            await self.shared.write(lambda w: apply_writes(w, ws), touched=[effect.task_id])
+        except WriteRefused as exc:
+            raise WorkRefused("forbidden", f"the swarm refuses this node's write: {exc}") from None
+        self.poke()
+
+    async def progress(self, agent: str, tid: str, fraction: float | None, message: str) -> None:
+        """Progress on work this agent holds (not on a review). The text of a confidential
+        task's progress is not written: it may quote what the agent reads."""
+        self._task(tid)
+        work = self.work.get(tid)
+        if work is None or work.agent != agent:
+            raise WorkRefused("not_assignee", f"agent {agent} holds no work on task {tid}")
+        text = None if self._confidential(tid) else message or None
+        eff = T.Progress(tid, work.attempt, work.round, text, fraction)
+        await self._write(eff)
+
+    async def submit(self, agent: str, tid: str, output: Any, error: str | None) -> dict[str, Any]:
+        """The assignee's deliverable (or its failure, with ``error``), checked by the same
+        rules every replica applies: only the current assignee node and agent, only while it
+        holds the work, and only an output that satisfies the contract's output schema."""
+        task, st = self._task(tid)
+        plan = T.plan_submit(
+            task, st, node=self.d.peer_id, agent=agent, output=output, ok=error is None, error=error
+        )
+        if isinstance(plan, T.Refused):
+            raise WorkRefused(plan.code, plan.reason)
+        await self._write(self.seal_outcome(plan))
+        run = self.sched.running.get(tid)
+        if run is not None and run.agent == agent:
+            del self.sched.running[tid]
+        self.work.pop(tid, None)
+        return {"id": tid, "attempt": plan.attempt, "round": plan.round, "ok": plan.ok}
+
+    async def review(
+        self, agent: str, tid: str, score: int, verdict: str, comments: str
+    ) -> dict[str, Any]:
+        """A review of the submission waiting in review; never by its author's node (or, if
+        the swarm allows same-node reviews, never by the author agent)."""
+        task, st = self._task(tid)
+        plan = T.plan_review(
+            task,
+            st,
+            node=self.d.peer_id,
+            agent=agent,
+            score=score,
+            verdict=verdict,
+            comments=comments,
+            params=self.params,
+        )
+        if isinstance(plan, T.Refused):
+            raise WorkRefused(plan.code, plan.reason)
+        await self._write(plan)
+        run = self.sched.reviewing.get(tid)
+        if run is not None and run.agent == agent:
+            del self.sched.reviewing[tid]
+        key = tid + "#review"
+        if key in self.work and self.work[key].agent == agent:
+            del self.work[key]
+        return {"id": tid, "attempt": plan.attempt, "round": plan.round, "verdict": plan.verdict}
+
+    async def bid(self, agent: str, tid: str) -> dict[str, Any]:
+        """This node's bid on a ready task, on behalf of ``agent``. The swarm's model has no
+        separate claim: the best bid wins the attempt, and the winning node then claims it for
+        the agent named in its bid. A node bids once per attempt; if it already has, the
+        existing bid is returned unchanged (``placed: false``)."""
+        task, st = self._task(tid)
+        now = now_ms()
+        me = self.d.peer_id
+        if st.state is not T.State.PENDING or not st.ready:
+            why = "waiting for its dependencies" if st.state is T.State.PENDING else st.state
+            raise WorkRefused("state", f"task {tid} takes no bids: it is {why}")
+        if st.paused or self.d._swarm().paused:
+            raise WorkRefused("state", f"task {tid} is paused")
+        if task.contract.exclusive:
+            raise WorkRefused("exclusive", "exclusive tasks are assigned by consensus, not by bids")
+        if not C.readable(self.view, self.statuses, tid, me):
+            raise WorkRefused(
+                "not_capable", f"task {tid} is confidential and this node holds no key to it"
+            )
+        mine = task.bids.get(me)
+        if mine is not None and mine.attempt == st.attempt:
+            return {
+                "id": tid,
+                "attempt": st.attempt,
+                "agent": mine.agent,
+                "score": mine.score,
+                "placed": False,
+            }
+        if st.eligible_at is not None and now < st.eligible_at:
+            raise WorkRefused("window", f"attempt {st.attempt} takes bids from {st.eligible_at}")
+        if st.window is not None and now > st.window.closes_at:
+            raise WorkRefused("window", f"the bid window of attempt {st.attempt} has closed")
+        local = {a.name: a for a in self._agents()}.get(agent)
+        if local is None or not T.capable(local, task):
+            need = [*sorted(task.capabilities), f"role {task.role or 'executor'}"]
+            raise WorkRefused(
+                "not_capable", f"agent {agent} lacks what task {tid} needs ({', '.join(need)})"
+            )
+        cap = agent_capacity(local.max_concurrency, self.limits)
+        active = sum(1 for r in self.sched.running.values() if r.agent == agent)
+        if active >= cap:
+            raise WorkRefused("capacity", f"agent {agent} already runs {active} of {cap} tasks")
+        rep = T.reputation(self.view, self.statuses).score(me, agent, task.capabilities)
+        score = T.bid_score(rep, active, cap, local.load)
+        await self._write(T.Bid(tid, st.attempt, agent, score))
+        return {"id": tid, "attempt": st.attempt, "agent": agent, "score": score, "placed": True}
 
     # --- views ------------------------------------------------------------------------------
 
