@@ -51,13 +51,17 @@ async def main(addr: str, swarm_hex: str, member: str, seconds: float, mode: str
                 pass
             print(json.dumps({"entries": got}))
             return
-        subs = [await pubsub.subscribe(topic(swarm_id, t)) for t in ("presence", "consensus", "state", "msg")]
+        names = ("presence", "consensus", "state", "msg")
+        subs = [await pubsub.subscribe(topic(swarm_id, t)) for t in names]
+        me = host.get_id().to_bytes()
 
         async def count(sub) -> None:
             nonlocal received
             while True:
-                await sub.get()
-                received += 1
+                msg = await sub.get()
+                if msg.from_id != me:  # the library hands our own publishes back to us
+                    received += 1
+                    print("received", list(msg.topicIDs), msg.from_id.hex(), file=sys.stderr)
 
         async with trio.open_nursery() as nursery:
             for s in subs:

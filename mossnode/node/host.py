@@ -41,7 +41,7 @@ class MemberGossipSub(GossipSub):
 
     Connection gating closes a non-member's connection only after its join window; until then
     it could subscribe, be grafted into the mesh and receive the swarm's gossip. Here nothing is
-    forwarded to it, its IWANTs go unanswered, and its GRAFTs are ignored, so it learns nothing.
+    forwarded or replayed to it, its IWANTs go unanswered, and its GRAFTs are ignored.
     """
 
     admit: Callable[[ID], bool] = staticmethod(lambda peer: True)
@@ -55,6 +55,11 @@ class MemberGossipSub(GossipSub):
     ) -> Iterable[ID]:
         peers = super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id)
         return [p for p in peers if self.admit(p)]
+
+    async def send_recent_messages(self, peer_id: ID, topic: str) -> None:
+        # py-libp2p replays its recent messages to every newly subscribed peer
+        if self.admit(peer_id):
+            await super().send_recent_messages(peer_id, topic)
 
     async def handle_iwant(self, iwant_msg: Any, sender_peer_id: ID) -> None:
         if self.admit(sender_peer_id):
