@@ -35,6 +35,7 @@ from mossnode.protocols.decisions import (
     tally,
     verify_consensus_certificate,
 )
+from mossnode.protocols.entry_proof import EntryProof, proofs_for
 from mossnode.protocols.membership import (
     Entry,
     Membership,
@@ -42,7 +43,7 @@ from mossnode.protocols.membership import (
     make_genesis,
     make_invite,
 )
-from mossnode.protocols.pbft import NULL_PAYLOAD, PbftConfig, batch_payload, digest
+from mossnode.protocols.pbft import PbftConfig, batch_digest
 from mossnode.protocols.pbft.messages import COMMIT, REQUEST, Request, Vote
 
 F, A, B, C, D, E = (ident(i) for i in range(6))
@@ -62,31 +63,46 @@ def request_op(who: Identity, op: bytes, t: int) -> bytes:
     return seal(who, swarm_id=SWARM, type=REQUEST, seq=_env_seq[0], timestamp=T0, body=body)
 
 
-def commit(who: Identity, view: int, seq: int, payload: bytes) -> bytes:
+def commit(who: Identity, view: int, seq: int, d: bytes) -> bytes:
     _env_seq[0] += 1
-    body = Vote(view, seq, digest(payload)).body()
+    body = Vote(view, seq, d).body()
     return seal(who, swarm_id=SWARM, type=COMMIT, seq=_env_seq[0], timestamp=T0, body=body)
+
+
+def quorum_of(state: ConsensusMembership) -> list[Identity]:
+    vals = state.validators()
+    return [IDS[k] for k in vals[: (len(vals) + (len(vals) - 1) // 3) // 2 + 1]]
+
+
+def batch_entries(
+    state: ConsensusMembership,
+    batch: list[bytes],
+    signers: list[Identity] | None = None,
+    *,
+    view: int = 0,
+    commit_seq: int | None = None,
+) -> Any:
+    """The entries a batch decided next yields, one by one, each computed from the state as
+    it is when taken (apply each before taking the next), with commits from ``signers``
+    (default: a quorum of the validators in force)."""
+    n = state.pbft_height + 1
+    root, proofs = proofs_for(n, batch)
+    cs = [commit(s, view, commit_seq or n, root) for s in signers or quorum_of(state)]
+    for p in proofs:
+        got = state.analyze(p)
+        assert not isinstance(got, str), got
+        yield Entry(state.height + 1, got.kind, got.payload, [p.encode(), *cs])
 
 
 def certified(
     state: ConsensusMembership,
     batch: list[bytes],
     signers: list[Identity] | None = None,
-    *,
-    seq: int | None = None,
-    view: int = 0,
+    **kwargs: Any,
 ) -> Entry:
-    """The entry the batch yields now, with commits from ``signers`` (default: a quorum of the
-    validators in force)."""
-    payload = batch_payload(batch)
-    n = seq if seq is not None else state.height + 1
-    got = state.analyze(payload)
-    assert not isinstance(got, str), got
-    if signers is None:
-        vals = state.validators()
-        signers = [IDS[k] for k in vals[: (len(vals) + (len(vals) - 1) // 3) // 2 + 1]]
-    certs = [commit(s, view, n, payload) for s in signers]
-    return Entry(n, got.kind, got.payload, [payload, *certs])
+    """The entry a batch of at most one request decided next yields."""
+    assert len(batch) <= 1
+    return next(batch_entries(state, batch, signers, **kwargs))
 
 
 def admit(who: Identity, roles: list[str], nonce: bytes) -> dict[str, Any]:
@@ -141,16 +157,16 @@ def test_2f_signatures_are_not_a_quorum() -> None:
 def test_commits_for_another_digest_are_refused() -> None:
     st = four()
     e = certified(st, [request(F, "pause", {}, 9)])
-    other = batch_payload([request(F, "resume", {}, 9)])
+    other = [request(F, "resume", {}, 9)]
     forged = Entry(
         e.seq,
         e.kind,
         e.payload,
-        [e.certificate[0]] + [commit(s, 0, e.seq, other) for s in (F, A, B)],
+        [e.certificate[0]] + [commit(s, 0, 4, batch_digest(other)) for s in (F, A, B)],
     )
     assert "digest_mismatch" in refused(st, forged)
-    # and a batch swapped under honest commits does not hash to them either
-    swapped = Entry(e.seq, "resume", {}, [other, *e.certificate[1:]])
+    # and a request swapped under honest commits does not hash to them either
+    swapped = Entry(e.seq, "resume", {}, [proofs_for(4, other)[1][0].encode(), *e.certificate[1:]])
     assert "digest_mismatch" in refused(st, swapped)
 
 
@@ -164,7 +180,7 @@ def test_entry_that_is_not_the_decided_operation_is_refused() -> None:
         (NOOP, {"reason": "duplicate"}),
         (NOOP, {"reason": "null"}),
     ):
-        assert "decided batch yields" in refused(st, Entry(e.seq, kind, payload, e.certificate))
+        assert "decided request yields" in refused(st, Entry(e.seq, kind, payload, e.certificate))
     assert verify_consensus_certificate(st, e) is None
 
 
@@ -176,13 +192,12 @@ def test_validator_set_at_the_wrong_seq_is_refused() -> None:
     # a quorum of keys of which one is not a validator (yet)
     assert "not_validator" in refused(st, certified(st, batch, [F, A, D]))
     # a good quorum, but for another seq
-    e = certified(st, batch, seq=5)
-    assert "wrong_seq" in refused(st, Entry(4, e.kind, e.payload, e.certificate))
+    assert "wrong_seq" in refused(st, certified(st, batch, commit_seq=5))
     # commits that disagree on the view
-    payload = batch_payload(batch)
-    mixed = [payload, commit(F, 0, 4, payload), commit(A, 1, 4, payload), commit(B, 0, 4, payload)]
+    proof, d = proofs_for(4, batch)[1][0].encode(), batch_digest(batch)
+    mixed = [proof, commit(F, 0, 4, d), commit(A, 1, 4, d), commit(B, 0, 4, d)]
     assert "mismatch" in refused(st, Entry(4, "pause", {}, mixed))
-    dup = [payload, commit(F, 0, 4, payload), commit(F, 0, 4, payload), commit(A, 0, 4, payload)]
+    dup = [proof, commit(F, 0, 4, d), commit(F, 0, 4, d), commit(A, 0, 4, d)]
     assert "duplicate_signer" in refused(st, Entry(4, "pause", {}, dup))
 
 
@@ -212,11 +227,8 @@ def test_after_a_reconfiguration_the_new_set_certifies_the_next_seq() -> None:
 def test_null_and_duplicate_batches_decide_noops() -> None:
     st = four()
     null = certified(st, [])
-    assert (null.kind, null.payload, null.certificate[0]) == (
-        NOOP,
-        {"reason": "null"},
-        NULL_PAYLOAD,
-    )
+    assert (null.kind, null.payload) == (NOOP, {"reason": "null"})
+    assert EntryProof.parse(null.certificate[0]) == EntryProof(4, 0, 0, b"", ())
     st.apply(null)
     first = request(F, "pause", {}, 50)
     st.apply(certified(st, [first]))
@@ -226,7 +238,7 @@ def test_null_and_duplicate_batches_decide_noops() -> None:
         dup = certified(st, [raw])
         assert (dup.kind, dup.payload) == (NOOP, {"reason": "duplicate"})
         claim = Entry(dup.seq, "resume", {}, dup.certificate)
-        assert "decided batch yields" in refused(st, claim)
+        assert "decided request yields" in refused(st, claim)
         st.apply(dup)
     assert st.paused
     assert st.origin[5] == (F.public_key, 50) and 6 not in st.origin
@@ -251,7 +263,7 @@ def test_invalid_operations_decide_noops_with_the_reason() -> None:
     assert st.clients[A.public_key] == 1  # executed (as a no-op): PBFT will not run it again
 
 
-def test_first_executed_request_of_a_batch_is_the_entry() -> None:
+def test_every_request_of_a_batch_is_an_entry_in_order() -> None:
     st = four()
     forged = bytearray(request(A, "pause", {}, 5))
     forged[3] ^= 1  # bad signature: skipped like the replicas skip it
@@ -259,13 +271,29 @@ def test_first_executed_request_of_a_batch_is_the_entry() -> None:
         bytes(forged),
         request(F, "pause", {}, 70),
         request(F, "resume", {}, 71),
-        request(B, "resume", {}, 7),
+        request(F, "resume", {}, 71),  # the same timestamp again: a duplicate
+        request(B, "resume", {}, 7),  # B holds no swarm.pause
     ]
-    e = certified(st, batch)
-    assert e.kind == "pause"
-    st.apply(e)
-    assert st.clients[F.public_key] == 71 and st.clients[B.public_key] == 7
-    assert A.public_key not in st.clients and st.origin[e.seq] == (F.public_key, 70)
+    got = []
+    for e in batch_entries(st, batch):
+        st.apply(e)
+        got.append((e.seq, e.kind, e.payload.get("reason"), e.payload.get("error")))
+    assert got == [
+        (4, NOOP, "invalid", "not a signed request"),
+        (5, "pause", None, None),
+        (6, "resume", None, None),
+        (7, NOOP, "duplicate", None),
+        (8, NOOP, "invalid", "the proposer does not hold swarm.pause"),
+    ]
+    assert not st.paused and st.clients[F.public_key] == 71 and st.clients[B.public_key] == 7
+    assert A.public_key not in st.clients and st.origin[5] == (F.public_key, 70)
+    assert 4 not in st.origin and 7 not in st.origin
+    assert st.position.n == 4 and st.position.closes_batch and st.batch_first[4] == 4
+    # every entry of the batch is certified by the set in force when the batch began
+    assert all(st.validators_at(s) == st.validators_at(4) for s in range(4, 9))
+    again = fresh()
+    again.replay(st.entries)
+    assert again.clients == st.clients and again.origin == st.origin
 
 
 def test_nobody_may_leave_the_swarm_without_validators() -> None:

@@ -21,7 +21,8 @@ from mossnode.node.host import make_host
 from mossnode.node.store import Store
 from mossnode.protocols.decisions import ConsensusMembership, origin_of
 from mossnode.protocols.membership import Entry, Genesis, make_genesis
-from mossnode.protocols.pbft import verify_certificate
+from mossnode.protocols.entry_proof import EntryProof
+from mossnode.protocols.pbft import verify_commits
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 
@@ -119,9 +120,11 @@ async def test_founder_alone_decides_restarts_and_a_member_proposes(tmp_path: Pa
         assert svc is not None
         e1 = await svc.propose("admit", admit(member, ["admin"], b"i1"), 5)
         assert (e1.seq, e1.kind) == (1, "admit")
-        # n = 1: one commit from the founder is the whole quorum
+        # n = 1: one commit from the founder is the whole quorum, over the batch's digest
         cert = e1.certificate
-        assert verify_certificate(cert[1:], cert[0], [founder.public_key], genesis.swarm_id, seq=1)
+        root = EntryProof.parse(cert[0]).root()  # type: ignore[union-attr]
+        vals = [founder.public_key]
+        assert verify_commits(cert[1:], vals, genesis.swarm_id, seq=1, batch_digest=root)
         with pytest.raises(ProposalRefused, match="already a member"):
             await svc.propose("admit", admit(member, ["executor"], b"i2"), 5)
         # enough decisions for the replica's records to be compacted
