@@ -546,3 +546,91 @@ def test_non_validators_follow_by_state_transfer_and_can_propose() -> None:
     assert sim.run(10_000, lambda: sim.decided(d, t))
     assert d.log[-1].kind == "pause" and d.state.origin[2] == (D.public_key, t)
     sim.check_logs()
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def decided_batch(st: ConsensusMembership, batch: list[bytes], **kwargs: Any) -> list[Entry]:
+    out = []
+    for e in batch_entries(st, batch, **kwargs):
+        st.apply(e)
+        out.append(e)
+    return out
+
+
+def test_a_reconfiguration_inside_a_batch_takes_effect_at_the_next_batch() -> None:
+    st = four()  # F, A, B, C: quorum 3
+    old = quorum_of(st)
+    grant = request(F, "admit", admit(D, ["validator"], b"d"), 40)
+    after = request(F, "pause", {}, 41)  # decided after the change, in the same batch
+    entries = decided_batch(st, [grant, after], signers=old)
+    assert [e.kind for e in entries] == ["admit", "pause"]
+    assert len(st.validators()) == 5 and st.validators_at(entries[1].seq) == st.validators_at(4)
+    # the next batch needs a quorum of the five (4 of 5): the old quorum of 3 is refused
+    nxt = [request(F, "resume", {}, 42)]
+    assert "too_few_signatures" in refused(st, certified(st, nxt, old))
+    assert "not_validator" not in refused(st, certified(st, nxt, [F, A, B]))
+    st.apply(certified(st, nxt, [F, A, B, D]))
+    assert not st.paused
+    # replayed from genesis by anyone, with the same sets
+    again = fresh()
+    again.replay(st.entries)
+    assert again.validators() == st.validators() and again.position == st.position
+
+
+def test_an_entry_in_a_batch_verifies_alone_and_tampered_proofs_are_refused() -> None:
+    st = four()
+    batch = [request(F, "grant", _grant(i), 50 + i) for i in range(4)]
+    root, proofs = proofs_for(st.pbft_height + 1, batch)
+    cs = [commit(s, 0, st.pbft_height + 1, root) for s in quorum_of(st)]
+    raws = [p.encode() for p in proofs]
+    # a non-validator that holds the log up to entry 1 of the batch checks entry 2 alone
+    st.apply(Entry(st.height + 1, "grant", _grant(0), [raws[0], *cs]))
+    st.apply(Entry(st.height + 1, "grant", _grant(1), [raws[1], *cs]))
+    base = st.height
+
+    def bad(proof: bytes, kind: str = "grant", payload: dict[str, Any] | None = None) -> str:
+        return refused(st, Entry(base + 1, kind, payload or _grant(2), [proof, *cs]))
+
+    good = Entry(base + 1, "grant", _grant(2), [raws[2], *cs])
+    assert verify_consensus_certificate(st, good) is None
+    p = proofs[2]
+    # inside a batch, the proof must give the digest the batch's entry 0 gave
+    assert "another batch" in bad(_flip(p, 0))
+    assert "does not fit" in bad(EntryProof(p.n, p.index, p.count, p.request, p.path[1:]).encode())
+    assert "another batch" in bad(EntryProof(p.n, 2, 4, batch[3], p.path).encode())
+    assert "fit" in bad(EntryProof(p.n, 2, 5, p.request, p.path).encode())  # a 5-leaf tree
+    # skipping an entry of the batch, restarting it, or jumping to the next batch
+    assert "does not continue" in bad(raws[3], payload=_grant(3))
+    assert "does not continue" in bad(raws[1], payload=_grant(1))
+    nxt = proofs_for(p.n + 1, [])[1][0].encode()
+    assert "does not continue" in bad(nxt, NOOP, {"reason": "null"})
+    assert "malformed" in bad(b"\xa0")
+    st.apply(good)
+    st.apply(Entry(st.height + 1, "grant", _grant(3), [raws[3], *cs]))
+    assert st.position.closes_batch and st.roles_of(A.public_key) >= {"planner", "executor"}
+    # entry 0 of the next batch: a tampered path no longer gives the digest the commits sign
+    pair = [request(F, "pause", {}, 60), request(F, "resume", {}, 61)]
+    first = next(batch_entries(st, pair))
+    tampered = Entry(
+        first.seq,
+        first.kind,
+        first.payload,
+        [_flip(EntryProof.parse(first.certificate[0]), 0), *first.certificate[1:]],
+    )
+    assert "digest_mismatch" in refused(st, tampered)
+    st.apply(first)
+
+
+def _flip(p: EntryProof | None, k: int) -> bytes:
+    assert p is not None
+    h = bytearray(p.path[k])
+    h[0] ^= 1
+    path = (*p.path[:k], bytes(h), *p.path[k + 1 :])
+    return EntryProof(p.n, p.index, p.count, p.request, path).encode()
+
+
+def _grant(i: int) -> dict[str, Any]:
+    role = ["planner", "reviewer", "executor", "planner"][i]
+    return {"public_key": A.public_key, "role": role}

@@ -105,6 +105,10 @@ class EnvelopeCache:
         self._remember(raw, env)
         return env
 
+    def peek(self, raw: bytes) -> Envelope | None:
+        """The envelope for these bytes if it was opened before (no verification here)."""
+        return self._known.get(raw)
+
     def add(self, env: Envelope) -> None:
         """Remember an envelope opened elsewhere (e.g. received directly)."""
         if env.swarm_id == self.swarm_id:
