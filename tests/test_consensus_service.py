@@ -20,8 +20,8 @@ from mossnode.node.consensus import (
 from mossnode.node.host import make_host
 from mossnode.node.store import Store
 from mossnode.protocols.decisions import ConsensusMembership, origin_of
-from mossnode.protocols.membership import Entry, Genesis, make_genesis
 from mossnode.protocols.entry_proof import EntryProof
+from mossnode.protocols.membership import Entry, Genesis, make_genesis
 from mossnode.protocols.pbft import verify_commits
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
