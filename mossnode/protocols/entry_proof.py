@@ -89,7 +89,9 @@ class Position:
                 return f"expected entry 0 of batch {self.n + 1}, got {proof.index} of {proof.n}"
             return None
         if (proof.n, proof.index) != (self.n, self.index + 1):
-            return f"expected entry {self.index + 1} of batch {self.n}, got {proof.index} of {proof.n}"
+            return (
+                f"expected entry {self.index + 1} of batch {self.n}, got {proof.index} of {proof.n}"
+            )
         if proof.count != self.count or root != self.root:
             return f"entry {proof.index} of batch {self.n} names another batch than entry 0"
         return None
