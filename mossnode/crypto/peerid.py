@@ -6,6 +6,8 @@ libp2p PublicKey message ``{Type: Ed25519 (1), Data: <32 bytes>}``.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 _ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _INDEX = {c: i for i, c in enumerate(_ALPHABET)}
 # protobuf: field 1 (varint) = 1 (Ed25519), field 2 (bytes, len 32)
@@ -35,13 +37,17 @@ def b58decode(text: str) -> bytes:
     return b"\0" * pad + body
 
 
+@lru_cache(maxsize=65536)
 def peer_id_from_public_key(public_key: bytes) -> str:
-    """The libp2p PeerID string (``12D3KooW...``) of a raw 32-byte Ed25519 public key."""
+    """The libp2p PeerID string (``12D3KooW...``) of a raw 32-byte Ed25519 public key.
+    Memoized: base58 of 38 bytes is big-integer work, and hot paths (membership checks,
+    routing, connection gating) ask again and again for the same few keys."""
     if len(public_key) != 32:
         raise ValueError("an Ed25519 public key is 32 bytes")
     return b58encode(_MH_PREFIX + _PB_PREFIX + public_key)
 
 
+@lru_cache(maxsize=65536)
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """Inverse of :func:`peer_id_from_public_key`; raises ValueError for non-Ed25519 ids."""
     raw = b58decode(peer_id)

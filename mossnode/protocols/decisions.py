@@ -425,6 +425,9 @@ class ConsensusMembership(Membership):
     _analyzed: tuple[int, bytes, Analysis | str] | None = field(
         default=None, compare=False, repr=False
     )
+    _validators_memo: tuple[dict[bytes, frozenset[str]], list[bytes]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -437,6 +440,14 @@ class ConsensusMembership(Membership):
 
     def genesis_validators(self) -> list[bytes]:
         return _validators_in(self.history[0])
+
+    def validators(self) -> list[bytes]:
+        """The validator set now (memoized per roles snapshot: hot on every broadcast)."""
+        roles = self.history[-1]
+        memo = self._validators_memo
+        if memo is None or memo[0] is not roles:
+            memo = self._validators_memo = (roles, _validators_in(roles))
+        return list(memo[1])
 
     @property
     def pbft_height(self) -> int:
