@@ -169,7 +169,13 @@ async def pull_pages(
 
 
 async def fetch_log(
-    host: IHost, peer: ID, state: ConsensusMembership, height: int, timeout_s: float = 60.0
+    host: IHost,
+    peer: ID,
+    state: ConsensusMembership,
+    height: int,
+    timeout_s: float = 60.0,
+    *,
+    page: int = PULL_BATCH,
 ) -> None:
     """Page a peer's decided log into ``state`` until it reaches ``height``, every certificate
     verified before the entry is applied (raises MembershipError on a bad entry, a peer that
@@ -182,7 +188,7 @@ async def fetch_log(
         try:
             while state.height < height:
                 try:
-                    entries, _ = await pull_pages(stream, state.height + 1)
+                    entries, _ = await pull_pages(stream, state.height + 1, limit=page)
                 except MembershipError:
                     raise
                 except Exception as exc:  # reset, oversized or garbled page
