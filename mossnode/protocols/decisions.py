@@ -394,7 +394,7 @@ def verify_consensus_certificate(state: Membership, entry: Entry) -> str | None:
         if isinstance(ok, Invalid):
             return f"certificate refused: {ok.reason}"
         state._commits_checked = memo  # the same quorum certifies the batch's other entries
-    got = state.analyze(proof)
+    got = state.analyze(cert[0])
     if isinstance(got, str):
         return got
     if entry.kind != got.kind or canonical(entry.payload) != canonical(got.payload):
@@ -576,7 +576,7 @@ class ConsensusMembership(Membership):
         """Verify and apply the next entry (raises MembershipError and changes nothing if bad).
         Entries of this node's own replica come through :meth:`apply_trusted`."""
         proof = proof_of(entry) if entry.seq == self.height + 1 else None
-        analysis = self.analyze(proof) if proof is not None else None
+        analysis = self.analyze(entry.certificate[0]) if proof is not None else None
         batch_start = self.validators()
         super().apply(entry)
         if isinstance(analysis, Analysis):
@@ -732,6 +732,8 @@ class _Batch:
     proofs: list[EntryProof]
     present: int
     filled: int
+    problem: str | None = None  # why this batch and the log disagree (a bug or bad store)
+    detached: bool = False  # the log is not where this batch goes: leave the state alone
 
 
 class DecisionMachine:
@@ -750,7 +752,6 @@ class DecisionMachine:
     def __init__(self, state: ConsensusMembership) -> None:
         self.state = state
         self._open: dict[int, _Batch] = {}
-        self.divergence: str | None = None
 
     def begin(self, n: int, batch: tuple[bytes, ...]) -> None:
         st = self.state
@@ -758,20 +759,23 @@ class DecisionMachine:
             self._fill(b, len(b.proofs))
         root, proofs = proofs_for(n, batch)
         present = 0
+        problem = None
         if n in st.batch_first:
             head = proof_of(st.entries[st.batch_first[n] - 1])
             if head is None or head.root() != root:
-                self.divergence = f"batch {n}: the replica executes another batch than the log"
+                problem = f"batch {n}: the replica executes another batch than the log"
             present = min(len(proofs), st.height - st.batch_first[n] + 1)
         elif n != st.pbft_height + 1 or not st.position.closes_batch:
-            self.divergence = f"batch {n} executes but the log is at batch {st.pbft_height}"
-        self._open[n] = _Batch(n, proofs, present, present)
+            problem = f"batch {n} executes but the log is at batch {st.pbft_height}"
+        detached = problem is not None
+        self._open[n] = _Batch(n, proofs, present, present, problem, detached)
 
     def execute(self, ex: Execution) -> bytes | Outcome:
         st = self.state
         b = self._open.get(ex.seq)
-        if b is None or not 0 <= ex.index < len(b.proofs):
-            self.divergence = f"request {ex.index} of batch {ex.seq} was not announced"
+        if b is None or b.detached or not 0 <= ex.index < len(b.proofs):
+            if b is not None:
+                b.problem = b.problem or f"request {ex.index} of batch {ex.seq} has no slot"
             return canonical({"seq": 0})
         if ex.index < b.present:  # known by state transfer: re-execution
             flat = st.batch_first[ex.seq] + ex.index
@@ -782,7 +786,7 @@ class DecisionMachine:
             before = st.validators()
             entry = self._append(b, ex.index)
             if st.origin.get(entry.seq) != (ex.client, ex.timestamp):
-                self.divergence = f"seq {entry.seq}: the replica executed what the log skips"
+                b.problem = f"seq {entry.seq}: the replica executed what the log skips"
             flat = entry.seq
             after = st.validators()
         result = canonical({"seq": flat})
@@ -792,10 +796,10 @@ class DecisionMachine:
         """The certified entries of ``d`` the log did not hold yet, in order."""
         st = self.state
         b = self._open.pop(d.seq, None)
-        if self.divergence is not None:
-            raise DecisionError(self.divergence)
         if b is None:
             raise DecisionError(f"the replica decided batch {d.seq} without announcing it")
+        if b.problem is not None:
+            raise DecisionError(b.problem)
         self._fill(b, len(b.proofs))
         first = st.batch_first[d.seq]
         out: list[Entry] = []
@@ -811,19 +815,20 @@ class DecisionMachine:
 
     def _fill(self, b: _Batch, upto: int) -> None:
         """Append the slots before ``upto`` that are not in the log yet (skipped requests)."""
-        while b.filled < upto:
+        while b.filled < upto and not b.detached:
             entry = self._append(b, b.filled)
             if entry.seq in self.state.origin:
-                self.divergence = f"seq {entry.seq}: the log executes what the replica skipped"
+                b.problem = f"seq {entry.seq}: the log executes what the replica skipped"
 
     def _append(self, b: _Batch, index: int) -> Entry:
         st = self.state
         proof = b.proofs[index]
-        got = st.analyze(proof)
+        raw = proof.encode()
+        got = st.analyze(raw)
         if isinstance(got, str):  # cannot happen for a proof built here; be defensive
-            self.divergence = got
+            b.problem = got
             got = Analysis(NOOP, {"reason": "invalid", "error": got}, None, {})
-        entry = Entry(st.height + 1, got.kind, got.payload, [proof.encode()])
+        entry = Entry(st.height + 1, got.kind, got.payload, [raw])
         st.apply_trusted(entry)
         b.filled = index + 1
         return entry
