@@ -1,22 +1,40 @@
-"""PBFT decision throughput and latency, unbatched and batched, for n = 4 and n = 7.
+"""PBFT decision throughput and latency on real validator daemons, n = 4 and n = 7.
 
-The sans-IO replicas and clients run in one process with instant, reliable delivery, so the
-figures are the protocol's CPU cost on this machine (signing and verifying every message,
-persist records, execution), without network or fsync; the real daemons' decided log adds a
-libp2p stream hop and one fsync per decision. Raw Ed25519 verifies per second are measured in
-the same run, and the ratio of achieved throughput to the verify-bound limit is printed:
-(verifies per decision x decisions per second) / raw verify rate.
+Each validator is its own ``mossnode run`` process (:mod:`mossnode.cluster`, loopback). A
+bench-only gateway (:mod:`bench.pbft_clients`) holds many client keys, each admitted as a
+member, and proposes ``pause``/``resume`` decisions through the daemons exactly as a node does:
+signed requests over ``/moss/pbft/1``, the validators' signed replies back, f+1 matching replies
+per decision, every entry persisted with its certificate in each validator's store.
+
+- unbatched: one outstanding request (latency = request to f+1 matching replies);
+- batched: many client keys, one outstanding request each, so the primary batches.
+
+Raw Ed25519 verifies per second are measured in the same run; verifies per decision are counted
+(frames the validators received, requests verified inside pre-prepares, replies the clients
+verified), and the ratio of achieved throughput to the verify-bound limit is printed:
+(verifies per decision x decisions per second) / raw verify rate. The in-process figures (sans-IO
+replicas, instant delivery, no fsync) follow for comparison. ``BENCH_PBFT_PROFILE=DIR`` writes
+each daemon's cProfile stats there.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import deque
+from pathlib import Path
+from typing import Any
 
+import multiaddr
 import nacl.signing
+import trio
 
+from mossnode.cluster import Cluster, Node, wait_for
 from mossnode.crypto.identity import Identity
+from mossnode.crypto.peerid import public_key_from_peer_id
+from mossnode.node.host import make_host
+from mossnode.protocols.decisions import encode_op
 from mossnode.protocols.pbft import (
     Client,
     Completed,
@@ -26,7 +44,12 @@ from mossnode.protocols.pbft import (
     Send,
 )
 
+from .pbft_clients import Gateway, Lane
+
 SWARM = b"\x05" * 32
+LANES = 64
+UNBATCHED = 200
+PER_LANE = 40
 
 
 def run_once(
@@ -90,6 +113,139 @@ def run_once(
     return decided / elapsed, latencies, verifies // max(1, decided)
 
 
+def _stats(lat: list[float]) -> tuple[float, float]:
+    lat = sorted(lat)
+    return statistics.median(lat) * 1000, lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+
+
+def in_process(raw: float) -> None:
+    print("in-process replicas, instant delivery; latency = request to f+1 matching replies")
+    for n in (4, 7):
+        for label, clients, per_client, batch in (
+            ("unbatched", 1, 200, 1),
+            ("batched", 32, 40, 32),
+        ):
+            rate, lat, vpd = run_once(n, clients, per_client, batch)
+            p50, p99 = _stats(lat)
+            print(
+                f"  n={n} {label:9}: {rate:7.0f} decisions/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms"
+                f"  verifies/decision {vpd:3d}  verify-bound ratio {vpd * rate / raw:.2f}"
+            )
+
+
+# --------------------------------------------------------------------------- real daemons
+
+
+def _consensus(node: Node) -> dict[str, Any]:
+    return dict(node.status()["consensus"] or {})
+
+
+def _voting(node: Node, height: int) -> bool:
+    c = _consensus(node)
+    return bool(c.get("validator") and c["height"] >= height and (c["stable"] or 0) >= 1)
+
+
+def _msg_in(nodes: list[Node]) -> int:
+    return sum(int(_consensus(n).get("io", {}).get("msg_in", 0)) for n in nodes)
+
+
+def start_validators(n: int, root: Path) -> Cluster:
+    c = Cluster(n, root=root)
+    c.init()
+    profile = os.environ.get("BENCH_PBFT_PROFILE")
+    for node in c.nodes:
+        if profile:
+            os.environ["MOSSNODE_PROFILE"] = str(Path(profile) / f"n{n}-{node.name}.prof")
+        node.start(wait=False)
+    os.environ.pop("MOSSNODE_PROFILE", None)
+    for node in c.nodes:
+        wait_for(node.ready, 60, f"{node.name} to start")
+    founder = c.nodes[0]
+    for k, node in enumerate(c.nodes[1:], start=1):
+        token = founder.cli_json("invite", "--role", "validator")["token"]
+        node.cli("join", founder.addr, "--invite", token)
+        wait_for(lambda node=node, k=k: _voting(node, k), 60, f"{node.name} to vote")
+    return c
+
+
+async def _drive(c: Cluster, raw: float) -> None:
+    n = len(c.nodes)
+    founder = c.nodes[0]
+    me = Identity.generate()
+    host = make_host(me)
+    async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]), trio.open_nursery() as ns:
+        status = await trio.to_thread.run_sync(founder.status)
+        gw = Gateway(host, me, bytes.fromhex(status["swarm_id"]))
+        invite = await trio.to_thread.run_sync(founder.cli_json, "invite", "--role", "admin")
+        await gw.join(founder.addr, invite["token"])
+        gw.validators = sorted(
+            public_key_from_peer_id(str(node.cli_json("id")["peer_id"])) for node in c.nodes
+        )
+        await ns.start(gw.run, [node.addr for node in c.nodes])
+
+        # The gateway's own key admits the client keys (it holds member.invite).
+        keys = [Identity.generate() for _ in range(LANES)]
+        admits = iter(
+            encode_op(
+                "admit", {"public_key": k.public_key, "roles": ["admin"], "invite": os.urandom(16)}
+            )
+            for k in keys
+        )
+        gw.op = lambda lane: next(admits)
+        gw.start(gw.add_lane(me), LANES)
+        await gw.wait_idle(300)
+        lanes = [gw.add_lane(k) for k in keys]
+        flips: dict[bytes, int] = {}
+
+        def flip(lane: Lane) -> bytes:
+            k = flips[lane.identity.public_key] = flips.get(lane.identity.public_key, 0) + 1
+            return encode_op("pause" if k % 2 else "resume", {})
+
+        gw.op = flip
+        # Warm-up: every validator sees each key's request through the gateway once.
+        gw.broadcast_all = True
+        for lane in lanes:
+            gw.start(lane, 1)
+        await gw.wait_idle(300)
+        gw.broadcast_all = False
+
+        for label, active, per in (
+            ("unbatched", lanes[:1], UNBATCHED),
+            ("batched", lanes, PER_LANE),
+        ):
+            before = await trio.to_thread.run_sync(_msg_in, c.nodes)
+            stale0 = sum(ln.client.rejections.get("stale_reply", 0) for ln in gw.lanes.values())
+            got0 = gw.replies_in
+            gw.latencies.clear()
+            done0 = gw.completed
+            t0 = time.perf_counter()
+            for lane in active:
+                gw.start(lane, per)
+            await gw.wait_idle(600)
+            elapsed = time.perf_counter() - t0
+            decided = gw.completed - done0
+            after = await trio.to_thread.run_sync(_msg_in, c.nodes)
+            stale = sum(ln.client.rejections.get("stale_reply", 0) for ln in gw.lanes.values())
+            client_verifies = (gw.replies_in - got0) - (stale - stale0)
+            verifies = (after - before) + (n - 1) * decided + client_verifies
+            vpd = verifies / max(decided, 1)
+            rate = decided / elapsed
+            p50, p99 = _stats(gw.latencies)
+            print(
+                f"  n={n} {label:9}: {rate:7.0f} decisions/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms"
+                f"  verifies/decision {vpd:5.1f}  verify-bound ratio {vpd * rate / raw:.2f}"
+            )
+        ns.cancel_scope.cancel()
+
+
+def daemons(n: int, raw: float, root: Path) -> None:
+    c = start_validators(n, root / f"n{n}")
+    try:
+        trio.run(_drive, c, raw)
+    finally:
+        c.stop()
+
+
 def raw_verify_rate() -> float:
     sk = nacl.signing.SigningKey.generate()
     signed = sk.sign(b"x" * 200)
@@ -101,20 +257,16 @@ def raw_verify_rate() -> float:
 
 
 def run() -> None:
+    import tempfile
+
     raw = raw_verify_rate()
-    print(f"raw Ed25519 verify (PyNaCl): {raw:.0f} /s")
-    print("in-process replicas, instant delivery; latency = request to f+1 matching replies")
-    for n in (4, 7):
-        for label, clients, per_client, batch in (
-            ("unbatched", 1, 200, 1),
-            ("batched", 32, 40, 32),
-        ):
-            rate, lat, vpd = run_once(n, clients, per_client, batch)
-            lat.sort()
-            p50 = statistics.median(lat) * 1000
-            p99 = lat[int(len(lat) * 0.99)] * 1000
-            print(
-                f"n={n} {label:9}: {rate:7.0f} decisions/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms"
-                f"  verifies/decision {vpd:3d}  verify-bound ratio {vpd * rate / raw:.2f}"
-            )
-    print("targets at n=4: p50 <= 25 ms unbatched, >= 1,000 decisions/s batched")
+    print(f"raw Ed25519 verify (PyNaCl, one core): {raw:.0f} /s")
+    print(
+        f"real validator daemons on loopback; {LANES} client keys behind one gateway;"
+        " latency = request to f+1 matching replies"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-pbft-") as tmp:
+        for n in (4, 7):
+            daemons(n, raw, Path(tmp))
+    in_process(raw)
+    print("targets at n=4 (daemons): p50 <= 25 ms unbatched, >= 1,000 decisions/s batched")

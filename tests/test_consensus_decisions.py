@@ -35,6 +35,7 @@ from mossnode.protocols.decisions import (
     tally,
     verify_consensus_certificate,
 )
+from mossnode.protocols.entry_proof import EntryProof, proofs_for
 from mossnode.protocols.membership import (
     Entry,
     Membership,
@@ -42,7 +43,7 @@ from mossnode.protocols.membership import (
     make_genesis,
     make_invite,
 )
-from mossnode.protocols.pbft import NULL_PAYLOAD, PbftConfig, batch_payload, digest
+from mossnode.protocols.pbft import PbftConfig, batch_digest
 from mossnode.protocols.pbft.messages import COMMIT, REQUEST, Request, Vote
 
 F, A, B, C, D, E = (ident(i) for i in range(6))
@@ -62,31 +63,46 @@ def request_op(who: Identity, op: bytes, t: int) -> bytes:
     return seal(who, swarm_id=SWARM, type=REQUEST, seq=_env_seq[0], timestamp=T0, body=body)
 
 
-def commit(who: Identity, view: int, seq: int, payload: bytes) -> bytes:
+def commit(who: Identity, view: int, seq: int, d: bytes) -> bytes:
     _env_seq[0] += 1
-    body = Vote(view, seq, digest(payload)).body()
+    body = Vote(view, seq, d).body()
     return seal(who, swarm_id=SWARM, type=COMMIT, seq=_env_seq[0], timestamp=T0, body=body)
+
+
+def quorum_of(state: ConsensusMembership) -> list[Identity]:
+    vals = state.validators()
+    return [IDS[k] for k in vals[: (len(vals) + (len(vals) - 1) // 3) // 2 + 1]]
+
+
+def batch_entries(
+    state: ConsensusMembership,
+    batch: list[bytes],
+    signers: list[Identity] | None = None,
+    *,
+    view: int = 0,
+    commit_seq: int | None = None,
+) -> Any:
+    """The entries a batch decided next yields, one by one, each computed from the state as
+    it is when taken (apply each before taking the next), with commits from ``signers``
+    (default: a quorum of the validators in force)."""
+    n = state.pbft_height + 1
+    root, proofs = proofs_for(n, batch)
+    cs = [commit(s, view, commit_seq or n, root) for s in signers or quorum_of(state)]
+    for p in proofs:
+        got = state.analyze(p)
+        assert not isinstance(got, str), got
+        yield Entry(state.height + 1, got.kind, got.payload, [p.encode(), *cs])
 
 
 def certified(
     state: ConsensusMembership,
     batch: list[bytes],
     signers: list[Identity] | None = None,
-    *,
-    seq: int | None = None,
-    view: int = 0,
+    **kwargs: Any,
 ) -> Entry:
-    """The entry the batch yields now, with commits from ``signers`` (default: a quorum of the
-    validators in force)."""
-    payload = batch_payload(batch)
-    n = seq if seq is not None else state.height + 1
-    got = state.analyze(payload)
-    assert not isinstance(got, str), got
-    if signers is None:
-        vals = state.validators()
-        signers = [IDS[k] for k in vals[: (len(vals) + (len(vals) - 1) // 3) // 2 + 1]]
-    certs = [commit(s, view, n, payload) for s in signers]
-    return Entry(n, got.kind, got.payload, [payload, *certs])
+    """The entry a batch of at most one request decided next yields."""
+    assert len(batch) <= 1
+    return next(batch_entries(state, batch, signers, **kwargs))
 
 
 def admit(who: Identity, roles: list[str], nonce: bytes) -> dict[str, Any]:
@@ -141,16 +157,16 @@ def test_2f_signatures_are_not_a_quorum() -> None:
 def test_commits_for_another_digest_are_refused() -> None:
     st = four()
     e = certified(st, [request(F, "pause", {}, 9)])
-    other = batch_payload([request(F, "resume", {}, 9)])
+    other = [request(F, "resume", {}, 9)]
     forged = Entry(
         e.seq,
         e.kind,
         e.payload,
-        [e.certificate[0]] + [commit(s, 0, e.seq, other) for s in (F, A, B)],
+        [e.certificate[0]] + [commit(s, 0, 4, batch_digest(other)) for s in (F, A, B)],
     )
     assert "digest_mismatch" in refused(st, forged)
-    # and a batch swapped under honest commits does not hash to them either
-    swapped = Entry(e.seq, "resume", {}, [other, *e.certificate[1:]])
+    # and a request swapped under honest commits does not hash to them either
+    swapped = Entry(e.seq, "resume", {}, [proofs_for(4, other)[1][0].encode(), *e.certificate[1:]])
     assert "digest_mismatch" in refused(st, swapped)
 
 
@@ -164,7 +180,7 @@ def test_entry_that_is_not_the_decided_operation_is_refused() -> None:
         (NOOP, {"reason": "duplicate"}),
         (NOOP, {"reason": "null"}),
     ):
-        assert "decided batch yields" in refused(st, Entry(e.seq, kind, payload, e.certificate))
+        assert "decided request yields" in refused(st, Entry(e.seq, kind, payload, e.certificate))
     assert verify_consensus_certificate(st, e) is None
 
 
@@ -176,13 +192,12 @@ def test_validator_set_at_the_wrong_seq_is_refused() -> None:
     # a quorum of keys of which one is not a validator (yet)
     assert "not_validator" in refused(st, certified(st, batch, [F, A, D]))
     # a good quorum, but for another seq
-    e = certified(st, batch, seq=5)
-    assert "wrong_seq" in refused(st, Entry(4, e.kind, e.payload, e.certificate))
+    assert "wrong_seq" in refused(st, certified(st, batch, commit_seq=5))
     # commits that disagree on the view
-    payload = batch_payload(batch)
-    mixed = [payload, commit(F, 0, 4, payload), commit(A, 1, 4, payload), commit(B, 0, 4, payload)]
+    proof, d = proofs_for(4, batch)[1][0].encode(), batch_digest(batch)
+    mixed = [proof, commit(F, 0, 4, d), commit(A, 1, 4, d), commit(B, 0, 4, d)]
     assert "mismatch" in refused(st, Entry(4, "pause", {}, mixed))
-    dup = [payload, commit(F, 0, 4, payload), commit(F, 0, 4, payload), commit(A, 0, 4, payload)]
+    dup = [proof, commit(F, 0, 4, d), commit(F, 0, 4, d), commit(A, 0, 4, d)]
     assert "duplicate_signer" in refused(st, Entry(4, "pause", {}, dup))
 
 
@@ -212,11 +227,8 @@ def test_after_a_reconfiguration_the_new_set_certifies_the_next_seq() -> None:
 def test_null_and_duplicate_batches_decide_noops() -> None:
     st = four()
     null = certified(st, [])
-    assert (null.kind, null.payload, null.certificate[0]) == (
-        NOOP,
-        {"reason": "null"},
-        NULL_PAYLOAD,
-    )
+    assert (null.kind, null.payload) == (NOOP, {"reason": "null"})
+    assert EntryProof.parse(null.certificate[0]) == EntryProof(4, 0, 0, b"", ())
     st.apply(null)
     first = request(F, "pause", {}, 50)
     st.apply(certified(st, [first]))
@@ -226,7 +238,7 @@ def test_null_and_duplicate_batches_decide_noops() -> None:
         dup = certified(st, [raw])
         assert (dup.kind, dup.payload) == (NOOP, {"reason": "duplicate"})
         claim = Entry(dup.seq, "resume", {}, dup.certificate)
-        assert "decided batch yields" in refused(st, claim)
+        assert "decided request yields" in refused(st, claim)
         st.apply(dup)
     assert st.paused
     assert st.origin[5] == (F.public_key, 50) and 6 not in st.origin
@@ -251,7 +263,7 @@ def test_invalid_operations_decide_noops_with_the_reason() -> None:
     assert st.clients[A.public_key] == 1  # executed (as a no-op): PBFT will not run it again
 
 
-def test_first_executed_request_of_a_batch_is_the_entry() -> None:
+def test_every_request_of_a_batch_is_an_entry_in_order() -> None:
     st = four()
     forged = bytearray(request(A, "pause", {}, 5))
     forged[3] ^= 1  # bad signature: skipped like the replicas skip it
@@ -259,13 +271,29 @@ def test_first_executed_request_of_a_batch_is_the_entry() -> None:
         bytes(forged),
         request(F, "pause", {}, 70),
         request(F, "resume", {}, 71),
-        request(B, "resume", {}, 7),
+        request(F, "resume", {}, 71),  # the same timestamp again: a duplicate
+        request(B, "resume", {}, 7),  # B holds no swarm.pause
     ]
-    e = certified(st, batch)
-    assert e.kind == "pause"
-    st.apply(e)
-    assert st.clients[F.public_key] == 71 and st.clients[B.public_key] == 7
-    assert A.public_key not in st.clients and st.origin[e.seq] == (F.public_key, 70)
+    got = []
+    for e in batch_entries(st, batch):
+        st.apply(e)
+        got.append((e.seq, e.kind, e.payload.get("reason"), e.payload.get("error")))
+    assert got == [
+        (4, NOOP, "invalid", "not a signed request"),
+        (5, "pause", None, None),
+        (6, "resume", None, None),
+        (7, NOOP, "duplicate", None),
+        (8, NOOP, "invalid", "the proposer does not hold swarm.pause"),
+    ]
+    assert not st.paused and st.clients[F.public_key] == 71 and st.clients[B.public_key] == 7
+    assert A.public_key not in st.clients and st.origin[5] == (F.public_key, 70)
+    assert 4 not in st.origin and 7 not in st.origin
+    assert st.position.n == 4 and st.position.closes_batch and st.batch_first[4] == 4
+    # every entry of the batch is certified by the set in force when the batch began
+    assert all(st.validators_at(s) == st.validators_at(4) for s in range(4, 9))
+    again = fresh()
+    again.replay(st.entries)
+    assert again.clients == st.clients and again.origin == st.origin
 
 
 def test_nobody_may_leave_the_swarm_without_validators() -> None:
@@ -518,3 +546,91 @@ def test_non_validators_follow_by_state_transfer_and_can_propose() -> None:
     assert sim.run(10_000, lambda: sim.decided(d, t))
     assert d.log[-1].kind == "pause" and d.state.origin[2] == (D.public_key, t)
     sim.check_logs()
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def decided_batch(st: ConsensusMembership, batch: list[bytes], **kwargs: Any) -> list[Entry]:
+    out = []
+    for e in batch_entries(st, batch, **kwargs):
+        st.apply(e)
+        out.append(e)
+    return out
+
+
+def test_a_reconfiguration_inside_a_batch_takes_effect_at_the_next_batch() -> None:
+    st = four()  # F, A, B, C: quorum 3
+    old = quorum_of(st)
+    grant = request(F, "admit", admit(D, ["validator"], b"d"), 40)
+    after = request(F, "pause", {}, 41)  # decided after the change, in the same batch
+    entries = decided_batch(st, [grant, after], signers=old)
+    assert [e.kind for e in entries] == ["admit", "pause"]
+    assert len(st.validators()) == 5 and st.validators_at(entries[1].seq) == st.validators_at(4)
+    # the next batch needs a quorum of the five (4 of 5): the old quorum of 3 is refused
+    nxt = [request(F, "resume", {}, 42)]
+    assert "too_few_signatures" in refused(st, certified(st, nxt, old))
+    assert "not_validator" not in refused(st, certified(st, nxt, [F, A, B]))
+    st.apply(certified(st, nxt, [F, A, B, D]))
+    assert not st.paused
+    # replayed from genesis by anyone, with the same sets
+    again = fresh()
+    again.replay(st.entries)
+    assert again.validators() == st.validators() and again.position == st.position
+
+
+def test_an_entry_in_a_batch_verifies_alone_and_tampered_proofs_are_refused() -> None:
+    st = four()
+    batch = [request(F, "grant", _grant(i), 50 + i) for i in range(4)]
+    root, proofs = proofs_for(st.pbft_height + 1, batch)
+    cs = [commit(s, 0, st.pbft_height + 1, root) for s in quorum_of(st)]
+    raws = [p.encode() for p in proofs]
+    # a non-validator that holds the log up to entry 1 of the batch checks entry 2 alone
+    st.apply(Entry(st.height + 1, "grant", _grant(0), [raws[0], *cs]))
+    st.apply(Entry(st.height + 1, "grant", _grant(1), [raws[1], *cs]))
+    base = st.height
+
+    def bad(proof: bytes, kind: str = "grant", payload: dict[str, Any] | None = None) -> str:
+        return refused(st, Entry(base + 1, kind, payload or _grant(2), [proof, *cs]))
+
+    good = Entry(base + 1, "grant", _grant(2), [raws[2], *cs])
+    assert verify_consensus_certificate(st, good) is None
+    p = proofs[2]
+    # inside a batch, the proof must give the digest the batch's entry 0 gave
+    assert "another batch" in bad(_flip(p, 0))
+    assert "does not fit" in bad(EntryProof(p.n, p.index, p.count, p.request, p.path[1:]).encode())
+    assert "another batch" in bad(EntryProof(p.n, 2, 4, batch[3], p.path).encode())
+    assert "fit" in bad(EntryProof(p.n, 2, 5, p.request, p.path).encode())  # a 5-leaf tree
+    # skipping an entry of the batch, restarting it, or jumping to the next batch
+    assert "does not continue" in bad(raws[3], payload=_grant(3))
+    assert "does not continue" in bad(raws[1], payload=_grant(1))
+    nxt = proofs_for(p.n + 1, [])[1][0].encode()
+    assert "does not continue" in bad(nxt, NOOP, {"reason": "null"})
+    assert "malformed" in bad(b"\xa0")
+    st.apply(good)
+    st.apply(Entry(st.height + 1, "grant", _grant(3), [raws[3], *cs]))
+    assert st.position.closes_batch and st.roles_of(A.public_key) >= {"planner", "executor"}
+    # entry 0 of the next batch: a tampered path no longer gives the digest the commits sign
+    pair = [request(F, "pause", {}, 60), request(F, "resume", {}, 61)]
+    first = next(batch_entries(st, pair))
+    tampered = Entry(
+        first.seq,
+        first.kind,
+        first.payload,
+        [_flip(EntryProof.parse(first.certificate[0]), 0), *first.certificate[1:]],
+    )
+    assert "digest_mismatch" in refused(st, tampered)
+    st.apply(first)
+
+
+def _flip(p: EntryProof | None, k: int) -> bytes:
+    assert p is not None
+    h = bytearray(p.path[k])
+    h[0] ^= 1
+    path = (*p.path[:k], bytes(h), *p.path[k + 1 :])
+    return EntryProof(p.n, p.index, p.count, p.request, path).encode()
+
+
+def _grant(i: int) -> dict[str, Any]:
+    role = ["planner", "reviewer", "executor", "planner"][i]
+    return {"public_key": A.public_key, "role": role}

@@ -15,13 +15,15 @@ from mossnode.crypto.identity import Identity
 from mossnode.node.consensus import (
     ConsensusService,
     ProposalRefused,
+    fetch_log,
     load_membership,
 )
 from mossnode.node.host import make_host
 from mossnode.node.store import Store
 from mossnode.protocols.decisions import ConsensusMembership, origin_of
-from mossnode.protocols.membership import Entry, Genesis, make_genesis
-from mossnode.protocols.pbft import verify_certificate
+from mossnode.protocols.entry_proof import EntryProof
+from mossnode.protocols.membership import Entry, Genesis, MembershipError, make_genesis
+from mossnode.protocols.pbft import verify_commits
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 
@@ -119,9 +121,11 @@ async def test_founder_alone_decides_restarts_and_a_member_proposes(tmp_path: Pa
         assert svc is not None
         e1 = await svc.propose("admit", admit(member, ["admin"], b"i1"), 5)
         assert (e1.seq, e1.kind) == (1, "admit")
-        # n = 1: one commit from the founder is the whole quorum
+        # n = 1: one commit from the founder is the whole quorum, over the batch's digest
         cert = e1.certificate
-        assert verify_certificate(cert[1:], cert[0], [founder.public_key], genesis.swarm_id, seq=1)
+        root = EntryProof.parse(cert[0]).root()  # type: ignore[union-attr]
+        vals = [founder.public_key]
+        assert verify_commits(cert[1:], vals, genesis.swarm_id, seq=1, batch_digest=root)
         with pytest.raises(ProposalRefused, match="already a member"):
             await svc.propose("admit", admit(member, ["executor"], b"i2"), 5)
         # enough decisions for the replica's records to be compacted
@@ -147,6 +151,13 @@ async def test_founder_alone_decides_restarts_and_a_member_proposes(tmp_path: Pa
         e = await other.svc.propose("resume", {}, 10)
         assert e.seq == 43 and other.state.origin[43][0] == member.public_key
         await wait_for(lambda: node.state.height == 43 and len(other.decided) == 43)
+
+        # a joiner's transfer: the whole log in pages of 10, every certificate verified
+        scratch = ConsensusMembership(genesis)
+        await fetch_log(other.host, node.host.get_id(), scratch, 43, 10, page=10)
+        assert scratch.entries == node.state.entries and scratch.position == node.state.position
+        with pytest.raises(MembershipError, match="stops at 43 of 50"):
+            await fetch_log(other.host, node.host.get_id(), scratch, 50, 10, page=10)
         nursery.cancel_scope.cancel()
     with Store(node.db) as store:
         assert load_membership(store, genesis).height == 43

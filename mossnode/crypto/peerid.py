@@ -45,14 +45,14 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return _peer_id(bytes(public_key))
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=65536)
 def _peer_id(public_key: bytes) -> str:
     if len(public_key) != 32:
         raise ValueError("an Ed25519 public key is 32 bytes")
     return b58encode(_MH_PREFIX + _PB_PREFIX + public_key)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=65536)
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """Inverse of :func:`peer_id_from_public_key`; raises ValueError for non-Ed25519 ids."""
     raw = b58decode(peer_id)

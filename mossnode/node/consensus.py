@@ -3,15 +3,20 @@
 All decisions are made by :class:`~mossnode.protocols.decisions.ConsensusCore` (sans-IO). This
 module moves its bytes and keeps its promises:
 
-- every call into the core runs under one lock, and its output is persisted (replica records,
-  client state and new decided-log entries in ONE SQLite transaction, fsynced) before any of
-  its messages is sent; so a restarted validator can never contradict what it sent;
+- calls into the core are synchronous (trio never switches inside one), and their outputs are
+  persisted in call order by one committer task: every output that arrived while the previous
+  write was under way goes into the next SQLite transaction (replica records, client state and
+  new decided-log entries, ONE fsync), and only then are their messages sent, in order; so a
+  restarted validator can never contradict what it sent, and a burst costs one fsync;
 - PBFT envelopes travel over ``/moss/pbft/1``: one long-lived outbound stream per peer, frames
-  length-prefixed, sends best-effort (a full queue or a broken stream drops; the core
-  retransmits);
+  length-prefixed and written together when several are queued, sends best-effort (a full
+  queue or a broken stream drops; the core retransmits). A client that is not a validator and
+  reaches the validators through another node (a gateway, e.g. the benchmark's) gets its
+  replies back through that node;
 - state transfer over ``/moss/decided/1``: a node behind asks a peer for entries from its
-  height on and verifies every certificate before applying (:meth:`ingest`, which the daemon
-  also calls with entries it gets from gossip or a join reply);
+  height on, in pages, and verifies every certificate before applying (:meth:`ingest`, which
+  the daemon also calls with entries it gets from gossip or a join; :func:`fetch_log` pages a
+  whole log into a scratch state for a joining node);
 - ``on_decided(entry)`` is awaited for every new entry, in order, once it is durable.
 
 Records live in the store's ``meta`` table: ``pbft/rec/<i>`` (CBOR, i < ``pbft/rec/n``) for the
@@ -48,7 +53,8 @@ from ..protocols.decisions import (
 )
 from ..protocols.membership import Entry, Genesis, MembershipError
 from ..protocols.pbft import compact_records
-from .host import read_frame, write_frame
+from ..protocols.pbft.messages import REQUEST
+from .host import FrameError, read_frame, write_frame
 from .store import Decided as StoredDecided
 from .store import Store
 
@@ -62,9 +68,11 @@ REC_COUNT = "pbft/rec/n"
 CLIENT_KEY = "pbft/client"
 COMPACT_AFTER = 64  # records kept before a compaction is tried
 MAX_FRAME = DEFAULT_MAX_SIZE + 1024
-PEER_QUEUE = 256
-PULL_BATCH = 64
+PEER_QUEUE = 1024
+PULL_BATCH = 256
 PULL_BYTES = 2 << 20
+MAX_QUEUED = 512  # outputs waiting for the committer before readers wait for it too
+ROUTES = 4096  # client peer id -> the gateway its requests came through
 
 
 class ConsensusError(Exception):
@@ -117,6 +125,85 @@ class _Waiter:
     seq: int = 0
 
 
+class FrameReader:
+    """Length-prefixed frames from a stream, read in large chunks (one read call per burst of
+    frames instead of two per frame)."""
+
+    def __init__(self, stream: INetStream, chunk: int = 1 << 16) -> None:
+        self.stream = stream
+        self.chunk = chunk
+        self._buf = bytearray()
+
+    async def read(self, max_size: int) -> bytes:
+        buf = self._buf
+        while True:
+            if len(buf) >= 4:
+                n = int.from_bytes(buf[:4], "big")
+                if n > max_size:
+                    raise FrameError(f"frame of {n} bytes exceeds limit {max_size}")
+                if len(buf) >= 4 + n:
+                    frame = bytes(buf[4 : 4 + n])
+                    del buf[: 4 + n]
+                    return frame
+            data = await self.stream.read(self.chunk)
+            if not data:
+                raise FrameError(f"stream closed with {len(buf)} bytes of a frame")
+            buf += data
+
+
+def _frame(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+async def pull_pages(
+    stream: INetStream, start: int, *, limit: int = PULL_BATCH
+) -> tuple[list[Entry], int]:
+    """One page of a peer's decided log from ``start`` on, and the peer's height."""
+    await write_frame(stream, canonical({"from": start, "max": limit}))
+    reply = cbor2.loads(await read_frame(stream, 4 * PULL_BYTES))
+    if not isinstance(reply, dict):
+        raise MembershipError("malformed decided-log page")
+    entries = [Entry.from_wire(w) for w in reply.get("entries", [])]
+    height = reply.get("height")
+    return entries, height if type(height) is int else 0
+
+
+async def fetch_log(
+    host: IHost,
+    peer: ID,
+    state: ConsensusMembership,
+    height: int,
+    timeout_s: float = 60.0,
+    *,
+    page: int = PULL_BATCH,
+) -> None:
+    """Page a peer's decided log into ``state`` until it reaches ``height``, every certificate
+    verified before the entry is applied (raises MembershipError on a bad entry, a peer that
+    stops short, or a timeout). For a joining node, before it has a store to ingest into."""
+    with trio.move_on_after(timeout_s) as scope:
+        try:
+            stream = await host.new_stream(peer, [DECIDED_PROTO])
+        except Exception as exc:
+            raise MembershipError(f"cannot open the decided log stream: {exc}") from None
+        try:
+            while state.height < height:
+                try:
+                    entries, _ = await pull_pages(stream, state.height + 1, limit=page)
+                except MembershipError:
+                    raise
+                except Exception as exc:  # reset, oversized or garbled page
+                    raise MembershipError(f"decided log transfer failed: {exc}") from None
+                if not entries:
+                    raise MembershipError(f"the peer's log stops at {state.height} of {height}")
+                for e in entries:
+                    if e.seq == state.height + 1:
+                        state.apply(e)
+        finally:
+            await _close(stream)
+    if scope.cancelled_caught:
+        raise MembershipError(f"decided log transfer timed out at {state.height} of {height}")
+
+
 class ConsensusService:
     """One node's consensus I/O. See the module docstring; construct, then ``nursery.start(run)``."""
 
@@ -157,8 +244,13 @@ class ConsensusService:
             client_retransmit_ms=client_retransmit_ms,
         )
         self.counters: Counter[str] = Counter()
-        self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
+        self._queue: list[Output] = []  # outputs waiting for the committer, in call order
+        self._queue_done = trio.Event()  # set when the outputs queued now are released
+        self._queue_wake = trio.Event()
+        self._committing = False
+        self._via: dict[str, str] = {}  # client peer id -> gateway peer id (replies go there)
+        self._validator_pids: tuple[int, frozenset[str]] = (-1, frozenset())
         self._links: dict[str, trio.MemorySendChannel[bytes]] = {}
         self._timers: dict[tuple[str, str], int] = {}
         self._timer_wake = trio.Event()
@@ -180,6 +272,7 @@ class ConsensusService:
             self._nursery = nursery
             self.host.set_stream_handler(PBFT_PROTO, self.stream_handler)
             self.host.set_stream_handler(DECIDED_PROTO, self.decided_stream_handler)
+            nursery.start_soon(self._committer)
             await self._drive(self.core.start)
             nursery.start_soon(self._timer_loop)
             nursery.start_soon(self._sync_loop)
@@ -287,10 +380,7 @@ class ConsensusService:
                 return 0
             try:
                 while True:
-                    ask = {"from": self.state.height + 1, "max": PULL_BATCH}
-                    await write_frame(stream, canonical(ask))
-                    reply = cbor2.loads(await read_frame(stream, 4 * PULL_BYTES))
-                    entries = [Entry.from_wire(w) for w in reply.get("entries", [])]
+                    entries, _ = await pull_pages(stream, self.state.height + 1)
                     if not entries:
                         break
                     n = await self.ingest(entries)
@@ -308,12 +398,16 @@ class ConsensusService:
     # -- stream handlers --------------------------------------------------------------------
 
     async def stream_handler(self, stream: INetStream) -> None:
-        """``/moss/pbft/1``: a sequence of frames, each one PBFT envelope."""
+        """``/moss/pbft/1``: a sequence of frames, each one PBFT envelope. Frames are handed to
+        the core as they come; only a long commit queue makes the reader wait."""
+        reader = FrameReader(stream)
         try:
+            remote = str(stream.muxed_conn.peer_id)
             while True:
-                data = await read_frame(stream, MAX_FRAME)
+                data = await reader.read(MAX_FRAME)
                 self.counters["msg_in"] += 1
-                await self._drive(partial(self.core.receive, data))
+                await self._drive(partial(self.core.receive, data), wait=False)
+                self._route(remote, data)
         except Exception as exc:  # EOF, reset, oversized frame: the peer re-opens
             log.debug("pbft stream ended: %s", exc)
         finally:
@@ -341,66 +435,120 @@ class ConsensusService:
 
     # -- driving the core -------------------------------------------------------------------
 
-    async def _drive(self, call: Callable[[int], Output]) -> None:
+    async def _drive(self, call: Callable[[int], Output], wait: bool = True) -> None:
+        """Run one core call and hand its output to the committer; with ``wait``, return once
+        it is durable and its messages are out (without, only while the queue is short)."""
         if self._broken is not None:
             raise ConsensusError(f"consensus stopped: {self._broken}") from self._broken
-        async with self._lock:
-            out = call(self.now_ms())
-            try:
-                await self._persist(out)
-            except Exception as exc:
-                # Nothing may be sent that is not on disk: stop the service for good.
-                self._broken = exc
-                log.critical("consensus store write failed, stopping consensus: %s", exc)
-                if self._nursery is not None:
-                    self._nursery.cancel_scope.cancel()
-                raise
-            for pid, data in out.sends:
-                self._send(pid, data)
-            if out.timers:
-                for target, name, at in out.timers:
-                    self._timers[(target, name)] = at
-                self._timer_wake.set()
-            for entry in out.entries:
-                self._notify_send.send_nowait(entry)
-            if out.entries:
-                self._height_changed.set()
-                self._height_changed = trio.Event()
-            for t, seq in out.completed:
-                w = self._waiters.get(t)
-                if w is not None and seq:
-                    w.seq = seq
-                    w.done.set()
-                if seq > self.state.height:
-                    self._want_height = max(self._want_height, seq)
-                    self._sync_wanted.set()
+        out = call(self.now_ms())
+        if not self._queue and not self._committing and not _durable_part(out):
+            self._release(out)  # nothing to write and nothing written before it is pending
+            return
+        self._queue.append(out)
+        done = self._queue_done
+        self._queue_wake.set()
+        if wait or len(self._queue) > MAX_QUEUED:
+            await done.wait()
+            if self._broken is not None:
+                raise ConsensusError(f"consensus stopped: {self._broken}") from self._broken
 
-    async def _persist(self, out: Output) -> None:
+    async def _committer(self) -> None:
+        """Group commit: write every queued output in one transaction, then release them."""
+        while True:
+            await self._queue_wake.wait()
+            self._queue_wake = trio.Event()
+            while self._queue:
+                batch, self._queue = self._queue, []
+                done, self._queue_done = self._queue_done, trio.Event()
+                self._committing = True
+                try:
+                    await self._persist(batch)
+                except Exception as exc:
+                    # Nothing may be sent that is not on disk: stop the service for good.
+                    self._broken = exc
+                    log.critical("consensus store write failed, stopping consensus: %s", exc)
+                    done.set()
+                    if self._nursery is not None:
+                        self._nursery.cancel_scope.cancel()
+                    raise
+                finally:
+                    self._committing = False
+                for out in batch:
+                    self._release(out)
+                done.set()
+
+    def _release(self, out: Output) -> None:
+        """Carry out what a durable output asks for: sends, timers, notifications."""
+        for pid, data in out.sends:
+            self._send(pid, data)
+        if out.timers:
+            for target, name, at in out.timers:
+                self._timers[(target, name)] = at
+            self._timer_wake.set()
+        for entry in out.entries:
+            self._notify_send.send_nowait(entry)
+        if out.entries:
+            self._height_changed.set()
+            self._height_changed = trio.Event()
+        for t, seq in out.completed:
+            w = self._waiters.get(t)
+            if w is not None and seq:
+                w.seq = seq
+                w.done.set()
+            if seq > self.state.height:
+                self._want_height = max(self._want_height, seq)
+                self._sync_wanted.set()
+
+    async def _persist(self, outs: list[Output]) -> None:
         meta: dict[str, bytes] = {}
-        if out.records:
+        decided: list[StoredDecided] = []
+        records = [r for out in outs for r in out.records]
+        if records:
             start = len(self._records)
-            self._records.extend(out.records)
-            if len(self._records) > COMPACT_AFTER and any(
-                r.get("k") == "stable" for r in out.records
-            ):
+            self._records.extend(records)
+            if len(self._records) > COMPACT_AFTER and any(r.get("k") == "stable" for r in records):
                 self._records = compact_records(self._records)
                 start = 0
             for i in range(start, len(self._records)):
                 meta[_rec_key(i)] = canonical(self._records[i])
             meta[REC_COUNT] = str(len(self._records)).encode()
-        if out.client_state is not None:
-            meta[CLIENT_KEY] = canonical(out.client_state)
-        decided = [
-            StoredDecided(e.seq, e.kind, canonical(e.payload), canonical(e.certificate))
-            for e in out.entries
-        ]
+        for out in outs:
+            if out.client_state is not None:
+                meta[CLIENT_KEY] = canonical(out.client_state)
+            decided.extend(
+                StoredDecided(e.seq, e.kind, canonical(e.payload), canonical(e.certificate))
+                for e in out.entries
+            )
         if meta or decided:
             await trio.to_thread.run_sync(partial(self.store.commit, decided=decided, meta=meta))
             self.counters["commits"] += 1
 
     # -- network ----------------------------------------------------------------------------
 
+    def _route(self, remote: str, data: bytes) -> None:
+        """Remember the gateway of a client whose request reached us through another node that
+        is not a validator (validators relay requests to the primary, and reply themselves)."""
+        env = self.core.envelopes.peek(data)
+        if env is None or env.type != REQUEST:
+            return
+        client = peer_id_from_public_key(env.sender)
+        if client == remote:
+            self._via.pop(client, None)
+        elif remote not in self._validator_ids():
+            self._via.pop(client, None)
+            self._via[client] = remote
+            if len(self._via) > ROUTES:
+                del self._via[next(iter(self._via))]
+
+    def _validator_ids(self) -> frozenset[str]:
+        height, pids = self._validator_pids
+        if height != self.state.height:
+            pids = frozenset(peer_id_from_public_key(k) for k in self.state.validators())
+            self._validator_pids = (self.state.height, pids)
+        return pids
+
     def _send(self, pid: str, data: bytes) -> None:
+        pid = self._via.get(pid, pid)
         link = self._links.get(pid)
         if link is None:
             if self._nursery is None:
@@ -424,11 +572,20 @@ class ConsensusService:
             if trio.current_time() < quiet_until:
                 self.counters["send_dropped"] += 1
                 continue
+            frames = [_frame(data)]
+            size = len(frames[0])
+            while size < MAX_FRAME:  # write what queued up meanwhile in one go
+                try:
+                    more = recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                frames.append(_frame(more))
+                size += len(frames[-1])
             try:
                 with trio.fail_after(5):
                     if stream is None:
                         stream = await self.host.new_stream(ID.from_base58(pid), [PBFT_PROTO])
-                    await write_frame(stream, data)
+                    await stream.write(b"".join(frames))
             except Exception as exc:
                 self.counters["send_failed"] += 1
                 log.debug("send to %s failed: %s", pid, exc)
@@ -497,6 +654,10 @@ class ConsensusService:
                 await self.on_decided(entry)
             except Exception:
                 log.exception("on_decided failed for #%d %s", entry.seq, entry.kind)
+
+
+def _durable_part(out: Output) -> bool:
+    return bool(out.records or out.entries or out.client_state is not None)
 
 
 async def _close(stream: INetStream) -> None:

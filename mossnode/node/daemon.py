@@ -72,6 +72,7 @@ from .consensus import (
     ConsensusService,
     ProposalRefused,
     ProposalTimeout,
+    fetch_log,
     load_membership,
 )
 from .events import EventHub
@@ -761,10 +762,11 @@ class Daemon:
         if addrs and self.known_addrs.get(r.sender_id) != addrs:
             self.known_addrs[r.sender_id] = addrs
             self._addrs_dirty = True
+        # The log itself goes in pages over /moss/decided/1 (the joiner is a member now).
         return {
             "ok": True,
             "genesis": state.genesis.raw,
-            "entries": [e.to_wire() for e in state.entries],
+            "height": state.height,
             "addrs": {**self.known_addrs, self.peer_id: self.listen_addrs()},
         }
 
@@ -805,9 +807,15 @@ class Daemon:
             genesis = parse_genesis(reply["genesis"])
             if genesis.swarm_id != swarm_id:
                 raise MembershipError("peer answered for another swarm")
-            # Every certificate is verified against the validators in force at its seq.
-            scratch = ConsensusMembership(genesis)
-            scratch.replay(Entry.from_wire(e) for e in reply["entries"])
+            height = reply["height"]
+            if type(height) is not int or height < 0:
+                raise MembershipError("the reply names no log height")
+            # The log comes in pages; every certificate is verified against the validators in
+            # force at its position before the entry is applied.
+            scratch = ConsensusMembership(
+                genesis, extensions={TASK_ASSIGN: exclusive_assignment({})}
+            )
+            await fetch_log(self.host, info.peer_id, scratch, height, timeout)
         except (MembershipError, KeyError, TypeError) as exc:
             raise DaemonError(f"join reply failed verification: {exc}", "bad_reply", 502) from None
         if not scratch.is_member(self.identity.public_key):

@@ -1,21 +1,27 @@
 """The decided log as a sequence of PBFT decisions, sans-IO: mapping, rules, verifier, votes.
 
-One decided-log entry per PBFT sequence number, and ``entry.seq`` IS the PBFT seq. The PBFT
-instance that orders the log runs with one request per batch and a checkpoint at every seq
-(:func:`pbft_config`), which makes three things simple and checkable by anyone:
+The PBFT instance that orders the log batches many requests per sequence number and keeps a
+checkpoint at every seq (:func:`pbft_config`: K = window = 1, ``max_batch`` requests). The log
+has one entry per request slot of every decided batch, in (PBFT seq, index) order; ``entry.seq``
+is the flat position in that order (see :mod:`.entry_proof`). That makes three things simple and
+checkable by anyone:
 
-- the log is dense: null batches (view-change gap fill), duplicate requests and invalid
-  operations are decided too, as ``noop`` entries. A peer doing state transfer therefore cannot
-  hide a decision: every seq has an entry, and every entry's certificate pins its content;
-- a validator-set change decided at seq ``s`` is in force from ``s + 1`` (the core's rule
-  "first checkpoint at or after s + window - 1" with K = window = 1), so the set that certifies
-  entry ``s`` is ``state.validators()`` just before applying it;
-- an entry is a pure function of (state before it, decided batch): validators compute it when
+- the log is dense: null batches (view-change gap fill), duplicate requests, requests that are
+  not validly signed and invalid operations are decided too, as ``noop`` entries, and each
+  entry's proof names its batch's size, so a peer doing state transfer cannot hide a decision
+  in the middle of a batch or skip a batch;
+- a validator-set change decided in the batch at seq ``s`` is in force from batch ``s + 1``
+  (the core's rule "first checkpoint at or after s + window - 1" with K = window = 1), so every
+  entry of a batch is certified by ``state.validators()`` as it stood before the batch's first
+  entry (``batch_set``); entries after the change inside the same batch are still certified by
+  the old set, which decided them;
+- an entry is a pure function of (state before it, its request): validators compute it when
   they execute, any other node recomputes it from the certificate to verify it.
 
-Entry certificate: ``[batch payload, commit envelope, ...]`` where the payload is the canonical
-CBOR list of the (zero or one) signed ``pbft.request`` envelopes decided at that seq and the
-commits are quorum(n) ``pbft.commit`` envelopes for (view, seq, sha256(payload)).
+Entry certificate: ``[proof, commit envelope, ...]``: the :class:`~.entry_proof.EntryProof`
+(batch seq, index, size, the signed request, Merkle path) and quorum(n) ``pbft.commit``
+envelopes for (view, seq, batch digest). The digest is the batch's Merkle root, recomputed from
+the proof, so an entry is verified without the rest of its batch.
 
 Operation (the request's ``op`` bytes): canonical CBOR ``{"kind": str, "payload": {...}}``.
 Its proposer is the request's signer (the PBFT client key). The entry is:
@@ -24,14 +30,16 @@ Its proposer is the request's signer (the PBFT client key). The entry is:
   the state accepts it (:meth:`ConsensusMembership.check`);
 - ``noop {"reason": "invalid", "kind", "error"}`` otherwise (the error text is part of the
   rules: every node computes the same one);
-- ``noop {"reason": "null"}`` for an empty batch, ``noop {"reason": "duplicate"}`` when PBFT
-  skipped every request of the batch (timestamp not above the client's last executed one).
+- ``noop {"reason": "null"}`` for a null batch, ``noop {"reason": "duplicate"}`` for a request
+  PBFT skipped (timestamp not above the client's last executed one), ``noop {"reason":
+  "invalid", "error": "not a signed request"}`` for a batch item that is no signed request.
 
 :class:`ConsensusMembership` is :class:`~mossnode.protocols.membership.Membership` plus what
 this needs: the ``noop`` and vote kinds, pluggable extension kinds, the per-client timestamp
-index that mirrors PBFT's de-duplication, and the open polls. :class:`DecisionMachine` is the
-PBFT application; :class:`ConsensusCore` ties a replica, a client and the state together so
-the I/O layer only moves bytes, persists and keeps timers.
+index that mirrors PBFT's de-duplication, the open polls and where the log stands in the PBFT
+sequence. :class:`DecisionMachine` is the PBFT application; :class:`ConsensusCore` ties a
+replica, a client and the state together so the I/O layer only moves bytes, persists and keeps
+timers.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import cbor2
 from ..crypto.envelope import Rejection, canonical, open_envelope, seal
 from ..crypto.identity import Identity
 from ..crypto.peerid import peer_id_from_public_key
+from .entry_proof import GENESIS_POSITION, EntryProof, Position, proofs_for
 from .membership import (
     KINDS as MEMBERSHIP_KINDS,
 )
@@ -58,11 +67,11 @@ from .membership import (
     MembershipError,
 )
 from .pbft import (
-    NULL_PAYLOAD,
     Client,
     Completed,
     Decided,
     Effect,
+    EnvelopeCache,
     Execution,
     Invalid,
     Outcome,
@@ -72,7 +81,9 @@ from .pbft import (
     Replica,
     Send,
     SetTimer,
-    verify_certificate,
+    batch_payload,
+    requests_of,
+    verify_commits,
 )
 from .pbft import Entry as PbftEntry
 from .pbft.messages import REPLY, REQUEST, Reply, Request, open_embedded
@@ -83,7 +94,7 @@ VOTE_CAST = "vote.cast"
 VOTE_OUTCOME = "vote.outcome"
 VOTE_KINDS = frozenset({VOTE_OPEN, VOTE_CAST, VOTE_OUTCOME})
 NOOP_REASONS = frozenset({"null", "duplicate", "invalid"})
-_PENDING = "pending"  # placeholder inside one replica call, never stored or shipped
+NOT_A_REQUEST = "not a signed request"
 
 # Who may propose what: the permission the proposer (request signer) must hold.
 PERMISSION: dict[str, str | None] = {
@@ -107,21 +118,26 @@ NEUTRAL_WEIGHT = 500  # reputation 0.5 in thousandths: a newcomer's score
 MAX_WEIGHT = 1_000_000
 
 
+DEFAULT_MAX_BATCH = 128
+
+
 def pbft_config(
     swarm_id: bytes,
     *,
+    max_batch: int = DEFAULT_MAX_BATCH,
     view_timeout_ms: int = 2_000,
     retransmit_ms: int = 500,
     max_backoff: int = 6,
     max_skew_ms: int = 30_000,
 ) -> PbftConfig:
-    """The PBFT parameters of the decided log. Only the timing is tunable: one request per
-    batch and a checkpoint at every seq are part of the log's format (see the module doc)."""
+    """The PBFT parameters of the decided log. Batch size and timing are tunable; a checkpoint
+    at every seq (K = window = 1) is part of the log's format: it fixes where a validator-set
+    change takes effect (see the module doc)."""
     return PbftConfig(
         swarm_id=swarm_id,
         checkpoint_interval=1,
         window=1,
-        max_batch=1,
+        max_batch=max_batch,
         max_inflight=1,
         view_timeout_ms=view_timeout_ms,
         retransmit_ms=retransmit_ms,
@@ -187,16 +203,6 @@ def _peek(raw: bytes) -> tuple[str, bytes, Any] | None:
         return None
 
 
-def _batch(payload: bytes) -> list[bytes] | None:
-    try:
-        batch = cbor2.loads(payload)
-    except Exception:
-        return None
-    if not (isinstance(batch, list) and all(isinstance(b, bytes) for b in batch)):
-        return None
-    return batch
-
-
 def result_seq(result: bytes) -> int:
     """The seq a PBFT reply names (results are ``{"seq": n}``); 0 if malformed."""
     try:
@@ -207,25 +213,17 @@ def result_seq(result: bytes) -> int:
     return seq if type(seq) is int and seq > 0 else 0
 
 
-def pbft_entry(entry: Entry) -> PbftEntry:
-    """A decided-log entry in the form :meth:`Replica.deliver` takes (it re-verifies it)."""
-    view = 0
-    peeked = _peek(entry.certificate[1]) if len(entry.certificate) > 1 else None
-    if peeked is not None and isinstance(peeked[2], dict) and type(peeked[2].get("v")) is int:
-        view = peeked[2]["v"]
-    return PbftEntry(entry.seq, view, entry.certificate[0], tuple(entry.certificate[1:]))
+def proof_of(entry: Entry) -> EntryProof | None:
+    """The batch proof of a consensus-backed entry (first item of its certificate)."""
+    return EntryProof.parse(entry.certificate[0]) if entry.certificate else None
 
 
 def origin_of(entry: Entry, swarm_id: bytes) -> list[tuple[bytes, int]]:
-    """(client, timestamp) of every signed request in an entry's decided batch."""
-    batch = _batch(entry.certificate[0]) if entry.certificate else None
-    out: list[tuple[bytes, int]] = []
-    for raw in batch or []:
-        env = open_embedded(raw, swarm_id)
-        req = Request.parse(env.body) if env is not None and env.type == REQUEST else None
-        if env is not None and req is not None:
-            out.append((env.sender, req.timestamp))
-    return out
+    """(client, timestamp) of the signed request an entry holds, if any."""
+    proof = proof_of(entry)
+    env = open_embedded(proof.request, swarm_id) if proof is not None and proof.count else None
+    req = Request.parse(env.body) if env is not None and env.type == REQUEST else None
+    return [(env.sender, req.timestamp)] if env is not None and req is not None else []
 
 
 # --------------------------------------------------------------------------- votes
@@ -356,12 +354,12 @@ def exclusive_assignment(assignments: dict[str, str]) -> Extension:
 
 @dataclass(frozen=True, slots=True)
 class Analysis:
-    """What a decided batch means: the entry it yields and whose requests PBFT executed."""
+    """What one decided request slot means: its entry, and whose request PBFT executed."""
 
     kind: str
     payload: dict[str, Any]
-    origin: tuple[bytes, int] | None  # (client, timestamp) the entry stands for
-    executed: dict[bytes, int]  # client -> timestamp, for every request PBFT executed
+    origin: tuple[bytes, int] | None  # (client, timestamp) the entry stands for, if executed
+    executed: dict[bytes, int]  # client -> timestamp, for the request PBFT executed (if any)
 
 
 def _trusted(state: Membership, entry: Entry) -> str | None:
@@ -370,20 +368,37 @@ def _trusted(state: Membership, entry: Entry) -> str | None:
 
 def verify_consensus_certificate(state: Membership, entry: Entry) -> str | None:
     """:data:`CertificateVerifier` of a consensus-backed log: None if ``entry`` is the one
-    decided at its seq, else why not. Pure; needs only the state before the entry."""
+    decided at its position, else why not. Pure but for a memo; needs only the state before
+    the entry: the proof must continue the log's position, its Merkle path must give the
+    digest the quorum commits sign (validators in force at the batch's start), and the
+    request must yield exactly the entry."""
     if not isinstance(state, ConsensusMembership):
         return "a consensus-backed log is replayed into a ConsensusMembership"
     cert = entry.certificate
     if len(cert) < 2:
-        return "a consensus certificate holds the decided batch and quorum commits"
-    ok = verify_certificate(cert[1:], cert[0], state.validators(), state.swarm_id, seq=entry.seq)
-    if isinstance(ok, Invalid):
-        return f"certificate refused: {ok.reason}"
+        return "a consensus certificate holds the entry's batch proof and quorum commits"
+    proof = EntryProof.parse(cert[0])
+    if proof is None:
+        return "the batch proof is malformed"
+    root = proof.root()
+    if root is None:
+        return "the batch proof's Merkle path does not fit its position"
+    gap = state.position.follows(proof, root)
+    if gap is not None:
+        return f"the entry does not continue the log: {gap}"
+    commits = tuple(cert[1:])
+    memo = (proof.n, root, commits)
+    if memo != state._commits_checked:
+        vals = state.validators() if proof.index == 0 else state.batch_set
+        ok = verify_commits(commits, vals, state.swarm_id, seq=proof.n, batch_digest=root)
+        if isinstance(ok, Invalid):
+            return f"certificate refused: {ok.reason}"
+        state._commits_checked = memo  # the same quorum certifies the batch's other entries
     got = state.analyze(cert[0])
     if isinstance(got, str):
         return got
     if entry.kind != got.kind or canonical(entry.payload) != canonical(got.payload):
-        return f"entry says {entry.kind!r} but the decided batch yields {got.kind!r}"
+        return f"entry says {entry.kind!r} but the decided request yields {got.kind!r}"
     return None
 
 
@@ -398,15 +413,77 @@ class ConsensusMembership(Membership):
     # seq -> (client, timestamp) of the request the entry stands for (not for null/duplicate)
     origin: dict[int, tuple[bytes, int]] = field(default_factory=dict)
     polls: dict[int, Poll] = field(default_factory=dict)
+    # where the last entry sits in the PBFT sequence, and what certifies its batch
+    position: Position = GENESIS_POSITION
+    batch_first: dict[int, int] = field(default_factory=dict)  # PBFT seq -> its first entry
+    batch_set: list[bytes] = field(default_factory=list)  # validators certifying that batch
+    # opened request envelopes, shared with the local replica so each is verified once
+    envelopes: EnvelopeCache | None = field(default=None, compare=False, repr=False)
+    _commits_checked: tuple[int, bytes, tuple[bytes, ...]] | None = field(
+        default=None, compare=False, repr=False
+    )
+    _analyzed: tuple[int, bytes, Analysis | str] | None = field(
+        default=None, compare=False, repr=False
+    )
+    _validators_memo: tuple[dict[bytes, frozenset[str]], list[bytes]] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.envelopes is None:
+            self.envelopes = EnvelopeCache(self.swarm_id)
+        if not self.batch_set:
+            self.batch_set = self.validators()
 
     # -- views ------------------------------------------------------------------------------
 
     def genesis_validators(self) -> list[bytes]:
         return _validators_in(self.history[0])
 
+    def validators(self) -> list[bytes]:
+        """The validator set now (memoized per roles snapshot: hot on every broadcast)."""
+        roles = self.history[-1]
+        memo = self._validators_memo
+        if memo is None or memo[0] is not roles:
+            memo = self._validators_memo = (roles, _validators_in(roles))
+        return list(memo[1])
+
+    @property
+    def pbft_height(self) -> int:
+        """The PBFT seq of the last batch the log holds entries of (maybe not all of them)."""
+        return self.position.n
+
+    def batch_complete(self, n: int) -> bool:
+        return n < self.position.n or (n == self.position.n and self.position.closes_batch)
+
     def validators_at(self, seq: int) -> list[bytes]:
-        """The set that certifies entry ``seq`` (the set after entry ``seq - 1``)."""
-        return _validators_in(self.history[min(max(seq - 1, 0), len(self.history) - 1)])
+        """The set that certifies entry ``seq``: the set in force before its batch began."""
+        if seq > self.height:
+            return self.validators() if self.position.closes_batch else list(self.batch_set)
+        proof = proof_of(self.entries[seq - 1])
+        first = self.batch_first.get(proof.n, seq) if proof is not None else seq
+        return _validators_in(self.history[first - 1])
+
+    def pbft_batch(self, n: int) -> PbftEntry | None:
+        """Batch ``n`` as a PBFT decided entry (for :meth:`Replica.deliver`), rebuilt from its
+        log entries; None unless the log holds all of them."""
+        first = self.batch_first.get(n)
+        if first is None or not self.batch_complete(n):
+            return None
+        head = proof_of(self.entries[first - 1])
+        if head is None:
+            return None
+        group = self.entries[first - 1 : first - 1 + head.slots]
+        requests = [p.request for p in map(proof_of, group) if p is not None]
+        if len(requests) != head.slots:
+            return None
+        view = 0
+        peeked = _peek(head_cert[1]) if len(head_cert := group[0].certificate) > 1 else None
+        if peeked is not None and isinstance(peeked[2], dict) and type(peeked[2].get("v")) is int:
+            view = peeked[2]["v"]
+        payload = batch_payload(requests if head.count else [])
+        return PbftEntry(n, view, payload, tuple(head_cert[1:]))
 
     # -- rules ------------------------------------------------------------------------------
 
@@ -415,7 +492,7 @@ class ConsensusMembership(Membership):
             return super().check(kind, payload) or self._keeps_validators(kind, payload)
         if kind == NOOP:
             reason = payload.get("reason")
-            return None if reason in NOOP_REASONS or reason == _PENDING else "unknown noop"
+            return None if reason in NOOP_REASONS else "unknown noop"
         if kind == VOTE_OPEN:
             return self._check_open(payload)
         if kind == VOTE_CAST:
@@ -464,52 +541,62 @@ class ConsensusMembership(Membership):
             return NOOP, {"reason": "invalid", "kind": kind, "error": err}
         return kind, payload
 
-    def analyze(self, payload: bytes) -> Analysis | str:
-        """The entry a decided batch yields now, mirroring the replica's execution rules:
-        requests that are not validly signed requests, or whose timestamp is not above the
-        client's last executed one, are skipped; the first executed request is the entry's
-        operation (a batch never holds more than one unless its primary was faulty)."""
-        batch = _batch(payload)
-        if batch is None:
-            return "the decided batch is malformed"
-        if not batch:
+    def analyze(self, proof: EntryProof | bytes) -> Analysis | str:
+        """The entry a decided request slot yields now, mirroring the replica's execution
+        rules: an item that is no validly signed request, or whose timestamp is not above the
+        client's last executed one, is skipped (a ``noop``); otherwise the operation is judged.
+        """
+        raw = proof if isinstance(proof, bytes) else proof.encode()
+        memo = self._analyzed
+        if memo is not None and memo[0] == self.height and memo[1] == raw:
+            return memo[2]
+        got = self._analyze(EntryProof.parse(raw) if isinstance(proof, bytes) else proof)
+        self._analyzed = (self.height, raw, got)
+        return got
+
+    def _analyze(self, proof: EntryProof | None) -> Analysis | str:
+        if proof is None:
+            return "the batch proof is malformed"
+        if proof.count == 0:
             return Analysis(NOOP, {"reason": "null"}, None, {})
-        executed: dict[bytes, int] = {}
-        first: tuple[bytes, int, bytes] | None = None
-        for raw in batch:
-            env = open_embedded(raw, self.swarm_id)
-            req = Request.parse(env.body) if env is not None and env.type == REQUEST else None
-            if env is None or req is None:
-                continue
-            done = executed.get(env.sender, self.clients.get(env.sender))
-            if done is not None and req.timestamp <= done:
-                continue
-            executed[env.sender] = req.timestamp
-            if first is None:
-                first = (env.sender, req.timestamp, req.op)
-        if first is None:
-            return Analysis(NOOP, {"reason": "duplicate"}, None, executed)
-        kind, body = self.judge(*first)
-        return Analysis(kind, body, (first[0], first[1]), executed)
+        assert self.envelopes is not None
+        env = self.envelopes.open(proof.request)
+        req = Request.parse(env.body) if env is not None and env.type == REQUEST else None
+        if env is None or req is None:
+            return Analysis(NOOP, {"reason": "invalid", "error": NOT_A_REQUEST}, None, {})
+        done = self.clients.get(env.sender)
+        if done is not None and req.timestamp <= done:
+            return Analysis(NOOP, {"reason": "duplicate"}, None, {})
+        kind, body = self.judge(env.sender, req.timestamp, req.op)
+        return Analysis(kind, body, (env.sender, req.timestamp), {env.sender: req.timestamp})
 
     # -- applying ---------------------------------------------------------------------------
 
     def apply(self, entry: Entry) -> None:
-        analysis: Analysis | None = None
-        if entry.certificate and entry.seq == self.height + 1:
-            got = self.analyze(entry.certificate[0])
-            analysis = got if isinstance(got, Analysis) else None
+        """Verify and apply the next entry (raises MembershipError and changes nothing if bad).
+        Entries of this node's own replica come through :meth:`apply_trusted`."""
+        proof = proof_of(entry) if entry.seq == self.height + 1 else None
+        analysis = self.analyze(entry.certificate[0]) if proof is not None else None
+        batch_start = self.validators()
         super().apply(entry)
-        if analysis is not None:
+        if isinstance(analysis, Analysis):
             for client, t in analysis.executed.items():
                 self.clients[client] = max(t, self.clients.get(client, t))
             if analysis.origin is not None:
                 self.origin[entry.seq] = analysis.origin
+        if proof is not None:
+            root = proof.root()
+            assert root is not None  # the verifier (or the trusted caller) checked it
+            if proof.index == 0:
+                self.batch_first[proof.n] = entry.seq
+                self.batch_set = batch_start
+            self.position = Position(proof.n, proof.index, proof.count, root)
         self._apply_extras(entry)
 
     def apply_trusted(self, entry: Entry) -> None:
-        """Apply without checking the certificate: for entries this node's own replica
-        decided (it verified every commit) or placeholders inside one replica call."""
+        """Apply without checking the commits: for entries this node's own replica decided (it
+        verified every commit), whose certificate holds only the batch proof until the
+        decision is final."""
         saved = self.verifier
         self.verifier = _trusted
         try:
@@ -636,69 +723,115 @@ class ConsensusMembership(Membership):
 # --------------------------------------------------------------------------- the application
 
 
+@dataclass
+class _Batch:
+    """A batch the replica is executing: its proofs, how many of its entries the log held
+    before (state transfer got there first) and the next slot to fill."""
+
+    n: int
+    proofs: list[EntryProof]
+    present: int
+    filled: int
+    problem: str | None = None  # why this batch and the log disagree (a bug or bad store)
+    detached: bool = False  # the log is not where this batch goes: leave the state alone
+
+
 class DecisionMachine:
     """The PBFT application of the decided log.
 
-    ``execute`` runs inside a replica call, before the Decided effect carrying the commits is
-    out: it applies the entry provisionally (no certificate yet) so that the next request in
-    the same call is judged against the state after it. :meth:`finalize`, called for every
-    Decided effect in order right after the replica call, swaps in the certified entry. The
-    result of every request is ``{"seq": n}``: the same whether a replica executes live or
-    re-executes an entry it already got by state transfer.
+    The replica announces each decided batch (:meth:`begin`) and then hands over the requests
+    it executes (:meth:`execute`), all inside one replica call and before the Decided effect
+    carrying the commits is out. Every slot of the batch is appended to the log at once as a
+    provisional entry (its certificate holds only the batch proof), so the next request is
+    judged against the state after it; skipped slots become their ``noop``. :meth:`finalize`,
+    called for every Decided effect in order right after the replica call, adds the commits.
+    The result of every request is ``{"seq": flat position}``: the same whether a replica
+    executes live or re-executes a batch it already got by state transfer.
     """
 
     def __init__(self, state: ConsensusMembership) -> None:
         self.state = state
+        self._open: dict[int, _Batch] = {}
+
+    def begin(self, n: int, batch: tuple[bytes, ...]) -> None:
+        st = self.state
+        for b in self._open.values():  # trailing skipped slots of the batches before
+            self._fill(b, len(b.proofs))
+        root, proofs = proofs_for(n, batch)
+        present = 0
+        problem = None
+        if n in st.batch_first:
+            head = proof_of(st.entries[st.batch_first[n] - 1])
+            if head is None or head.root() != root:
+                problem = f"batch {n}: the replica executes another batch than the log"
+            present = min(len(proofs), st.height - st.batch_first[n] + 1)
+        elif n != st.pbft_height + 1 or not st.position.closes_batch:
+            problem = f"batch {n} executes but the log is at batch {st.pbft_height}"
+        detached = problem is not None
+        self._open[n] = _Batch(n, proofs, present, present, problem, detached)
 
     def execute(self, ex: Execution) -> bytes | Outcome:
         st = self.state
-        n = ex.seq
-        result = canonical({"seq": n})
-        if n <= st.height:
-            if st.entries[n - 1].certificate:  # known by state transfer: re-execution
-                before = _validators_in(st.history[n - 1])
-                after = _validators_in(st.history[n])
-                return Outcome(result, tuple(after)) if after != before else result
-            # a further request of one batch (faulty primary): executed, not the entry's op
-            st.clients[ex.client] = max(ex.timestamp, st.clients.get(ex.client, ex.timestamp))
-            return result
-        while st.height < n - 1:  # null or all-duplicate batches in between
-            st.apply_trusted(Entry(st.height + 1, NOOP, {"reason": _PENDING}, []))
-        before = st.validators()
-        kind, payload = st.judge(ex.client, ex.timestamp, ex.op)
-        st.apply_trusted(Entry(n, kind, payload, []))
-        st.clients[ex.client] = ex.timestamp
-        st.origin[n] = (ex.client, ex.timestamp)
-        after = st.validators()
+        b = self._open.get(ex.seq)
+        if b is None or b.detached or not 0 <= ex.index < len(b.proofs):
+            if b is not None:
+                b.problem = b.problem or f"request {ex.index} of batch {ex.seq} has no slot"
+            return canonical({"seq": 0})
+        if ex.index < b.present:  # known by state transfer: re-execution
+            flat = st.batch_first[ex.seq] + ex.index
+            before = _validators_in(st.history[flat - 1])
+            after = _validators_in(st.history[flat])
+        else:
+            self._fill(b, ex.index)
+            before = st.validators()
+            entry = self._append(b, ex.index)
+            if st.origin.get(entry.seq) != (ex.client, ex.timestamp):
+                b.problem = f"seq {entry.seq}: the replica executed what the log skips"
+            flat = entry.seq
+            after = st.validators()
+        result = canonical({"seq": flat})
         return Outcome(result, tuple(after)) if after != before else result
 
-    def finalize(self, d: Decided) -> Entry | None:
-        """The certified entry for ``d``; None if the log already held it (state transfer)."""
+    def finalize(self, d: Decided) -> list[Entry]:
+        """The certified entries of ``d`` the log did not hold yet, in order."""
         st = self.state
-        n = d.seq
-        cert = [d.payload, *d.certificate]
-        if n <= st.height:
-            old = st.entries[n - 1]
-            if old.certificate:
-                if old.certificate[0] != d.payload:
-                    raise DecisionError(f"seq {n}: the replica decided another batch than the log")
-                return None
-            kind, payload = old.kind, old.payload
-            if kind == NOOP and payload.get("reason") == _PENDING:
-                kind, payload = self._skipped(d.payload)
-            final = Entry(n, kind, payload, cert)
-            st.entries[n - 1] = final
-            return final
-        if n == st.height + 1:  # nothing was executed: a null or all-duplicate batch
-            kind, payload = self._skipped(d.payload)
-            final = Entry(n, kind, payload, cert)
-            st.apply_trusted(final)
-            return final
-        raise DecisionError(f"the replica decided seq {n} but the log is at {st.height}")
+        b = self._open.pop(d.seq, None)
+        if b is None:
+            raise DecisionError(f"the replica decided batch {d.seq} without announcing it")
+        if b.problem is not None:
+            raise DecisionError(b.problem)
+        self._fill(b, len(b.proofs))
+        first = st.batch_first[d.seq]
+        out: list[Entry] = []
+        for i in range(b.present, len(b.proofs)):
+            old = st.entries[first - 1 + i]
+            executed = st.origin.get(old.seq) is not None
+            if d.results and executed != (d.results[i] is not None):
+                raise DecisionError(f"seq {old.seq}: the replica and the log disagree on a skip")
+            final = Entry(old.seq, old.kind, old.payload, [old.certificate[0], *d.certificate])
+            st.entries[first - 1 + i] = final
+            out.append(final)
+        return out
 
-    @staticmethod
-    def _skipped(payload: bytes) -> tuple[str, dict[str, Any]]:
-        return NOOP, {"reason": "null" if payload == NULL_PAYLOAD else "duplicate"}
+    def _fill(self, b: _Batch, upto: int) -> None:
+        """Append the slots before ``upto`` that are not in the log yet (skipped requests)."""
+        while b.filled < upto and not b.detached:
+            entry = self._append(b, b.filled)
+            if entry.seq in self.state.origin:
+                b.problem = f"seq {entry.seq}: the log executes what the replica skipped"
+
+    def _append(self, b: _Batch, index: int) -> Entry:
+        st = self.state
+        proof = b.proofs[index]
+        raw = proof.encode()
+        got = st.analyze(raw)
+        if isinstance(got, str):  # cannot happen for a proof built here; be defensive
+            b.problem = got
+            got = Analysis(NOOP, {"reason": "invalid", "error": got}, None, {})
+        entry = Entry(st.height + 1, got.kind, got.payload, [raw])
+        st.apply_trusted(entry)
+        b.filled = index + 1
+        return entry
 
 
 # --------------------------------------------------------------------------- the node core
@@ -742,14 +875,15 @@ class ConsensusCore:
         client_retransmit_ms: int = 1_000,
         max_client_retransmit_ms: int = 16_000,
     ) -> None:
-        if config.checkpoint_interval != 1 or config.window != 1 or config.max_batch != 1:
-            raise ValueError("the decided log needs pbft_config(): K = window = batch = 1")
+        if config.checkpoint_interval != 1 or config.window != 1 or config.max_inflight != 1:
+            raise ValueError("the decided log needs pbft_config(): K = window = 1")
         self.identity = identity
         self.me = identity.public_key
         self.my_pid = identity.peer_id
         self.state = state
         self.cfg = config
         self.machine = DecisionMachine(state)
+        self.envelopes = state.envelopes or EnvelopeCache(state.swarm_id)
         self.replica: Replica | None = None
         self._records = [dict(r) for r in records]
         cs = dict(client_state or {})
@@ -923,20 +1057,22 @@ class ConsensusCore:
 
     def _decided(self, d: Decided) -> None:
         try:
-            entry = self.machine.finalize(d)
+            entries = self.machine.finalize(d)
         except DecisionError as exc:
             self.counters["divergence"] += 1
             self.last_refusal = str(exc)
             return
-        if entry is not None:
-            self._out.entries.append(entry)
+        if entries:
+            self._out.entries.extend(entries)
             self._after_entry()
         # The replica does not send itself a reply; our client needs it (with n = 1 it is the
         # only one), and it is genuinely this validator's reply.
-        for raw, result in zip(_batch(d.payload) or [], d.results, strict=False):
-            peeked = _peek(raw)
-            req = Request.parse(peeked[2]) if peeked is not None else None
-            if result is None or peeked is None or peeked[1] != self.me or req is None:
+        if not self.client.busy:
+            return
+        for raw, result in zip(requests_of(d.payload) or (), d.results, strict=False):
+            env = self.envelopes.open(raw) if result is not None else None
+            req = Request.parse(env.body) if env is not None and env.sender == self.me else None
+            if result is None or req is None:
                 continue
             self._reply_seq += 1
             reply = seal(
@@ -962,27 +1098,33 @@ class ConsensusCore:
         if self.me not in self.state.validators() and not self._records:
             return
         genesis = self.state.genesis_validators()
+        kwargs: dict[str, Any] = {"on_batch": self.machine.begin, "envelopes": self.envelopes}
         execute = self.machine.execute
         if self._records:
-            r = Replica.restore(self._records, self.identity, genesis, self.cfg, execute)
+            r = Replica.restore(self._records, self.identity, genesis, self.cfg, execute, **kwargs)
         else:
-            r = Replica(self.identity, genesis, self.cfg, execute)
+            r = Replica(self.identity, genesis, self.cfg, execute, **kwargs)
         self._records = []
         self.replica = r
-        if r.last_executed > self.state.height:
+        if r.last_executed > self._batches_done():
             # The records are ahead of the stored log (lost entries): state transfer refills it.
             self.counters["replica_ahead_of_log"] += 1
         self._catch_up_replica()
         self._run(REPLICA, r.start(self._now))
 
+    def _batches_done(self) -> int:
+        pos = self.state.position
+        return pos.n if pos.closes_batch else pos.n - 1
+
     def _catch_up_replica(self) -> None:
-        """Feed the replica the certified entries the log holds beyond its last executed one."""
+        """Feed the replica the certified batches the log holds beyond its last executed one."""
         r = self.replica
         assert r is not None
-        while r.last_executed < self.state.height:
+        while r.last_executed < self._batches_done():
             start = r.last_executed
-            chunk = [pbft_entry(e) for e in self.state.entries[start : start + 64]]
-            self._run(REPLICA, r.deliver(chunk, self._now))
+            top = min(self._batches_done(), start + 64)
+            chunk = [self.state.pbft_batch(n) for n in range(start + 1, top + 1)]
+            self._run(REPLICA, r.deliver([c for c in chunk if c is not None], self._now))
             if r.last_executed == start:
                 self.counters["deliver_refused"] += 1
                 break

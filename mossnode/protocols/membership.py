@@ -297,7 +297,9 @@ class Membership:
             cut = (int(p.get("cutoff", 0)), entry.seq)
             self.cutoffs.setdefault(p["public_key"], []).append(cut)
         self.entries.append(entry)
-        self.history.append(self._roles_now())
+        # Roles change only with membership kinds; other entries share the previous snapshot
+        # (snapshots are never mutated), so the history costs memory only where roles moved.
+        self.history.append(self._roles_now() if entry.kind in KINDS else self.history[-1])
 
     def replay(self, entries: Iterable[Entry]) -> None:
         for e in entries:

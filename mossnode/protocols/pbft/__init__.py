@@ -4,12 +4,21 @@
 values out. :func:`verify_certificate` lets any node check a decided entry alone.
 """
 
-from .application import Application, Execution, Outcome
-from .certificate import Invalid, Verified, verify_certificate
+from .application import Application, BatchHook, Execution, Outcome
+from .certificate import Invalid, Verified, verify_certificate, verify_commits
 from .client import TIMER_CLIENT, Client
 from .config import PbftConfig, max_faulty, quorum
 from .effects import Completed, Decided, Effect, Persist, Reconfigured, Send, SetTimer
-from .messages import NULL_DIGEST, NULL_PAYLOAD, Entry, batch_payload, digest
+from .messages import (
+    NULL_DIGEST,
+    NULL_PAYLOAD,
+    Entry,
+    EnvelopeCache,
+    batch_digest,
+    batch_payload,
+    digest,
+    requests_of,
+)
 from .records import compact_records
 from .replica import TIMER_RETRANSMIT, TIMER_VIEW, Replica
 
@@ -20,11 +29,13 @@ __all__ = [
     "TIMER_RETRANSMIT",
     "TIMER_VIEW",
     "Application",
+    "BatchHook",
     "Client",
     "Completed",
     "Decided",
     "Effect",
     "Entry",
+    "EnvelopeCache",
     "Execution",
     "Invalid",
     "Outcome",
@@ -35,10 +46,13 @@ __all__ = [
     "Send",
     "SetTimer",
     "Verified",
+    "batch_digest",
     "batch_payload",
     "compact_records",
     "digest",
     "max_faulty",
     "quorum",
+    "requests_of",
     "verify_certificate",
+    "verify_commits",
 ]

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Execution:
-    """One request handed to the application, in decided order."""
+    """One request handed to the application, in decided order (``index``: its position in
+    the batch decided at ``seq``; requests PBFT skips are not handed over)."""
 
     seq: int
     client: bytes
     timestamp: int
     op: bytes
+    index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,3 +36,7 @@ class Outcome:
 
 
 Application = Callable[[Execution], "bytes | Outcome"]
+# Called with (seq, batch) right before a decided batch executes, also when every request of it
+# is skipped (null or duplicate batches): an application that numbers every request of the log
+# learns the batch's size before its first Execution.
+BatchHook = Callable[[int, "tuple[bytes, ...]"], None]

@@ -2,7 +2,7 @@
 
 A certificate is the list of wire bytes of 2f+1 (precisely: ``quorum(n)``) ``pbft.commit``
 envelopes from distinct validators, all naming the same (view, seq, digest), where digest is the
-SHA-256 of the decided payload. Checking it needs only the payload, the validator set in force
+decided batch's Merkle root (:func:`~.messages.batch_digest`). Checking it needs only the payload, the validator set in force
 for that seq and the swarm id: no clock (commits are judged by signature, not age), no state.
 """
 
@@ -52,6 +52,20 @@ def verify_certificate(
     same signer twice, commits that disagree on (view, seq, digest), a digest that is not the
     payload's, a seq other than the expected one, and fewer than quorum(n) signers.
     """
+    return verify_commits(cert, validators, swarm_id, seq=seq, payload=payload)
+
+
+def verify_commits(
+    cert: Sequence[bytes],
+    validators: Iterable[bytes],
+    swarm_id: bytes,
+    *,
+    seq: int | None = None,
+    payload: bytes | None = None,
+    batch_digest: bytes | None = None,
+) -> Verified | Invalid:
+    """:func:`verify_certificate` for a batch known by its payload or only by its digest (a
+    Merkle proof of one request names the digest without the rest of the batch)."""
     members = frozenset(validators)
     if not isinstance(cert, (list, tuple)) or not cert:
         return Invalid("empty certificate")
@@ -76,7 +90,8 @@ def verify_certificate(
             return Invalid("mismatch: commits disagree on (view, seq, digest)")
         signers.append(env.sender)
     assert agreed is not None
-    if agreed.digest != digest(payload):
+    want = digest(payload) if payload is not None else batch_digest
+    if agreed.digest != want:
         return Invalid("digest_mismatch: payload does not hash to the committed digest")
     if seq is not None and agreed.seq != seq:
         return Invalid(f"wrong_seq: certificate is for {agreed.seq}, not {seq}")

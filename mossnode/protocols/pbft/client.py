@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import cbor2
+
 from ...crypto.envelope import Rejection, ReplayWindow, open_envelope, seal
 from ...crypto.identity import Identity
 from ...crypto.peerid import peer_id_from_public_key
@@ -100,6 +102,9 @@ class Client:
 
     def receive(self, data: bytes, now_ms: int) -> list[Effect]:
         self._begin(now_ms)
+        if not self._wanted(data):  # a late or foreign reply: not worth a signature check
+            self._count("stale_reply")
+            return self._end()
         env = open_envelope(
             data, swarm_id=self.swarm_id, now_ms=now_ms, max_skew_ms=self.max_skew_ms
         )
@@ -119,6 +124,17 @@ class Client:
             else:
                 self._on_reply(env.sender, rep)
         return self._end()
+
+    def _wanted(self, data: bytes) -> bool:
+        """Whether ``data`` may be a reply to the outstanding request (decoded, not verified:
+        once f+1 matching replies completed a request, the rest need no checking)."""
+        if self._current is None:
+            return False
+        try:
+            body = cbor2.loads(data[64:])[6]
+            return bool(body["t"] == self._current[0] and body["c"] == self.identity.public_key)
+        except Exception:
+            return True  # let the full check count it
 
     def on_timer(self, name: str, now_ms: int) -> list[Effect]:
         self._begin(now_ms)

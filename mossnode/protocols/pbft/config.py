@@ -28,6 +28,7 @@ class PbftConfig:
     checkpoint_interval: int = 16  # K: a checkpoint every K decided sequence numbers
     window: int = 32  # L: sequence numbers accepted above the stable checkpoint (h, h + L]
     max_batch: int = 32  # requests per pre-prepare
+    max_batch_bytes: int = 1 << 19  # request bytes per pre-prepare (envelopes are <= 1 MiB)
     max_inflight: int = 4  # slots the primary keeps proposed but not executed
     view_timeout_ms: int = 2_000  # base request/view-change timeout, doubled per failed view
     max_backoff: int = 6  # cap on the doubling (timeout <= base * 2**max_backoff)
@@ -41,7 +42,7 @@ class PbftConfig:
         k, w = self.checkpoint_interval, self.window
         if k < 1 or w < k or w % k:
             raise ValueError("window must be a positive multiple of checkpoint_interval")
-        if self.max_batch < 1 or self.max_inflight < 1:
-            raise ValueError("max_batch and max_inflight must be >= 1")
+        if self.max_batch < 1 or self.max_inflight < 1 or self.max_batch_bytes < 1:
+            raise ValueError("max_batch, max_batch_bytes and max_inflight must be >= 1")
         if min(self.view_timeout_ms, self.retransmit_ms, self.seq_block) < 1:
             raise ValueError("timeouts and seq_block must be positive")

@@ -12,7 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cbor2
+
 from ...crypto.envelope import Envelope, Rejection, canonical, open_envelope
+from .merkle import batch_root
 
 REQUEST = "pbft.request"
 REPLY = "pbft.reply"
@@ -30,14 +33,37 @@ DIGEST_LEN = 32
 NO_SKEW = 2**62
 
 
-def digest(payload: bytes) -> bytes:
-    """The digest that pre-prepares, prepares, commits and certificates name."""
-    return hashlib.sha256(payload).digest()
-
-
 def batch_payload(requests: Sequence[bytes]) -> bytes:
     """A decided payload: the canonical CBOR list of the batch's signed request envelopes."""
     return canonical(list(requests))
+
+
+def requests_of(payload: bytes) -> tuple[bytes, ...] | None:
+    """The requests of a decided payload, or None unless it is exactly a canonical list."""
+    try:
+        value = cbor2.loads(payload)
+    except Exception:  # hostile bytes: cbor2 raises many types
+        return None
+    if not (isinstance(value, list) and all(isinstance(r, bytes) for r in value)):
+        return None
+    if batch_payload(value) != payload:  # trailing bytes or a non-canonical encoding
+        return None
+    return tuple(value)
+
+
+def batch_digest(requests: Sequence[bytes]) -> bytes:
+    """The digest that pre-prepares, prepares, commits and certificates name: the batch's
+    Merkle root (see :mod:`.merkle`), so one request is provable without the others."""
+    return batch_root(requests)
+
+
+def digest(payload: bytes) -> bytes:
+    """:func:`batch_digest` of a decided payload; a malformed payload gets a digest no batch
+    has (domain-separated), so it never matches a certificate."""
+    requests = requests_of(payload)
+    if requests is None:
+        return hashlib.sha256(b"mossnode/pbft/malformed\0" + payload).digest()
+    return batch_digest(requests)
 
 
 NULL_PAYLOAD = batch_payload(())
@@ -54,6 +80,45 @@ def open_embedded(raw: Any, swarm_id: bytes) -> Envelope | None:
         return None
     env = open_envelope(raw, swarm_id=swarm_id, now_ms=0, max_skew_ms=NO_SKEW)
     return None if isinstance(env, Rejection) else env
+
+
+class EnvelopeCache:
+    """Embedded envelopes already opened, by their exact bytes (bounded, oldest out first).
+
+    Opening is pure (signature and swarm only), so the answer for the same bytes never changes:
+    a replica and the decided-log state that share one cache verify each request once.
+    """
+
+    def __init__(self, swarm_id: bytes, cap: int = 8192) -> None:
+        self.swarm_id = swarm_id
+        self.cap = cap
+        self._known: dict[bytes, Envelope | None] = {}
+
+    def open(self, raw: Any) -> Envelope | None:
+        if not isinstance(raw, bytes):
+            return None
+        try:
+            return self._known[raw]
+        except KeyError:
+            pass
+        env = open_embedded(raw, self.swarm_id)
+        self._remember(raw, env)
+        return env
+
+    def peek(self, raw: bytes) -> Envelope | None:
+        """The envelope for these bytes if it was opened before (no verification here)."""
+        return self._known.get(raw)
+
+    def add(self, env: Envelope) -> None:
+        """Remember an envelope opened elsewhere (e.g. received directly)."""
+        if env.swarm_id == self.swarm_id:
+            self._remember(env.raw, env)
+
+    def _remember(self, raw: bytes, env: Envelope | None) -> None:
+        known = self._known
+        known[raw] = env
+        if len(known) > self.cap:
+            del known[next(iter(known))]
 
 
 def _nat(x: Any) -> bool:
@@ -126,7 +191,7 @@ class PrePrepare:
 
     @classmethod
     def make(cls, view: int, seq: int, batch: Sequence[bytes]) -> PrePrepare:
-        return cls(view, seq, digest(batch_payload(batch)), tuple(batch))
+        return cls(view, seq, batch_digest(batch), tuple(batch))
 
     @property
     def payload(self) -> bytes:
@@ -140,7 +205,7 @@ class PrePrepare:
         f = _get(body, "v", "n", "d", "b")
         if f is None or not (_nat(f[0]) and _nat(f[1]) and f[1] > 0 and _dig(f[2]) and _raws(f[3])):
             return None
-        if digest(batch_payload(f[3])) != f[2]:
+        if batch_digest(f[3]) != f[2]:
             return None
         return cls(f[0], f[1], f[2], tuple(f[3]))
 

@@ -39,7 +39,7 @@ from ...crypto.envelope import (
 )
 from ...crypto.identity import Identity
 from ...crypto.peerid import peer_id_from_public_key
-from .application import Application, Execution, Outcome
+from .application import Application, BatchHook, Execution, Outcome
 from .certificate import Verified, verify_certificate
 from .config import PbftConfig, max_faulty, quorum
 from .effects import Decided, Effect, Persist, Reconfigured, Send, SetTimer
@@ -57,6 +57,7 @@ from .messages import (
     VIEWCHANGE,
     Checkpoint,
     Entry,
+    EnvelopeCache,
     NewView,
     PrePrepare,
     Reply,
@@ -66,7 +67,7 @@ from .messages import (
     ViewChange,
     Vote,
     batch_payload,
-    open_embedded,
+    requests_of,
 )
 from .viewchange import (
     GENESIS_STATE,
@@ -86,7 +87,6 @@ REPLICA_TYPES = frozenset(
     {PREPREPARE, PREPARE, COMMIT, CHECKPOINT, VIEWCHANGE, NEWVIEW, STATUS, SYNC}
 )
 _SEEN_CAP = 8192
-_VERIFIED_CAP = 8192
 _SYNC_BYTES = DEFAULT_MAX_SIZE // 2
 
 
@@ -108,6 +108,9 @@ class Replica:
         validators: Iterable[bytes],
         config: PbftConfig,
         execute: Application | None = None,
+        *,
+        on_batch: BatchHook | None = None,
+        envelopes: EnvelopeCache | None = None,
     ) -> None:
         vals = tuple(validators)
         if not vals or len(set(vals)) != len(vals) or any(len(v) != 32 for v in vals):
@@ -116,6 +119,7 @@ class Replica:
         self.me = identity.public_key
         self.cfg = config
         self._app: Application = execute or _no_application
+        self._on_batch = on_batch
         self.rejections: dict[str, int] = {}
 
         self._configs: list[tuple[int, tuple[bytes, ...]]] = [(1, vals)]
@@ -152,7 +156,7 @@ class Replica:
         self._replay = ReplayWindow()
         self._client_replay = ReplayWindow()
         self._seen: OrderedDict[bytes, None] = OrderedDict()
-        self._verified: OrderedDict[bytes, Envelope | None] = OrderedDict()
+        self._envelopes = envelopes or EnvelopeCache(config.swarm_id)
         self._peer_ids: dict[bytes, str] = {}
         self._helped: dict[bytes, int] = {}
         self._rr = 0
@@ -171,13 +175,14 @@ class Replica:
         validators: Iterable[bytes],
         config: PbftConfig,
         execute: Application | None = None,
+        **kwargs: Any,
     ) -> Replica:
         """Rebuild a replica from the records its Persist effects wrote, in order.
 
         The application state must already match the last ``exec`` record (the I/O layer keeps
         it with the decided log); restore does not re-execute. Call :meth:`start` afterwards.
         """
-        r = cls(identity, validators, config, execute)
+        r = cls(identity, validators, config, execute, **kwargs)
         for rec in records:
             r._apply_record(rec)
         return r
@@ -303,14 +308,7 @@ class Replica:
 
     def _open(self, raw: bytes) -> Envelope | None:
         """Open an embedded envelope, caching the (costly) signature check by content."""
-        key = hashlib.sha256(raw).digest()
-        if key in self._verified:
-            return self._verified[key]
-        env = open_embedded(raw, self.cfg.swarm_id)
-        self._verified[key] = env
-        if len(self._verified) > _VERIFIED_CAP:
-            self._verified.popitem(last=False)
-        return env
+        return self._envelopes.open(raw)
 
     def _arm(self, name: str, at: int) -> None:
         if self._timers.get(name) != at:
@@ -383,6 +381,7 @@ class Replica:
             return
         if env.type == REQUEST:
             window = self._client_replay
+            self._envelopes.add(env)  # it will come back inside a pre-prepare
         elif env.type in REPLICA_TYPES:
             if not self._authorized(env.sender):
                 self._count("not_member")
@@ -464,9 +463,13 @@ class Replica:
             and self._next_seq - 1 - self.last_executed < self.cfg.max_inflight
         ):
             batch: list[bytes] = []
+            size = 0
             for client, (t, raw) in self._pending.items():
                 if t > self._assigned.get(client, 0):
+                    if batch and size + len(raw) > self.cfg.max_batch_bytes:
+                        break
                     batch.append(raw)
+                    size += len(raw)
                     self._assigned[client] = t
                     if len(batch) == self.cfg.max_batch:
                         break
@@ -643,7 +646,9 @@ class Replica:
         results: list[bytes | None] = []
         replies: list[tuple[bytes, int, bytes]] = []
         scheduled: tuple[int, tuple[bytes, ...]] | None = None
-        for raw in c.batch:
+        if self._on_batch is not None:
+            self._on_batch(n, c.batch)
+        for index, raw in enumerate(c.batch):
             env = self._open(raw)
             req = Request.parse(env.body) if env is not None and env.type == REQUEST else None
             if env is None or req is None:
@@ -656,7 +661,7 @@ class Replica:
                 if req.timestamp == done[0]:
                     replies.append((client, done[0], done[1]))
                 continue
-            out = self._app(Execution(n, client, req.timestamp, req.op))
+            out = self._app(Execution(n, client, req.timestamp, req.op, index))
             result = out if isinstance(out, bytes) else out.result
             if isinstance(out, Outcome) and out.validators:
                 scheduled = self._schedule(n, out.validators)
@@ -1107,11 +1112,8 @@ class Replica:
             if not isinstance(ok, Verified):
                 self._count("bad_certificate")
                 return
-            try:
-                batch = cbor2.loads(e.payload)
-            except Exception:  # a certified payload is well-formed; be defensive anyway
-                batch = None
-            if not (isinstance(batch, list) and all(isinstance(b, bytes) for b in batch)):
+            batch = requests_of(e.payload)
+            if batch is None:  # a certified payload is well-formed; be defensive anyway
                 self._count("malformed_body")
                 return
             self._certified[e.seq] = Committed(ok.view, ok.digest, tuple(batch), e.certificate)
