@@ -8,6 +8,7 @@ every task is done on the submitting side. Takeover: a sleeping task's assignee 
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -18,6 +19,15 @@ from mossnode.protocols.tasks import Params
 
 N_TASKS = 200
 NODES = 4
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of processes and their reaped children (the agents they ran)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += sum(int(x) for x in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def throughput() -> None:
@@ -47,6 +57,8 @@ def throughput() -> None:
                 with lock:
                     ids.append(tid)
 
+        pids = [n.proc.pid for n in c.nodes if n.proc is not None]
+        cpu0 = cpu_seconds(pids)
         t0 = time.monotonic()
         threads = [threading.Thread(target=submit, args=(n, N_TASKS // NODES)) for n in c.nodes]
         for t in threads:
@@ -61,9 +73,19 @@ def throughput() -> None:
 
         wait_for(all_done, 600, "all tasks done", interval=0.25)
         took = time.monotonic() - t0
+        cpu = cpu_seconds(pids) - cpu0
+        runs = sum(
+            sum(1 for e in c.nodes[0].api.get(f"/v1/tasks/{tid}")["log"] if e["kind"] == "claim")
+            for tid in ids
+        )
     print(
         f"{N_TASKS} tasks on {NODES} nodes (exec agent `cat`): submitted in {submitted:.1f} s, "
         f"all done in {took:.1f} s -> {N_TASKS / took:.1f} tasks/s (target >= 200)"
+    )
+    print(
+        f"  CPU of the {NODES} daemons and their agents: {cpu:.1f} s = {1000 * cpu / N_TASKS:.0f} ms "
+        f"per task (a 2-core machine has {2000 / max(1, N_TASKS / took):.0f} ms of CPU per task "
+        f"at this rate); runs started: {runs} for {N_TASKS} tasks"
     )
 
 

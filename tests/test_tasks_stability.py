@@ -4,6 +4,8 @@ gate two nodes each see themselves win and both run the task; with it, both wait
 
 from __future__ import annotations
 
+from test_tasks_core import Doc, P, agent, only
+
 from mossnode.protocols.tasks import (
     Bid,
     Claim,
@@ -13,7 +15,6 @@ from mossnode.protocols.tasks import (
     State,
     stable_rule,
 )
-from tests.test_tasks_core import Doc, P, agent, only
 
 
 def test_horizons_wait_for_the_entries_a_heartbeat_reports() -> None:
