@@ -61,6 +61,13 @@ class MemberGossipSub(GossipSub):
         if self.admit(peer_id):
             await super().send_recent_messages(peer_id, topic)
 
+    async def flush_pending_messages(self, peer_id: ID) -> None:
+        # and queues messages for peers whose subscriptions it has not seen yet
+        if self.admit(peer_id):
+            await super().flush_pending_messages(peer_id)
+        else:
+            self._pending_messages.pop(peer_id, None)
+
     async def handle_iwant(self, iwant_msg: Any, sender_peer_id: ID) -> None:
         if self.admit(sender_peer_id):
             await super().handle_iwant(iwant_msg, sender_peer_id)
