@@ -32,6 +32,31 @@ CALLS = [
     ("POST", "/v1/tasks/nope:1/progress", {"fraction": 7}, "task.progress"),
     ("POST", "/v1/tasks/nope:1/submit", {}, "task.submit"),
     ("POST", "/v1/tasks/nope:1/review", {"score": 9}, "task.review"),
+    # allowed calls below get a 400 or 404 (bad body, unknown id), so nothing changes
+    ("POST", "/v1/tasks", {}, "task.create"),
+    ("GET", "/v1/tasks", None, "state.read"),
+    ("GET", "/v1/tasks/nope:1", None, "state.read"),
+    ("POST", "/v1/tasks/nope:1/cancel", {}, "task.cancel"),
+    ("POST", "/v1/tasks/nope:1/pause", {}, "task.pause"),
+    ("POST", "/v1/tasks/nope:1/resume", {}, "task.resume"),
+    ("POST", "/v1/tasks/nope:1/reassign", {}, "task.reassign"),
+    ("POST", "/v1/swarm/pause", {"bogus": 1}, "swarm.pause"),
+    ("POST", "/v1/swarm/resume", {"bogus": 1}, "swarm.pause"),
+    ("GET", "/v1/votes", None, "state.read"),
+    ("GET", "/v1/votes/9999", None, "state.read"),
+    ("POST", "/v1/votes", {}, "decision.propose"),
+    ("POST", "/v1/votes/9999/vote", {}, "decision.vote"),
+    ("POST", "/v1/votes/9999/close", {"bogus": 1}, "decision.propose"),
+    ("GET", "/v1/leaderboard", None, "state.read"),
+    ("GET", "/v1/activity", None, "state.read"),
+    ("POST", "/v1/messages", {}, "messages.send"),
+    ("GET", "/v1/messages", None, "messages.receive"),
+    ("POST", "/v1/messages/nope/reply", {}, "messages.receive"),
+    ("GET", "/v1/topics", None, "messages.receive"),
+    ("POST", "/v1/topics/t/subscribe", {"bogus": 1}, "messages.receive"),
+    ("POST", "/v1/topics/t/unsubscribe", {"bogus": 1}, "messages.receive"),
+    ("POST", "/v1/topics/t/publish", {}, "messages.publish"),
+    ("POST", "/v1/broadcast", {}, "messages.broadcast"),
 ]
 
 
@@ -116,10 +141,30 @@ def test_denials_are_counted(node) -> None:
     assert counters.get("api_denied:agent.manage", 0) >= 1
 
 
+def test_matrix_covers_every_endpoint(node) -> None:
+    n, _ = node
+    doc = client(n, None).get("/v1/openapi.json").json()
+    listed = {(m, p) for p, item in doc["paths"].items() for m in item}
+    templates = {"exec1": "{name}", "nobody-here": "{name}", "nope:1": "{id}", "nope": "{id}"}
+    templates |= {"9999": "{id}", "t": "{name}"}
+    covered = {
+        (m.lower(), "/".join(templates.get(x, x) for x in p.split("/"))) for m, p, _, _ in CALLS
+    }
+    # the event stream never ends: its 401/403 are tested in test_api_socket.py
+    assert listed - covered == {("get", "/v1/events"), ("get", "/v1/openapi.json")}
+
+
 def test_openapi_names_permissions(node) -> None:
     n, _ = node
     doc = client(n, None).get("/v1/openapi.json").json()
-    templates = {"exec1": "{name}", "nobody-here": "{name}", "nope:1": "{id}"}
+    templates = {
+        "exec1": "{name}",
+        "nobody-here": "{name}",
+        "nope:1": "{id}",
+        "nope": "{id}",
+        "9999": "{id}",
+        "t": "{name}",
+    }
     for method, path, _, perm in CALLS:
         tpl = "/".join(templates.get(p, p) for p in path.split("/"))
         assert doc["paths"][tpl][method.lower()]["x-permission"] == perm
