@@ -24,3 +24,13 @@ def cluster_factory(tmp_path: Path) -> Iterator:
             if node.running:
                 print(f"--- {node.name} log tail ---\n{node.tail(15)}")
         c.stop()
+
+
+@pytest.fixture
+def solo(cluster_factory):
+    """One real daemon that founded its own swarm (roles admin and validator), running."""
+    c: Cluster = cluster_factory(1)
+    c.init()
+    n = c.nodes[0]
+    n.start()
+    return n

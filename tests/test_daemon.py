@@ -14,12 +14,8 @@ from mossnode.cluster import Cluster, wait_for
 
 
 @pytest.fixture
-def node(cluster_factory):
-    c: Cluster = cluster_factory(1)
-    c.init()
-    n = c.nodes[0]
-    n.start()
-    return n
+def node(solo):
+    return solo
 
 
 def test_status_over_socket(node) -> None:

@@ -8,15 +8,10 @@ import sys
 
 import pytest
 
-from mossnode.cluster import Cluster
-
 
 @pytest.fixture
-def node(cluster_factory):
-    c: Cluster = cluster_factory(1)
-    c.init()
-    n = c.nodes[0]
-    n.start()
+def node(solo):
+    n = solo
     n.cli("agent", "add", "planner1", "--role", "admin", "--backend", "exec:true")
     n.cli("agent", "add", "reviewer1", "--role", "reviewer", "--backend", "exec:true")
     return n

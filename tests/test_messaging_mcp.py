@@ -10,17 +10,12 @@ from typing import Any
 
 import pytest
 
-from mossnode.cluster import Cluster
-
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def node(cluster_factory):
-    c: Cluster = cluster_factory(1)
-    c.init()
-    n = c.nodes[0]
-    n.start()
+def node(solo):
+    n = solo
     for name, role in (("ann", "admin"), ("ben", "admin"), ("rev", "reviewer")):
         n.cli("agent", "add", name, "--role", role, "--backend", "exec:true")
     return n
