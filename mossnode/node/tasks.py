@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mossnode.tasks")
 
 MIN_TICK_S = 0.02  # coalesce bursts of changes into one derivation
+REPUTATION_MS = 1_000
 PULL_BACKENDS = frozenset({"api", "openclaw"})  # agents that fetch their work over the API
 # Refusal codes of the pure task rules, as HTTP statuses for the API.
 REFUSAL_STATUS = {
@@ -131,6 +132,7 @@ class TaskService:
         self.limits = T.Limits()
         self.sched = T.Scheduler(daemon.peer_id, params=self.params, limits=self.limits)
         self.horizons = T.Horizons()
+        self._rep: tuple[int, T.Reputation] | None = None
         self._bidders: dict[tuple[Any, ...], list[str]] = {}
         self.sched.stable = T.stable_rule(daemon.peer_id, self._expected_bidders, self._horizon)
         self.view: T.TaskView = {}
@@ -275,6 +277,14 @@ class TaskService:
         if not was:
             self.poke()
 
+    def _reputation(self, now: int) -> T.Reputation:
+        """Reputation from the replicated history, recomputed at most every REPUTATION_MS:
+        it weighs bids and moves slowly, and a full pass over the history every tick was a
+        tenth of a busy node's scheduler time."""
+        if self._rep is None or now - self._rep[0] >= REPUTATION_MS:
+            self._rep = (now, T.reputation(self.view, self.statuses))
+        return self._rep[1]
+
     def _authority(self, node: str, permission: str) -> bool:
         state = self.d._swarm()
         return self.shared.policy.may(node, permission, state.height)
@@ -323,7 +333,7 @@ class TaskService:
         now = now_ms()
         state = self.d._swarm()
         self._update_view()
-        rep = T.reputation(self.view, self.statuses) if self.statuses else None
+        rep = self._reputation(now)
         plan = self.sched.tick(
             self.view,
             agents=self._agents(),
@@ -776,7 +786,7 @@ class TaskService:
         active = sum(1 for r in self.sched.running.values() if r.agent == agent)
         if active >= cap:
             raise WorkRefused("capacity", f"agent {agent} already runs {active} of {cap} tasks")
-        rep = T.reputation(self.view, self.statuses).score(me, agent, task.capabilities)
+        rep = self._reputation(now).score(me, agent, task.capabilities)
         score = T.bid_score(rep, active, cap, local.load)
         await self._write(T.Bid(tid, st.attempt, agent, score))
         return {"id": tid, "attempt": st.attempt, "agent": agent, "score": score, "placed": True}

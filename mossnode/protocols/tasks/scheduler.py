@@ -83,6 +83,7 @@ class Scheduler:
     _proposed: dict[str, int] = field(default_factory=dict)
     _cache: Cache = field(default_factory=Cache)
     _ordered: tuple[TaskView | None, list[str]] = (None, [])
+    _spread: dict[str, bytes] = field(default_factory=dict)
 
     # -- deriving ------------------------------------------------------------------------------
 
@@ -451,12 +452,17 @@ class Scheduler:
         the swarm would run only one node's capacity at a time. Older buckets still go first.
         """
         if self._ordered[0] is not view:
-            me = self.me.encode()
+            spread = self._spread
+            if len(spread) > 4 * len(view) + 1024:
+                spread.clear()
+            me = self.me.encode()[-64:]
 
             def key(t: str) -> tuple[float, int, bytes]:
                 task = view[t]
-                spread = hashlib.blake2b(t.encode(), key=me[-64:], digest_size=8).digest()
-                return (-task.priority, task.created_at // SPREAD_MS, spread)
+                h = spread.get(t)
+                if h is None:
+                    h = spread[t] = hashlib.blake2b(t.encode(), key=me, digest_size=8).digest()
+                return (-task.priority, task.created_at // SPREAD_MS, h)
 
             self._ordered = (view, sorted(view, key=key))
         return self._ordered[1]
