@@ -56,6 +56,7 @@ class Slot:
     my_commit: dict[int, bytes] = field(default_factory=dict)
     prepared: PreparedCert | None = None
     committed: Committed | None = None
+    sent_at: int = 0  # when this replica last sent its part for this slot (0: after a restart)
 
     def forget_views_below(self, view: int) -> None:
         """Messages of abandoned views are useless once the prepared certificate is kept."""

@@ -487,6 +487,7 @@ class Replica:
         slot.preprepares[pp.view] = Accepted(pp.digest, pp.batch, raw)
         self._persist({"k": "sent", "m": raw})
         self._broadcast(raw)
+        slot.sent_at = self._now
         self._check_prepared(slot, pp.view)
 
     def _reply(self, client: bytes, timestamp: int, result: bytes) -> None:
@@ -548,6 +549,7 @@ class Replica:
             slot.prepares.setdefault(pp.view, {})[self.me] = (pp.digest, praw)
             self._persist({"k": "sent", "m": praw})
             self._broadcast(praw)
+            slot.sent_at = self._now
         self._check_prepared(slot, pp.view)
 
     def _vote(self, env: Envelope, kind: str) -> tuple[Vote, Slot] | None:
@@ -607,6 +609,7 @@ class Replica:
             slot.commits.setdefault(view, {})[self.me] = (acc.digest, craw)
             self._persist({"k": "sent", "m": craw})
             self._broadcast(craw)
+            slot.sent_at = self._now
         self._check_committed(slot, view)
 
     def _check_committed(self, slot: Slot, view: int) -> None:
@@ -1025,11 +1028,16 @@ class Replica:
         return len(claims) > f and claims[f] > self.last_executed
 
     def _retransmit(self) -> None:
-        """Re-send our own part of unfinished work; ask a peer for what we may be missing."""
+        """Re-send our own part of unfinished work that has not moved for a retransmit period
+        (under steady load the timer is always armed, and re-sending slots that are progressing
+        only adds load); ask a peer for what we may be missing."""
         if self.active:
             for n, slot in sorted(self._slots.items()):
                 if n <= self.last_executed or not self._in_window(n):
                     continue
+                if slot.sent_at and self._now - slot.sent_at < self.cfg.retransmit_ms:
+                    continue
+                slot.sent_at = self._now
                 acc = slot.preprepares.get(self.view)
                 if self.is_primary and acc is not None and acc.batch is not None:
                     pp = PrePrepare(self.view, n, acc.digest, acc.batch)
