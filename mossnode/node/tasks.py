@@ -15,10 +15,11 @@ by an agent that went offline is released, so a vanished agent cannot hold a tas
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -710,12 +711,30 @@ class TaskService:
         )
         if isinstance(plan, T.Refused):
             raise WorkRefused(plan.code, plan.reason)
-        await self._write(self.seal_outcome(plan))
-        run = self.sched.running.get(tid)
-        if run is not None and run.agent == agent:
-            del self.sched.running[tid]
-        self.work.pop(tid, None)
+        # Let go of the work before the write yields: a tick in between would otherwise see
+        # the task move on and hand the agent a cancel for work it just finished.
+        with self._letting_go(self.sched.running, tid, tid, agent):
+            await self._write(self.seal_outcome(plan))
         return {"id": tid, "attempt": plan.attempt, "round": plan.round, "ok": plan.ok}
+
+    @contextlib.contextmanager
+    def _letting_go(
+        self, held: dict[str, T.Run], tid: str, key: str, agent: str
+    ) -> Iterator[None]:
+        """Drop ``agent``'s hold on ``tid`` (scheduler entry and hand-over) for a write that
+        ends it; put both back if the write is refused."""
+        run = held.get(tid)
+        run = held.pop(tid) if run is not None and run.agent == agent else None
+        work = self.work.get(key)
+        work = self.work.pop(key) if work is not None and work.agent == agent else None
+        try:
+            yield
+        except BaseException:
+            if run is not None:
+                held.setdefault(tid, run)
+            if work is not None:
+                self.work.setdefault(key, work)
+            raise
 
     async def review(
         self, agent: str, tid: str, score: int, verdict: str, comments: str
@@ -735,13 +754,8 @@ class TaskService:
         )
         if isinstance(plan, T.Refused):
             raise WorkRefused(plan.code, plan.reason)
-        await self._write(plan)
-        run = self.sched.reviewing.get(tid)
-        if run is not None and run.agent == agent:
-            del self.sched.reviewing[tid]
-        key = tid + "#review"
-        if key in self.work and self.work[key].agent == agent:
-            del self.work[key]
+        with self._letting_go(self.sched.reviewing, tid, tid + "#review", agent):
+            await self._write(plan)
         return {"id": tid, "attempt": plan.attempt, "round": plan.round, "verdict": plan.verdict}
 
     async def bid(self, agent: str, tid: str) -> dict[str, Any]:
