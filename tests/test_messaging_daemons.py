@@ -157,14 +157,12 @@ def test_request_to_a_bare_name_and_on_the_same_node(swarm: Swarm) -> None:
 
 def test_request_timeout_is_504(swarm: Swarm) -> None:
     swarm.drain("bob")
-    t0 = time.monotonic()
     r = swarm.call(
         "alice", "POST", "/v1/messages", {"to": swarm.addr("bob"), "body": 1, "timeout_s": 2}
     )
     assert r.status_code == 504, r.text
     err = r.json()["error"]
     assert err["code"] == "timeout" and "no reply" in err["message"]
-    assert time.monotonic() - t0 < 60
     # delivered, but too late to answer: the reply finds no waiting request
     m = swarm.wait_inbox("bob", 1)[0]
     wait_for(

@@ -53,6 +53,13 @@ def _quoted(name: str) -> str:
     return quote(name, safe=":@")
 
 
+def _task_post(client: Any, args: dict[str, Any], verb: str) -> Any:
+    """``POST /v1/tasks/{id}/<verb>`` with the tool's arguments other than the task id."""
+    return client.post(
+        f"/v1/tasks/{args['id']}/{verb}", {k: v for k, v in args.items() if k != "id"}
+    )
+
+
 TOOLS = [
     Tool(
         "swarm_status",
@@ -146,18 +153,14 @@ TOOLS = [
             {"id": STR, "fraction": {"type": "number", "minimum": 0, "maximum": 1}, "message": STR},
             ["id"],
         ),
-        lambda c, a: c.post(
-            f"/v1/tasks/{a['id']}/progress", {k: v for k, v in a.items() if k != "id"}
-        ),
+        lambda c, a: _task_post(c, a, "progress"),
     ),
     Tool(
         "submit_result",
         "Submit your result for a task you hold. 'output' must satisfy the task's output "
         "schema; send 'error' instead if you cannot do the task.",
         _obj({"id": STR, "output": {}, "error": STR}, ["id"]),
-        lambda c, a: c.post(
-            f"/v1/tasks/{a['id']}/submit", {k: v for k, v in a.items() if k != "id"}
-        ),
+        lambda c, a: _task_post(c, a, "submit"),
     ),
     Tool(
         "review_task",
@@ -172,9 +175,7 @@ TOOLS = [
             },
             ["id", "score", "verdict"],
         ),
-        lambda c, a: c.post(
-            f"/v1/tasks/{a['id']}/review", {k: v for k, v in a.items() if k != "id"}
-        ),
+        lambda c, a: _task_post(c, a, "review"),
     ),
     Tool(
         "leaderboard",
