@@ -1,0 +1,146 @@
+"""The py-libp2p tuning in node/host.py: batched yamux credit and once-checked peer records."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerstore import env_to_send_in_RPC
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.stream_muxer.yamux.yamux import TYPE_WINDOW_UPDATE, Yamux
+
+from mossnode.crypto.identity import Identity
+from mossnode.node import host as host_module
+from mossnode.node.host import CreditBatchingYamux, KnownRecords, make_host
+
+PROTO = TProtocol("/moss-test/bulk/1")
+LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+
+
+@asynccontextmanager
+async def two_hosts() -> AsyncIterator[tuple[IHost, IHost]]:
+    a, b = make_host(Identity.generate()), make_host(Identity.generate())
+    async with a.run(LISTEN), b.run(LISTEN):
+        await a.connect(info_from_p2p_addr(multiaddr.Multiaddr(str(b.get_addrs()[0]))))
+        yield a, b
+
+
+def muxer_of(stream: INetStream) -> Any:
+    return stream.muxed_conn
+
+
+async def test_hosts_use_the_batching_muxer_and_small_reads_owe_credit(monkeypatch: Any) -> None:
+    credit_frames: list[bytes] = []
+    write_frame = Yamux._write_frame
+
+    async def counting(self: Yamux, data: bytes) -> None:
+        if data[1] == TYPE_WINDOW_UPDATE and data[2:4] == b"\0\0":
+            credit_frames.append(data)
+        await write_frame(self, data)
+
+    monkeypatch.setattr(Yamux, "_write_frame", counting)
+    got: list[bytes] = []
+    server_streams: list[INetStream] = []
+
+    async def handler(stream: INetStream) -> None:
+        server_streams.append(stream)
+        while data := await stream.read(4096):
+            got.append(data)
+
+    async with two_hosts() as (a, b):
+        b.set_stream_handler(PROTO, handler)
+        stream = await a.new_stream(b.get_id(), [PROTO])
+        assert isinstance(muxer_of(stream), CreditBatchingYamux)
+        reader: Any = None
+        for rounds in (1, 2):
+            for _ in range(50):
+                await stream.write(b"m" * 100)
+            with trio.fail_after(10):
+                while sum(map(len, got)) < 5000 * rounds:
+                    await trio.sleep(0.01)
+            reader = muxer_of(server_streams[0])
+            if rounds == 1:
+                # py-libp2p doubles a new stream's window a few times (large grants, sent)
+                credit_frames.clear()
+        assert isinstance(reader, CreditBatchingYamux)
+        # then 50 reads of 100 bytes: the credit is owed, not sent as 50 WINDOW_UPDATE frames
+        assert len(credit_frames) <= 1
+        assert sum(reader._owed.values()) > 0
+        await stream.close()
+
+
+async def test_bulk_transfer_through_a_slow_reader_never_stalls_the_sender() -> None:
+    total = 8 * 1024 * 1024  # 32 times the initial window
+    received = 0
+    done = trio.Event()
+
+    async def handler(stream: INetStream) -> None:
+        nonlocal received
+        while received < total:
+            data = await stream.read(7001)  # reads that leave odd amounts of credit
+            assert data, "stream ended early"
+            received += len(data)
+            if received % 5 == 0:
+                await trio.sleep(0.001)
+        done.set()
+
+    async with two_hosts() as (a, b):
+        b.set_stream_handler(PROTO, handler)
+        stream = await a.new_stream(b.get_id(), [PROTO])
+        chunk = b"b" * 10_000
+        with trio.fail_after(60):  # py-libp2p's sender gives up after 5 s without credit
+            for _ in range(total // len(chunk) + 1):
+                await stream.write(chunk)
+            await done.wait()
+    assert received >= total
+
+
+def test_a_peer_record_is_checked_once_until_it_changes(monkeypatch: Any) -> None:
+    checked: list[bytes] = []
+
+    def check(msg: Any, host: Any, peer_id: Any) -> bool:
+        checked.append(msg.senderRecord)
+        return bool(msg.senderRecord != b"forged")
+
+    monkeypatch.setattr(host_module, "maybe_consume_signed_record", check)
+    sender = make_host(Identity.generate())
+    record, _ = env_to_send_in_RPC(sender)
+    known = KnownRecords(ttl_s=600)
+    peer = sender.get_id()
+
+    def rpc(sender_record: bytes | None) -> Any:
+        msg = rpc_pb2.RPC()
+        if sender_record is not None:
+            msg.senderRecord = sender_record
+        return msg
+
+    assert known.consume(rpc(record), sender, peer)
+    assert known.consume(rpc(record), sender, peer)
+    assert checked == [record]  # the same bytes again are not checked again
+    assert not known.consume(rpc(b"forged"), sender, peer)
+    assert not known.consume(rpc(b"forged"), sender, peer)
+    assert checked == [record, b"forged", b"forged"]  # a refused record is never remembered
+    assert known.consume(rpc(None), sender, peer)  # no record: nothing to check
+    assert known.consume(rpc(b"moved"), sender, peer)  # new addresses, new record: checked
+    assert known.consume(rpc(record), sender, peer)
+    assert checked[3:] == [b"moved", record]
+    expired = KnownRecords(ttl_s=0)
+    assert expired.consume(rpc(record), sender, peer)
+    assert expired.consume(rpc(record), sender, peer)
+    assert checked[5:] == [record, record]  # past its ttl a record is checked again
+
+
+def test_the_real_record_check_still_refuses_a_record_of_another_peer() -> None:
+    a, b = make_host(Identity.generate()), make_host(Identity.generate())
+    record, _ = env_to_send_in_RPC(a)
+    msg = rpc_pb2.RPC()
+    msg.senderRecord = record
+    known = KnownRecords()
+    assert not known.consume(msg, b, b.get_id())  # a's record, claimed by b
+    assert known.consume(msg, b, a.get_id())
