@@ -23,8 +23,9 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from mossnode.crypto.envelope import seal
 from mossnode.crypto.identity import Identity
 from mossnode.crypto.peerid import peer_id_from_public_key
-from mossnode.node.consensus import MAX_FRAME, PBFT_PROTO, FrameReader, _frame
+from mossnode.node.consensus import MAX_FRAME, PBFT_PROTO
 from mossnode.node.host import read_frame, write_frame
+from mossnode.node.links import FrameReader, frame
 from mossnode.protocols.decisions import encode_op
 from mossnode.protocols.membership import decode_invite
 from mossnode.protocols.pbft import Client, Completed, Send, SetTimer
@@ -154,10 +155,10 @@ class Gateway:
     async def _link(self, pid: str, recv: trio.MemoryReceiveChannel[bytes]) -> None:
         stream = await self.host.new_stream(ID.from_base58(pid), [PBFT_PROTO])
         async for data in recv:
-            frames = [_frame(data)]
+            frames = [frame(data)]
             while True:
                 try:
-                    frames.append(_frame(recv.receive_nowait()))
+                    frames.append(frame(recv.receive_nowait()))
                 except trio.WouldBlock:
                     break
             await stream.write(b"".join(frames))

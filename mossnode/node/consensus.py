@@ -54,7 +54,8 @@ from ..protocols.decisions import (
 from ..protocols.membership import Entry, Genesis, MembershipError
 from ..protocols.pbft import compact_records
 from ..protocols.pbft.messages import REQUEST
-from .host import FrameError, read_frame, write_frame
+from .host import read_frame, write_frame
+from .links import FrameReader, Links, close_stream
 from .store import Decided as StoredDecided
 from .store import Store
 
@@ -125,36 +126,6 @@ class _Waiter:
     seq: int = 0
 
 
-class FrameReader:
-    """Length-prefixed frames from a stream, read in large chunks (one read call per burst of
-    frames instead of two per frame)."""
-
-    def __init__(self, stream: INetStream, chunk: int = 1 << 16) -> None:
-        self.stream = stream
-        self.chunk = chunk
-        self._buf = bytearray()
-
-    async def read(self, max_size: int) -> bytes:
-        buf = self._buf
-        while True:
-            if len(buf) >= 4:
-                n = int.from_bytes(buf[:4], "big")
-                if n > max_size:
-                    raise FrameError(f"frame of {n} bytes exceeds limit {max_size}")
-                if len(buf) >= 4 + n:
-                    frame = bytes(buf[4 : 4 + n])
-                    del buf[: 4 + n]
-                    return frame
-            data = await self.stream.read(self.chunk)
-            if not data:
-                raise FrameError(f"stream closed with {len(buf)} bytes of a frame")
-            buf += data
-
-
-def _frame(data: bytes) -> bytes:
-    return len(data).to_bytes(4, "big") + data
-
-
 async def pull_pages(
     stream: INetStream, start: int, *, limit: int = PULL_BATCH
 ) -> tuple[list[Entry], int]:
@@ -199,7 +170,7 @@ async def fetch_log(
                     if e.seq == state.height + 1:
                         state.apply(e)
         finally:
-            await _close(stream)
+            await close_stream(stream)
     if scope.cancelled_caught:
         raise MembershipError(f"decided log transfer timed out at {state.height} of {height}")
 
@@ -251,7 +222,7 @@ class ConsensusService:
         self._committing = False
         self._via: dict[str, str] = {}  # client peer id -> gateway peer id (replies go there)
         self._validator_pids: tuple[int, frozenset[str]] = (-1, frozenset())
-        self._links: dict[str, trio.MemorySendChannel[bytes]] = {}
+        self._links = Links(host, PBFT_PROTO, self.counters, prefix="msg_", queue=PEER_QUEUE)
         self._timers: dict[tuple[str, str], int] = {}
         self._timer_wake = trio.Event()
         self._sync_wanted = trio.Event()
@@ -270,6 +241,7 @@ class ConsensusService:
         state transfer and the on_decided feed."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._links.bind(nursery)
             self.host.set_stream_handler(PBFT_PROTO, self.stream_handler)
             self.host.set_stream_handler(DECIDED_PROTO, self.decided_stream_handler)
             nursery.start_soon(self._committer)
@@ -391,7 +363,7 @@ class ConsensusService:
                 self.counters["pull_failed"] += 1
                 log.debug("pull from %s: %s", peer, exc)
             finally:
-                await _close(stream)
+                await close_stream(stream)
         self.counters["pulled"] += got
         return got
 
@@ -411,7 +383,7 @@ class ConsensusService:
         except Exception as exc:  # EOF, reset, oversized frame: the peer re-opens
             log.debug("pbft stream ended: %s", exc)
         finally:
-            await _close(stream)
+            await close_stream(stream)
 
     async def decided_stream_handler(self, stream: INetStream) -> None:
         """``/moss/decided/1``: requests ``{from, max}``, replies ``{entries, height}``.
@@ -431,7 +403,7 @@ class ConsensusService:
         except Exception as exc:
             log.debug("decided stream ended: %s", exc)
         finally:
-            await _close(stream)
+            await close_stream(stream)
 
     # -- driving the core -------------------------------------------------------------------
 
@@ -548,51 +520,7 @@ class ConsensusService:
         return pids
 
     def _send(self, pid: str, data: bytes) -> None:
-        pid = self._via.get(pid, pid)
-        link = self._links.get(pid)
-        if link is None:
-            if self._nursery is None:
-                self.counters["send_dropped"] += 1
-                return
-            link, recv = trio.open_memory_channel[bytes](PEER_QUEUE)
-            self._links[pid] = link
-            self._nursery.start_soon(self._link, pid, recv)
-        try:
-            link.send_nowait(data)
-            self.counters["msg_out"] += 1
-        except trio.WouldBlock:
-            self.counters["send_dropped"] += 1
-
-    async def _link(self, pid: str, recv: trio.MemoryReceiveChannel[bytes]) -> None:
-        """One peer's outbound stream, opened on demand and reused; failures drop messages
-        for a short while (the core retransmits) instead of piling them up."""
-        stream: INetStream | None = None
-        quiet_until = 0.0
-        async for data in recv:
-            if trio.current_time() < quiet_until:
-                self.counters["send_dropped"] += 1
-                continue
-            frames = [_frame(data)]
-            size = len(frames[0])
-            while size < MAX_FRAME:  # write what queued up meanwhile in one go
-                try:
-                    more = recv.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                frames.append(_frame(more))
-                size += len(frames[-1])
-            try:
-                with trio.fail_after(5):
-                    if stream is None:
-                        stream = await self.host.new_stream(ID.from_base58(pid), [PBFT_PROTO])
-                    await stream.write(b"".join(frames))
-            except Exception as exc:
-                self.counters["send_failed"] += 1
-                log.debug("send to %s failed: %s", pid, exc)
-                if stream is not None:
-                    await _close(stream)
-                stream = None
-                quiet_until = trio.current_time() + 0.3
+        self._links.send(self._via.get(pid, pid), data)
 
     # -- background loops -------------------------------------------------------------------
 
@@ -658,11 +586,3 @@ class ConsensusService:
 
 def _durable_part(out: Output) -> bool:
     return bool(out.records or out.entries or out.client_state is not None)
-
-
-async def _close(stream: INetStream) -> None:
-    try:
-        with trio.move_on_after(2):
-            await stream.close()
-    except Exception:
-        pass

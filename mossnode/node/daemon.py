@@ -78,6 +78,7 @@ from .consensus import (
 from .events import EventHub
 from .host import FrameError, maddrs, make_host, make_pubsub, read_frame, topic, write_frame
 from .ledger import FOUNDED_BEFORE_CONSENSUS, load_ledger, save_ledger
+from .links import FrameReader, Links, close_stream
 from .messaging import MSG_PROTO, TOPIC_NAME, MessagingService
 from .state import StateService
 from .store import Store, StoreError
@@ -86,6 +87,9 @@ from .tasks import TaskService, apply_writes, json_numbers
 log = logging.getLogger("mossnode")
 
 JOIN_PROTO = TProtocol("/moss/join/1")
+PRESENCE_PROTO = TProtocol("/moss/presence/1")
+# one heartbeat in this many goes over gossip, the others straight to connected members
+PRESENCE_GOSSIP_EVERY = 5
 ADMIT_TIMEOUT_S = 25.0  # a joiner waits 30 s by default
 LOCK_FILE = "daemon.lock"
 
@@ -138,6 +142,8 @@ class Daemon:
         self.replay = ReplayWindow()
         self.rejected: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
+        self.presence_links = Links(self.host, PRESENCE_PROTO, self.counters, prefix="presence_")
+        self._beats = 0
         # Envelope seqs start at the wall clock in microseconds: never reused across restarts
         # without keeping a counter on disk, and far above any seq sent before.
         self._seq = time.time_ns() // 1000
@@ -262,8 +268,10 @@ class Daemon:
                 await self.pubsub.wait_until_ready()
                 self.host.set_stream_handler(JOIN_PROTO, self._on_join_stream)
                 self.host.set_stream_handler(MSG_PROTO, self.messaging.on_stream)
+                self.host.set_stream_handler(PRESENCE_PROTO, self._on_presence_stream)
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    self.presence_links.bind(nursery)
                     from ..api.server import serve_api
 
                     await nursery.start(serve_api, self)
@@ -409,10 +417,47 @@ class Daemon:
         }
 
     async def _publish_presence(self) -> None:
+        """One heartbeat. Over gossip each would reach a node once per mesh neighbour, and
+        heartbeats were most of an idle swarm's CPU; so most go straight to each connected
+        member, one copy per peer. Every PRESENCE_GOSSIP_EVERY-th (the first included) goes
+        over gossip, so members this node is not connected to hear of it and learn its
+        addresses (peer exchange)."""
         try:
-            await self.publish("presence", "presence", self.presence_body())
+            self._beats += 1
+            if self._beats % PRESENCE_GOSSIP_EVERY == 1:
+                await self.publish("presence", "presence", self.presence_body())
+                return
+            data = self.seal("presence", self.presence_body())
+            for peer in self.host.get_connected_peers():
+                if self._admits(peer) and str(peer) != self.peer_id:
+                    self.presence_links.send(str(peer), data)
         except Exception:
             log.exception("presence publish failed")
+
+    async def _on_presence_stream(self, stream: INetStream) -> None:
+        """``/moss/presence/1``: a member's own heartbeats, one per frame, checked as gossip
+        is (signature, membership, replay; rejections counted)."""
+        reader = FrameReader(stream)
+        try:
+            remote = str(stream.muxed_conn.peer_id)
+            while True:
+                data = await reader.read(self.cfg.max_envelope_bytes)
+                env = self._open(data)
+                if isinstance(env, Rejection):
+                    continue
+                if env.type != "presence" or env.sender_id != remote:
+                    self.rejected["presence_not_own"] += 1
+                    continue
+                self.counters["presence_in"] += 1
+                try:
+                    await self._on_presence(env)
+                except Exception:  # a bad heartbeat must never take the daemon down
+                    self.rejected["handler_error"] += 1
+                    log.exception("handling presence from %s failed", remote)
+        except Exception as exc:  # EOF, reset, oversized frame: the peer opens a new stream
+            log.debug("presence stream ended: %s", exc)
+        finally:
+            await close_stream(stream)
 
     async def _presence_loop(self) -> None:
         while True:
