@@ -1,9 +1,10 @@
 """A rogue process for the mesh tests: its own identity, never admitted, injecting envelopes.
 
-Usage: python tests/intruder.py MULTIADDR SWARM_ID_HEX MEMBER_PEER_ID SECONDS [sync]
+Usage: python tests/intruder.py MULTIADDR SWARM_ID_HEX MEMBER_PEER_ID SECONDS [sync|presence]
 It connects to one member, subscribes to the swarm's topics and publishes (1) envelopes it signs
 itself, (2) envelopes claiming to come from a member (bad signatures) and (3) garbage, then prints
-how many messages it received on the topics as JSON.
+how many messages it received on the topics as JSON. ``sync`` asks for the task state instead;
+``presence`` writes its own heartbeats and garbage on the direct presence stream.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from libp2p.tools.anyio_service import background_trio_service
 from mossnode.crypto.envelope import SIG_LEN, seal
 from mossnode.crypto.identity import Identity
 from mossnode.crypto.peerid import public_key_from_peer_id
+from mossnode.node.daemon import PRESENCE_PROTO
 from mossnode.node.host import make_host, make_pubsub, read_frame, topic, write_frame
+from mossnode.node.links import frame
 from mossnode.node.state import SYNC_PROTO
 
 
@@ -50,6 +53,24 @@ async def main(addr: str, swarm_hex: str, member: str, seconds: float, mode: str
             except Exception:
                 pass
             print(json.dumps({"entries": got}))
+            return
+        if mode == "presence":  # heartbeats of its own, and garbage, straight to the member
+            frames = 0
+            stream = await host.new_stream(info.peer_id, [PRESENCE_PROTO])
+            for seq in range(1, 11):
+                own = seal(
+                    ident,
+                    swarm_id=swarm_id,
+                    type="presence",
+                    seq=seq,
+                    timestamp=time.time_ns() // 1_000_000,
+                    body={"addrs": [], "height": 99},
+                )
+                with contextlib.suppress(Exception):
+                    await stream.write(frame(own) + frame(b"\x00garbage"))
+                    frames += 2
+                await trio.sleep(0.05)
+            print(json.dumps({"frames": frames}))
             return
         names = ("presence", "consensus", "state", "msg")
         subs = [await pubsub.subscribe(topic(swarm_id, t)) for t in names]

@@ -91,6 +91,38 @@ def test_intruder_is_not_relayed(cluster_factory) -> None:
     assert target.status()["counters"].get("gated", 0) >= 1
 
 
+def test_heartbeats_go_direct_and_non_members_beats_are_refused(cluster_factory) -> None:
+    c: Cluster = cluster_factory(3, **FAST)
+    c.start()
+    c.wait_all_alive()
+    for n in c.nodes:  # most heartbeats travel straight to each connected member
+        wait_for(lambda n=n: n.status()["counters"].get("presence_in", 0) >= 4, 30, "direct beats")
+    target = c.nodes[1]
+    before = target.status()["rejected"]
+    s = target.status()
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("intruder.py")),
+            target.addr,
+            s["swarm_id"],
+            c.nodes[0].status()["peer_id"],
+            "1",
+            "presence",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["frames"] == 20
+    after = target.status()["rejected"]
+    assert after.get("not_member", 0) - before.get("not_member", 0) == 10
+    assert after.get("malformed", 0) - before.get("malformed", 0) == 10
+    assert after.get("handler_error", 0) == 0
+    assert len(target.peers()) == 2  # the intruder is nobody's peer
+
+
 def test_invite_misuse(cluster_factory) -> None:
     c: Cluster = cluster_factory(3, **FAST)
     c.init()
