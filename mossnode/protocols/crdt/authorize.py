@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pycrdt import _pycrdt
+
 from mossnode.crypto.envelope import Reason, Rejection
 
 from .locations import GONE, Container, Loc, LocationIndex, Place, WrittenSet
@@ -302,21 +304,35 @@ def references(update: Update | RawUpdate, client: int) -> dict[int, int]:
     return needs
 
 
+# pycrdt's Rust event classes (None if its internals moved: every event takes the generic way)
+_MapEvent: Any = getattr(_pycrdt, "MapEvent", None)
+_ArrayEvent: Any = getattr(_pycrdt, "ArrayEvent", None)
+
+
 def event_changes(root: str, events: Iterable[Any]) -> list[tuple[Path, Op]]:
     """Flatten pycrdt deep events of one root into (path, op) pairs."""
     out: list[tuple[Path, Op]] = []
+    write, delete = Op.WRITE, Op.DELETE
     for event in events:
-        base: Path = (root, *(seg if isinstance(seg, str) else ELEMENT for seg in event.path))
-        keys = getattr(event, "keys", None)
+        kind = type(event)
+        path = event.path
+        if path:
+            base: Path = (root, *(seg if isinstance(seg, str) else ELEMENT for seg in path))
+        else:
+            base = (root,)
+        # a map event has keys and no delta, an array event a delta and no keys
+        keys = None if kind is _ArrayEvent else getattr(event, "keys", None)
         if isinstance(keys, dict):
             for key, change in keys.items():
-                op = Op.DELETE if change.get("action") == "delete" else Op.WRITE
+                op = delete if change.get("action") == "delete" else write
                 out.append(((*base, str(key)), op))
+        if kind is _MapEvent:
+            continue
         for part in getattr(event, "delta", None) or ():
             if "insert" in part:
-                out.append(((*base, ELEMENT), Op.WRITE))
+                out.append(((*base, ELEMENT), write))
             if "delete" in part:
-                out.append(((*base, ELEMENT), Op.DELETE))
+                out.append(((*base, ELEMENT), delete))
     return out
 
 

@@ -46,7 +46,7 @@ from .authorize import (
     references,
 )
 from .clients import client_id_for
-from .document import ContentDigest, fast_content, new_doc, task_of
+from .document import ContentDigest, apply_update, fast_content, new_doc, task_of
 from .entry import (
     MAX_SPAN,
     STATE_UPDATE,
@@ -574,7 +574,7 @@ class Replica:
         if local_events is None:
             self._events.clear()
             try:
-                self.doc.apply_update(e.update)
+                apply_update(self.doc, e.update)
                 if self._observer_failed:
                     raise self._observer_failed.pop()
             except BaseException as exc:  # a Rust panic surfaces as a BaseException
