@@ -440,6 +440,15 @@ class WrittenSet:
                 return
         self._other.add((*container, key))
 
+    def add_children(self, children: Iterable[tuple[Path, str | None]]) -> None:
+        """:meth:`add_child` for each ``(container, key)``."""
+        tasks = self._tasks
+        for container, key in children:
+            if key is not None and container == _TASKS_ROOT:
+                tasks[key] = tasks.get(key, 0) | 1
+            else:
+                self.add_child(container, key)
+
     def update(self, paths: Iterable[Path]) -> None:
         for path in paths:
             self.add(path)

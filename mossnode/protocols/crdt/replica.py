@@ -341,14 +341,16 @@ class Replica:
         except DecodeError as exc:
             rejection = Rejection(Reason.MALFORMED, f"not a Yrs update: {exc}")
             return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
-        foreign = next((c for c, _, _ in update.runs if c != client), None)
-        if foreign is not None:
-            rejection = Rejection(Reason.FORBIDDEN, f"carries items of client {foreign}")
-            return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
+        for c, _, _ in update.runs:
+            if c != client:
+                rejection = Rejection(Reason.FORBIDDEN, f"carries items of client {c}")
+                return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
         needs = references(update, client)
-        if any(k > parsed.deps.get(c, 0) for c, k in needs.items()):
-            rejection = Rejection(Reason.MALFORMED, "refers to items outside its dependencies")
-            return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
+        deps = parsed.deps
+        for c, k in needs.items():
+            if k > deps.get(c, 0):
+                rejection = Rejection(Reason.MALFORMED, "refers to items outside its dependencies")
+                return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
         return _Waiting(parsed, update, needs)
 
     def _refuse(
@@ -433,8 +435,10 @@ class Replica:
         if isinstance(item, _Waiting):
             if item.entry.policy_seq > self.policy.latest_seq():
                 return False
-            if not all(self._holds(c, k) for c, k in item.needs.items()):
-                return False
+            sv = self._sv
+            for c, k in item.needs.items():
+                if sv.get(c, 0) < k and not self._holds(c, k):
+                    return False
         del pend[nxt]
         self._pending_count -= 1
         if isinstance(item, _Poison):
@@ -603,8 +607,8 @@ class Replica:
         index = self._index
         if isinstance(verdict, Accepted):
             index.add_spans(st.client, verdict.spans)
-            for container, key in verdict.once:
-                self._written.add_child(container, key)
+            if verdict.once:
+                self._written.add_children(verdict.once)
             moved = bool(verdict.spans)
         else:
             for start, end, loc in verdict.runs:
