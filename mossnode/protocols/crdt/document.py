@@ -31,13 +31,12 @@ def apply_update(doc: Doc[Map[Any]], update: bytes) -> None:
     same apply and commit (observers fire at the commit), without the Python transaction
     wrapper around it. Only where no transaction is open and nothing pycrdt-side watches the
     document (replicas observe the Rust objects themselves); otherwise the public way."""
-    raw = getattr(doc, "_doc", None)
-    if (
-        raw is None
-        or getattr(doc, "_txn", True) is not None
-        or getattr(doc, "_Model", True) is not None
-        or getattr(doc, "_allow_multithreading", True)
-    ):
+    try:
+        raw = doc._doc
+        direct = doc._txn is None and doc._Model is None and not doc._allow_multithreading
+    except AttributeError:  # pycrdt internals moved: the public way
+        direct = False
+    if not direct:
         doc.apply_update(update)
         return
     txn = raw.create_transaction()

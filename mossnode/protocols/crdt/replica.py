@@ -600,7 +600,7 @@ class Replica:
         self._applied(e.update)
         self._commit(st, e, verdict)
         out.applied.append(Entry(e.author, e.seq, e.raw))
-        out.changed.extend(path for path, _ in events)
+        out.changed += [path for path, _ in events]
         return None
 
     def _commit(self, st: _Author, e: StateEntry, verdict: Accepted | Admitted) -> None:
