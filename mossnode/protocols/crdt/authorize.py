@@ -653,7 +653,8 @@ def admit(
                 if owner != author:
                     return None
             else:
-                ok = w_owner.get(at)
+                slot = -1 - at if res.creator else at  # the owner's position, and its kind
+                ok = w_owner.get(slot)
                 if ok is None:
                     seg = w_path[at]
                     if seg is None:
@@ -665,7 +666,7 @@ def admit(
                         ok = owner == author
                     else:
                         ok = seg == author
-                    w_owner[at] = ok
+                    w_owner[slot] = ok
                 if not ok:
                     return None
             if kind not in res.kinds:
