@@ -450,11 +450,19 @@ class WrittenSet:
     def add_children(self, children: Iterable[tuple[Path, str | None]]) -> None:
         """:meth:`add_child` for each ``(container, key)``."""
         tasks = self._tasks
+        bits = _SUB_BITS
         for container, key in children:
-            if key is not None and container == _TASKS_ROOT:
-                tasks[key] = tasks.get(key, 0) | 1
-            else:
-                self.add_child(container, key)
+            if len(container) == 1:
+                if key is not None and container == _TASKS_ROOT:
+                    tasks[key] = tasks.get(key, 0) | 1
+                    continue
+            elif len(container) == 2 and container[0] == TASKS:
+                tid = container[1]
+                bit = bits.get(key)
+                if tid is not None and bit is not None:
+                    tasks[tid] = tasks.get(tid, 0) | bit
+                    continue
+            self.add_child(container, key)
 
     def update(self, paths: Iterable[Path]) -> None:
         for path in paths:
