@@ -354,6 +354,21 @@ def test_written_set_is_a_set_of_paths() -> None:
     assert set(WrittenSet.load([list(p) for p in plain])) == plain
 
 
+def test_written_set_add_children_adds_each_child() -> None:
+    rng = random.Random(5)
+    segs = ["tasks", "t1", "t2", "claims", "log", "history", "n", None, "title"]
+    for _ in range(200):
+        children = [
+            (tuple(rng.choice(segs) for _ in range(rng.randint(1, 3))), rng.choice(segs))
+            for _ in range(rng.randint(0, 6))
+        ]
+        one, many = WrittenSet(), WrittenSet()
+        for container, key in children:
+            one.add_child(container, key)
+        many.add_children(children)
+        assert set(many) == set(one) == {(*c, k) for c, k in children}
+
+
 # -- putting the document back ----------------------------------------------------------------
 
 

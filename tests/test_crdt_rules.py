@@ -175,3 +175,23 @@ def test_location_index_dump_roundtrip() -> None:
     assert again.lookup((7, 4)) is None and again.lookup((8, 0)) is None
     assert [loc.key for loc in again.overlapping(7, 0, 10)] == ["t", None]
     assert list(again.overlapping(7, 3, 3)) == []
+
+
+def test_location_index_dump_after_more_rows_matches_a_fresh_dump() -> None:
+    """dump() keeps the containers it encoded and extends them: a later dump must be what a
+    dump of the same index from scratch gives, and an earlier dump must stay as it was."""
+    index = LocationIndex()
+    index.add(7, 0, 1, Loc(("tasks",), "t", Content.MAP, None))
+    first = index.dump()
+    first_conts = [list(c) for c in first["containers"]]
+    index.add(7, 1, 4, Loc(("tasks", "t", "log", "n"), None, Content.VALUE, (7, 0)))
+    index.add(9, 0, 2, Loc((), None, Content.GC, None))
+    index.add(9, 2, 3, Loc(("tasks", "t"), "title", Content.VALUE, (7, 0)))
+    second = index.dump()
+    assert first["containers"] == first_conts
+    fresh = LocationIndex.load(second).dump()
+    assert fresh == second
+    assert len(second["containers"]) > len(first["containers"])
+    again = LocationIndex.load(second)
+    assert again.lookup((9, 2)) == index.lookup((9, 2))
+    assert again.lookup((7, 2)) == index.lookup((7, 2))

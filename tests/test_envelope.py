@@ -3,11 +3,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mossnode.crypto.envelope import (
+    MAX_DEPTH,
     SIG_LEN,
     Envelope,
     Reason,
     Rejection,
     ReplayWindow,
+    _plain,
     canonical,
     open_envelope,
     seal,
@@ -182,3 +184,56 @@ def test_fuzz_huge_lengths(major: int, length: int) -> None:
 def test_deep_nesting() -> None:
     payload = b"\x81" * 100_000 + b"\x00"
     assert isinstance(opened(b"\0" * SIG_LEN + payload), Rejection)
+
+
+def _plain_reference(value: object, depth: int = 0) -> bool:
+    """The plain isinstance walk that envelope._plain answers like, faster."""
+    if depth > MAX_DEPTH:
+        return False
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return True
+    if isinstance(value, list):
+        return all(_plain_reference(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_reference(v, depth + 1) for k, v in value.items())
+    return False
+
+
+class _IntSub(int):
+    pass
+
+
+class _DictSub(dict):  # type: ignore[type-arg]
+    pass
+
+
+_odd = st.sampled_from(
+    [cbor2.CBORTag(1, 2), frozenset({1}), (1, 2), bytearray(b"x"), _IntSub(3), 1.5, 2**70]
+)
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=3) | st.binary(max_size=3) | _odd,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=2) | st.integers(0, 3), inner, max_size=3)
+        | st.builds(_DictSub, st.dictionaries(st.text(max_size=2), inner, max_size=2))
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_values)
+def test_plain_answers_as_the_isinstance_walk(value: object) -> None:
+    assert _plain(value) == _plain_reference(value)
+
+
+def test_plain_depth_limit_matches_reference() -> None:
+    for depth in range(MAX_DEPTH - 2, MAX_DEPTH + 3):
+        for leaf in (1, "s", None, [], {}, cbor2.CBORTag(1, 1)):
+            nested_list: object = leaf
+            nested_dict: object = leaf
+            for _ in range(depth):
+                nested_list = [nested_list]
+                nested_dict = {"k": nested_dict}
+            assert _plain(nested_list) == _plain_reference(nested_list)
+            assert _plain(nested_dict) == _plain_reference(nested_dict)

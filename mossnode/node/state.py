@@ -46,10 +46,44 @@ MAX_BUNDLE = 256
 # frame's processing near a quarter of a second; 2 MiB stays well inside host.MAX_FRAME.
 SYNC_BATCH_ENTRIES = 2048
 SYNC_BATCH_BYTES = 3 << 20
+# While a sync stream runs, readers (the scheduler) hear of what changed at most this often,
+# and at its end: a catch-up of many frames is not interleaved with a derivation per frame.
+SYNC_NOTIFY_S = 1.0
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+class ChangeBatch:
+    """Changed paths gathered and handed to ``deliver`` at most every ``interval`` seconds
+    (:meth:`add`), and whatever is left on :meth:`flush`. Nothing is dropped or reordered;
+    an :meth:`add` of no paths is still delivered (as a wake-up), once."""
+
+    def __init__(
+        self,
+        deliver: Callable[[list[tuple[Any, ...]]], None],
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.deliver = deliver
+        self.interval = interval
+        self.clock = clock
+        self.paths: list[tuple[Any, ...]] = []
+        self.held = False  # something was added since the last delivery (maybe no paths)
+        self.last = clock()
+
+    def add(self, paths: list[tuple[Any, ...]]) -> None:
+        self.paths.extend(paths)
+        self.held = True
+        if self.clock() - self.last >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last = self.clock()
+        if self.held:
+            paths, self.paths, self.held = self.paths, [], False
+            self.deliver(paths)
 
 
 class StateService:
@@ -98,10 +132,13 @@ class StateService:
         self._queued += len(entries)
         self._commit_wanted.set()
 
-    def _queue(self, out: Outcome) -> None:
+    def _queue(self, out: Outcome, changes: ChangeBatch | None = None) -> None:
         if out.applied:
             self._enqueue(out.applied)
-            self.on_change(list(out.changed))
+            if changes is None:
+                self.on_change(list(out.changed))
+            else:
+                changes.add(out.changed)
         for ref in out.refused:
             self.counters[f"refused:{ref.rejection.reason.value}"] += 1
         if out.equivocations:
@@ -257,6 +294,7 @@ class StateService:
             return 0
         self._syncing.add(peer)
         got = 0
+        changes = ChangeBatch(lambda paths: self.on_change(paths), SYNC_NOTIFY_S)
         try:
             with trio.move_on_after(60):
                 stream = await self.d.host.new_stream(ID.from_base58(peer), [SYNC_PROTO])
@@ -269,7 +307,7 @@ class StateService:
                         if not all(isinstance(b, bytes) for b in batch):
                             self.d.rejected["malformed"] += 1
                             break
-                        self._queue(self.replica.receive_batch(batch, now_ms()))
+                        self._queue(self.replica.receive_batch(batch, now_ms()), changes)
                         got += len(batch)
                         await trio.sleep(0)
                 finally:
@@ -280,6 +318,7 @@ class StateService:
             log.debug("sync from %s failed: %s", peer, exc)
         finally:
             self._syncing.discard(peer)
+            changes.flush()
         return got
 
     async def _on_sync_stream(self, stream: INetStream) -> None:

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pycrdt import _pycrdt
+
 from mossnode.crypto.envelope import Reason, Rejection
 
 from .locations import GONE, Container, Loc, LocationIndex, Place, WrittenSet
@@ -302,21 +304,35 @@ def references(update: Update | RawUpdate, client: int) -> dict[int, int]:
     return needs
 
 
+# pycrdt's Rust event classes (None if its internals moved: every event takes the generic way)
+_MapEvent: Any = getattr(_pycrdt, "MapEvent", None)
+_ArrayEvent: Any = getattr(_pycrdt, "ArrayEvent", None)
+
+
 def event_changes(root: str, events: Iterable[Any]) -> list[tuple[Path, Op]]:
     """Flatten pycrdt deep events of one root into (path, op) pairs."""
     out: list[tuple[Path, Op]] = []
+    write, delete = Op.WRITE, Op.DELETE
     for event in events:
-        base: Path = (root, *(seg if isinstance(seg, str) else ELEMENT for seg in event.path))
-        keys = getattr(event, "keys", None)
+        kind = type(event)
+        path = event.path
+        if path:
+            base: Path = (root, *(seg if isinstance(seg, str) else ELEMENT for seg in path))
+        else:
+            base = (root,)
+        # a map event has keys and no delta, an array event a delta and no keys
+        keys = None if kind is _ArrayEvent else getattr(event, "keys", None)
         if isinstance(keys, dict):
             for key, change in keys.items():
-                op = Op.DELETE if change.get("action") == "delete" else Op.WRITE
+                op = delete if change.get("action") == "delete" else write
                 out.append(((*base, str(key)), op))
+        if kind is _MapEvent:
+            continue
         for part in getattr(event, "delta", None) or ():
             if "insert" in part:
-                out.append(((*base, ELEMENT), Op.WRITE))
+                out.append(((*base, ELEMENT), write))
             if "delete" in part:
-                out.append(((*base, ELEMENT), Op.DELETE))
+                out.append(((*base, ELEMENT), delete))
     return out
 
 
@@ -533,9 +549,15 @@ def admit(
     last_cont: Container | None = None
     last_kind = _MAP
     new_conts: dict[ID, Container] = {}
-    write = Op.WRITE
     clock = start
     limit = start + max_span
+    special = _SPECIAL
+    may = f.may
+    w_cont: Container | None = None
+    w_table: dict[str | None, Resolved | None] = {}
+    w_path: Path = ()
+    w_len = 0
+    w_owner: dict[int, bool] = {}
 
     def lookup(ref: ID) -> Place | None:  # _Fast.lookup, inlined for the clock in hand
         c, k = ref
@@ -606,10 +628,59 @@ def admit(
             else:
                 place = (last_cont, sub, kind)
         if place[2] is not _GC:
+            # _Fast.allowed(cont, key, write, kind), inlined: the row by key shape, then the
+            # owner, looked up once per container and owner position
             cont, key, _ = place
-            rule = allowed(cont, key, write, kind)
-            if rule is None:
+            if cont is not w_cont:
+                w_cont = cont
+                w_table = _table(cont)
+                w_path = cont.path
+                w_len = len(w_path)
+                w_owner = {}
+            kshape = key if key is None or key in special else ""
+            res = w_table.get(kshape, _MISSING)
+            if res is _MISSING:
+                res = w_table[kshape] = resolve((*shape(w_path), kshape))
+            if res is None:
                 return None
+            at = res.owner_at
+            if at == w_len:
+                if key is None:
+                    return None
+                owner = _CREATORS.get(key, _MISSING) if res.creator else key
+                if owner is _MISSING:
+                    owner = _creator(key)
+                if owner != author:
+                    return None
+            else:
+                slot = -1 - at if res.creator else at  # the owner's position, and its kind
+                ok = w_owner.get(slot)
+                if ok is None:
+                    seg = w_path[at]
+                    if seg is None:
+                        ok = False
+                    elif res.creator:
+                        owner = _CREATORS.get(seg, _MISSING)
+                        if owner is _MISSING:
+                            owner = _creator(seg)
+                        ok = owner == author
+                    else:
+                        ok = seg == author
+                    w_owner[slot] = ok
+                if not ok:
+                    return None
+            if kind not in res.kinds:
+                return None
+            rule = res.rule
+            permission = rule.write
+            if permission is None:
+                return None
+            if permission != MEMBER:
+                granted = may.get(permission)
+                if granted is None:
+                    granted = may[permission] = policy.may(author, permission, policy_seq)
+                if not granted:
+                    return None
             if rule.once:
                 where = (cont.path, key)
                 if where in once_seen or written.has_child(cont.path, key):

@@ -26,6 +26,32 @@ def new_doc(client_id: int, update: bytes | None = None) -> Doc[Map[Any]]:
     return doc
 
 
+def apply_update(doc: Doc[Map[Any]], update: bytes) -> None:
+    """``doc.apply_update(update)`` in a transaction of pycrdt's Rust document directly: the
+    same apply and commit (observers fire at the commit), without the Python transaction
+    wrapper around it. Only where no transaction is open and nothing pycrdt-side watches the
+    document (replicas observe the Rust objects themselves); otherwise the public way."""
+    try:
+        raw = doc._doc
+        direct = doc._txn is None and doc._Model is None and not doc._allow_multithreading
+    except AttributeError:  # pycrdt internals moved: the public way
+        direct = False
+    if not direct:
+        doc.apply_update(update)
+        return
+    txn = raw.create_transaction()
+    try:
+        raw.apply_update(txn, update)
+        txn.commit()
+    finally:
+        txn.drop()
+    failed = getattr(doc, "_exceptions", None)
+    if failed:  # what pycrdt's own transaction would raise for its observers
+        exceptions = tuple(failed)
+        failed.clear()
+        raise ExceptionGroup("Observer callback error", exceptions)
+
+
 def root(doc: Doc[Map[Any]], name: str) -> Map[Any]:
     return doc[name]  # created by new_doc; reading does not open a write transaction
 

@@ -29,6 +29,7 @@ MAX_DEPS = 100_000
 DIGEST_LEN = 32
 NO_SKEW_LIMIT = 1 << 62  # stored entries are replayed years later; seq, not time, stops replay
 _U64 = 1 << 64
+_BODY_KEYS = frozenset({"u", "d", "p", "h"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +56,7 @@ def parse_body(env: Envelope) -> StateEntry | Rejection:
     if env.type != STATE_UPDATE:
         return Rejection(Reason.MALFORMED, f"type {env.type!r} is not {STATE_UPDATE}")
     b = env.body
-    if not isinstance(b, dict) or set(b) != {"u", "d", "p", "h"}:
+    if not isinstance(b, dict) or b.keys() != _BODY_KEYS:
         return Rejection(Reason.MALFORMED, "body is not {u, d, p, h}")
     update, pairs, policy_seq, prev = b["u"], b["d"], b["p"], b["h"]
     if not isinstance(update, bytes):

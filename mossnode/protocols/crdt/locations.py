@@ -87,6 +87,9 @@ class LocationIndex:
     def __init__(self) -> None:
         self._clients: dict[int, _Runs] = {}
         self._conts: list[Container] = []
+        # containers only ever get appended, and never change: their dumped form is kept and
+        # extended, so a snapshot encodes only the containers new since the last one
+        self._conts_dumped: list[list[Any]] = []
         self._by_parent: dict[ID, Container] = {}  # containers that are items
         self._by_root: dict[Path, Container] = {}  # roots (and GONE's empty path)
         # a row's key: one for all its clocks, or a tuple with one per clock
@@ -294,14 +297,17 @@ class LocationIndex:
     def dump(self) -> dict[str, Any]:
         """Plain, CBOR-ready form for snapshots: the tables, and each client's columns as
         little-endian bytes."""
-        conts = [
-            [list(c.path), list(c.parent) if c.parent is not None else None] for c in self._conts
-        ]
+        conts = self._conts_dumped
+        if len(conts) != len(self._conts):
+            conts.extend(
+                [list(c.path), list(c.parent) if c.parent is not None else None]
+                for c in self._conts[len(conts) :]
+            )
         clients = [
             [client, _le(runs.starts), _le(runs.ends), _le(runs.packed)]
             for client, runs in sorted(self._clients.items())
         ]
-        return {"v": 3, "containers": conts, "keys": self._keys, "clients": clients}
+        return {"v": 3, "containers": list(conts), "keys": self._keys, "clients": clients}
 
     @classmethod
     def load(cls, data: Any) -> LocationIndex:
@@ -313,6 +319,7 @@ class LocationIndex:
     def _load_v3(cls, data: Any) -> LocationIndex:
         index = cls()
         index._conts = []
+        index._conts_dumped = []
         index._by_root = {}
         for path, parent in data["containers"]:
             par = (int(parent[0]), int(parent[1])) if parent is not None else None
@@ -439,6 +446,23 @@ class WrittenSet:
                 self._tasks[tid] = self._tasks.get(tid, 0) | bit
                 return
         self._other.add((*container, key))
+
+    def add_children(self, children: Iterable[tuple[Path, str | None]]) -> None:
+        """:meth:`add_child` for each ``(container, key)``."""
+        tasks = self._tasks
+        bits = _SUB_BITS
+        for container, key in children:
+            if len(container) == 1:
+                if key is not None and container == _TASKS_ROOT:
+                    tasks[key] = tasks.get(key, 0) | 1
+                    continue
+            elif len(container) == 2 and container[0] == TASKS:
+                tid = container[1]
+                bit = bits.get(key)
+                if tid is not None and bit is not None:
+                    tasks[tid] = tasks.get(tid, 0) | bit
+                    continue
+            self.add_child(container, key)
 
     def update(self, paths: Iterable[Path]) -> None:
         for path in paths:

@@ -46,7 +46,7 @@ from .authorize import (
     references,
 )
 from .clients import client_id_for
-from .document import ContentDigest, fast_content, new_doc, task_of
+from .document import ContentDigest, apply_update, fast_content, new_doc, task_of
 from .entry import (
     MAX_SPAN,
     STATE_UPDATE,
@@ -341,14 +341,16 @@ class Replica:
         except DecodeError as exc:
             rejection = Rejection(Reason.MALFORMED, f"not a Yrs update: {exc}")
             return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
-        foreign = next((c for c, _, _ in update.runs if c != client), None)
-        if foreign is not None:
-            rejection = Rejection(Reason.FORBIDDEN, f"carries items of client {foreign}")
-            return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
+        for c, _, _ in update.runs:
+            if c != client:
+                rejection = Rejection(Reason.FORBIDDEN, f"carries items of client {c}")
+                return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
         needs = references(update, client)
-        if any(k > parsed.deps.get(c, 0) for c, k in needs.items()):
-            rejection = Rejection(Reason.MALFORMED, "refers to items outside its dependencies")
-            return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
+        deps = parsed.deps
+        for c, k in needs.items():
+            if k > deps.get(c, 0):
+                rejection = Rejection(Reason.MALFORMED, "refers to items outside its dependencies")
+                return _Poison(parsed.author, parsed.seq, parsed.digest, parsed.raw, rejection)
         return _Waiting(parsed, update, needs)
 
     def _refuse(
@@ -433,8 +435,10 @@ class Replica:
         if isinstance(item, _Waiting):
             if item.entry.policy_seq > self.policy.latest_seq():
                 return False
-            if not all(self._holds(c, k) for c, k in item.needs.items()):
-                return False
+            sv = self._sv
+            for c, k in item.needs.items():
+                if sv.get(c, 0) < k and not self._holds(c, k):
+                    return False
         del pend[nxt]
         self._pending_count -= 1
         if isinstance(item, _Poison):
@@ -574,7 +578,7 @@ class Replica:
         if local_events is None:
             self._events.clear()
             try:
-                self.doc.apply_update(e.update)
+                apply_update(self.doc, e.update)
                 if self._observer_failed:
                     raise self._observer_failed.pop()
             except BaseException as exc:  # a Rust panic surfaces as a BaseException
@@ -596,15 +600,15 @@ class Replica:
         self._applied(e.update)
         self._commit(st, e, verdict)
         out.applied.append(Entry(e.author, e.seq, e.raw))
-        out.changed.extend(path for path, _ in events)
+        out.changed += [path for path, _ in events]
         return None
 
     def _commit(self, st: _Author, e: StateEntry, verdict: Accepted | Admitted) -> None:
         index = self._index
         if isinstance(verdict, Accepted):
             index.add_spans(st.client, verdict.spans)
-            for container, key in verdict.once:
-                self._written.add_child(container, key)
+            if verdict.once:
+                self._written.add_children(verdict.once)
             moved = bool(verdict.spans)
         else:
             for start, end, loc in verdict.runs:
