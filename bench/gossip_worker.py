@@ -1,8 +1,10 @@
 """One mesh member for ``bench/gossip.py``: the real Daemon (mode moss) or bare gossipsub (bare).
 
-Both modes use the same host factory, gossipsub settings and topology; moss adds what the daemon
-really does per message: sealing, the topic validator that opens every envelope (signature,
-membership, replay), presence traffic and the rest of the running daemon.
+Both modes use the same host factory, gossipsub settings and topology, and authenticate every
+message with one Ed25519 signature: bare with py-libp2p's message signing (its default), moss
+with its SignedEnvelope (py-libp2p's own signing is off there, see ``make_pubsub``). Moss adds
+what the daemon really does per message: sealing, the topic validator that opens every envelope
+(signature, membership, replay), presence traffic and the rest of the running daemon.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ class Daemon:
         self.listen = listen or cfg.listen
         self.started = time.monotonic()
         self.host = make_host(identity, mdns=cfg.mdns)
-        self.pubsub, self.router = make_pubsub(self.host, cfg.gossip_heartbeat_s)
+        self.pubsub, self.router = make_pubsub(self.host, cfg.gossip_heartbeat_s, envelopes=True)
         self.router.admit = self._admits
         self._host_id = self.host.get_id()
         self._members_at: tuple[int, frozenset[str]] = (-1, frozenset())
@@ -397,6 +397,9 @@ class Daemon:
         data = self.seal(type_, body)
         self.counters["gossip_out"] += 1
         await self.pubsub.publish(topic(self._swarm().swarm_id, name), data)
+        # py-libp2p queues the message for each peer (32 deep, dropping beyond) and may not
+        # yield: let the peers' writers run before a burst of publishes fills their queues
+        await trio.sleep(0)
 
     # --- presence ------------------------------------------------------------------------
 
