@@ -14,10 +14,11 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.stream_muxer.yamux.yamux import TYPE_WINDOW_UPDATE, Yamux
+from libp2p.tools.anyio_service import background_trio_service
 
 from mossnode.crypto.identity import Identity
 from mossnode.node import host as host_module
-from mossnode.node.host import CreditBatchingYamux, KnownRecords, make_host
+from mossnode.node.host import CreditBatchingYamux, KnownRecords, make_host, make_pubsub
 
 PROTO = TProtocol("/moss-test/bulk/1")
 LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
@@ -144,3 +145,39 @@ def test_the_real_record_check_still_refuses_a_record_of_another_peer() -> None:
     known = KnownRecords()
     assert not known.consume(msg, b, b.get_id())  # a's record, claimed by b
     assert known.consume(msg, b, a.get_id())
+
+
+async def test_a_reused_from_and_seqno_cannot_suppress_another_message() -> None:
+    """Daemon pubsub signs nothing itself (envelopes do) and names messages by content: a
+    message reusing another's unsigned (from, seqno) is a different message, not a duplicate."""
+    a, b = make_host(Identity.generate()), make_host(Identity.generate())
+    pa, ra = make_pubsub(a, 0.2, envelopes=True)
+    pb, rb = make_pubsub(b, 0.2, envelopes=True)
+    assert not pa.strict_signing
+    async with (
+        a.run(LISTEN),
+        b.run(LISTEN),
+        background_trio_service(pa),
+        background_trio_service(ra),
+        background_trio_service(pb),
+        background_trio_service(rb),
+    ):
+        await pa.wait_until_ready()
+        await pb.wait_until_ready()
+        await pa.subscribe("t")
+        sub = await pb.subscribe("t")
+        await a.connect(info_from_p2p_addr(multiaddr.Multiaddr(str(b.get_addrs()[0]))))
+        got: list[bytes] = []
+        with trio.fail_after(30):
+            while not got:  # until the mesh carries messages between the two
+                await pa.publish("t", b"warm-up")
+                with trio.move_on_after(0.5):
+                    got.append(bytes((await sub.get()).data))
+            for data in (b"honest", b"same from and seqno"):
+                msg = rpc_pb2.Message(
+                    data=data, topicIDs=["t"], from_id=a.get_id().to_bytes(), seqno=b"\0" * 8
+                )
+                await pa.push_msg(a.get_id(), msg)
+            while b"same from and seqno" not in got:
+                got.append(bytes((await sub.get()).data))
+        assert b"honest" in got

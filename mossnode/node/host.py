@@ -130,6 +130,14 @@ class MemberGossipSub(GossipSub):
     """
 
     admit: Callable[[ID], bool] = staticmethod(lambda peer: True)
+    content_ids = False  # set by make_pubsub(envelopes=True)
+
+    def _check_equivocation(self, msg: Any) -> bool:
+        # py-libp2p drops a message reusing the (from, seqno) of one it saw with other bytes.
+        # Without library signing those two fields are unsigned, so that rule would let any
+        # relaying member pre-empt someone else's next message; with content ids it has no
+        # job (envelopes carry their own signed sequence numbers and replay checks).
+        return True if self.content_ids else super()._check_equivocation(msg)
 
     def _get_peers_to_send(
         self,
@@ -174,7 +182,8 @@ def make_pubsub(
     """Gossipsub with the settings above. With ``envelopes`` every message is a SignedEnvelope
     that topic validators open before it is relayed, so py-libp2p's own message signature (a
     second signature and check per message, by the same key) is off, and messages are
-    identified by content. Without it (a bare host, the benchmark's substrate), the library's
+    identified by content (and py-libp2p's rule on reused ``(from, seqno)`` pairs is off, see
+    :meth:`MemberGossipSub._check_equivocation`). Without it (a bare host, the benchmark's substrate), the library's
     signing and ids are kept."""
     router = MemberGossipSub(
         protocols=GOSSIPSUB_PROTOCOLS,
@@ -192,6 +201,7 @@ def make_pubsub(
         prune_back_off=10,
     )
     if envelopes:
+        router.content_ids = True
         pubsub = Pubsub(
             host, router, strict_signing=False, msg_id_constructor=content_id, seen_ttl=120
         )
