@@ -24,8 +24,8 @@ from mossnode.crypto.envelope import seal
 from mossnode.crypto.identity import Identity
 from mossnode.crypto.peerid import peer_id_from_public_key
 from mossnode.node.consensus import MAX_FRAME, PBFT_PROTO
-from mossnode.node.host import read_frame, write_frame
-from mossnode.node.links import FrameReader, frame
+from mossnode.node.host import frame, read_frame, write_frame
+from mossnode.node.links import FrameReader
 from mossnode.protocols.decisions import encode_op
 from mossnode.protocols.membership import decode_invite
 from mossnode.protocols.pbft import Client, Completed, Send, SetTimer

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import sys
 import time
+from typing import Any
 
 import cbor2
 import multiaddr
@@ -24,8 +26,7 @@ from mossnode.crypto.envelope import SIG_LEN, seal
 from mossnode.crypto.identity import Identity
 from mossnode.crypto.peerid import public_key_from_peer_id
 from mossnode.node.daemon import PRESENCE_PROTO
-from mossnode.node.host import make_host, make_pubsub, read_frame, topic, write_frame
-from mossnode.node.links import frame
+from mossnode.node.host import frame, make_host, make_pubsub, read_frame, topic, write_frame
 from mossnode.node.state import SYNC_PROTO
 
 
@@ -126,6 +127,27 @@ async def main(addr: str, swarm_hex: str, member: str, seconds: float, mode: str
                 await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
     print(json.dumps({"received": received, "sent_rounds": seq - 1}))
+
+
+def run_intruder(target: Any, member: str, seconds: float, mode: str = "inject") -> Any:
+    """This script against daemon ``target`` (a cluster node), as a separate process: what it
+    printed last (JSON) and its stderr."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            target.addr,
+            target.status()["swarm_id"],
+            member,
+            str(seconds),
+            mode,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
 
 
 if __name__ == "__main__":

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from intruder import run_intruder
 
 from mossnode.cluster import Cluster, wait_for
 
@@ -57,23 +54,7 @@ def test_intruder_is_not_relayed(cluster_factory) -> None:
     c.start()
     c.wait_all_alive()
     target = c.nodes[2]
-    s = target.status()
-    founder_id = c.nodes[0].status()["peer_id"]
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("intruder.py")),
-            target.addr,
-            s["swarm_id"],
-            founder_id,
-            "6",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out, stderr = run_intruder(target, c.nodes[0].status()["peer_id"], 6)
     assert out["sent_rounds"] > 5
     rejected = target.status()["rejected"]
     assert rejected.get("not_member", 0) > 0
@@ -86,7 +67,7 @@ def test_intruder_is_not_relayed(cluster_factory) -> None:
         assert st["rejected"].get("bad_signature", 0) == 0
         assert st["decided_height"] == 2 and st["members"] == 3
     # It learned nothing: no gossip reached it, even while its connection was still open.
-    assert out["received"] == 0, [x for x in r.stderr.splitlines() if x.startswith("received")]
+    assert out["received"] == 0, [x for x in stderr.splitlines() if x.startswith("received")]
     # Its connection was closed once the join window passed.
     assert target.status()["counters"].get("gated", 0) >= 1
 
@@ -99,23 +80,8 @@ def test_heartbeats_go_direct_and_non_members_beats_are_refused(cluster_factory)
         wait_for(lambda n=n: n.status()["counters"].get("presence_in", 0) >= 4, 30, "direct beats")
     target = c.nodes[1]
     before = target.status()["rejected"]
-    s = target.status()
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("intruder.py")),
-            target.addr,
-            s["swarm_id"],
-            c.nodes[0].status()["peer_id"],
-            "1",
-            "presence",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1])["frames"] == 20
+    out, _ = run_intruder(target, c.nodes[0].status()["peer_id"], 1, "presence")
+    assert out["frames"] == 20
     after = target.status()["rejected"]
     assert after.get("not_member", 0) - before.get("not_member", 0) == 10
     assert after.get("malformed", 0) - before.get("malformed", 0) == 10

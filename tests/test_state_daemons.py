@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
+from intruder import run_intruder
 
 from mossnode.cluster import Cluster, wait_for
 
@@ -73,20 +70,6 @@ def test_nonmember_learns_nothing(cluster_factory) -> None:
     target = c.nodes[1]
     s = target.status()
     assert s["state"]["entries"] >= 1
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("intruder.py")),
-            target.addr,
-            s["swarm_id"],
-            s["peer_id"],
-            "1",
-            "sync",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"entries": 0}
+    out, _ = run_intruder(target, s["peer_id"], 1, "sync")
+    assert out == {"entries": 0}
     assert target.status()["rejected"].get("not_member", 0) >= 1

@@ -387,11 +387,14 @@ class Daemon:
             if env is None or env.sender == self.identity.public_key:
                 continue
             self.counters["gossip_in"] += 1
-            try:
-                await handler(env)
-            except Exception:  # a bad message must never take the daemon down
-                self.rejected["handler_error"] += 1
-                log.exception("handling %s from %s failed", env.type, env.sender_id)
+            await self._handle(env, handler)
+
+    async def _handle(self, env: Envelope, handler: Any) -> None:
+        try:
+            await handler(env)
+        except Exception:  # a bad message must never take the daemon down
+            self.rejected["handler_error"] += 1
+            log.exception("handling %s from %s failed", env.type, env.sender_id)
 
     async def publish(self, name: str, type_: str, body: Any) -> None:
         data = self.seal(type_, body)
@@ -437,7 +440,7 @@ class Daemon:
                 return
             data = self.seal("presence", self.presence_body())
             for peer in self.host.get_connected_peers():
-                if self._admits(peer) and str(peer) != self.peer_id:
+                if self._admits(peer):
                     self.presence_links.send(str(peer), data)
         except Exception:
             log.exception("presence publish failed")
@@ -457,11 +460,7 @@ class Daemon:
                     self.rejected["presence_not_own"] += 1
                     continue
                 self.counters["presence_in"] += 1
-                try:
-                    await self._on_presence(env)
-                except Exception:  # a bad heartbeat must never take the daemon down
-                    self.rejected["handler_error"] += 1
-                    log.exception("handling presence from %s failed", remote)
+                await self._handle(env, self._on_presence)
         except Exception as exc:  # EOF, reset, oversized frame: the peer opens a new stream
             log.debug("presence stream ended: %s", exc)
         finally:

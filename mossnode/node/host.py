@@ -183,8 +183,8 @@ def make_pubsub(
     that topic validators open before it is relayed, so py-libp2p's own message signature (a
     second signature and check per message, by the same key) is off, and messages are
     identified by content (and py-libp2p's rule on reused ``(from, seqno)`` pairs is off, see
-    :meth:`MemberGossipSub._check_equivocation`). Without it (a bare host, the benchmark's substrate), the library's
-    signing and ids are kept."""
+    :meth:`MemberGossipSub._check_equivocation`). Without it (a bare host, the benchmark's
+    substrate), the library's signing and ids are kept."""
     router = MemberGossipSub(
         protocols=GOSSIPSUB_PROTOCOLS,
         degree=6,
@@ -218,8 +218,13 @@ def maddrs(addrs: list[str]) -> list[multiaddr.Multiaddr]:
     return [multiaddr.Multiaddr(a) for a in addrs]
 
 
+def frame(data: bytes) -> bytes:
+    """A 4-byte big-endian length, then the payload."""
+    return struct.pack(">I", len(data)) + data
+
+
 async def write_frame(stream: INetStream, data: bytes) -> None:
-    await stream.write(struct.pack(">I", len(data)) + data)
+    await stream.write(frame(data))
 
 
 async def _read_exactly(stream: INetStream, n: int) -> bytes:

@@ -18,15 +18,11 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from .host import FrameError
+from .host import FrameError, frame
 
 log = logging.getLogger("mossnode.links")
 
 QUIET_S = 0.3  # after a failed write, frames for that peer are dropped this long
-
-
-def frame(data: bytes) -> bytes:
-    return len(data).to_bytes(4, "big") + data
 
 
 class FrameReader:

@@ -377,7 +377,6 @@ _ARRAY = Content.ARRAY
 _GC = Content.GC
 _OTHER = Content.OTHER
 _TABLES: dict[Path, dict[str | None, Resolved | None]] = {}
-_CREATORS: dict[str, str | None] = {}
 
 
 def _table(cont: Container) -> dict[str | None, Resolved | None]:
@@ -388,15 +387,6 @@ def _table(cont: Container) -> dict[str | None, Resolved | None]:
             _TABLES.clear()
         table = cont.rules = _TABLES.setdefault(shape(cont.path), {})
     return table
-
-
-def _creator(tid: str) -> str | None:
-    owner = _CREATORS.get(tid, _MISSING)
-    if owner is _MISSING:
-        if len(_CREATORS) > 65536:
-            _CREATORS.clear()
-        owner = _CREATORS[tid] = task_creator(tid)
-    return owner  # type: ignore[no-any-return]
 
 
 class _Fast:
@@ -472,13 +462,7 @@ class _Fast:
         seg = key if at == len(path) else path[at]
         if seg is None:
             return None
-        if res.creator:
-            owner = _CREATORS.get(seg, _MISSING)
-            if owner is _MISSING:
-                owner = _creator(seg)
-            if owner != self.author:
-                return None
-        elif seg != self.author:
+        if (task_creator(seg) if res.creator else seg) != self.author:
             return None
         rule = res.rule
         if op is Op.WRITE:
@@ -551,13 +535,7 @@ def admit(
     new_conts: dict[ID, Container] = {}
     clock = start
     limit = start + max_span
-    special = _SPECIAL
-    may = f.may
-    w_cont: Container | None = None
-    w_table: dict[str | None, Resolved | None] = {}
-    w_path: Path = ()
-    w_len = 0
-    w_owner: dict[int, bool] = {}
+    write = Op.WRITE
 
     def lookup(ref: ID) -> Place | None:  # _Fast.lookup, inlined for the clock in hand
         c, k = ref
@@ -628,59 +606,10 @@ def admit(
             else:
                 place = (last_cont, sub, kind)
         if place[2] is not _GC:
-            # _Fast.allowed(cont, key, write, kind), inlined: the row by key shape, then the
-            # owner, looked up once per container and owner position
             cont, key, _ = place
-            if cont is not w_cont:
-                w_cont = cont
-                w_table = _table(cont)
-                w_path = cont.path
-                w_len = len(w_path)
-                w_owner = {}
-            kshape = key if key is None or key in special else ""
-            res = w_table.get(kshape, _MISSING)
-            if res is _MISSING:
-                res = w_table[kshape] = resolve((*shape(w_path), kshape))
-            if res is None:
+            rule = f.allowed(cont, key, write, kind)
+            if rule is None:
                 return None
-            at = res.owner_at
-            if at == w_len:
-                if key is None:
-                    return None
-                owner = _CREATORS.get(key, _MISSING) if res.creator else key
-                if owner is _MISSING:
-                    owner = _creator(key)
-                if owner != author:
-                    return None
-            else:
-                slot = -1 - at if res.creator else at  # the owner's position, and its kind
-                ok = w_owner.get(slot)
-                if ok is None:
-                    seg = w_path[at]
-                    if seg is None:
-                        ok = False
-                    elif res.creator:
-                        owner = _CREATORS.get(seg, _MISSING)
-                        if owner is _MISSING:
-                            owner = _creator(seg)
-                        ok = owner == author
-                    else:
-                        ok = seg == author
-                    w_owner[slot] = ok
-                if not ok:
-                    return None
-            if kind not in res.kinds:
-                return None
-            rule = res.rule
-            permission = rule.write
-            if permission is None:
-                return None
-            if permission != MEMBER:
-                granted = may.get(permission)
-                if granted is None:
-                    granted = may[permission] = policy.may(author, permission, policy_seq)
-                if not granted:
-                    return None
             if rule.once:
                 where = (cont.path, key)
                 if where in once_seen or written.has_child(cont.path, key):

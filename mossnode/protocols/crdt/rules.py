@@ -227,7 +227,6 @@ def resolve(path_shape: Path, rules: tuple[Rule, ...] = RULES) -> Resolved | Non
 
 
 _BY_SHAPE: dict[Path, Resolved | None] = {}
-_CREATORS: dict[str, str | None] = {}  # task id -> the creator it names (task_creator)
 _NOT_YET: object = object()
 
 
@@ -252,17 +251,7 @@ def permits(
         return False
     assert isinstance(res, Resolved)
     seg = path[res.owner_at]
-    if seg is None:
-        return False
-    if res.creator:
-        owner = _CREATORS.get(seg, _NOT_YET)
-        if owner is _NOT_YET:
-            if len(_CREATORS) > 65536:
-                _CREATORS.clear()
-            owner = _CREATORS[seg] = task_creator(seg)
-        if owner != author:
-            return False
-    elif seg != author:
+    if seg is None or (task_creator(seg) if res.creator else seg) != author:
         return False
     permission = res.rule.write if op is Op.WRITE else res.rule.delete
     if permission is None:

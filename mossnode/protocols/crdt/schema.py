@@ -8,6 +8,8 @@ into every task id.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 TASKS = "tasks"
 AGENTS = "agents"
 HISTORY = "history"
@@ -45,6 +47,7 @@ def task_id(creator: str, suffix: str) -> str:
     return f"{creator}{TASK_ID_SEP}{suffix}"
 
 
+@lru_cache(maxsize=1 << 16)  # owner rules ask for every item a task's update writes
 def task_creator(tid: str) -> str | None:
     """The creator peer id embedded in a task id, or None if the id is not well formed."""
     creator, sep, suffix = tid.partition(TASK_ID_SEP)
