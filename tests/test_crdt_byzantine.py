@@ -61,17 +61,17 @@ def tasks(doc: Doc[Map[Any]]) -> Map[Any]:
 
 def test_writing_someone_elses_claim_is_forbidden() -> None:
     rc, _, tid = setup()
-    bad = forge(rc, A, lambda d: tasks(d)[tid]["claims"].__setitem__(B.peer_id, {"score": 0}))
+    bad = forge(rc, A, lambda d: tasks(d)[tid].__setitem__(f"claims/{B.peer_id}", {"score": 0}))
     refused_unchanged(rc, bad, Reason.FORBIDDEN)
     assert A.peer_id in rc.blocked_authors()
 
 
 def test_deleting_another_nodes_entry_is_forbidden() -> None:
     rc, _, tid = setup()
-    bad = forge(rc, D, lambda d: tasks(d)[tid]["claims"].__delitem__(B.peer_id))
+    bad = forge(rc, D, lambda d: tasks(d)[tid].__delitem__(f"claims/{B.peer_id}"))
     refused_unchanged(rc, bad, Reason.FORBIDDEN)
     # even the task's creator may not delete a single entry of another node
-    bad = forge(rc, A, lambda d: tasks(d)[tid]["claims"].__delitem__(B.peer_id))
+    bad = forge(rc, A, lambda d: tasks(d)[tid].__delitem__(f"claims/{B.peer_id}"))
     refused_unchanged(rc, bad, Reason.FORBIDDEN)
 
 
@@ -207,7 +207,7 @@ def test_task_creation_rules() -> None:
 
 def test_reference_outside_declared_dependencies() -> None:
     rc, _, tid = setup()
-    bad = forge(rc, D, lambda d: tasks(d)[tid]["claims"].__setitem__(D.peer_id, 1), deps={})
+    bad = forge(rc, D, lambda d: tasks(d)[tid].__setitem__(f"claims/{D.peer_id}", 1), deps={})
     refused_unchanged(rc, bad, Reason.MALFORMED)
 
 
@@ -228,9 +228,9 @@ def test_write_once_paths() -> None:
 
 def test_refused_author_stays_blocked_and_later_entries_wait() -> None:
     rc, _, tid = setup()
-    bad = forge(rc, D, lambda d: tasks(d)[tid]["claims"].__setitem__(B.peer_id, 0))
+    bad = forge(rc, D, lambda d: tasks(d)[tid].__setitem__(f"claims/{B.peer_id}", 0))
     refused_unchanged(rc, bad, Reason.FORBIDDEN)
-    later = forge(rc, D, lambda d: tasks(d)[tid]["claims"].__setitem__(D.peer_id, 1), seq=2)
+    later = forge(rc, D, lambda d: tasks(d)[tid].__setitem__(f"claims/{D.peer_id}", 1), seq=2)
     before = rc.digest()
     out = rc.receive(later, NOW)
     assert not out.applied and rc.digest() == before
@@ -248,7 +248,7 @@ def test_conflicting_forbidden_write_is_refused_in_every_arrival_order() -> None
     rb.receive(e1.data, NOW)
     _, honest = rb.write(lambda w: w.claim(tid, {"by": "B"}), NOW)
     assert honest is not None
-    forged = forge(ra, D, lambda d: tasks(d)[tid]["claims"].__setitem__(B.peer_id, "stolen"))
+    forged = forge(ra, D, lambda d: tasks(d)[tid].__setitem__(f"claims/{B.peer_id}", "stolen"))
     finals = []
     for order in ((honest.data, forged), (forged, honest.data)):
         rep = Replica(C, SWARM, policy)
@@ -347,7 +347,7 @@ def test_local_write_outside_the_rules_changes_nothing() -> None:
     rc, _, tid = setup()
     before = rc.digest()
     with pytest.raises(WriteRefused):
-        rc.write(lambda w: w._task(tid)["claims"].__setitem__(B.peer_id, 1), NOW)
+        rc.write(lambda w: w._task(tid).__setitem__(f"claims/{B.peer_id}", 1), NOW)
     with pytest.raises(KeyError):
         rc.write(lambda w: w.claim("nope:x", 1), NOW)
     assert rc.digest() == before and rc.vector().get(C.peer_id) is None
@@ -403,10 +403,10 @@ def _fuzz_base() -> tuple[tuple[Replica, Replica, str], list[bytes], TablePolicy
     rc, _, tid = base
     history = [e.data for e in rc.entries()]
     updates = [
-        _update_of(rc, D, lambda d: tasks(d)[tid]["claims"].__setitem__(D.peer_id, {"x": 1})),
+        _update_of(rc, D, lambda d: tasks(d)[tid].__setitem__(f"claims/{D.peer_id}", {"x": 1})),
         _update_of(rc, D, lambda d: d["history"].__setitem__(D.peer_id, Array([1, "a"]))),
         _update_of(rc, D, lambda d: d["agents"].__setitem__(D.peer_id, Map({"g": Map({"c": 1})}))),
-        _update_of(rc, D, lambda d: tasks(d)[tid]["claims"].__delitem__(B.peer_id)),
+        _update_of(rc, D, lambda d: tasks(d)[tid].__delitem__(f"claims/{B.peer_id}")),
     ]
     return base, updates, policy, history
 

@@ -23,7 +23,7 @@ from pycrdt import Array, Doc, Map
 from test_crdt_support import NOW, SWARM, Sim, TablePolicy, forge, ident, policy_for
 
 from mossnode.crypto.envelope import Reason
-from mossnode.protocols.crdt import Replica, WriteRefused, authorize, replica
+from mossnode.protocols.crdt import Replica, WriteRefused, authorize, nest_task, replica
 from mossnode.protocols.crdt.authorize import Accepted, Admitted, check_update, references
 from mossnode.protocols.crdt.document import content, state_digest
 from mossnode.protocols.crdt.lib0 import DecodeError
@@ -204,11 +204,11 @@ def _updates_of(rep: Replica, tid: str) -> list[bytes]:
 
     d = D.peer_id
     return [
-        capture(lambda doc: doc["tasks"][tid]["claims"].__setitem__(d, {"x": 1})),
-        capture(lambda doc: doc["tasks"][tid]["claims"].__setitem__(B.peer_id, 1)),
-        capture(lambda doc: doc["tasks"][tid]["claims"].__delitem__(B.peer_id)),
-        capture(lambda doc: doc["tasks"][tid]["log"].__setitem__(d, Array([1]))),
-        capture(lambda doc: doc["tasks"][tid]["log"][B.peer_id].append(9)),
+        capture(lambda doc: doc["tasks"][tid].__setitem__(f"claims/{d}", {"x": 1})),
+        capture(lambda doc: doc["tasks"][tid].__setitem__(f"claims/{B.peer_id}", 1)),
+        capture(lambda doc: doc["tasks"][tid].__delitem__(f"claims/{B.peer_id}")),
+        capture(lambda doc: doc["tasks"][tid].__setitem__(f"log/{d}", Array([1]))),
+        capture(lambda doc: doc["tasks"][tid][f"log/{B.peer_id}"].append(9)),
         capture(lambda doc: doc["history"].__setitem__(d, Array([1, "a"]))),
         capture(lambda doc: doc["agents"].__setitem__(d, Map({"g": Map({"c": [1]})}))),
         capture(lambda doc: doc["tasks"].__setitem__(f"{d}:own", Map({"title": "t"}))),
@@ -340,7 +340,7 @@ def test_index_loads_the_older_snapshot_form() -> None:
 def test_written_set_is_a_set_of_paths() -> None:
     rng = random.Random(4)
     ws, plain = WrittenSet(), set()
-    segs = ["tasks", "t1", "t2", "claims", "log", "history", "n", None, "title"]
+    segs = ["tasks", "t1", "t2", "claims", "log/n", "history", "n", None, "title"]
     for _ in range(2000):
         path = tuple(rng.choice(segs) for _ in range(rng.randint(1, 4)))
         if rng.random() < 0.5:
@@ -404,7 +404,7 @@ def test_restore_after_many_updates_and_a_snapshot(monkeypatch: pytest.MonkeyPat
             ra.snapshot()
     before = ra.digest()
     with pytest.raises(WriteRefused):
-        ra.write(lambda w: w._task(f"{A.peer_id}:t3")["claims"].__setitem__(B.peer_id, 1), NOW)
+        ra.write(lambda w: w._task(f"{A.peer_id}:t3").__setitem__(f"claims/{B.peer_id}", 1), NOW)
     assert ra.digest() == before
     with pytest.raises(ZeroDivisionError):
         ra.write(lambda w: (w.append_history("x"), 1 / 0), NOW)
@@ -426,7 +426,7 @@ def test_kept_digest_is_the_digest_of_the_content() -> None:
             assert rep.digest() == state_digest(rep.doc), step
             assert rep.content() == content(rep.doc)
             for tid in rep.doc["tasks"]:
-                assert rep.task(tid) == content(rep.doc)["tasks"][tid]
+                assert rep.task(tid) == nest_task(content(rep.doc)["tasks"][tid])
             checked += 1
     sim.anti_entropy()
     for rep in sim.reps:
@@ -498,6 +498,13 @@ _SEGMENTS = [
     f"{A.peer_id}:",
     "**",
     "{node}",
+    "core",
+    f"claims/{A.peer_id}",
+    f"bids/{B.peer_id}",
+    f"log/{B.peer_id}",
+    f"reviews/{A.peer_id}/x",
+    "claims/",
+    f"nope/{A.peer_id}",
 ]
 
 

@@ -28,23 +28,27 @@ EVERYTHING = TablePolicy(members={A, B})
         (("tasks", T), Op.WRITE, A, True),
         (("tasks", T), Op.WRITE, B, False),
         (("tasks", T), Op.DELETE, A, True),
-        (("tasks", T, "title"), Op.WRITE, A, True),
-        (("tasks", T, "title"), Op.WRITE, B, False),
-        (("tasks", T, "title"), Op.DELETE, A, True),
+        (("tasks", T, "core"), Op.WRITE, A, True),
+        (("tasks", T, "core"), Op.WRITE, B, False),
+        (("tasks", T, "core"), Op.DELETE, A, True),
+        (("tasks", T, "title"), Op.WRITE, A, False),
         (("tasks", T, "nonsense"), Op.WRITE, A, False),
-        (("tasks", T, "claims"), Op.WRITE, A, True),
-        (("tasks", T, "claims"), Op.DELETE, A, False),
-        (("tasks", T, "claims", B), Op.WRITE, B, True),
-        (("tasks", T, "claims", B), Op.DELETE, B, True),
-        (("tasks", T, "claims", B), Op.WRITE, A, False),
-        (("tasks", T, "claims", B), Op.DELETE, A, False),
-        (("tasks", T, "reviews", B), Op.WRITE, B, True),
-        (("tasks", T, "log", B), Op.WRITE, B, True),
-        (("tasks", T, "log", B), Op.DELETE, B, False),
-        (("tasks", T, "log", B, None), Op.WRITE, B, True),
-        (("tasks", T, "log", B, None), Op.DELETE, B, False),
-        (("tasks", T, "log", B, None), Op.WRITE, A, False),
-        (("tasks", T, "claims", B, "deeper"), Op.WRITE, B, False),
+        (("tasks", T, "claims"), Op.WRITE, A, False),
+        (("tasks", T, f"claims/{B}"), Op.WRITE, B, True),
+        (("tasks", T, f"claims/{B}"), Op.DELETE, B, True),
+        (("tasks", T, f"claims/{B}"), Op.WRITE, A, False),
+        (("tasks", T, f"claims/{B}"), Op.DELETE, A, False),
+        (("tasks", T, f"claims/{B}/x"), Op.WRITE, B, False),
+        (("tasks", T, "claims/"), Op.WRITE, B, False),
+        (("tasks", T, f"claimsX/{B}"), Op.WRITE, B, False),
+        (("tasks", T, f"reviews/{B}"), Op.WRITE, B, True),
+        (("tasks", T, f"log/{B}"), Op.WRITE, B, True),
+        (("tasks", T, f"log/{B}"), Op.DELETE, B, False),
+        (("tasks", T, f"log/{B}", None), Op.WRITE, B, True),
+        (("tasks", T, f"log/{B}", None), Op.DELETE, B, False),
+        (("tasks", T, f"log/{B}", None), Op.WRITE, A, False),
+        (("tasks", T, f"claims/{B}", "deeper"), Op.WRITE, B, False),
+        (("tasks", T, "claims", B), Op.WRITE, B, False),
         (("agents", B), Op.WRITE, B, True),
         (("agents", B, "agent1", "caps", None), Op.WRITE, B, True),
         (("agents", B, "agent1"), Op.DELETE, B, True),
@@ -63,22 +67,22 @@ def test_owner_table(path: tuple[str | None, ...], op: Op, author: str, allowed:
 
 def test_permissions_come_from_the_cited_policy() -> None:
     policy = TablePolicy(members={A, B}, grants={B: {"task.claim"}})
-    assert judge(B, ("tasks", T, "claims", B), Op.WRITE, None, policy, 0)[1] is None
-    assert judge(B, ("tasks", T, "reviews", B), Op.WRITE, None, policy, 0)[1] is not None
-    assert judge(B, ("tasks", T, "progress", B), Op.WRITE, None, policy, 0)[1] is not None
-    assert judge(B, ("tasks", T, "results", B), Op.WRITE, None, policy, 0)[1] is not None
+    assert judge(B, ("tasks", T, f"claims/{B}"), Op.WRITE, None, policy, 0)[1] is None
+    assert judge(B, ("tasks", T, f"reviews/{B}"), Op.WRITE, None, policy, 0)[1] is not None
+    assert judge(B, ("tasks", T, f"progress/{B}"), Op.WRITE, None, policy, 0)[1] is not None
+    assert judge(B, ("tasks", T, f"results/{B}"), Op.WRITE, None, policy, 0)[1] is not None
     executor = TablePolicy(members={B}, grants={B: {"task.claim", "task.progress", "task.submit"}})
     for kind in ("claims", "bids", "leases", "progress", "results"):
-        assert judge(B, ("tasks", T, kind, B), Op.WRITE, None, executor, 0)[1] is None
-    assert judge(A, ("tasks", T, "title"), Op.WRITE, Content.MAP, EVERYTHING, 0)[1] is not None
+        assert judge(B, ("tasks", T, f"{kind}/{B}"), Op.WRITE, None, executor, 0)[1] is None
+    assert judge(A, ("tasks", T, "core"), Op.WRITE, Content.MAP, EVERYTHING, 0)[1] is not None
 
 
 def test_every_rule_is_reachable() -> None:
     samples: dict[str, tuple[str | None, ...]] = {}
     for rule in RULES:
         path = tuple(
-            {"{task}": T, "{node}": B, "{core}": "title", "{sub}": "bids", "[]": None}.get(
-                seg, "x" if seg == "**" else seg
+            {"{task}": T, "{node}": B, "[]": None}.get(
+                seg, "x" if seg == "**" else seg.replace("{node}", B)
             )
             for seg in rule.pattern
         )

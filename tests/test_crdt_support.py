@@ -212,7 +212,7 @@ class Sim:
             tid = rng.choice(tasks)
             if rng.random() < 0.5:
                 forged = forge(
-                    byz, self.byz_id, lambda d: d["tasks"][tid]["claims"].__setitem__(victim, 1)
+                    byz, self.byz_id, lambda d: d["tasks"][tid].__setitem__(f"claims/{victim}", 1)
                 )
             else:
                 forged = forge(

@@ -148,6 +148,21 @@ def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
     assert sha(db) == before
 
 
+def test_store_of_an_older_document_layout_is_refused_and_left_alone(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "state.db"
+    Store(db).close()
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA user_version=1")
+    con.commit()
+    con.close()
+    before = sha(db)
+    with pytest.raises(StoreError, match="older task document layout"):
+        Store(db)
+    assert sha(db) == before
+
+
 def test_snapshot_plus_tail_rebuilds_the_same_document(tmp_path: Path) -> None:
     sim = Sim(3, seed=42, drop=0.0, dup=0.0)
     sim.run(80)

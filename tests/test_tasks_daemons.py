@@ -40,8 +40,11 @@ def swarm(cluster_factory, n: int) -> Cluster:
 def submit(node, title: str, n: int, after: list[str] = (), sleep: float = 0) -> str:
     # a node accepts dependencies it already holds: wait for them to replicate to it
     for dep in after:
-        wait_for(lambda dep=dep: any(t["id"] == dep for t in node.api.get("/v1/tasks")), 20,
-                 f"{dep} to reach {node.name}")
+        wait_for(
+            lambda dep=dep: any(t["id"] == dep for t in node.api.get("/v1/tasks")),
+            20,
+            f"{dep} to reach {node.name}",
+        )
     body = {
         "title": title,
         "capabilities": ["math"],

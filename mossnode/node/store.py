@@ -35,7 +35,10 @@ from mossnode.protocols.crdt.replica import Replica
 from mossnode.protocols.crdt.rules import Policy
 
 APPLICATION_ID = 0x6D6F5353  # "moSS" in the SQLite header: this file is a mossnode store
-SCHEMA_VERSION = 1
+# 2: the task document layout of protocols/crdt/schema.py (core value, <kind>/<node> keys).
+# Entries of layout 1 (core fields and per-node sub-maps) would fail today's owner rules and
+# block their authors, so such a store is refused by name instead of replayed.
+SCHEMA_VERSION = 2
 KEEP_SNAPSHOTS = 2
 _HEADER = b"SQLite format 3\x00"
 
@@ -139,6 +142,13 @@ class Store:
             raise StoreError(self.path, "an SQLite database, but not a mossnode store")
         if version > SCHEMA_VERSION:
             raise StoreError(self.path, f"schema version {version} is newer than this mossnode")
+        if app == APPLICATION_ID and version < SCHEMA_VERSION:
+            raise StoreError(
+                self.path,
+                f"schema version {version} holds an older task document layout, which this "
+                f"mossnode (version {SCHEMA_VERSION}) cannot replay; left untouched (move it "
+                "away and join the swarm again)",
+            )
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StoreError(self.path, f"cannot enable WAL (journal mode {mode})")

@@ -718,9 +718,7 @@ class TaskService:
         return {"id": tid, "attempt": plan.attempt, "round": plan.round, "ok": plan.ok}
 
     @contextlib.contextmanager
-    def _letting_go(
-        self, held: dict[str, T.Run], tid: str, key: str, agent: str
-    ) -> Iterator[None]:
+    def _letting_go(self, held: dict[str, T.Run], tid: str, key: str, agent: str) -> Iterator[None]:
         """Drop ``agent``'s hold on ``tid`` (scheduler entry and hand-over) for a write that
         ends it; put both back if the write is refused."""
         run = held.get(tid)

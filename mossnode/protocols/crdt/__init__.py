@@ -29,7 +29,7 @@ from .rules import (
     TASK_SUBMIT,
     Policy,
 )
-from .schema import CORE_FIELDS, NODE_ENTRIES, ROOTS, task_creator, task_id
+from .schema import CORE_FIELDS, NODE_ENTRIES, ROOTS, nest_task, node_key, task_creator, task_id
 from .writes import Writer
 
 __all__ = [
@@ -59,6 +59,8 @@ __all__ = [
     "WriteRefused",
     "Writer",
     "client_id_for",
+    "nest_task",
+    "node_key",
     "open_entry",
     "task_creator",
     "task_id",

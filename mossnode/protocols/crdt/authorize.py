@@ -30,7 +30,19 @@ from pycrdt import _pycrdt
 from mossnode.crypto.envelope import Reason, Rejection
 
 from .locations import GONE, Container, Loc, LocationIndex, Place, WrittenSet
-from .rules import _SPECIAL, MEMBER, Op, Policy, Resolved, Rule, judge, permits, resolve, shape
+from .rules import (
+    _SPECIAL,
+    MEMBER,
+    Op,
+    Policy,
+    Resolved,
+    Rule,
+    judge,
+    permits,
+    resolve,
+    shape,
+    shape_seg,
+)
 from .schema import ELEMENT, ROOTS, Path, render, task_creator
 from .yrs_update import ID, Content, Item, RawUpdate, Update, raw_of
 
@@ -451,7 +463,7 @@ class _Fast:
         table = cont.rules
         if table is None:
             table = _table(cont)
-        kshape = key if key is None or key in _SPECIAL else ""
+        kshape = key if key is None or key in _SPECIAL else shape_seg(key)
         res: Resolved | None = table.get(kshape, _MISSING)
         if res is _MISSING:
             res = table[kshape] = resolve((*shape(cont.path), kshape))
@@ -462,7 +474,10 @@ class _Fast:
         seg = key if at == len(path) else path[at]
         if seg is None:
             return None
-        if (task_creator(seg) if res.creator else seg) != self.author:
+        if res.creator:
+            if task_creator(seg) != self.author:
+                return None
+        elif (seg[res.strip :] if res.strip else seg) != self.author:
             return None
         rule = res.rule
         if op is Op.WRITE:

@@ -14,7 +14,7 @@ from pycrdt import Array, Doc, Map, _pycrdt
 
 from mossnode.crypto.envelope import canonical
 
-from .schema import ROOTS
+from .schema import ROOTS, nest_task
 
 
 def new_doc(client_id: int, update: bytes | None = None) -> Doc[Map[Any]]:
@@ -140,7 +140,8 @@ def fast_content(doc: Doc[Map[Any]]) -> dict[str, Any]:
 
 
 def task_of(doc: Doc[Map[Any]], tasks: Map[Any], tid: str) -> dict[str, Any] | None:
-    """``tasks/<tid>`` as plain Python (None if it is not a map), read in one transaction.
+    """``tasks/<tid>`` as plain Python, nested as readers see it (:func:`.schema.nest_task`;
+    None if it is not a map), read in one transaction.
     ``tasks`` is ``doc["tasks"]`` (which pycrdt rebuilds, with every root, at each access)."""
     with doc.transaction() as txn:
         if tid not in tasks:
@@ -152,9 +153,9 @@ def task_of(doc: Doc[Map[Any]], tasks: Map[Any], tid: str) -> dict[str, Any] | N
             out = _raw_py(raw, txn._txn)
         except Exception:  # pycrdt internals moved: the public, slower way
             task = tasks.get(tid)
-            return plain(task.to_py()) if isinstance(task, Map) else None
+            return nest_task(plain(task.to_py())) if isinstance(task, Map) else None
     assert isinstance(out, dict)
-    return out
+    return nest_task(out)
 
 
 class ContentDigest:

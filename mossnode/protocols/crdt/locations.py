@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import SUB_MAPS, TASKS, Path
+from .schema import TASKS, Path
 from .yrs_update import ID, Content
 
 
@@ -158,7 +158,7 @@ class LocationIndex:
 
         Contiguous rows in one container with one content kind share a row: with one key
         (array elements, collected ranges), or one clock each under a sequence of keys (a
-        map's fields written together). A task's 19 items take 3 rows.
+        map's fields written together).
         """
         if not spans:
             return
@@ -381,87 +381,47 @@ def _from_le(data: bytes) -> array[int]:
 class WrittenSet:
     """The write-once paths already written: a set of paths, stored compactly.
 
-    A task's own path and its sub-maps (``tasks/<id>``, ``tasks/<id>/<sub>``: eight per task)
-    are one bitmask per task id; any other path is kept as it is.
+    Task ids (``tasks/<id>``, one per task) are kept apart as a set of ids; any other path is
+    kept as it is. (Snapshots of an earlier layout stored a bitmask per task; bit 1 is the task.)
     """
 
     __slots__ = ("_other", "_tasks")
 
     def __init__(self, paths: Iterable[Path] = ()) -> None:
-        self._tasks: dict[str, int] = {}
+        self._tasks: set[str] = set()
         self._other: set[Path] = set()
         for path in paths:
             self.add(path)
 
-    @staticmethod
-    def _bit(path: Path) -> tuple[str, int] | None:
-        n = len(path)
-        if (n == 2 or n == 3) and path[0] == TASKS:
-            tid = path[1]
-            if tid is not None:
-                if n == 2:
-                    return tid, 1
-                bit = _SUB_BITS.get(path[2])
-                if bit is not None:
-                    return tid, bit
-        return None
-
     def __contains__(self, path: object) -> bool:
         if not isinstance(path, tuple):
             return False
-        found = self._bit(path)
-        if found is None:
-            return path in self._other
-        return bool(self._tasks.get(found[0], 0) & found[1])
+        if len(path) == 2 and path[0] == TASKS and path[1] is not None:
+            return path[1] in self._tasks
+        return path in self._other
 
     def add(self, path: Path) -> None:
-        found = self._bit(path)
-        if found is None:
-            self._other.add(path)
+        if len(path) == 2 and path[0] == TASKS and path[1] is not None:
+            self._tasks.add(path[1])
         else:
-            tid, bit = found
-            self._tasks[tid] = self._tasks.get(tid, 0) | bit
+            self._other.add(path)
 
     def has_child(self, container: Path, key: str | None) -> bool:
         """``(*container, key) in self``, without building the path."""
-        if container == _TASKS_ROOT:
-            if key is not None:
-                return bool(self._tasks.get(key, 0) & 1)
-        elif len(container) == 2 and container[0] == TASKS and container[1] is not None:
-            bit = _SUB_BITS.get(key)
-            if bit is not None:
-                return bool(self._tasks.get(container[1], 0) & bit)
+        if container == _TASKS_ROOT and key is not None:
+            return key in self._tasks
         return (*container, key) in self._other
 
     def add_child(self, container: Path, key: str | None) -> None:
         """``self.add((*container, key))``, without building the path where it can."""
-        if container == _TASKS_ROOT:
-            if key is not None:
-                self._tasks[key] = self._tasks.get(key, 0) | 1
-                return
-        elif len(container) == 2 and container[0] == TASKS and container[1] is not None:
-            bit = _SUB_BITS.get(key)
-            if bit is not None:
-                tid = container[1]
-                self._tasks[tid] = self._tasks.get(tid, 0) | bit
-                return
-        self._other.add((*container, key))
+        if container == _TASKS_ROOT and key is not None:
+            self._tasks.add(key)
+        else:
+            self._other.add((*container, key))
 
     def add_children(self, children: Iterable[tuple[Path, str | None]]) -> None:
         """:meth:`add_child` for each ``(container, key)``."""
-        tasks = self._tasks
-        bits = _SUB_BITS
         for container, key in children:
-            if len(container) == 1:
-                if key is not None and container == _TASKS_ROOT:
-                    tasks[key] = tasks.get(key, 0) | 1
-                    continue
-            elif len(container) == 2 and container[0] == TASKS:
-                tid = container[1]
-                bit = bits.get(key)
-                if tid is not None and bit is not None:
-                    tasks[tid] = tasks.get(tid, 0) | bit
-                    continue
             self.add_child(container, key)
 
     def update(self, paths: Iterable[Path]) -> None:
@@ -469,22 +429,15 @@ class WrittenSet:
             self.add(path)
 
     def __iter__(self) -> Iterator[Path]:
-        for tid, mask in self._tasks.items():
-            if mask & 1:
-                yield (TASKS, tid)
-            for sub, bit in _SUB_BITS.items():
-                if mask & bit:
-                    yield (TASKS, tid, sub)
+        for tid in self._tasks:
+            yield (TASKS, tid)
         yield from self._other
 
     def __len__(self) -> int:
-        return sum(bin(mask).count("1") for mask in self._tasks.values()) + len(self._other)
+        return len(self._tasks) + len(self._other)
 
     def dump(self) -> dict[str, Any]:
-        return {
-            "tasks": [[tid, mask] for tid, mask in self._tasks.items()],
-            "other": [list(p) for p in self._other],
-        }
+        return {"tasks": [[tid, 1] for tid in self._tasks], "other": [list(p) for p in self._other]}
 
     @classmethod
     def load(cls, data: Any) -> WrittenSet:
@@ -493,12 +446,12 @@ class WrittenSet:
             for tid, mask in data["tasks"]:
                 if not isinstance(tid, str) or type(mask) is not int or mask < 0:
                     raise ValueError("bad write-once entry")
-                out._tasks[tid] = mask
+                if mask & 1:
+                    out._tasks.add(tid)
             out._other = {tuple(p) for p in data["other"]}
         else:  # the older form: a list of paths
             out.update(tuple(p) for p in data)
         return out
 
 
-_SUB_BITS: dict[str | None, int] = {sub: 2 << i for i, sub in enumerate(SUB_MAPS)}
 _TASKS_ROOT: Path = (TASKS,)

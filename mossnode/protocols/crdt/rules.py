@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from .schema import CORE_FIELDS, ELEMENT, SUB_MAPS, Path, render, task_creator
+from .schema import CORE, ELEMENT, KEY_SEP, LOG, Path, render, task_creator
 from .yrs_update import Content
 
 
@@ -83,26 +83,48 @@ def _rule(
     return Rule(tuple(pattern.split("/")), owner, write, delete, kinds, once)
 
 
+def _entry(
+    kind: str,
+    write: str | None,
+    delete: str | None,
+    kinds: frozenset[Content],
+    once: bool = False,
+    tail: tuple[str, ...] = (),
+) -> Rule:
+    """A row for node entries of a task: the one segment ``<kind>/<node>`` (a key of the task
+    map, see :mod:`.schema`), owned by the node it names."""
+    return Rule(
+        ("tasks", "{task}", f"{kind}{KEY_SEP}{{node}}", *tail), "node", write, delete, kinds, once
+    )
+
+
 RULES: tuple[Rule, ...] = (
     _rule("tasks/{task}", "creator", TASK_CREATE, TASK_DELETE, MAP, once=True),
-    _rule("tasks/{task}/{core}", "creator", TASK_CREATE, TASK_CREATE, VALUE),
-    _rule("tasks/{task}/{sub}", "creator", TASK_CREATE, None, MAP, once=True),
-    _rule("tasks/{task}/claims/{node}", "node", TASK_CLAIM, TASK_CLAIM, VALUE),
-    _rule("tasks/{task}/bids/{node}", "node", TASK_CLAIM, TASK_CLAIM, VALUE),
-    _rule("tasks/{task}/leases/{node}", "node", TASK_CLAIM, TASK_CLAIM, VALUE),
-    _rule("tasks/{task}/progress/{node}", "node", TASK_PROGRESS, TASK_PROGRESS, VALUE),
-    _rule("tasks/{task}/results/{node}", "node", TASK_SUBMIT, TASK_SUBMIT, VALUE),
-    _rule("tasks/{task}/reviews/{node}", "node", TASK_REVIEW, TASK_REVIEW, VALUE),
-    _rule("tasks/{task}/log/{node}", "node", MEMBER, None, ARRAY, once=True),
-    _rule("tasks/{task}/log/{node}/[]", "node", MEMBER, None, VALUE),
+    _rule(f"tasks/{{task}}/{CORE}", "creator", TASK_CREATE, TASK_CREATE, VALUE),
+    _entry("claims", TASK_CLAIM, TASK_CLAIM, VALUE),
+    _entry("bids", TASK_CLAIM, TASK_CLAIM, VALUE),
+    _entry("leases", TASK_CLAIM, TASK_CLAIM, VALUE),
+    _entry("progress", TASK_PROGRESS, TASK_PROGRESS, VALUE),
+    _entry("results", TASK_SUBMIT, TASK_SUBMIT, VALUE),
+    _entry("reviews", TASK_REVIEW, TASK_REVIEW, VALUE),
+    _entry(LOG, MEMBER, None, ARRAY, once=True),
+    _entry(LOG, MEMBER, None, VALUE, tail=("[]",)),
     _rule("agents/{node}", "node", MEMBER, MEMBER, MAP),
     _rule("agents/{node}/**", "node", MEMBER, MEMBER, TREE),
     _rule("history/{node}", "node", MEMBER, None, ARRAY, once=True),
     _rule("history/{node}/[]", "node", MEMBER, None, VALUE),
 )
 
-_CORE = frozenset(CORE_FIELDS)
-_SUB = frozenset(SUB_MAPS)
+# compound segments: a literal prefix ending in KEY_SEP, then a binder ("claims/{node}")
+_PREFIXES = frozenset(
+    seg[: seg.index(KEY_SEP) + 1] for rule in RULES for seg in rule.pattern if KEY_SEP in seg
+)
+
+
+def _compound(pat: str) -> tuple[str, str] | None:
+    """``(prefix, binder)`` of a compound pattern segment, else None."""
+    i = pat.find(KEY_SEP)
+    return None if i < 0 else (pat[: i + 1], pat[i + 2 : -1])
 
 
 def _match(pattern: tuple[str, ...], path: Path) -> dict[str, str] | None:
@@ -119,12 +141,12 @@ def _match(pattern: tuple[str, ...], path: Path) -> dict[str, str] | None:
             continue
         if seg is None:
             return None
-        if pat == "{core}":
-            if seg not in _CORE:
+        compound = _compound(pat)
+        if compound is not None:
+            prefix, binder = compound
+            if not seg.startswith(prefix):
                 return None
-        elif pat == "{sub}":
-            if seg not in _SUB:
-                return None
+            bound[binder] = seg[len(prefix) :]
         elif pat.startswith("{"):
             bound[pat[1:-1]] = seg
         elif pat != seg:
@@ -181,21 +203,19 @@ def judge(
 
 # -- the table by path shape ------------------------------------------------------------------
 #
-# A pattern tells path segments apart only by: None or not, membership in CORE_FIELDS or
-# SUB_MAPS, and equality with its literal segments. So every other string behaves alike, and a
-# path's *shape* (those strings replaced by "") matches the same row at the same positions as
-# the path itself. Authorization looks rows up by shape, once per shape, and reads the owner
-# from the real path at the row's {task} or {node} position.
+# A pattern tells path segments apart only by: None or not, equality with its literal segments,
+# and the literal prefix of a compound segment ("claims/" of "claims/{node}"). So every other
+# string behaves alike, and a path's *shape* (a compound segment cut to its prefix, every other
+# string replaced by "") matches the same row at the same positions as the path itself.
+# Authorization looks rows up by shape, once per shape, and reads the owner from the real path
+# at the row's {task} or {node} position (after the compound prefix).
 
 _LITERALS = frozenset(
-    seg
-    for rule in RULES
-    for seg in rule.pattern
-    if not seg.startswith("{") and seg not in ("[]", "**")
+    seg for rule in RULES for seg in rule.pattern if "{" not in seg and seg not in ("[]", "**")
 )
-_SPECIAL = _LITERALS | _CORE | _SUB
-if "" in _SPECIAL:
-    raise AssertionError("the shape placeholder must not be a pattern segment")
+_SPECIAL = _LITERALS
+if "" in _SPECIAL or any(KEY_SEP in seg for seg in _SPECIAL):
+    raise AssertionError("the shape placeholder and compound prefixes must not be literals")
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,17 +223,34 @@ class Resolved:
     """A row found for a shape, and where in the path its owner is named."""
 
     rule: Rule
-    owner_at: int  # index of the {node} or {task} segment
+    owner_at: int  # index of the segment naming the owner ({task}, {node} or <kind>/{node})
     creator: bool  # the owner is the creator named in the task id at owner_at
     kinds: tuple[Content, ...]  # rule.kinds, tested by identity (Enum hashing is slow)
+    strip: int = 0  # length of the compound prefix before the owner's id in that segment
 
 
 def shape_seg(seg: str | None) -> str | None:
-    return seg if seg is None or seg in _SPECIAL else ""
+    if seg is None or seg in _SPECIAL:
+        return seg
+    i = seg.find(KEY_SEP)
+    if i > 0:
+        prefix = seg[: i + 1]
+        if prefix in _PREFIXES:
+            return prefix
+    return ""
 
 
 def shape(path: Path) -> Path:
-    return tuple(seg if seg is None or seg in _SPECIAL else "" for seg in path)
+    return tuple(seg if seg is None or seg in _SPECIAL else shape_seg(seg) for seg in path)
+
+
+def owner_seg(res: Resolved, seg: str | None) -> str | None:
+    """The owner's id from the path segment at ``res.owner_at``."""
+    if seg is None:
+        return None
+    if res.creator:
+        return task_creator(seg)
+    return seg[res.strip :] if res.strip else seg
 
 
 def resolve(path_shape: Path, rules: tuple[Rule, ...] = RULES) -> Resolved | None:
@@ -223,7 +260,9 @@ def resolve(path_shape: Path, rules: tuple[Rule, ...] = RULES) -> Resolved | Non
         return None
     rule = found[0]
     slot = "{node}" if rule.owner == "node" else "{task}"
-    return Resolved(rule, rule.pattern.index(slot), rule.owner == "creator", tuple(rule.kinds))
+    at = next(i for i, seg in enumerate(rule.pattern) if seg.endswith(slot))
+    strip = len(rule.pattern[at]) - len(slot)
+    return Resolved(rule, at, rule.owner == "creator", tuple(rule.kinds), strip)
 
 
 _BY_SHAPE: dict[Path, Resolved | None] = {}
@@ -250,8 +289,7 @@ def permits(
     if res is None:
         return False
     assert isinstance(res, Resolved)
-    seg = path[res.owner_at]
-    if seg is None or (task_creator(seg) if res.creator else seg) != author:
+    if owner_seg(res, path[res.owner_at]) != author:
         return False
     permission = res.rule.write if op is Op.WRITE else res.rule.delete
     if permission is None:

@@ -4,11 +4,18 @@ Every place in the document has a path: the map keys from a root down to it, wit
 "an element of this array". Ownership is read off the path alone (see :mod:`.rules`), so the
 layout puts the owner's peer id into the path wherever a node writes, and the creator's peer id
 into every task id.
+
+A task is one map holding few items, because every item costs each replica a decode, an owner
+check and an apply: the creator's fields are one value (``core``), and each node's entries are
+keys of the task map itself, ``<kind>/<node>`` (``claims/<node>``, ``log/<node>``, ...). Keys
+name their owner, so no shared sub-map has to exist before a node can write, and creating a
+task writes two items.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 TASKS = "tasks"
 AGENTS = "agents"
@@ -28,9 +35,11 @@ CORE_FIELDS = (
     "created_at",
     "contract",
 )
+CORE = "core"  # the task map's key holding CORE_FIELDS as one value
 NODE_ENTRIES = ("claims", "bids", "leases", "progress", "results", "reviews")
 LOG = "log"
-SUB_MAPS = (*NODE_ENTRIES, LOG)
+SUB_MAPS = (*NODE_ENTRIES, LOG)  # what a task reads as, nested: kind -> node -> entry
+KEY_SEP = "/"  # a node's key in a task map: <kind>/<node>
 
 TASK_ID_SEP = ":"
 MAX_SUFFIX = 64
@@ -56,6 +65,29 @@ def task_creator(tid: str) -> str | None:
     if not set(suffix) <= _SUFFIX_CHARS:
         return None
     return creator
+
+
+def node_key(kind: str, node: str) -> str:
+    """The task-map key of ``node``'s entry of ``kind`` (one of SUB_MAPS)."""
+    return f"{kind}{KEY_SEP}{node}"
+
+
+_SUBS = frozenset(SUB_MAPS)
+
+
+def nest_task(raw: dict[str, Any]) -> dict[str, Any]:
+    """A task map as readers see it: the core fields at the top and each node's entries under
+    their kind (``{"title": ..., "claims": {node: value}, "log": {node: [...]}, ...}``).
+    Keys outside the schema are left out (the owner rules never admit them)."""
+    core = raw.get(CORE)
+    out: dict[str, Any] = dict(core) if isinstance(core, dict) else {}
+    for sub in SUB_MAPS:
+        out[sub] = {}
+    for key, value in raw.items():
+        kind, sep, node = key.partition(KEY_SEP)
+        if sep and kind in _SUBS:
+            out[kind][node] = value
+    return out
 
 
 def render(path: Path) -> str:

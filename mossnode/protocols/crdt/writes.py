@@ -14,7 +14,7 @@ from typing import Any
 
 from pycrdt import Array, Doc, Map
 
-from .schema import AGENTS, CORE_FIELDS, HISTORY, LOG, NODE_ENTRIES, SUB_MAPS, TASKS, task_id
+from .schema import AGENTS, CORE, CORE_FIELDS, HISTORY, LOG, NODE_ENTRIES, TASKS, node_key, task_id
 
 
 class Writer:
@@ -50,12 +50,12 @@ class Writer:
         priority: float = 0,
         contract: Mapping[str, Any] | None = None,
     ) -> str:
-        """Create ``tasks/<me>:<suffix>`` with its core fields and empty per-node sub-maps."""
+        """Create ``tasks/<me>:<suffix>``: a map holding the core fields as one value."""
         tid = task_id(self.me, suffix)
         tasks = self._root(TASKS)
         if tid in tasks:
             raise ValueError(f"task {tid} exists; task ids are written once")
-        fields: dict[str, Any] = {
+        core: dict[str, Any] = {
             "title": title,
             "spec": spec,
             "input": input,
@@ -68,20 +68,19 @@ class Writer:
             "created_at": self.now_ms,
             "contract": dict(contract) if contract is not None else None,
         }
-        init: dict[str, Any] = dict(fields)
-        for sub in SUB_MAPS:
-            init[sub] = Map()
-        tasks[tid] = Map(init)
+        tasks[tid] = Map({CORE: core})
         return tid
 
     def update_task(self, tid: str, **fields: Any) -> None:
-        """Change core fields of a task this node created."""
+        """Change core fields of a task this node created (the core value is rewritten)."""
         unknown = set(fields) - set(CORE_FIELDS) - {"creator", "created_at"}
         if unknown or "creator" in fields or "created_at" in fields:
             raise ValueError(f"not updatable core fields: {sorted(set(fields) - set(CORE_FIELDS))}")
         task = self._task(tid)
-        for key, value in fields.items():
-            task[key] = value
+        current = task.get(CORE)
+        core = dict(current) if isinstance(current, dict) else {}
+        core.update(fields)
+        task[CORE] = core
 
     def delete_task(self, tid: str) -> None:
         self._task(tid)
@@ -90,18 +89,18 @@ class Writer:
     # -- tasks (per-node entries) ----------------------------------------------------------
 
     def put(self, tid: str, kind: str, value: Any) -> None:
-        """Set this node's entry ``tasks/<tid>/<kind>/<me>`` (kind: claims, bids, ...)."""
+        """Set this node's entry ``tasks/<tid>/<kind>/<me>`` (kind: claims, bids, ...): one key."""
         if kind not in NODE_ENTRIES:
             raise ValueError(f"{kind!r} is not one of {NODE_ENTRIES}")
-        self._task(tid)[kind][self.me] = value
+        self._task(tid)[node_key(kind, self.me)] = value
 
     def remove(self, tid: str, kind: str) -> None:
         """Delete this node's own entry under ``kind`` (no-op if absent)."""
         if kind not in NODE_ENTRIES:
             raise ValueError(f"{kind!r} is not one of {NODE_ENTRIES}")
-        entries = self._task(tid)[kind]
-        if self.me in entries:
-            del entries[self.me]
+        task, key = self._task(tid), node_key(kind, self.me)
+        if key in task:
+            del task[key]
 
     def claim(self, tid: str, value: Any) -> None:
         self.put(tid, "claims", value)
@@ -123,10 +122,10 @@ class Writer:
 
     def append_log(self, tid: str, record: Any) -> None:
         """Append to this node's append-only log of the task, ``tasks/<tid>/log/<me>``."""
-        logs = self._task(tid)[LOG]
-        mine = logs.get(self.me)
+        task, key = self._task(tid), node_key(LOG, self.me)
+        mine = task.get(key)
         if not isinstance(mine, Array):
-            logs[self.me] = Array([record])
+            task[key] = Array([record])
         else:
             mine.append(record)
 
