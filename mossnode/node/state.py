@@ -187,15 +187,19 @@ class StateService:
         while self._stored < target:
             await self._committed.wait()
 
+    async def wait_synced(self, limit_s: float) -> None:
+        """Until the first anti-entropy round after start-up has ended, or ``limit_s``."""
+        if not self._synced.is_set():
+            with trio.move_on_after(limit_s):
+                await self._synced.wait()
+
     # --- local writes ---------------------------------------------------------------------
 
     async def write(self, fn: Callable[[Any], T], touched: list[str] | None = None) -> T:
         """Run one local write; returns once the entry is durable (then it is gossiped).
 
         ``touched``: the task ids it writes, so readers refresh only those."""
-        if not self._synced.is_set():
-            with trio.move_on_after(5):
-                await self._synced.wait()
+        await self.wait_synced(5)
         # replica.write is synchronous: nothing else runs between signing and queueing, so
         # seqs reach the store in order. Writers then share group commits (no lock held).
         result, entry = self.replica.write(fn, now_ms())

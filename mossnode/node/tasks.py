@@ -44,6 +44,7 @@ log = logging.getLogger("mossnode.tasks")
 
 MIN_TICK_S = 0.02  # coalesce bursts of changes into one derivation
 REPUTATION_MS = 1_000
+SYNC_FIRST_S = 30.0  # longest the scheduler waits for the first anti-entropy round
 PULL_BACKENDS = frozenset({"api", "openclaw"})  # agents that fetch their work over the API
 # Refusal codes of the pure task rules, as HTTP statuses for the API.
 REFUSAL_STATUS = {
@@ -317,6 +318,9 @@ class TaskService:
     # --- the loop ---------------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        # A restarted node first catches up: a view of half the log would bid on work already
+        # done elsewhere, its writes wait for the sync anyway, and the CPU goes to the sync.
+        await self.shared.wait_synced(SYNC_FIRST_S)
         wake_at: int | None = None
         while True:
             timeout = 5.0 if wake_at is None else max(0.0, (wake_at - now_ms()) / 1000)
