@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import random
 
+import cbor2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_crdt_support import NOW, SWARM, Sim, ident, policy_for
 
+from mossnode.crypto.envelope import SIG_LEN
 from mossnode.protocols.crdt import Replica
+from mossnode.protocols.crdt.yrs_update import decode_update
 
 
 @pytest.mark.slow
@@ -114,3 +117,38 @@ def test_honest_replicas_converge_around_an_equivocating_member(seed: int, drop:
         assert rep.vector().get(rep.me, 0) == rep.own_signed
         assert not set(rep.blocked_authors()) - {sim.byz_id.peer_id}
     assert len({tuple(sorted(r.vector().items())) for r in sim.reps}) == 1
+
+
+def test_a_task_is_two_items_and_every_node_writes_without_waiting_for_a_container() -> None:
+    """Layout 2: creating a task writes the map and its core value only; nodes that never saw
+    each other's writes each add their own claims, logs and results, and all of them survive."""
+    ids = [ident(i) for i in range(3)]
+    policy = policy_for(ids)
+    reps = [Replica(i, SWARM, policy) for i in ids]
+    tid, created = reps[0].write(lambda w: w.create_task("t", title="shared"), NOW)
+    assert created is not None
+    update = cbor2.loads(created.data[SIG_LEN:])[6]["u"]
+    assert len(decode_update(update).items) == 2
+    for rep in reps[1:]:
+        assert rep.receive(created.data, NOW).applied
+    # partitioned: each node writes its entries without seeing the others'
+    written = []
+    for n, rep in enumerate(reps):
+        for fn in (
+            lambda w, n=n: w.claim(tid, {"n": n}),
+            lambda w, n=n: w.append_log(tid, {"kind": "note", "n": n}),
+            lambda w, n=n: w.result(tid, {"out": n}),
+        ):
+            _, entry = rep.write(fn, NOW)
+            assert entry is not None
+            written.append(entry.data)
+    for rep in reps:
+        rep.receive_batch(written, NOW)
+    views = [rep.task(tid) for rep in reps]
+    assert views[0] == views[1] == views[2]
+    task = views[0]
+    assert task is not None and task["title"] == "shared"
+    assert task["claims"] == {i.peer_id: {"n": n} for n, i in enumerate(ids)}
+    assert task["results"] == {i.peer_id: {"out": n} for n, i in enumerate(ids)}
+    assert task["log"] == {i.peer_id: [{"kind": "note", "n": n}] for n, i in enumerate(ids)}
+    assert len({rep.digest() for rep in reps}) == 1
