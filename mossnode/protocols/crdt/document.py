@@ -7,6 +7,7 @@ order), never Yrs bytes: two replicas holding the same content in different inte
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from typing import Any
 
@@ -162,20 +163,23 @@ class ContentDigest:
     """:func:`state_digest`, kept up to date per top-level key.
 
     The canonical CBOR of the content is a map of roots, each a map of keys; this keeps every
-    ``(key, value)`` pair encoded, re-encodes only the keys the replica saw change (deep
-    observer events, :meth:`touch`), and hashes the pairs in canonical order. Equal to
-    :func:`state_digest` by construction (tests compare the two on random histories); a digest
-    of a large document costs a hash pass instead of converting it all to Python.
+    ``key: value`` pair encoded, and the keys of each root in canonical order, re-encodes only
+    the keys the replica saw change (deep observer events, :meth:`touch`), places new keys by
+    binary search, and hashes the pairs in order. Equal to :func:`state_digest` by construction
+    (tests compare the two on random histories); a digest of a large document costs a hash pass
+    instead of converting it all to Python and sorting it.
     """
 
     def __init__(self) -> None:
-        self._pairs: dict[str, dict[str, tuple[bytes, bytes]]] | None = None
+        self._pairs: dict[str, dict[str, bytes]] | None = None  # key -> encoded key + value
+        self._order: dict[str, list[tuple[int, bytes, str]]] = {}  # (len, encoded key, key)
         self._dirty: dict[str, set[str]] = {name: set() for name in ROOTS}
         self._digest: bytes | None = None
 
     def reset(self) -> None:
         """Forget everything (the document was replaced)."""
         self._pairs = None
+        self._order = {}
         self._digest = None
         for keys in self._dirty.values():
             keys.clear()
@@ -190,6 +194,7 @@ class ContentDigest:
             return self._digest
         if self._pairs is None:
             self._pairs = {name: {} for name in ROOTS}
+            self._order = {name: [] for name in ROOTS}
             for name in ROOTS:
                 self._dirty[name] = set(root(doc, name).keys())
         with doc.transaction() as txn:
@@ -197,13 +202,25 @@ class ContentDigest:
                 dirty = self._dirty[name]
                 if not dirty:
                     continue
-                pairs = self._pairs[name]
+                pairs, order = self._pairs[name], self._order[name]
                 top = root(doc, name)
+                added = []
                 for key in dirty:
                     if key in top:
-                        pairs[key] = (canonical(str(key)), canonical(_value(top, key, txn)))
-                    else:
-                        pairs.pop(key, None)
+                        enc_key = canonical(str(key))
+                        if key not in pairs:
+                            added.append((len(enc_key), enc_key, key))
+                        pairs[key] = enc_key + canonical(_value(top, key, txn))
+                    elif key in pairs:
+                        del pairs[key]
+                        enc_key = canonical(str(key))
+                        del order[bisect.bisect_left(order, (len(enc_key), enc_key, key))]
+                if len(added) > len(order) // 8:  # many new keys: one sort beats insertions
+                    order.extend(added)
+                    order.sort()
+                else:
+                    for place in added:
+                        bisect.insort(order, place)
                 dirty.clear()
         h = hashlib.sha256(b"mossnode/v1/state\0")
         h.update(_map_header(len(ROOTS)))
@@ -213,8 +230,6 @@ class ContentDigest:
             pairs = self._pairs[name]
             h.update(enc_name)
             h.update(_map_header(len(pairs)))
-            for enc_key, enc_value in sorted(pairs.values(), key=lambda p: _order(p[0])):
-                h.update(enc_key)
-                h.update(enc_value)
+            h.update(b"".join([pairs[key] for _, _, key in self._order[name]]))
         self._digest = h.digest()
         return self._digest
