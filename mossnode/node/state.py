@@ -107,7 +107,7 @@ class StateService:
         self._publish_wanted = trio.Event()
         self._synced = trio.Event()
         self._since_snapshot = 0
-        self._syncing: set[str] = set()
+        self._syncing: dict[str, trio.Event] = {}  # peer -> set when that round ends
         self._nursery: trio.Nursery | None = None
         # The scheduler's wake-up, with the document paths that changed (None: unknown).
         self.on_change: Callable[[list[tuple[Any, ...]] | None], None] = lambda paths: None
@@ -294,9 +294,11 @@ class StateService:
 
     async def sync_from(self, peer: str) -> int:
         """Pull what ``peer`` has and we lack; returns how many entries arrived."""
-        if peer in self._syncing:
+        running = self._syncing.get(peer)
+        if running is not None:  # a round with this peer is under way: it counts as this one
+            await running.wait()
             return 0
-        self._syncing.add(peer)
+        done = self._syncing[peer] = trio.Event()
         got = 0
         changes = ChangeBatch(lambda paths: self.on_change(paths), SYNC_NOTIFY_S)
         try:
@@ -321,7 +323,8 @@ class StateService:
         except Exception as exc:
             log.debug("sync from %s failed: %s", peer, exc)
         finally:
-            self._syncing.discard(peer)
+            del self._syncing[peer]
+            done.set()
             changes.flush()
         return got
 
