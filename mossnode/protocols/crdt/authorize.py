@@ -397,7 +397,11 @@ def _table(cont: Container) -> dict[str | None, Resolved | None]:
     if table is None:
         if len(_TABLES) > 4096:
             _TABLES.clear()
-        table = cont.rules = _TABLES.setdefault(shape(cont.path), {})
+        path_shape = shape(cont.path)
+        table = _TABLES.get(path_shape)
+        if table is None:
+            table = _TABLES[path_shape] = {}
+        cont.rules = table
     return table
 
 
