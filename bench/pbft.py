@@ -14,7 +14,8 @@ Raw Ed25519 verifies per second are measured in the same run; verifies per decis
 verified), and the ratio of achieved throughput to the verify-bound limit is printed:
 (verifies per decision x decisions per second) / raw verify rate. The in-process figures (sans-IO
 replicas, instant delivery, no fsync) follow for comparison. ``BENCH_PBFT_PROFILE=DIR`` writes
-each daemon's cProfile stats there.
+each daemon's cProfile stats there; ``BENCH_PBFT_SIZES=4`` (comma-separated) picks the cluster
+sizes and ``BENCH_PBFT_INPROC=0`` skips the in-process figures, for quicker comparisons.
 """
 
 from __future__ import annotations
@@ -265,8 +266,10 @@ def run() -> None:
         f"real validator daemons on loopback; {LANES} client keys behind one gateway;"
         " latency = request to f+1 matching replies"
     )
+    sizes = [int(x) for x in os.environ.get("BENCH_PBFT_SIZES", "4,7").split(",") if x.strip()]
     with tempfile.TemporaryDirectory(prefix="bench-pbft-") as tmp:
-        for n in (4, 7):
+        for n in sizes:
             daemons(n, raw, Path(tmp))
-    in_process(raw)
+    if os.environ.get("BENCH_PBFT_INPROC", "1") != "0":
+        in_process(raw)
     print("targets at n=4 (daemons): p50 <= 25 ms unbatched, >= 1,000 decisions/s batched")
