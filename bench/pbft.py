@@ -146,6 +146,21 @@ def _voting(node: Node, height: int) -> bool:
     return bool(c.get("validator") and c["height"] >= height and (c["stable"] or 0) >= 1)
 
 
+def _cpu_s(nodes: list[Node]) -> float:
+    """CPU seconds (user + system) the validator processes have used so far (Linux /proc);
+    per decision it is a steadier figure than latency on a shared machine."""
+    total = 0.0
+    for node in nodes:
+        try:
+            assert node.proc is not None
+            with open(f"/proc/{node.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, AssertionError, IndexError, ValueError):
+            return float("nan")
+    return total
+
+
 def _msg_in(nodes: list[Node]) -> int:
     return sum(int(_consensus(n).get("io", {}).get("msg_in", 0)) for n in nodes)
 
@@ -215,6 +230,7 @@ async def _drive(c: Cluster, raw: float) -> None:
             ("batched", lanes, PER_LANE),
         ):
             before = await trio.to_thread.run_sync(_msg_in, c.nodes)
+            cpu0 = _cpu_s(c.nodes)
             stale0 = sum(ln.client.rejections.get("stale_reply", 0) for ln in gw.lanes.values())
             got0 = gw.replies_in
             gw.latencies.clear()
@@ -225,6 +241,7 @@ async def _drive(c: Cluster, raw: float) -> None:
             await gw.wait_idle(600)
             elapsed = time.perf_counter() - t0
             decided = gw.completed - done0
+            cpu = _cpu_s(c.nodes) - cpu0
             after = await trio.to_thread.run_sync(_msg_in, c.nodes)
             stale = sum(ln.client.rejections.get("stale_reply", 0) for ln in gw.lanes.values())
             client_verifies = (gw.replies_in - got0) - (stale - stale0)
@@ -235,6 +252,7 @@ async def _drive(c: Cluster, raw: float) -> None:
             print(
                 f"  n={n} {label:9}: {rate:7.0f} decisions/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms"
                 f"  verifies/decision {vpd:5.1f}  verify-bound ratio {vpd * rate / raw:.2f}"
+                f"  validator CPU/decision {cpu * 1000 / max(decided, 1):5.1f} ms"
             )
         ns.cancel_scope.cancel()
 
