@@ -691,17 +691,27 @@ class Replica:
         }
         if scheduled is not None:
             record["cfg"] = [scheduled[0], list(scheduled[1])]
-        self._persist(record)
         self._out.append(Decided(n, c.view, c.digest, payload, c.certificate, tuple(results)))
+        # Replies and our checkpoint go out before the exec record (the I/O layer may send them
+        # while it is being written): neither can make a restarted replica contradict itself.
+        # The batch at n is fixed by a quorum of commits that their senders persisted before
+        # sending, and execution is deterministic, so a replica that loses this record executes
+        # the same batch again (learning it by state transfer) and re-derives the very results
+        # and state digest it announced here. Everything we persisted before (our prepare,
+        # prepared certificate and commit, envelope seq reservations) still precedes them.
         for client, t, result in replies:
             self._reply(client, t, result)
+        checkpoint = n != self.stable_seq and n % self.cfg.checkpoint_interval == 0
+        if checkpoint:
+            self._send_checkpoint(n)
+        self._persist(record)
         if n == self.stable_seq:  # we had adopted this checkpoint before reaching it
             if self._state == self._stable_digest:
                 self._persist_stable()
             else:
                 self._count("state_divergence")
-        elif n % self.cfg.checkpoint_interval == 0:
-            self._checkpoint(n)
+        elif checkpoint:
+            self._check_stable(n)  # may persist a stable record: after the exec record
         return any(r is not None for r in results)
 
     def _trim_decided(self) -> None:
@@ -723,14 +733,15 @@ class Replica:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint(self, n: int) -> None:
+    def _send_checkpoint(self, n: int) -> None:
+        """Vote for the state after executing ``n``; the caller checks stability after it has
+        persisted the exec record (a stable record must follow the exec record it covers)."""
         self._ckpt_digests[n] = self._state
         ck = Checkpoint(n, self._state)
         self._my_ckpt = ck
         raw = self._seal(CHECKPOINT, ck.body())
         self._ckpt_votes.setdefault(n, {})[self.me] = (ck.digest, raw)
         self._broadcast(raw)
-        self._check_stable(n)
 
     def _on_checkpoint(self, env: Envelope) -> None:
         ck = Checkpoint.parse(env.body)
