@@ -14,7 +14,8 @@ Raw Ed25519 verifies per second are measured in the same run; verifies per decis
 verified), and the ratio of achieved throughput to the verify-bound limit is printed:
 (verifies per decision x decisions per second) / raw verify rate. The in-process figures (sans-IO
 replicas, instant delivery, no fsync) follow for comparison. ``BENCH_PBFT_PROFILE=DIR`` writes
-each daemon's cProfile stats there.
+each daemon's cProfile stats there; ``BENCH_PBFT_SIZES=4`` (comma-separated) picks the cluster
+sizes and ``BENCH_PBFT_INPROC=0`` skips the in-process figures, for quicker comparisons.
 """
 
 from __future__ import annotations
@@ -145,6 +146,21 @@ def _voting(node: Node, height: int) -> bool:
     return bool(c.get("validator") and c["height"] >= height and (c["stable"] or 0) >= 1)
 
 
+def _cpu_s(nodes: list[Node]) -> float:
+    """CPU seconds (user + system) the validator processes have used so far (Linux /proc);
+    per decision it is a steadier figure than latency on a shared machine."""
+    total = 0.0
+    for node in nodes:
+        try:
+            assert node.proc is not None
+            with open(f"/proc/{node.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, AssertionError, IndexError, ValueError):
+            return float("nan")
+    return total
+
+
 def _msg_in(nodes: list[Node]) -> int:
     return sum(int(_consensus(n).get("io", {}).get("msg_in", 0)) for n in nodes)
 
@@ -214,6 +230,7 @@ async def _drive(c: Cluster, raw: float) -> None:
             ("batched", lanes, PER_LANE),
         ):
             before = await trio.to_thread.run_sync(_msg_in, c.nodes)
+            cpu0 = _cpu_s(c.nodes)
             stale0 = sum(ln.client.rejections.get("stale_reply", 0) for ln in gw.lanes.values())
             got0 = gw.replies_in
             gw.latencies.clear()
@@ -224,6 +241,7 @@ async def _drive(c: Cluster, raw: float) -> None:
             await gw.wait_idle(600)
             elapsed = time.perf_counter() - t0
             decided = gw.completed - done0
+            cpu = _cpu_s(c.nodes) - cpu0
             after = await trio.to_thread.run_sync(_msg_in, c.nodes)
             stale = sum(ln.client.rejections.get("stale_reply", 0) for ln in gw.lanes.values())
             client_verifies = (gw.replies_in - got0) - (stale - stale0)
@@ -234,6 +252,7 @@ async def _drive(c: Cluster, raw: float) -> None:
             print(
                 f"  n={n} {label:9}: {rate:7.0f} decisions/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms"
                 f"  verifies/decision {vpd:5.1f}  verify-bound ratio {vpd * rate / raw:.2f}"
+                f"  validator CPU/decision {cpu * 1000 / max(decided, 1):5.1f} ms"
             )
         ns.cancel_scope.cancel()
 
@@ -265,8 +284,10 @@ def run() -> None:
         f"real validator daemons on loopback; {LANES} client keys behind one gateway;"
         " latency = request to f+1 matching replies"
     )
+    sizes = [int(x) for x in os.environ.get("BENCH_PBFT_SIZES", "4,7").split(",") if x.strip()]
     with tempfile.TemporaryDirectory(prefix="bench-pbft-") as tmp:
-        for n in (4, 7):
+        for n in sizes:
             daemons(n, raw, Path(tmp))
-    in_process(raw)
+    if os.environ.get("BENCH_PBFT_INPROC", "1") != "0":
+        in_process(raw)
     print("targets at n=4 (daemons): p50 <= 25 ms unbatched, >= 1,000 decisions/s batched")

@@ -3,12 +3,14 @@ validators deciding a membership change while one is stopped, which then catches
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import multiaddr
 import pytest
 import trio
+import trio.testing
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from mossnode.crypto.identity import Identity
@@ -20,7 +22,7 @@ from mossnode.node.consensus import (
 )
 from mossnode.node.host import make_host
 from mossnode.node.store import Store
-from mossnode.protocols.decisions import ConsensusMembership, origin_of
+from mossnode.protocols.decisions import ConsensusMembership, Output, origin_of
 from mossnode.protocols.entry_proof import EntryProof
 from mossnode.protocols.membership import Entry, Genesis, MembershipError, make_genesis
 from mossnode.protocols.pbft import verify_commits
@@ -242,3 +244,70 @@ def _signers(entry: Entry) -> list[tuple[bytes, int]]:
         fields = cbor2.loads(raw[64:])
         out.append((fields[3], fields[6]["n"]))
     return out
+
+
+class _SlowStore:
+    """A store whose writes wait (in their worker thread) until the test releases them."""
+
+    path = "slow"
+
+    def __init__(self) -> None:
+        self.gates: list[threading.Event] = []
+        self.writes: list[dict[str, Any]] = []
+
+    def get_meta(self, key: str) -> bytes | None:
+        return None
+
+    def commit(self, **kw: Any) -> None:
+        gate = threading.Event()
+        self.gates.append(gate)
+        gate.wait(10)
+        self.writes.append(kw)
+
+
+async def test_free_sends_go_out_before_their_own_write_but_after_earlier_ones() -> None:
+    """Sends an output emitted before any of its records (a replica's replies and checkpoint,
+    ahead of its exec record) wait for what earlier outputs persist, not for their own write;
+    every other send still waits for its output to be durable."""
+    founder = ident(0)
+    store = _SlowStore()
+    svc = ConsensusService(
+        founder,
+        ConsensusMembership(make_genesis(founder, "free", 1_700_000_000_000)),
+        store,  # type: ignore[arg-type]
+        make_host(founder),
+    )
+    sent: list[bytes] = []
+    svc._send = lambda pid, data: sent.append(data)  # type: ignore[method-assign]
+
+    def output(records: int, sends: list[bytes], free: int) -> Output:
+        return Output(
+            records=[{"k": "test", "i": i} for i in range(records)],
+            sends=[("peer", s) for s in sends],
+            free_sends=free,
+        )
+
+    async def gate_open(i: int) -> None:
+        await wait_for(lambda: len(store.gates) > i)
+        assert len(store.writes) == i  # write i is under way
+        store.gates[i].set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(svc._committer)
+        # 1: nothing pending, so its free send goes at once; its other send waits for write 0.
+        nursery.start_soon(svc._drive, lambda now: output(1, [b"reply", b"commit"], 1))
+        await wait_for(lambda: len(store.gates) == 1)
+        assert sent == [b"reply"]
+        # 2: queued behind write 0 (which it may depend on): even its free send waits for it,
+        # then goes before write 1 (its own) is done.
+        nursery.start_soon(svc._drive, lambda now: output(1, [b"checkpoint", b"prepare"], 1))
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent == [b"reply"]
+        await gate_open(0)
+        await wait_for(lambda: len(store.gates) == 2)
+        assert sent == [b"reply", b"commit", b"checkpoint"]
+        await gate_open(1)
+        await wait_for(lambda: sent == [b"reply", b"commit", b"checkpoint", b"prepare"])
+        assert [len(w["meta"]) for w in store.writes] == [2, 2]  # one record + the count each
+        assert svc.counters["sent_before_write"] == 2
+        nursery.cancel_scope.cancel()

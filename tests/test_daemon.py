@@ -151,3 +151,24 @@ def test_http_edge_cases(node) -> None:
         b"HTTP/1.1 400"
     )
     assert node.status()["decided_height"] == 0  # the daemon is fine
+
+
+def test_decided_entries_are_announced_by_f_plus_1_validators_and_only_when_heard() -> None:
+    """Gossiping a decided entry serves only nodes that are no validators: none listening, no
+    validator announces; else f + 1 of them per entry (at least one honest), in rotation."""
+    from mossnode.crypto.identity import Identity
+    from mossnode.node.daemon import announces
+
+    ids = [Identity(bytes([0x60 + i]) * 32) for i in range(7)]
+    outsider = Identity(b"\x7f" * 32).peer_id
+    for n in (1, 4, 7):
+        vals = [i.public_key for i in ids[:n]]
+        pids = {i.peer_id for i in ids[:n]}
+        f = (n - 1) // 3
+        for seq in range(1, 3 * n):
+            heard = [v for v in vals if announces(v, vals, seq, pids | {outsider})]
+            assert len(heard) == f + 1
+            assert not any(announces(v, vals, seq, pids) for v in vals)
+            assert not announces(Identity(b"\x7e" * 32).public_key, vals, seq, {outsider})
+        # every validator takes its turn
+        assert {v for s in range(n) for v in vals if announces(v, vals, s, {outsider})} == set(vals)

@@ -76,6 +76,20 @@ def test_admit_grant_revoke_remove_replay() -> None:
     assert not s.is_member(ALICE.public_key)
 
 
+def test_roles_history_is_copied_only_when_roles_change() -> None:
+    """Pause and resume (like any entry that moves no roles) share the previous roles
+    snapshot: no copy of every member's roles per decision, and memos keyed by it hold."""
+    s = swarm()
+    s.apply(admit(s, ALICE, ["executor"]))
+    for kind in ("pause", "resume", "pause"):
+        s.apply(decide(s, kind, {}))
+        assert s.history[-1] is s.history[-2]
+    s.apply(decide(s, "grant", {"public_key": ALICE.public_key, "role": "reviewer"}))
+    assert s.history[-1] is not s.history[-2]
+    assert s.history[-1][ALICE.public_key] == {"executor", "reviewer"}
+    assert s.history[-2][ALICE.public_key] == {"executor"}
+
+
 def test_entry_refused_changes_nothing() -> None:
     s = swarm()
     bad = [

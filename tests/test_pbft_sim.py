@@ -147,6 +147,8 @@ class Sim:
         self.persisted: dict[str, set[Any]] = {}
         self.timer_log: list[tuple[str, str, int, int]] = []
         self.keys: dict[str, bytes] = {}
+        self.torn: set[str] = set()  # crash in the middle of their next effect list
+        self.torn_lost: list[dict[str, Any]] = []  # records a torn crash kept off the disk
         self.unchecked: set[str] = set()  # scripted Byzantine nodes
         self.byzantine: set[str] = set()  # their decisions are not held to the safety checks
         for i in range(n):
@@ -191,6 +193,12 @@ class Sim:
     def crash(self, i: int) -> None:
         self.crashed.add(self.pids[i])
 
+    def crash_torn(self, i: int) -> None:
+        """Crash node i in the middle of the next effect list that has a Persist after a Send:
+        the I/O layer sends in order, may send a message before the Persists that follow it
+        are durable, and dies then; those Persists are lost (nothing after them happens)."""
+        self.torn.add(self.pids[i])
+
     def restart(self, i: int) -> Replica:
         """Rebuild node i from its persisted records only (its memory is lost)."""
         pid = self.pids[i]
@@ -199,6 +207,11 @@ class Sim:
         self.nodes[pid] = r
         self.apps[pid] = app
         self.crashed.discard(pid)
+        # What it decides from here on continues what it has on disk (after a torn crash, that
+        # may be less than it had executed: it executes those seqs again, same digests).
+        mine = self.decided[pid]
+        for n in [n for n in mine if n > r.last_executed]:
+            del mine[n]
         self.handle(pid, r.start(self.now))
         return r
 
@@ -266,6 +279,18 @@ class Sim:
     def handle(self, src: str, effects: list[Effect]) -> None:
         if src in self.crashed:
             return
+        if src in self.torn:
+            sends = [k for k, e in enumerate(effects) if isinstance(e, Send)]
+            if sends and any(isinstance(e, Persist) for e in effects[sends[-1] :]):
+                cut = sends[-1] + 1
+                self.torn_lost.extend(e.record for e in effects[cut:] if isinstance(e, Persist))
+                self.handle_all(src, effects[:cut])
+                self.torn.discard(src)
+                self.crashed.add(src)
+                return
+        self.handle_all(src, effects)
+
+    def handle_all(self, src: str, effects: list[Effect]) -> None:
         for e in effects:
             if isinstance(e, Persist):
                 self._note_persist(src, e.record)

@@ -7,7 +7,10 @@ module moves its bytes and keeps its promises:
   persisted in call order by one committer task: every output that arrived while the previous
   write was under way goes into the next SQLite transaction (replica records, client state and
   new decided-log entries, ONE fsync), and only then are their messages sent, in order; so a
-  restarted validator can never contradict what it sent, and a burst costs one fsync;
+  restarted validator can never contradict what it sent, and a burst costs one fsync. The one
+  exception: sends the core emitted before any record of their output (``Output.free_sends``:
+  the replies and checkpoint of a batch just executed, ahead of its exec record) go out as
+  soon as everything queued before them is durable, without waiting for their own write;
 - PBFT envelopes travel over ``/moss/pbft/1``: one long-lived outbound stream per peer, frames
   length-prefixed and written together when several are queued, sends best-effort (a full
   queue or a broken stream drops; the core retransmits). A client that is not a validator and
@@ -417,6 +420,8 @@ class ConsensusService:
             self._release(out)  # nothing to write and nothing written before it is pending
             return
         self._queue.append(out)
+        if not self._committing:
+            self._release_free()
         done = self._queue_done
         self._queue_wake.set()
         if wait or len(self._queue) > MAX_QUEUED:
@@ -447,7 +452,23 @@ class ConsensusService:
                     self._committing = False
                 for out in batch:
                     self._release(out)
+                self._release_free()
                 done.set()
+
+    def _release_free(self) -> None:
+        """Send the free sends (``Output.free_sends``) of queued outputs whose dependencies are
+        durable: everything before the queue is written (the caller knows no write is under
+        way), so the first output's are, and a later output's too while no output before it
+        in the queue has anything to write. Their records are written afterwards as usual."""
+        for out in self._queue:
+            if out.free_sends:
+                for pid, data in out.sends[: out.free_sends]:
+                    self._send(pid, data)
+                del out.sends[: out.free_sends]
+                out.free_sends = 0
+                self.counters["sent_before_write"] += 1
+            if _durable_part(out):
+                break
 
     def _release(self, out: Output) -> None:
         """Carry out what a durable output asks for: sends, timers, notifications."""

@@ -845,7 +845,12 @@ class Output:
     """What the I/O layer must do after one call, in this order: persist ``records`` (replica
     records, appended), ``client_state`` (replace) and ``entries`` (append to the decided log)
     in one durable write; then send ``sends`` and arm ``timers``; then hand ``entries`` to the
-    application and resolve proposals from ``completed`` ((timestamp, seq) pairs)."""
+    application and resolve proposals from ``completed`` ((timestamp, seq) pairs).
+
+    Exception: the first ``free_sends`` sends were emitted before any record or client state of
+    this output, so they depend only on what earlier outputs persisted. Once those are durable
+    they may go out without waiting for this output's write (a replica's replies and checkpoint
+    after it executes a batch: see ``Replica._execute``)."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
     client_state: dict[str, int] | None = None
@@ -854,6 +859,7 @@ class Output:
     timers: list[tuple[str, str, int]] = field(default_factory=list)
     completed: list[tuple[int, int]] = field(default_factory=list)
     reconfigured: list[Reconfigured] = field(default_factory=list)
+    free_sends: int = 0
 
 
 class ConsensusCore:
@@ -1033,11 +1039,14 @@ class ConsensusCore:
                     if eff.to is None
                     else [eff.to]
                 )
+                free = not out.records and out.client_state is None
                 for pid in pids:
                     if pid == self.my_pid:
                         self._local.append(eff.data)
                     else:
                         out.sends.append((pid, eff.data))
+                        if free:
+                            out.free_sends += 1
             elif isinstance(eff, SetTimer):
                 out.timers.append((source, eff.name, eff.at_ms))
             elif isinstance(eff, Decided):

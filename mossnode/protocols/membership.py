@@ -29,6 +29,7 @@ from .roles import BUILTIN_ROLES, permissions_of
 
 GENESIS_DOMAIN = b"mossnode/v1/genesis\0"
 KINDS = frozenset({"admit", "remove", "grant", "revoke", "pause", "resume"})
+ROLE_KINDS = frozenset({"admit", "remove", "grant", "revoke"})  # the kinds that change roles
 # Never expires in practice: certificates and invites are judged by their own rules, not skew.
 NO_SKEW = 2**62
 
@@ -297,9 +298,11 @@ class Membership:
             cut = (int(p.get("cutoff", 0)), entry.seq)
             self.cutoffs.setdefault(p["public_key"], []).append(cut)
         self.entries.append(entry)
-        # Roles change only with membership kinds; other entries share the previous snapshot
-        # (snapshots are never mutated), so the history costs memory only where roles moved.
-        self.history.append(self._roles_now() if entry.kind in KINDS else self.history[-1])
+        # Roles change only with ROLE_KINDS; other entries (pause and resume too) share the
+        # previous snapshot (snapshots are never mutated), so the history costs memory and a
+        # copy of every member's roles only where roles moved, and memos keyed by the snapshot
+        # (``validators()``) stay valid.
+        self.history.append(self._roles_now() if entry.kind in ROLE_KINDS else self.history[-1])
 
     def replay(self, entries: Iterable[Entry]) -> None:
         for e in entries:

@@ -2,9 +2,11 @@
 
 Effects come back from every call as a list that MUST be carried out in order. The one ordering
 rule that matters for safety: a :class:`Persist` must be durable (written and fsynced) before any
-:class:`Send` that follows it in the same list. A replica that sent a message it had not persisted
-could, after a crash, send a conflicting one: that is equivocation, which PBFT cannot tolerate
-from more than f replicas.
+:class:`Send` that follows it in the same list (or in the list of a later call: the lists of
+successive calls form one sequence). A replica that sent a message it had not persisted could,
+after a crash, send a conflicting one: that is equivocation, which PBFT cannot tolerate from more
+than f replicas. A Send that comes before a Persist may go out while that Persist is written;
+the replica orders its effects so (its replies and checkpoint come before its exec record).
 """
 
 from __future__ import annotations

@@ -135,6 +135,8 @@ class Replica:
         self._ckpt_votes: dict[int, dict[bytes, tuple[bytes, bytes]]] = {}
         self._claims: dict[bytes, int] = {}
         self._my_ckpt: Checkpoint | None = None
+        self._ckpt_sent_at = 0
+        self._status_mark: tuple[int, bool, int, int] | None = None  # at the last retransmit
 
         self._slots: dict[int, Slot] = {}
         self._certified: dict[int, Committed] = {}
@@ -691,17 +693,27 @@ class Replica:
         }
         if scheduled is not None:
             record["cfg"] = [scheduled[0], list(scheduled[1])]
-        self._persist(record)
         self._out.append(Decided(n, c.view, c.digest, payload, c.certificate, tuple(results)))
+        # Replies and our checkpoint go out before the exec record (the I/O layer may send them
+        # while it is being written): neither can make a restarted replica contradict itself.
+        # The batch at n is fixed by a quorum of commits that their senders persisted before
+        # sending, and execution is deterministic, so a replica that loses this record executes
+        # the same batch again (learning it by state transfer) and re-derives the very results
+        # and state digest it announced here. Everything we persisted before (our prepare,
+        # prepared certificate and commit, envelope seq reservations) still precedes them.
         for client, t, result in replies:
             self._reply(client, t, result)
+        checkpoint = n != self.stable_seq and n % self.cfg.checkpoint_interval == 0
+        if checkpoint:
+            self._send_checkpoint(n)
+        self._persist(record)
         if n == self.stable_seq:  # we had adopted this checkpoint before reaching it
             if self._state == self._stable_digest:
                 self._persist_stable()
             else:
                 self._count("state_divergence")
-        elif n % self.cfg.checkpoint_interval == 0:
-            self._checkpoint(n)
+        elif checkpoint:
+            self._check_stable(n)  # may persist a stable record: after the exec record
         return any(r is not None for r in results)
 
     def _trim_decided(self) -> None:
@@ -723,14 +735,16 @@ class Replica:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint(self, n: int) -> None:
+    def _send_checkpoint(self, n: int) -> None:
+        """Vote for the state after executing ``n``; the caller checks stability after it has
+        persisted the exec record (a stable record must follow the exec record it covers)."""
         self._ckpt_digests[n] = self._state
         ck = Checkpoint(n, self._state)
         self._my_ckpt = ck
         raw = self._seal(CHECKPOINT, ck.body())
         self._ckpt_votes.setdefault(n, {})[self.me] = (ck.digest, raw)
         self._broadcast(raw)
-        self._check_stable(n)
+        self._ckpt_sent_at = self._now
 
     def _on_checkpoint(self, env: Envelope) -> None:
         ck = Checkpoint.parse(env.body)
@@ -1029,8 +1043,8 @@ class Replica:
 
     def _retransmit(self) -> None:
         """Re-send our own part of unfinished work that has not moved for a retransmit period
-        (under steady load the timer is always armed, and re-sending slots that are progressing
-        only adds load); ask a peer for what we may be missing."""
+        (under steady load the timer is always armed, and re-sending slots, or a checkpoint,
+        that are progressing only adds load); ask a peer for what we may be missing."""
         if self.active:
             for n, slot in sorted(self._slots.items()):
                 if n <= self.last_executed or not self._in_window(n):
@@ -1058,9 +1072,21 @@ class Replica:
             if self.me not in self._vcs.get(self.view, {}):  # e.g. after a restart
                 self._add_own_vc(raw)
                 self._check_vc_quorum()
-        if self._my_ckpt is not None and self._my_ckpt.seq > self.stable_seq:
-            self._broadcast(self._seal(CHECKPOINT, self._my_ckpt.body()))
-        if self._busy():
+        ck = self._my_ckpt
+        due = self._now - self._ckpt_sent_at >= self.cfg.retransmit_ms
+        if ck is not None and ck.seq > self.stable_seq and due:
+            self._ckpt_sent_at = self._now
+            self._broadcast(self._seal(CHECKPOINT, ck.body()))
+        # A status asks one peer for what we miss. While we make progress (under steady load
+        # the timer fires every period) there is nothing to ask for: only when nothing moved
+        # since the last period, when peers proved a stable checkpoint above what we executed,
+        # or when we are out of the current view. (Peers' votes for the slot in flight make
+        # ``_lagging`` true in the middle of every round, so it is no sign of being behind.)
+        mark = (self.view, self.active, self.last_executed, self.stable_seq)
+        stalled = self._status_mark in (None, mark)
+        self._status_mark = mark
+        behind = self._stable_target > self.last_executed or self._view_hint > self.view
+        if self._busy() and (stalled or behind or not self.active):
             peers = [v for v in self.validators if v != self.me]
             if peers:
                 to = peers[self._rr % len(peers)]
