@@ -22,6 +22,7 @@ from mossnode.cluster import Cluster, wait_for
 from mossnode.crypto.envelope import SIG_LEN
 from mossnode.crypto.identity import Identity, load_identity
 from mossnode.node.consensus import load_membership
+from mossnode.node.daemon import tune_gc
 from mossnode.node.ledger import load_ledger
 from mossnode.node.store import Store, load_replica
 from mossnode.protocols.crdt import Replica, task_id
@@ -93,6 +94,7 @@ def _full_path(state: Membership, founder: Identity, wires: list[bytes]) -> tupl
 
 
 def receive_path() -> None:
+    tune_gc()  # the daemon's collector settings: this is its receive path, in-process
     founder, author = Identity.generate(), Identity.generate()
     state = swarm_of(founder, author)
     wires, updates = make_updates(author, state, N_UPDATES)

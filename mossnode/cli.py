@@ -84,7 +84,7 @@ def cmd_id(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     import trio
 
-    from .node.daemon import Daemon, DaemonError
+    from .node.daemon import Daemon, DaemonError, tune_gc
     from .node.ledger import LedgerError
 
     cfg = load_config(args.state_dir)
@@ -96,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     for noisy in ("libp2p", "multiaddr", "hypercorn", "mossnode.hypercorn"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     ident = load_identity(args.state_dir / IDENTITY_FILE, _passphrase())
+    tune_gc()
     try:
         daemon = Daemon(args.state_dir, cfg, ident, args.listen or None)
     except LedgerError as exc:
