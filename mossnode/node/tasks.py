@@ -205,8 +205,9 @@ class TaskService:
         self._bidders[key] = out
         return out
 
-    def changed(self, paths: list[tuple[Any, ...]] | None) -> None:
-        """The shared state changed at ``paths`` (None: anywhere): refresh and wake up."""
+    def changed(self, paths: list[tuple[Any, ...]] | None, wake: bool = True) -> None:
+        """The shared state changed at ``paths`` (None: anywhere): mark them for the next
+        view refresh, and wake up unless told not to (a sync stream wakes us itself)."""
         if self.horizons.pending:
             self.horizons.applied(self.shared.replica.vector())
         if paths is None:
@@ -218,7 +219,8 @@ class TaskService:
                         self._dirty.add(p[1])
                     else:
                         self._rescan = True
-        self._wake.set()
+        if wake:
+            self._wake.set()
 
     def _update_view(self) -> None:
         doc_tasks = self.shared.replica.doc["tasks"]
