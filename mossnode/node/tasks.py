@@ -294,8 +294,12 @@ class TaskService:
         state = self.d._swarm()
         return self.shared.policy.may(node, permission, state.height)
 
-    def refresh(self, now: int) -> None:
+    def refresh(self, now: int, statuses: bool = True) -> None:
+        """Bring the view up to date with the replica and, unless ``statuses`` is false,
+        derive every task's status at ``now`` (a pass over all tasks)."""
         self._update_view()
+        if not statuses:
+            return
         self.statuses = self.sched.derive(
             self.view, now, exclusive=self.d.exclusive, authority=self._authority
         )
