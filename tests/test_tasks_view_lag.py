@@ -9,6 +9,7 @@ so did the real winner. Here the best bid arrives over a sync stream that is sti
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -79,3 +80,30 @@ def test_bids_applied_by_an_open_sync_stream_count_before_the_gate_trusts_the_ho
     plan_b = svc.sched.tick(svc.view, agents=[agent], now_ms=late)
     assert svc.sched.statuses[tid].assignee == C.peer_id
     assert not [e for e in plan_b.effects if isinstance(e, T.Claim | T.Dispatch)]
+
+
+async def test_work_reported_to_a_tick_that_fails_is_reported_again(tmp_path: Path) -> None:
+    """Ended work waits in a queue for the next tick; a tick that raises must not drop it
+    (the scheduler would keep renewing a lease for a process that is gone)."""
+    policy = policy_for([B])
+    svc = TaskService(
+        SimpleNamespace(  # type: ignore[arg-type]
+            peer_id=B.peer_id,
+            state_dir=tmp_path,
+            exclusive={},
+            _swarm=lambda: SimpleNamespace(paused=False),
+        ),
+        SimpleNamespace(replica=Replica(B, SWARM, policy)),  # type: ignore[arg-type]
+    )
+    svc._agents = lambda: []  # type: ignore[method-assign]
+    svc._reputation = lambda now: None  # type: ignore[assignment, method-assign, return-value]
+    ended = T.Finished("B:t", {"n": 1})
+    svc._ended.append(ended)
+
+    def broken(*args: Any, **kw: Any) -> T.Plan:
+        raise RuntimeError("derivation failed")
+
+    svc.sched = SimpleNamespace(tick=broken)  # type: ignore[assignment]
+    with contextlib.suppress(RuntimeError):
+        await svc._tick()
+    assert svc._ended == [ended]

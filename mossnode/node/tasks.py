@@ -344,16 +344,20 @@ class TaskService:
         self._update_view()
         rep = self._reputation(now)
         ended, self._ended = self._ended, []
-        plan = self.sched.tick(
-            self.view,
-            agents=self._agents(),
-            now_ms=now,
-            reputation=rep,
-            paused=state.paused,
-            exclusive=self.d.exclusive,
-            authority=self._authority,
-            finished=ended,
-        )
+        try:
+            plan = self.sched.tick(
+                self.view,
+                agents=self._agents(),
+                now_ms=now,
+                reputation=rep,
+                paused=state.paused,
+                exclusive=self.d.exclusive,
+                authority=self._authority,
+                finished=ended,
+            )
+        except BaseException:
+            self._ended[:0] = ended  # reported again by the next tick
+            raise
         self.statuses = dict(self.sched.statuses)
         self._feed(now)
         effects = [self.seal_outcome(e) for e in plan.effects] if ended else list(plan.effects)
