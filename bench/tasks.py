@@ -30,6 +30,14 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def state_counts(nodes) -> tuple[int, int]:
+    """Signed state entries (all authors, as node 0 holds them) and state gossip messages
+    published by all nodes so far."""
+    entries = nodes[0].api.get("/v1/status")["state"]["entries"]
+    bundles = sum(n.api.get("/v1/status")["state"]["counters"].get("bundles_out", 0) for n in nodes)
+    return entries, bundles
+
+
 def throughput() -> None:
     with Cluster(NODES, config={"presence_interval_s": 0.5}) as c:
         c.start(roles=["planner", "executor"])
@@ -58,6 +66,7 @@ def throughput() -> None:
                     ids.append(tid)
 
         pids = [n.proc.pid for n in c.nodes if n.proc is not None]
+        entries0, bundles0 = state_counts(c.nodes)
         cpu0 = cpu_seconds(pids)
         t0 = time.monotonic()
         threads = [threading.Thread(target=submit, args=(n, N_TASKS // NODES)) for n in c.nodes]
@@ -74,6 +83,7 @@ def throughput() -> None:
         wait_for(all_done, 600, "all tasks done", interval=0.25)
         took = time.monotonic() - t0
         cpu = cpu_seconds(pids) - cpu0
+        entries1, bundles1 = state_counts(c.nodes)
         runs = sum(
             sum(1 for e in c.nodes[0].api.get(f"/v1/tasks/{tid}")["log"] if e["kind"] == "claim")
             for tid in ids
@@ -86,6 +96,12 @@ def throughput() -> None:
         f"  CPU of the {NODES} daemons and their agents: {cpu:.1f} s = {1000 * cpu / N_TASKS:.0f} ms "
         f"per task (a 2-core machine has {2000 / max(1, N_TASKS / took):.0f} ms of CPU per task "
         f"at this rate); runs started: {runs} for {N_TASKS} tasks"
+    )
+    entries, bundles = entries1 - entries0, bundles1 - bundles0
+    print(
+        f"  signed state entries: {entries} = {entries / N_TASKS:.2f} per task "
+        f"(each applied by all {NODES} nodes); gossip messages published: {bundles} = "
+        f"{bundles / N_TASKS:.2f} per task"
     )
 
 

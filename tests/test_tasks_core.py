@@ -17,6 +17,7 @@ from mossnode.protocols.tasks import (
     Dispatch,
     DispatchReview,
     Draft,
+    Finished,
     LateResult,
     Limits,
     LocalAgent,
@@ -633,6 +634,32 @@ def test_late_finish_after_losing_the_lease_goes_to_the_log_only() -> None:
     doc.apply("B", 1_310, plan)
     assert "B" not in doc.tasks[tid]["results"]
     assert doc.tasks[tid]["log"]["B"][-1]["kind"] == "late_result"
+
+
+def test_work_ended_since_the_last_tick_is_submitted_by_the_tick_without_a_rerun() -> None:
+    """Finished work goes into the next tick: its submission leads the plan (one entry with
+    the rest), a lost attempt's result is a late result, and the task, still in progress in
+    the view until the submission is written, is not dispatched again."""
+    doc = Doc()
+    tid, b = _running_task(doc)
+    agents = [agent("b1", "py"), agent("b2", "py")]
+    lost = doc.create("A", "v", 250, capabilities=("py",))
+    doc.apply("B", 300, Bid(lost, 1, "b2", 0.9))
+    plan = b.tick(doc.view(), agents=agents, now_ms=500)
+    doc.apply("B", 500, plan)
+    assert [d.task_id for d in only(plan, Dispatch)] == [lost]
+    doc.apply("C", 850, Bid(lost, 2, "c1", 0.5))  # C took attempt 1 of ``lost`` for closed
+    ended = [Finished(tid, {"n": 1}), Finished(lost, {"n": 2})]
+    plan = b.tick(doc.view(), agents=agents, now_ms=900, finished=ended)
+    sub, late = plan.effects[0], plan.effects[1]
+    assert isinstance(sub, Submit) and (sub.task_id, sub.ok, sub.output) == (tid, True, {"n": 1})
+    assert isinstance(late, LateResult) and late.task_id == lost
+    assert not [e for e in plan.effects if isinstance(e, Dispatch) and e.task_id in (tid, lost)]
+    assert tid not in b.running and lost not in b.running
+    doc.apply("B", 900, plan)
+    assert doc.status(tid, 910).state is State.DONE
+    again = b.tick(doc.view(), agents=agents, now_ms=910, finished=ended)
+    assert not only(again, Submit) and not only(again, LateResult)  # reported once only
 
 
 def test_idle_reviewer_on_another_node_picks_up_a_review() -> None:

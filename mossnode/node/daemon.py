@@ -1088,7 +1088,8 @@ class Daemon:
     async def submit_task(self, draft: dict[str, Any]) -> dict[str, Any]:
         tasks = self._tasks()
         now = now_ms()
-        tasks.refresh(now)
+        # plan_create reads a status only for the parent: no derivation pass without one
+        tasks.refresh(now, statuses=draft["parent"] is not None)
         contract = dict(draft["contract"] or {})
         if draft.get("confidential"):
             contract["confidential"] = list(draft["confidential"])

@@ -36,6 +36,11 @@ T = TypeVar("T")
 
 SYNC_PROTO = TProtocol("/moss/sync/1")
 PUBLISH_WINDOW_S = 0.005  # own entries written within this window share one gossip message
+# A busy node publishes state at most this often: what it writes meanwhile shares a message.
+# Each message costs every member a fixed price in py-libp2p (about a millisecond, whatever
+# its size) and the mesh relays several copies of it; the tasks benchmark wrote ~2 entries per
+# task, nearly one message each. An idle node's entry still goes out after PUBLISH_WINDOW_S.
+PUBLISH_SPACING_S = 0.2
 SYNC_INTERVAL_S = 10.0  # fallback only: presence says when a peer holds more (daemon._on_presence)
 # Entries between snapshots. A restart verifies up to this many tail entries in full (about
 # 1.5 s for 5,000 at ~3,000 entries/s); a snapshot blocks the loop for a pass over the document.
@@ -46,8 +51,9 @@ MAX_BUNDLE = 256
 # frame's processing near a quarter of a second; 2 MiB stays well inside host.MAX_FRAME.
 SYNC_BATCH_ENTRIES = 2048
 SYNC_BATCH_BYTES = 3 << 20
-# While a sync stream runs, readers (the scheduler) hear of what changed at most this often,
-# and at its end: a catch-up of many frames is not interleaved with a derivation per frame.
+# While a sync stream runs, readers (the scheduler) are woken at most this often, and at its
+# end: a catch-up of many frames is not interleaved with a derivation per frame. What changed
+# reaches them at once (see ChangeBatch).
 SYNC_NOTIFY_S = 1.0
 
 
@@ -55,35 +61,46 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _ignore(paths: list[tuple[Any, ...]] | None, wake: bool) -> None:
+    pass
+
+
 class ChangeBatch:
-    """Changed paths gathered and handed to ``deliver`` at most every ``interval`` seconds
-    (:meth:`add`), and whatever is left on :meth:`flush`. Nothing is dropped or reordered;
-    an :meth:`add` of no paths is still delivered (as a wake-up), once."""
+    """What one sync stream applies, handed to the reader: the changed paths at once, the
+    wake-up at most every ``interval`` seconds (:meth:`add`) and at :meth:`flush`.
+
+    Paths are never held back. The reader's view must not lag the replica: the bid-window
+    gate (protocols/tasks/stability.py) compares the view's bids with how far the replica
+    holds each author's entries, so a view missing entries the replica applied took a
+    winner without bids it believed it held, and two nodes ran the same attempt. Only the
+    wake-up is coalesced, so a catch-up of many frames is not a derivation per frame."""
 
     def __init__(
         self,
-        deliver: Callable[[list[tuple[Any, ...]]], None],
+        deliver: Callable[[list[tuple[Any, ...]], bool], None],
         interval: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.deliver = deliver
+        self.deliver = deliver  # deliver(paths, wake)
         self.interval = interval
         self.clock = clock
-        self.paths: list[tuple[Any, ...]] = []
-        self.held = False  # something was added since the last delivery (maybe no paths)
+        self.held = False  # a wake-up is owed for something added since the last one
         self.last = clock()
 
     def add(self, paths: list[tuple[Any, ...]]) -> None:
-        self.paths.extend(paths)
         self.held = True
-        if self.clock() - self.last >= self.interval:
-            self.flush()
+        wake = self.clock() - self.last >= self.interval
+        if wake:
+            self.last = self.clock()
+            self.held = False
+        if paths or wake:
+            self.deliver(list(paths), wake)
 
     def flush(self) -> None:
         self.last = self.clock()
         if self.held:
-            paths, self.paths, self.held = self.paths, [], False
-            self.deliver(paths)
+            self.held = False
+            self.deliver([], True)
 
 
 class StateService:
@@ -109,8 +126,10 @@ class StateService:
         self._since_snapshot = 0
         self._syncing: dict[str, trio.Event] = {}  # peer -> set when that round ends
         self._nursery: trio.Nursery | None = None
-        # The scheduler's wake-up, with the document paths that changed (None: unknown).
-        self.on_change: Callable[[list[tuple[Any, ...]] | None], None] = lambda paths: None
+        # The scheduler's view refresh and wake-up: the document paths that changed (None:
+        # unknown), and whether to wake it now (a sync stream wakes it at most every
+        # SYNC_NOTIFY_S; its paths still arrive at once).
+        self.on_change: Callable[[list[tuple[Any, ...]] | None, bool], None] = _ignore
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -136,7 +155,7 @@ class StateService:
         if out.applied:
             self._enqueue(out.applied)
             if changes is None:
-                self.on_change(list(out.changed))
+                self.on_change(list(out.changed), True)
             else:
                 changes.add(out.changed)
         for ref in out.refused:
@@ -205,15 +224,19 @@ class StateService:
         result, entry = self.replica.write(fn, now_ms())
         if entry is not None:
             self._enqueue([entry])
-            self.on_change([("tasks", t) for t in touched] if touched is not None else None)
+            self.on_change([("tasks", t) for t in touched] if touched is not None else None, True)
             await self._persisted()
             self.counters["written"] += 1
         return result
 
     async def _publisher(self) -> None:
+        last = -PUBLISH_SPACING_S
         while True:
             await self._publish_wanted.wait()
-            await trio.sleep(PUBLISH_WINDOW_S)
+            # an idle node publishes within PUBLISH_WINDOW_S; a busy one at most every
+            # PUBLISH_SPACING_S, so that what it wrote meanwhile shares one message
+            await trio.sleep(max(PUBLISH_WINDOW_S, last + PUBLISH_SPACING_S - trio.current_time()))
+            last = trio.current_time()
             self._publish_wanted = trio.Event()
             while self._to_publish:
                 bundle = self._to_publish[:MAX_BUNDLE]
@@ -300,7 +323,7 @@ class StateService:
             return 0
         done = self._syncing[peer] = trio.Event()
         got = 0
-        changes = ChangeBatch(lambda paths: self.on_change(paths), SYNC_NOTIFY_S)
+        changes = ChangeBatch(lambda paths, wake: self.on_change(paths, wake), SYNC_NOTIFY_S)
         try:
             with trio.move_on_after(60):
                 stream = await self.d.host.new_stream(ID.from_base58(peer), [SYNC_PROTO])

@@ -152,6 +152,8 @@ class TaskService:
         self.work: dict[str, Work] = {}  # "<task>" or "<task>#review" -> pull agent's work
         self._seen: dict[str, float] = {}  # pull agent -> monotonic time of its last API call
         self._born = time.monotonic()
+        # Work local agents ended, submitted by the next tick (one entry for all of them).
+        self._ended: list[T.Finished] = []
 
     async def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -206,8 +208,9 @@ class TaskService:
         self._bidders[key] = out
         return out
 
-    def changed(self, paths: list[tuple[Any, ...]] | None) -> None:
-        """The shared state changed at ``paths`` (None: anywhere): refresh and wake up."""
+    def changed(self, paths: list[tuple[Any, ...]] | None, wake: bool = True) -> None:
+        """The shared state changed at ``paths`` (None: anywhere): mark them for the next
+        view refresh, and wake up unless told not to (a sync stream wakes us itself)."""
         if self.horizons.pending:
             self.horizons.applied(self.shared.replica.vector())
         if paths is None:
@@ -219,7 +222,8 @@ class TaskService:
                         self._dirty.add(p[1])
                     else:
                         self._rescan = True
-        self._wake.set()
+        if wake:
+            self._wake.set()
 
     def _update_view(self) -> None:
         doc_tasks = self.shared.replica.doc["tasks"]
@@ -291,8 +295,12 @@ class TaskService:
         state = self.d._swarm()
         return self.shared.policy.may(node, permission, state.height)
 
-    def refresh(self, now: int) -> None:
+    def refresh(self, now: int, statuses: bool = True) -> None:
+        """Bring the view up to date with the replica and, unless ``statuses`` is false,
+        derive every task's status at ``now`` (a pass over all tasks)."""
         self._update_view()
+        if not statuses:
+            return
         self.statuses = self.sched.derive(
             self.view, now, exclusive=self.d.exclusive, authority=self._authority
         )
@@ -339,18 +347,25 @@ class TaskService:
         state = self.d._swarm()
         self._update_view()
         rep = self._reputation(now)
-        plan = self.sched.tick(
-            self.view,
-            agents=self._agents(),
-            now_ms=now,
-            reputation=rep,
-            paused=state.paused,
-            exclusive=self.d.exclusive,
-            authority=self._authority,
-        )
+        ended, self._ended = self._ended, []
+        try:
+            plan = self.sched.tick(
+                self.view,
+                agents=self._agents(),
+                now_ms=now,
+                reputation=rep,
+                paused=state.paused,
+                exclusive=self.d.exclusive,
+                authority=self._authority,
+                finished=ended,
+            )
+        except BaseException:
+            self._ended[:0] = ended  # reported again by the next tick
+            raise
         self.statuses = dict(self.sched.statuses)
         self._feed(now)
-        await self._do_all(self._reclaim() + list(plan.effects))
+        effects = [self.seal_outcome(e) for e in plan.effects] if ended else list(plan.effects)
+        await self._do_all(self._reclaim() + effects)
         return plan.wake_at
 
     async def _do_all(self, effects: Sequence[T.Effect]) -> None:
@@ -453,47 +468,39 @@ class TaskService:
             self._runs.pop(key, None)
         if outcome is None:  # cancelled: the scheduler already knows why
             return
-        await self._finish(tid, outcome, review)
+        if review:
+            await self._finish_review(tid, outcome)
+            return
+        unfit = T.storable(outcome.output) if outcome.ok else None
+        if unfit is not None:  # Yrs would refuse it (or fail hard): a failed attempt
+            outcome = Outcome(False, error=f"output cannot be stored: {unfit}")
+        # Submitted by the next tick, with whatever else ended by then: one entry, one
+        # derivation for all of them (the tick seals confidential outcomes).
+        self._ended.append(T.Finished(tid, outcome.output, outcome.ok, outcome.error or None))
+        self.poke()
 
-    async def _finish(self, tid: str, outcome: Outcome, review: bool) -> None:
+    async def _finish_review(self, tid: str, outcome: Outcome) -> None:
         now = now_ms()
         self._update_view()
-        if review:
-            out = outcome.output if outcome.ok and isinstance(outcome.output, dict) else {}
-            score, verdict = out.get("score"), out.get("verdict")
-            if type(score) is not int or verdict not in ("done", "rework"):
-                why = C.SEALED_DETAILS if self._confidential(tid) else outcome.error
-                log.warning("review of %s gave no {score, verdict}: %s", tid, why)
-                score, verdict = 1, "rework"
-            plan = self.sched.review_finished(
-                self.view,
-                tid,
-                now_ms=now,
-                score=score,
-                verdict=str(verdict),
-                comments=str(out.get("comments", ""))[:2000],
-                exclusive=self.d.exclusive,
-                authority=self._authority,
-            )
-            if isinstance(plan, T.Refused):
-                log.warning("review of %s refused: %s", tid, plan.reason)
-                return
-        else:
-            unfit = T.storable(outcome.output) if outcome.ok else None
-            if unfit is not None:  # Yrs would refuse it (or fail hard): a failed attempt
-                outcome = Outcome(False, error=f"output cannot be stored: {unfit}")
-            plan = self.sched.finished(
-                self.view,
-                tid,
-                now_ms=now,
-                output=outcome.output,
-                ok=outcome.ok,
-                error=outcome.error or None,
-                exclusive=self.d.exclusive,
-                authority=self._authority,
-            )
-            if self._confidential(tid):
-                plan = replace(plan, effects=tuple(self.seal_outcome(e) for e in plan.effects))
+        out = outcome.output if outcome.ok and isinstance(outcome.output, dict) else {}
+        score, verdict = out.get("score"), out.get("verdict")
+        if type(score) is not int or verdict not in ("done", "rework"):
+            why = C.SEALED_DETAILS if self._confidential(tid) else outcome.error
+            log.warning("review of %s gave no {score, verdict}: %s", tid, why)
+            score, verdict = 1, "rework"
+        plan = self.sched.review_finished(
+            self.view,
+            tid,
+            now_ms=now,
+            score=score,
+            verdict=str(verdict),
+            comments=str(out.get("comments", ""))[:2000],
+            exclusive=self.d.exclusive,
+            authority=self._authority,
+        )
+        if isinstance(plan, T.Refused):
+            log.warning("review of %s refused: %s", tid, plan.reason)
+            return
         await self._do_all(plan.effects)
         self.poke()
 

@@ -32,7 +32,7 @@ from .model import TERMINAL, Contract, State, Task, TaskView, build_view
 from .params import Params
 from .recurring import Schedule, due, period_suffix
 from .reputation import Reputation, leaderboard, reputation
-from .scheduler import Run, Scheduler
+from .scheduler import Finished, Run, Scheduler
 from .stability import Horizons, Stable, stable_rule
 from .submission import plan_review, plan_submit
 from .supervision import Draft, Limits, Refused, check_deps_update, plan_control, plan_create
@@ -51,6 +51,7 @@ __all__ = [
     "DispatchReview",
     "Draft",
     "Effect",
+    "Finished",
     "Horizons",
     "LateResult",
     "Limits",

@@ -71,6 +71,16 @@ class Run:
     started_at: int
 
 
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A local agent ended its work on ``task_id`` (reported to :meth:`Scheduler.tick`)."""
+
+    task_id: str
+    output: Any = None
+    ok: bool = True
+    error: str | None = None
+
+
 @dataclass(slots=True)
 class Scheduler:
     me: str
@@ -117,11 +127,19 @@ class Scheduler:
         paused: bool = False,
         exclusive: Mapping[str, str] | None = None,
         authority: control.Authority | None = None,
+        finished: Sequence[Finished] = (),
     ) -> Plan:
+        """One step. ``finished``: local work that ended since the last step; its submissions
+        (or late results) come first in the plan, so that one entry carries them with
+        everything else this step writes, and one derivation serves them all."""
         now, p, me = now_ms, self.params, self.me
         excl = exclusive or {}
         st = self.derive(view, now, excl, authority)
         effects: list[Effect] = []
+        ended: set[str] = set()  # submitted this step: the view does not show it yet
+        for f in finished:
+            effects.extend(self._finished(view, st, f))
+            ended.add(f.task_id)
         wakes: list[int] = [s.wake_at for s in st.values() if s.wake_at is not None]
         local = {a.name: a for a in agents}
         cap = {a.name: agent_capacity(a.max_concurrency, self.limits) for a in agents}
@@ -131,7 +149,7 @@ class Scheduler:
         in_review: list[str] = []
         for tid in self._order(view):
             s = st[tid]
-            if s.state in TERMINAL or s.state is State.BLOCKED:
+            if s.state in TERMINAL or s.state is State.BLOCKED or tid in ended:
                 continue
             if s.assignee == me and s.state in HELD:
                 held.append(tid)
@@ -368,11 +386,21 @@ class Scheduler:
         """The local agent finished ``task_id``: a submission if this node still holds the
         work, else a late result that only goes to the log. An output violating the contract
         is submitted as a failed attempt with the violation, so the breach is on record."""
+        if task_id not in self.running or task_id not in view:
+            self.running.pop(task_id, None)
+            return Plan()
+        st = self.derive(view, now_ms, exclusive, authority)
+        return Plan(self._finished(view, st, Finished(task_id, output, ok, error)))
+
+    def _finished(
+        self, view: TaskView, st: Mapping[str, Status], f: Finished
+    ) -> tuple[Effect, ...]:
+        task_id, output, ok, error = f.task_id, f.output, f.ok, f.error
         run = self.running.pop(task_id, None)
         task = view.get(task_id)
         if run is None or task is None:
-            return Plan()
-        s = self.derive(view, now_ms, exclusive, authority).get(task_id)
+            return ()
+        s = st.get(task_id)
         current = (
             s is not None
             and s.assignee == self.me
@@ -380,28 +408,24 @@ class Scheduler:
             and (s.attempt, s.round, s.agent) == (run.attempt, run.round, run.agent)
         )
         if not current:
-            return Plan(
-                (LateResult(task_id, run.attempt, run.round, run.agent, ok, output, error),)
-            )
+            return (LateResult(task_id, run.attempt, run.round, run.agent, ok, output, error),)
         if ok:
             bad = validate(output, task.contract.output_schema)
             if bad is not None:
                 why = f"output violates output_schema {bad}"
-                return Plan(
-                    (Submit(task_id, run.attempt, run.round, run.agent, False, output, why, why),)
+                return (
+                    Submit(task_id, run.attempt, run.round, run.agent, False, output, why, why),
                 )
-        return Plan(
-            (
-                Submit(
-                    task_id,
-                    run.attempt,
-                    run.round,
-                    run.agent,
-                    ok,
-                    output if ok else None,
-                    None if ok else error,
-                ),
-            )
+        return (
+            Submit(
+                task_id,
+                run.attempt,
+                run.round,
+                run.agent,
+                ok,
+                output if ok else None,
+                None if ok else error,
+            ),
         )
 
     def review_finished(
