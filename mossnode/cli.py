@@ -423,6 +423,21 @@ def cmd_swarm(args: argparse.Namespace) -> None:
     _out(args, r, f"swarm {args.action}d (decision #{r['seq']})")
 
 
+def cmd_role(args: argparse.Namespace) -> None:
+    client = _client(args)
+    if args.action == "grant":
+        r = client.post(f"/v1/members/{args.peer_id}/roles", {"role": args.role})
+    else:
+        r = client.delete(f"/v1/members/{args.peer_id}/roles/{args.role}")
+    done = "granted" if args.action == "grant" else "revoked"
+    _out(args, r, f"role {args.role} {done} (decision #{r['seq']})")
+
+
+def cmd_member_remove(args: argparse.Namespace) -> None:
+    r = _client(args).delete(f"/v1/members/{args.peer_id}")
+    _out(args, r, f"member removed (decision #{r['seq']})")
+
+
 def _msg_client(args: argparse.Namespace) -> ApiClient:
     """Messages are sent and read as an agent: its token (MOSSNODE_TOKEN), or the operator
     binding one of this host's agents with --agent."""
@@ -648,6 +663,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--watch", action="store_true", help="refresh until every task has ended")
     sp = add("swarm", cmd_swarm, "swarm-wide decisions: pause (kill switch) or resume dispatch")
     sp.add_argument("action", choices=["pause", "resume"])
+    sp = add("role", cmd_role, "grant or revoke a member's role (a consensus decision)")
+    sp.add_argument("action", choices=["grant", "revoke"])
+    sp.add_argument("peer_id", metavar="PEER_ID")
+    sp.add_argument("role", metavar="ROLE")
+    sp = add("member", cmd_member_remove, "remove a member from the swarm (a consensus decision)")
+    sp.add_argument("action", choices=["remove"])
+    sp.add_argument("peer_id", metavar="PEER_ID")
     add("leaderboard", cmd_leaderboard, "reputation of agents, from the replicated history")
     add("activity", cmd_activity, "the activity feed: task state changes")
     _add_msg(sub, common)

@@ -269,3 +269,37 @@ def test_ledger_founded_before_consensus_is_refused(cluster_factory) -> None:
     path.write_bytes(canonical(doc))  # a founder-authority ledger with one decision
     r = node.cli("run", check=False, timeout=30)
     assert r.returncode == 1 and "founded before consensus" in r.stderr
+
+
+def test_operators_grant_revoke_and_remove_by_consensus(cluster_factory) -> None:
+    c: Cluster = cluster_factory(2, **FAST)
+    c.start(roles=["planner"])
+    founder, member = c.nodes
+    me, other = peer_id(founder), peer_id(member)
+
+    def roles() -> dict[str, list[str]]:
+        return {p["peer_id"]: sorted(p["roles"]) for p in founder.cli_json("peers")}
+
+    height = founder.status()["decided_height"]
+    for bad, word in (
+        (("role", "grant", other, "bogus"), "unknown role"),
+        (("role", "revoke", other, "nope"), "unknown role"),
+        (("role", "grant", "12D3KooWnobody", "executor"), "no member"),
+        (("member", "remove", "12D3KooWnobody"), "no member"),
+    ):
+        r = founder.cli(*bad, check=False)
+        assert r.returncode == 1 and word in r.stderr and len(r.stderr.splitlines()) == 1, r
+    assert founder.status()["decided_height"] == height  # refused: nothing decided
+
+    founder.cli("role", "grant", me, "executor")  # the founder takes work too
+    founder.cli("role", "grant", other, "reviewer")
+    out = founder.cli_json("role", "revoke", other, "planner")
+    assert out["kind"] == "revoke" and out["seq"] > height
+    wait_for(lambda: "executor" in founder.status()["roles"], 20, "the grant")
+    wait_for(lambda: roles()[other] == ["reviewer"], 20, "the revocation")
+    founder.cli("member", "remove", other)
+    wait_for(lambda: other not in roles(), 20, "the removal")
+    ds = founder.cli_json("decisions")
+    verify_log(ds)  # every entry carries a certificate any node checks alone
+    kinds = [d["kind"] for d in ds]
+    assert kinds[-4:] == ["grant", "grant", "revoke", "remove"]

@@ -28,6 +28,7 @@ from ..node.events import EventHub, Subscriber, pump
 from ..node.messaging import MessagingError
 from ..node.tasks import WorkRefused
 from ..protocols import rbac
+from ..protocols.roles import BUILTIN_ROLES
 from ..protocols.tasks.confidential import check_roles
 from ..protocols.tasks.contract import STORE_DEPTH, storable, validate
 from . import schemas as S
@@ -482,6 +483,34 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
 
         return handler
 
+    def member_key(request: Request) -> bytes:
+        member = daemon._swarm().by_peer_id(request.path_params["peer_id"])
+        if member is None:
+            raise ApiError(404, "not_found", "no member with that peer id")
+        return bytes(member.public_key)
+
+    def role_field(role: str) -> str:
+        if role not in BUILTIN_ROLES:
+            raise ApiError(400, "bad_field", f"unknown role {role!r}")
+        return role
+
+    async def member_decision(kind: str, payload: dict[str, Any], body: dict[str, Any]) -> Response:
+        entry = await daemon.decide(kind, payload, timeout_field(body))
+        return JSONResponse({"seq": entry.seq, "kind": entry.kind})
+
+    async def roles_grant(request: Request) -> Response:
+        key, body = member_key(request), await json_body(request)
+        role = role_field(field(body, "role", str))
+        return await member_decision("grant", {"public_key": key, "role": role}, body)
+
+    async def roles_revoke(request: Request) -> Response:
+        key = member_key(request)
+        role = role_field(request.path_params["role"])
+        return await member_decision("revoke", {"public_key": key, "role": role}, {})
+
+    async def members_remove(request: Request) -> Response:
+        return await member_decision("remove", {"public_key": member_key(request)}, {})
+
     def vote_id(request: Request) -> int:
         raw = request.path_params["id"]
         if not raw.isdigit() or int(raw) < 1:
@@ -758,6 +787,28 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
             "Resume dispatch",
             swarm_decision("resume"),
             S.EMPTY,
+        ),
+        Endpoint(
+            "POST",
+            "/v1/members/{peer_id}/roles",
+            "role.grant",
+            "Grant a member a role (a consensus decision)",
+            roles_grant,
+            S.ROLE_GRANT,
+        ),
+        Endpoint(
+            "DELETE",
+            "/v1/members/{peer_id}/roles/{role}",
+            "role.revoke",
+            "Revoke a member's role (a consensus decision)",
+            roles_revoke,
+        ),
+        Endpoint(
+            "DELETE",
+            "/v1/members/{peer_id}",
+            "member.remove",
+            "Remove a member from the swarm (a consensus decision)",
+            members_remove,
         ),
         Endpoint("GET", "/v1/votes", "state.read", "Votes and their tallies", votes_list),
         Endpoint("POST", "/v1/votes", "decision.propose", "Open a vote", votes_open, S.VOTE_OPEN),

@@ -119,6 +119,9 @@ VOTE_CAST = obj(
     {"choice": {"type": "string", "enum": ["yes", "no"]}, "timeout_s": TIMEOUT}, ("choice",)
 )
 VOTE_CLOSE = obj({"timeout_s": TIMEOUT})
+ROLE_GRANT = obj(
+    {"role": {"type": "string", "minLength": 1, "maxLength": 64}, "timeout_s": TIMEOUT}, ("role",)
+)
 
 # Query parameters: the properties of an object whose values arrive as strings.
 TASKS_QUERY = obj({"state": {"type": "string", "enum": [s.value for s in State]}})
