@@ -41,6 +41,9 @@ def state_counts(nodes) -> tuple[int, int]:
 def throughput() -> None:
     with Cluster(NODES, config={"presence_interval_s": 0.5}) as c:
         c.start(roles=["planner", "executor"])
+        founder = c.nodes[0]  # founded with admin + validator: it works too
+        founder.cli("role", "grant", founder.status()["peer_id"], "executor")
+        wait_for(lambda: "executor" in founder.status()["roles"], 30, "the founder's grant")
         for node in c.nodes:
             node.cli(
                 "agent",
