@@ -149,7 +149,7 @@ def test_matrix_covers_every_endpoint(node) -> None:
     doc = client(n, None).get("/v1/openapi.json").json()
     listed = {(m, p) for p, item in doc["paths"].items() for m in item}
     templates = {"exec1": "{name}", "nobody-here": "{name}", "nope:1": "{id}", "nope": "{id}"}
-    templates |= {"9999": "{id}", "t": "{name}"}
+    templates |= {"9999": "{id}", "t": "{name}", "nobody": "{peer_id}", "executor": "{role}"}
     covered = {
         (m.lower(), "/".join(templates.get(x, x) for x in p.split("/"))) for m, p, _, _ in CALLS
     }
@@ -167,6 +167,8 @@ def test_openapi_names_permissions(node) -> None:
         "nope": "{id}",
         "9999": "{id}",
         "t": "{name}",
+        "nobody": "{peer_id}",
+        "executor": "{role}",
     }
     for method, path, _, perm in CALLS:
         tpl = "/".join(templates.get(p, p) for p in path.split("/"))
