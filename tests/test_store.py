@@ -134,33 +134,29 @@ def test_corrupted_pages_are_refused_and_left_alone(tmp_path: Path) -> None:
     assert sha(db) == before
 
 
-def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+def _refused_after_sql(db: Path, sql: str, match: str) -> None:
+    """Run ``sql`` on ``db`` with plain sqlite3; the store must then refuse the file with
+    ``match`` in its message and leave it byte for byte as it was."""
     import sqlite3
 
-    db = tmp_path / "other.db"
     con = sqlite3.connect(db)
-    con.execute("CREATE TABLE t (x)")
+    con.execute(sql)
     con.commit()
     con.close()
     before = sha(db)
-    with pytest.raises(StoreError, match="not a mossnode store"):
+    with pytest.raises(StoreError, match=match):
         Store(db)
     assert sha(db) == before
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    _refused_after_sql(tmp_path / "other.db", "CREATE TABLE t (x)", "not a mossnode store")
 
 
 def test_store_of_an_older_document_layout_is_refused_and_left_alone(tmp_path: Path) -> None:
-    import sqlite3
-
     db = tmp_path / "state.db"
     Store(db).close()
-    con = sqlite3.connect(db)
-    con.execute("PRAGMA user_version=1")
-    con.commit()
-    con.close()
-    before = sha(db)
-    with pytest.raises(StoreError, match="older task document layout"):
-        Store(db)
-    assert sha(db) == before
+    _refused_after_sql(db, "PRAGMA user_version=1", "older task document layout")
 
 
 def test_snapshot_plus_tail_rebuilds_the_same_document(tmp_path: Path) -> None:

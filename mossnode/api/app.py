@@ -476,10 +476,14 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
 
         return handler
 
+    async def decision(kind: str, payload: dict[str, Any], body: dict[str, Any]) -> Response:
+        """Decide one decision through consensus; answers its seq and kind."""
+        entry = await daemon.decide(kind, payload, timeout_field(body))
+        return JSONResponse({"seq": entry.seq, "kind": entry.kind})
+
     def swarm_decision(kind: str) -> Handler:
         async def handler(request: Request) -> Response:
-            entry = await daemon.decide(kind, {})
-            return JSONResponse({"seq": entry.seq, "kind": entry.kind})
+            return await decision(kind, {}, {})
 
         return handler
 
@@ -494,22 +498,18 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
             raise ApiError(400, "bad_field", f"unknown role {role!r}")
         return role
 
-    async def member_decision(kind: str, payload: dict[str, Any], body: dict[str, Any]) -> Response:
-        entry = await daemon.decide(kind, payload, timeout_field(body))
-        return JSONResponse({"seq": entry.seq, "kind": entry.kind})
-
     async def roles_grant(request: Request) -> Response:
         key, body = member_key(request), await json_body(request)
         role = role_field(field(body, "role", str))
-        return await member_decision("grant", {"public_key": key, "role": role}, body)
+        return await decision("grant", {"public_key": key, "role": role}, body)
 
     async def roles_revoke(request: Request) -> Response:
         key = member_key(request)
         role = role_field(request.path_params["role"])
-        return await member_decision("revoke", {"public_key": key, "role": role}, {})
+        return await decision("revoke", {"public_key": key, "role": role}, {})
 
     async def members_remove(request: Request) -> Response:
-        return await member_decision("remove", {"public_key": member_key(request)}, {})
+        return await decision("remove", {"public_key": member_key(request)}, {})
 
     def vote_id(request: Request) -> int:
         raw = request.path_params["id"]

@@ -38,12 +38,13 @@ from .rules import (
     Resolved,
     Rule,
     judge,
+    owner_seg,
     permits,
     resolve,
     shape,
     shape_seg,
 )
-from .schema import ELEMENT, ROOTS, Path, render, task_creator
+from .schema import ELEMENT, ROOTS, Path, render
 from .yrs_update import ID, Content, Item, RawUpdate, Update, raw_of
 
 Run = tuple[int, int, Loc]
@@ -475,13 +476,7 @@ class _Fast:
             return None
         path = cont.path
         at = res.owner_at
-        seg = key if at == len(path) else path[at]
-        if seg is None:
-            return None
-        if res.creator:
-            if task_creator(seg) != self.author:
-                return None
-        elif (seg[res.strip :] if res.strip else seg) != self.author:
+        if owner_seg(res, key if at == len(path) else path[at]) != self.author:
             return None
         rule = res.rule
         if op is Op.WRITE:

@@ -172,14 +172,14 @@ class ContentDigest:
 
     def __init__(self) -> None:
         self._pairs: dict[str, dict[str, bytes]] | None = None  # key -> encoded key + value
-        self._order: dict[str, list[tuple[int, bytes, str]]] = {}  # (len, encoded key, key)
+        self._sorted: dict[str, list[tuple[int, bytes, str]]] = {}  # (len, encoded key, key)
         self._dirty: dict[str, set[str]] = {name: set() for name in ROOTS}
         self._digest: bytes | None = None
 
     def reset(self) -> None:
         """Forget everything (the document was replaced)."""
         self._pairs = None
-        self._order = {}
+        self._sorted = {}
         self._digest = None
         for keys in self._dirty.values():
             keys.clear()
@@ -194,7 +194,7 @@ class ContentDigest:
             return self._digest
         if self._pairs is None:
             self._pairs = {name: {} for name in ROOTS}
-            self._order = {name: [] for name in ROOTS}
+            self._sorted = {name: [] for name in ROOTS}
             for name in ROOTS:
                 self._dirty[name] = set(root(doc, name).keys())
         with doc.transaction() as txn:
@@ -202,7 +202,7 @@ class ContentDigest:
                 dirty = self._dirty[name]
                 if not dirty:
                     continue
-                pairs, order = self._pairs[name], self._order[name]
+                pairs, order = self._pairs[name], self._sorted[name]
                 top = root(doc, name)
                 added = []
                 for key in dirty:
@@ -230,6 +230,6 @@ class ContentDigest:
             pairs = self._pairs[name]
             h.update(enc_name)
             h.update(_map_header(len(pairs)))
-            h.update(b"".join([pairs[key] for _, _, key in self._order[name]]))
+            h.update(b"".join([pairs[key] for _, _, key in self._sorted[name]]))
         self._digest = h.digest()
         return self._digest

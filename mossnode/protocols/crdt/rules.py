@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from .schema import CORE, ELEMENT, KEY_SEP, LOG, Path, render, task_creator
+from .schema import CORE, ELEMENT, KEY_SEP, LOG, Path, node_key, render, task_creator
 from .yrs_update import Content
 
 
@@ -94,7 +94,7 @@ def _entry(
     """A row for node entries of a task: the one segment ``<kind>/<node>`` (a key of the task
     map, see :mod:`.schema`), owned by the node it names."""
     return Rule(
-        ("tasks", "{task}", f"{kind}{KEY_SEP}{{node}}", *tail), "node", write, delete, kinds, once
+        ("tasks", "{task}", node_key(kind, "{node}"), *tail), "node", write, delete, kinds, once
     )
 
 
