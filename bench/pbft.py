@@ -15,7 +15,8 @@ verified), and the ratio of achieved throughput to the verify-bound limit is pri
 (verifies per decision x decisions per second) / raw verify rate. The in-process figures (sans-IO
 replicas, instant delivery, no fsync) follow for comparison. ``BENCH_PBFT_PROFILE=DIR`` writes
 each daemon's cProfile stats there; ``BENCH_PBFT_SIZES=4`` (comma-separated) picks the cluster
-sizes and ``BENCH_PBFT_INPROC=0`` skips the in-process figures, for quicker comparisons.
+sizes, ``BENCH_PBFT_PHASES=unbatched`` (or ``batched``) the phases, and ``BENCH_PBFT_INPROC=0``
+skips the in-process figures, for quicker comparisons.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from mossnode.protocols.pbft import (
 from .pbft_clients import Gateway, Lane
 
 SWARM = b"\x05" * 32
-LANES = 64
-UNBATCHED = 200
+LANES = int(os.environ.get("BENCH_PBFT_LANES", "64"))
+UNBATCHED = int(os.environ.get("BENCH_PBFT_UNBATCHED", "200"))
 PER_LANE = 40
 
 
@@ -225,10 +226,13 @@ async def _drive(c: Cluster, raw: float) -> None:
         await gw.wait_idle(300)
         gw.broadcast_all = False
 
+        phases = os.environ.get("BENCH_PBFT_PHASES", "unbatched,batched").split(",")
         for label, active, per in (
             ("unbatched", lanes[:1], UNBATCHED),
             ("batched", lanes, PER_LANE),
         ):
+            if label not in phases:
+                continue
             before = await trio.to_thread.run_sync(_msg_in, c.nodes)
             cpu0 = _cpu_s(c.nodes)
             stale0 = sum(ln.client.rejections.get("stale_reply", 0) for ln in gw.lanes.values())

@@ -119,12 +119,17 @@ def cmd_run(args: argparse.Namespace) -> None:
             nursery.cancel_scope.cancel()
 
     try:
-        # developers: cProfile stats to this file ("{pid}" is replaced by the process id)
+        # developers: cProfile stats to this file ("{pid}" is replaced by the process id), in
+        # CPU time, so that a busy machine does not blur where the process spends its own time
         profile = os.environ.get("MOSSNODE_PROFILE", "").replace("{pid}", str(os.getpid()))
         if profile:
             import cProfile
 
-            cProfile.runctx("trio.run(main)", globals(), {"trio": trio, "main": main}, profile)
+            prof = cProfile.Profile(time.process_time)
+            try:
+                prof.runcall(trio.run, main)
+            finally:
+                prof.dump_stats(profile)
         else:
             trio.run(main)
     except DaemonError as exc:

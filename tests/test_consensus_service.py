@@ -81,8 +81,8 @@ class Node:
             store.close()
             self._stopped.set()
 
-    async def _on_decided(self, entry: Entry) -> None:
-        self.decided.append(entry)
+    async def _on_decided(self, entries: list[Entry]) -> None:
+        self.decided.extend(entries)
 
     async def stop(self) -> None:
         """Like a crash: sockets close (peers see resets), nothing is flushed gracefully."""

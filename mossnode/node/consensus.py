@@ -20,7 +20,9 @@ module moves its bytes and keeps its promises:
   height on, in pages, and verifies every certificate before applying (:meth:`ingest`, which
   the daemon also calls with entries it gets from gossip or a join; :func:`fetch_log` pages a
   whole log into a scratch state for a joining node);
-- ``on_decided(entry)`` is awaited for every new entry, in order, once it is durable.
+- ``on_decided(entries)`` is awaited with every new entry, in order, once it is durable: all
+  the entries that became durable since the previous call at once (a decided batch), so that
+  what the node does per decision (rebuild views, wake the scheduler) is done once per batch.
 
 Records live in the store's ``meta`` table: ``pbft/rec/<i>`` (CBOR, i < ``pbft/rec/n``) for the
 replica, compacted after stable checkpoints; ``pbft/client`` for the proposer's timestamps.
@@ -188,7 +190,7 @@ class ConsensusService:
         store: Store,
         host: IHost,
         *,
-        on_decided: Callable[[Entry], Awaitable[None]] | None = None,
+        on_decided: Callable[[list[Entry]], Awaitable[None]] | None = None,
         now_ms: Callable[[], int] = wall_ms,
         view_timeout_ms: int = 2_000,
         retransmit_ms: int = 500,
@@ -233,7 +235,7 @@ class ConsensusService:
         self._want_height = 0
         self._waiters: dict[int, _Waiter] = {}
         self._rr = 0
-        send, recv = trio.open_memory_channel[Entry](float("inf"))
+        send, recv = trio.open_memory_channel[list[Entry]](float("inf"))
         self._notify_send, self._notify_recv = send, recv
         self._broken: BaseException | None = None
 
@@ -478,9 +480,8 @@ class ConsensusService:
             for target, name, at in out.timers:
                 self._timers[(target, name)] = at
             self._timer_wake.set()
-        for entry in out.entries:
-            self._notify_send.send_nowait(entry)
         if out.entries:
+            self._notify_send.send_nowait(out.entries)
             self._height_changed.set()
             self._height_changed = trio.Event()
         for t, seq in out.completed:
@@ -596,13 +597,18 @@ class ConsensusService:
         return r is not None and r.lagging
 
     async def _notify_loop(self) -> None:
-        async for entry in self._notify_recv:
+        async for entries in self._notify_recv:
+            while True:  # everything that became durable meanwhile goes in the same call
+                try:
+                    entries = entries + self._notify_recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
             if self.on_decided is None:
                 continue
             try:
-                await self.on_decided(entry)
+                await self.on_decided(entries)
             except Exception:
-                log.exception("on_decided failed for #%d %s", entry.seq, entry.kind)
+                log.exception("on_decided failed for #%d..#%d", entries[0].seq, entries[-1].seq)
 
 
 def _durable_part(out: Output) -> bool:

@@ -124,6 +124,21 @@ def announces(me: bytes, validators: Sequence[bytes], seq: int, listeners: set[s
     return (validators.index(me) - seq) % n <= (n - 1) // 3
 
 
+def _log_decided(entries: list[Entry]) -> None:
+    """One INFO line per decided batch (per entry at DEBUG): a swarm deciding hundreds of
+    entries a second should not spend its time formatting log lines."""
+    real = [e for e in entries if e.kind != NOOP]
+    if log.isEnabledFor(logging.DEBUG):
+        for e in entries:
+            log.debug("decided #%d %s %s", e.seq, e.kind, e.payload.get("reason", ""))
+    if len(real) == 1:
+        log.info("decided #%d %s", real[0].seq, real[0].kind)
+    elif real:
+        kinds = Counter(e.kind for e in real)
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        log.info("decided #%d..#%d: %s", entries[0].seq, entries[-1].seq, summary)
+
+
 class DaemonError(Exception):
     """A request to the daemon cannot be carried out; the message is for the user."""
 
@@ -369,7 +384,7 @@ class Daemon:
         state = self._swarm()
         assert self._nursery is not None and self.store is not None
         self.consensus = ConsensusService(
-            self.identity, state, self.store, self.host, on_decided=self._on_entry
+            self.identity, state, self.store, self.host, on_decided=self._on_entries
         )
         await self._nursery.start(self.consensus.run)
         if entries:
@@ -552,23 +567,23 @@ class Daemon:
             self.rejected["bad_decision"] += 1
             log.warning("decision #%d refused: %s", entry.seq, self.consensus.core.last_refusal)
 
-    async def _on_entry(self, entry: Entry) -> None:
-        """Every new decided-log entry, in order, once it is durable in the store."""
-        self._decided(entry)
-        self.events.publish("decision", {"seq": entry.seq, "kind": entry.kind})
-        if entry.kind == NOOP:
-            log.debug("decided #%d noop %s", entry.seq, entry.payload.get("reason"))
-        else:
-            log.info("decided #%d %s", entry.seq, entry.kind)
-        if entry.kind == VOTE_CAST:
-            self._maybe_close_vote(entry.payload.get("vote"))
+    async def _on_entries(self, entries: list[Entry]) -> None:
+        """New decided-log entries, in order, once they are durable in the store (a decided
+        batch at a time): events and votes per entry, views and the scheduler once."""
+        self._decided(any(e.kind in ("remove", "revoke") for e in entries))
+        for entry in entries:
+            self.events.publish("decision", {"seq": entry.seq, "kind": entry.kind})
+            if entry.kind == VOTE_CAST:
+                self._maybe_close_vote(entry.payload.get("vote"))
+        _log_decided(entries)
         c = self.consensus
         state = self._swarm()
-        if c is not None and c.is_validator and entry.seq == state.height:
+        last = entries[-1]
+        if c is not None and c.is_validator and last.seq == state.height:
             t = topic(state.swarm_id, "consensus")
             listeners = {str(p) for p in self.pubsub.peer_topics.get(t, ())}
-            if announces(self.identity.public_key, state.validators(), entry.seq, listeners):
-                await self._announce(entry)
+            if announces(self.identity.public_key, state.validators(), last.seq, listeners):
+                await self._announce(last)
 
     async def _announce(self, entry: Entry) -> None:
         """Gossip a decided entry, so that non-validators learn of it at once (else within a
@@ -582,9 +597,9 @@ class Daemon:
         except Exception as exc:
             log.debug("announcing decision #%d failed: %s", entry.seq, exc)
 
-    def _decided(self, entry: Entry) -> None:
+    def _decided(self, cutoff: bool) -> None:
         if self.shared is not None:
-            self.shared.on_decided(cutoff=entry.kind in ("remove", "revoke"))
+            self.shared.on_decided(cutoff=cutoff)
         if self.tasks is not None:
             self.tasks.poke()
 

@@ -541,12 +541,14 @@ class ConsensusMembership(Membership):
             return NOOP, {"reason": "invalid", "kind": kind, "error": err}
         return kind, payload
 
-    def analyze(self, proof: EntryProof | bytes) -> Analysis | str:
+    def analyze(self, proof: EntryProof | bytes, raw: bytes | None = None) -> Analysis | str:
         """The entry a decided request slot yields now, mirroring the replica's execution
         rules: an item that is no validly signed request, or whose timestamp is not above the
         client's last executed one, is skipped (a ``noop``); otherwise the operation is judged.
+        ``raw`` is the proof's encoding, when the caller has it.
         """
-        raw = proof if isinstance(proof, bytes) else proof.encode()
+        if raw is None:
+            raw = proof if isinstance(proof, bytes) else proof.encode()
         memo = self._analyzed
         if memo is not None and memo[0] == self.height and memo[1] == raw:
             return memo[2]
@@ -575,8 +577,10 @@ class ConsensusMembership(Membership):
     def apply(self, entry: Entry) -> None:
         """Verify and apply the next entry (raises MembershipError and changes nothing if bad).
         Entries of this node's own replica come through :meth:`apply_trusted`."""
-        proof = proof_of(entry) if entry.seq == self.height + 1 else None
-        analysis = self.analyze(entry.certificate[0]) if proof is not None else None
+        self._apply(entry, proof_of(entry) if entry.seq == self.height + 1 else None, None)
+
+    def _apply(self, entry: Entry, proof: EntryProof | None, root: bytes | None) -> None:
+        analysis = self.analyze(proof, entry.certificate[0]) if proof is not None else None
         batch_start = self.validators()
         super().apply(entry)
         if isinstance(analysis, Analysis):
@@ -585,7 +589,7 @@ class ConsensusMembership(Membership):
             if analysis.origin is not None:
                 self.origin[entry.seq] = analysis.origin
         if proof is not None:
-            root = proof.root()
+            root = root or proof.root()
             assert root is not None  # the verifier (or the trusted caller) checked it
             if proof.index == 0:
                 self.batch_first[proof.n] = entry.seq
@@ -593,14 +597,14 @@ class ConsensusMembership(Membership):
             self.position = Position(proof.n, proof.index, proof.count, root)
         self._apply_extras(entry)
 
-    def apply_trusted(self, entry: Entry) -> None:
+    def apply_trusted(self, entry: Entry, proof: EntryProof, root: bytes) -> None:
         """Apply without checking the commits: for entries this node's own replica decided (it
-        verified every commit), whose certificate holds only the batch proof until the
-        decision is final."""
+        verified every commit), whose certificate holds only the batch proof (``proof``,
+        encoded, of the batch with digest ``root``) until the decision is final."""
         saved = self.verifier
         self.verifier = _trusted
         try:
-            self.apply(entry)
+            self._apply(entry, proof, root)
         finally:
             self.verifier = saved
 
@@ -729,6 +733,7 @@ class _Batch:
     before (state transfer got there first) and the next slot to fill."""
 
     n: int
+    root: bytes
     proofs: list[EntryProof]
     present: int
     filled: int
@@ -768,7 +773,7 @@ class DecisionMachine:
         elif n != st.pbft_height + 1 or not st.position.closes_batch:
             problem = f"batch {n} executes but the log is at batch {st.pbft_height}"
         detached = problem is not None
-        self._open[n] = _Batch(n, proofs, present, present, problem, detached)
+        self._open[n] = _Batch(n, root, proofs, present, present, problem, detached)
 
     def execute(self, ex: Execution) -> bytes | Outcome:
         st = self.state
@@ -824,12 +829,12 @@ class DecisionMachine:
         st = self.state
         proof = b.proofs[index]
         raw = proof.encode()
-        got = st.analyze(raw)
+        got = st.analyze(proof, raw)
         if isinstance(got, str):  # cannot happen for a proof built here; be defensive
             b.problem = got
             got = Analysis(NOOP, {"reason": "invalid", "error": got}, None, {})
         entry = Entry(st.height + 1, got.kind, got.payload, [raw])
-        st.apply_trusted(entry)
+        st.apply_trusted(entry, proof, b.root)
         b.filled = index + 1
         return entry
 
