@@ -18,7 +18,13 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from mossnode.crypto.identity import Identity
 from mossnode.node import host as host_module
-from mossnode.node.host import CreditBatchingYamux, KnownRecords, make_host, make_pubsub
+from mossnode.node.host import (
+    CreditBatchingYamux,
+    KnownRecords,
+    LocalRecord,
+    make_host,
+    make_pubsub,
+)
 
 PROTO = TProtocol("/moss-test/bulk/1")
 LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
@@ -135,6 +141,37 @@ def test_a_peer_record_is_checked_once_until_it_changes(monkeypatch: Any) -> Non
     assert expired.consume(rpc(record), sender, peer)
     assert expired.consume(rpc(record), sender, peer)
     assert checked[5:] == [record, record]  # past its ttl a record is checked again
+
+
+def test_the_own_record_is_built_once_per_ttl_and_stays_valid(monkeypatch: Any) -> None:
+    from libp2p.peer import peerstore
+
+    built: list[Any] = []
+    real = peerstore.env_to_send_in_RPC
+
+    def counting(host: Any) -> tuple[bytes, bool]:
+        built.append(host)
+        return real(host)
+
+    monkeypatch.setattr(peerstore, "env_to_send_in_RPC", counting)
+    a, b = make_host(Identity.generate()), make_host(Identity.generate())
+    from libp2p.pubsub import gossipsub, pubsub
+
+    for module in (gossipsub, pubsub):  # what the hosts' gossip calls
+        assert isinstance(module.env_to_send_in_RPC.__self__, LocalRecord)
+    local = LocalRecord(ttl_s=600)
+    first, _ = local.envelope(a)
+    assert local.envelope(a) == (first, False)
+    assert built == [a]  # reused, not rebuilt
+    other, _ = local.envelope(b)
+    assert other != first and built == [a, b]  # one record per host
+    msg = rpc_pb2.RPC()
+    msg.senderRecord = first
+    assert KnownRecords().consume(msg, b, a.get_id())  # what it hands out is a's valid record
+    expired = LocalRecord(ttl_s=0)
+    expired.envelope(a)
+    expired.envelope(a)
+    assert built[2:] == [a, a]  # past its ttl the library builds (and checks) it again
 
 
 def test_the_real_record_check_still_refuses_a_record_of_another_peer() -> None:

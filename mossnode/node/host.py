@@ -20,6 +20,7 @@ from libp2p import new_host
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.peer import peerstore as peerstore_module
 from libp2p.peer.id import ID
 from libp2p.pubsub import gossipsub as gossipsub_module
 from libp2p.pubsub import pubsub as pubsub_module
@@ -102,17 +103,46 @@ class KnownRecords:
         return ok
 
 
+class LocalRecord:
+    """The sending side of the same record: gossipsub attaches the node's signed peer record
+    to every RPC it sends, and py-libp2p rebuilds it for each one (the listen addresses read
+    from the sockets and parsed into multiaddrs, compared with the cached record, whose
+    envelope is serialised again): 5% of a busy daemon's CPU. Here the bytes are reused for
+    ``ttl_s``; after that the library looks at the addresses again (and signs a new record if
+    they changed), so a moved node's record is at most ``ttl_s`` stale."""
+
+    def __init__(self, ttl_s: float = 5.0) -> None:
+        self.ttl_s = ttl_s
+        self._by_host: dict[int, tuple[IHost, bytes, float]] = {}
+
+    def envelope(self, host: IHost) -> tuple[bytes, bool]:
+        now = time.monotonic()
+        known = self._by_host.get(id(host))
+        if known is not None and known[0] is host and now < known[2]:
+            return known[1], False
+        record, created = peerstore_module.env_to_send_in_RPC(host)
+        if len(self._by_host) > 64:  # hosts of a process: one, more only in tests
+            self._by_host.clear()
+        self._by_host[id(host)] = (host, record, now + self.ttl_s)
+        return record, created
+
+
 def tune_libp2p() -> None:
-    """Point py-libp2p 0.8.1 at the two parts above. It offers no hook for either: its muxer
+    """Point py-libp2p 0.8.1 at the parts above. It offers no hook for any: its muxer
     negotiation constructs ``Yamux`` by name, ignoring the muxer class a host is given, and
-    pubsub calls ``maybe_consume_signed_record`` by name. Both replacements keep the
-    library's behaviour and only drop repeated work; idempotent."""
+    pubsub calls ``maybe_consume_signed_record`` and ``env_to_send_in_RPC`` by name. The
+    replacements keep the library's behaviour and only drop repeated work; idempotent."""
     muxer_multistream.Yamux = CreditBatchingYamux  # type: ignore[attr-defined]
     current = pubsub_module.maybe_consume_signed_record  # type: ignore[attr-defined]
     if not isinstance(getattr(current, "__self__", None), KnownRecords):
         consume = KnownRecords().consume
         pubsub_module.maybe_consume_signed_record = consume  # type: ignore[attr-defined]
         gossipsub_module.maybe_consume_signed_record = consume  # type: ignore[attr-defined]
+    sending = pubsub_module.env_to_send_in_RPC  # type: ignore[attr-defined]
+    if not isinstance(getattr(sending, "__self__", None), LocalRecord):
+        envelope = LocalRecord().envelope
+        pubsub_module.env_to_send_in_RPC = envelope  # type: ignore[attr-defined]
+        gossipsub_module.env_to_send_in_RPC = envelope  # type: ignore[attr-defined]
 
 
 def make_host(identity: Identity, mdns: bool = False) -> IHost:
