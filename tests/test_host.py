@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import multiaddr
+import pytest
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
@@ -218,3 +219,81 @@ async def test_a_reused_from_and_seqno_cannot_suppress_another_message() -> None
             while b"same from and seqno" not in got:
                 got.append(bytes((await sub.get()).data))
         assert b"honest" in got
+
+
+class ChunkStream:
+    """A stream that hands out what it holds in pieces of a given size, then ends."""
+
+    def __init__(self, data: bytes, piece: int) -> None:
+        self.data, self.piece, self.reads = data, piece, 0
+
+    async def read(self, n: int | None = None) -> bytes:
+        self.reads += 1
+        size = min(self.piece, n if n is not None and n > 0 else self.piece)
+        out, self.data = self.data[:size], self.data[size:]
+        return out
+
+
+async def test_rpcs_are_cut_from_chunked_reads_with_the_librarys_limits() -> None:
+    from libp2p.exceptions import ParseError
+    from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
+    from libp2p.utils.varint import encode_varint_prefixed
+
+    from mossnode.node.host import RpcReader
+
+    bodies = [b"", b"x", b"y" * 127, b"z" * 128, b"w" * 70_000, b"v" * 300]
+    wire = b"".join(encode_varint_prefixed(m) for m in bodies)
+    for piece in (1, 2, 3, 1000, 1 << 20):  # however the bytes arrive
+        stream, reader = ChunkStream(wire, piece), RpcReader()
+        assert [await reader.read(stream, 1 << 20) for _ in bodies] == bodies
+        if piece == 1 << 20:
+            assert stream.reads <= 3  # not one read per length byte
+        with pytest.raises(IncompleteReadError):  # the stream ended between RPCs
+            await reader.read(stream, 1 << 20)
+    cut = ChunkStream(encode_varint_prefixed(b"a" * 500)[:300], 64)
+    with pytest.raises(IncompleteReadError):  # it ended inside one
+        await RpcReader().read(cut, 1 << 20)
+    big = ChunkStream(encode_varint_prefixed(b"b" * 5000), 1 << 20)
+    with pytest.raises(MessageTooLarge):  # refused on its length, before its body
+        await RpcReader().read(big, 4096)
+    with pytest.raises(ParseError):
+        await RpcReader().read(ChunkStream(b"\xff" * 12, 4), 1 << 20)
+
+
+async def test_gossip_carries_small_and_large_messages_through_the_buffered_reader() -> None:
+    from libp2p.pubsub import pubsub
+
+    from mossnode.node.host import RpcReader
+
+    a, b = make_host(Identity.generate()), make_host(Identity.generate())
+    assert isinstance(pubsub.read_varint_prefixed_bytes_limited.__self__, RpcReader)
+    pa, ra = make_pubsub(a, 0.2, envelopes=True)
+    pb, rb = make_pubsub(b, 0.2, envelopes=True)
+    async with (
+        a.run(LISTEN),
+        b.run(LISTEN),
+        background_trio_service(pa),
+        background_trio_service(ra),
+        background_trio_service(pb),
+        background_trio_service(rb),
+    ):
+        await pa.wait_until_ready()
+        await pb.wait_until_ready()
+        await pa.subscribe("t")
+        sub = await pb.subscribe("t")
+        await a.connect(info_from_p2p_addr(multiaddr.Multiaddr(str(b.get_addrs()[0]))))
+        with trio.fail_after(30):
+            while True:  # until the mesh carries messages between the two
+                await pa.publish("t", b"warm-up")
+                with trio.move_on_after(0.5):
+                    if (await sub.get()).data == b"warm-up":
+                        break
+            sent = [bytes([i]) * size for i, size in enumerate((1, 200, 70_000, 3, 300_000, 5))]
+            for data in sent:
+                await pa.publish("t", data)
+            got: list[bytes] = []
+            while len(got) < len(sent):
+                data = bytes((await sub.get()).data)
+                if data != b"warm-up":
+                    got.append(data)
+        assert got == sent
