@@ -93,7 +93,7 @@ class Scheduler:
     _proposed: dict[str, int] = field(default_factory=dict)
     _cache: Cache = field(default_factory=Cache)
     _ordered: tuple[TaskView | None, frozenset[str], list[str]] = (None, frozenset(), [])
-    _spread: dict[str, bytes] = field(default_factory=dict)
+    _keys: dict[str, tuple[Task, tuple[float, int, bytes]]] = field(default_factory=dict)
 
     # -- deriving ------------------------------------------------------------------------------
 
@@ -477,17 +477,20 @@ class Scheduler:
         the swarm would run only one node's capacity at a time. Older buckets still go first.
         """
         if self._ordered[0] is not view or self._ordered[1] != live:
-            spread = self._spread
-            if len(spread) > 4 * len(view) + 1024:
-                spread.clear()
+            keys = self._keys
+            if len(keys) > 4 * len(live) + 1024:
+                keys.clear()
             me = self.me.encode()[-64:]
 
             def key(t: str) -> tuple[float, int, bytes]:
                 task = view[t]
-                h = spread.get(t)
-                if h is None:
-                    h = spread[t] = hashlib.blake2b(t.encode(), key=me, digest_size=8).digest()
-                return (-task.priority, task.created_at // SPREAD_MS, h)
+                known = keys.get(t)
+                if known is not None and known[0] is task:  # keyed once per task object
+                    return known[1]
+                h = hashlib.blake2b(t.encode(), key=me, digest_size=8).digest()
+                k = (-task.priority, task.created_at // SPREAD_MS, h)
+                keys[t] = (task, k)
+                return k
 
             self._ordered = (view, frozenset(live), sorted(live, key=key))
         return self._ordered[2]
