@@ -72,6 +72,9 @@ async def test_scrubbed_environment(tmp_path: Path, monkeypatch) -> None:
     assert out.ok
     assert "SECRET_TOKEN" not in out.output
     assert out.output["MOSS_TASK_ID"] == "t1"
+    # nothing but the scrubbed set (LC_CTYPE: the Python agent's own C-locale coercion)
+    allowed = {"PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR", "MOSS_TASK_ID", "LC_CTYPE"}
+    assert set(out.output) <= allowed, set(out.output) - allowed
 
 
 async def test_memory_limit(tmp_path: Path) -> None:

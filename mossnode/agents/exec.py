@@ -36,10 +36,11 @@ SAFE_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 SHELL = "/bin/sh"
 # Sets the limits given as $1..$4, then replaces itself with the command ("$@" after them).
 # Soft CPU limit before the hard one (a hard limit below the current soft one is refused);
-# ``ulimit -v`` counts KiB. Only the arguments vary, never the script.
+# ``ulimit -v`` counts KiB; PWD and SHLVL, which shells export, are dropped (the command gets
+# exactly the scrubbed environment). Only the arguments vary, never the script.
 LAUNCHER = (
     'ulimit -St "$1" && ulimit -Ht "$2" && ulimit -v "$3" && ulimit -n "$4" && ulimit -c 0 '
-    '&& shift 4 && exec "$@"'
+    '&& unset PWD SHLVL && shift 4 && exec "$@"'
 )
 MAX_STDOUT = 16 << 20
 STDERR_TAIL = 4096
