@@ -72,6 +72,9 @@ async def test_scrubbed_environment(tmp_path: Path, monkeypatch) -> None:
     assert out.ok
     assert "SECRET_TOKEN" not in out.output
     assert out.output["MOSS_TASK_ID"] == "t1"
+    # nothing but the scrubbed set (LC_CTYPE: the Python agent's own C-locale coercion)
+    allowed = {"PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR", "MOSS_TASK_ID", "LC_CTYPE"}
+    assert set(out.output) <= allowed, set(out.output) - allowed
 
 
 async def test_memory_limit(tmp_path: Path) -> None:
@@ -79,6 +82,39 @@ async def test_memory_limit(tmp_path: Path) -> None:
     limits = ExecLimits(memory_bytes=256 << 20)
     out = await ExecBackend(cmd, tmp_path / "w", limits).run(TASK, nothing)
     assert not out.ok and "MemoryError" in out.error
+
+
+async def test_limits_session_and_workdir(tmp_path: Path) -> None:
+    """The limits are those of ExecLimits (hard and soft), no core dumps, and the command is
+    its own session leader (what cancel kills), in its own working directory."""
+    cmd = script(
+        tmp_path,
+        """
+import json, os, resource as r
+lim = {n: list(r.getrlimit(getattr(r, "RLIMIT_" + n))) for n in ("CPU", "AS", "NOFILE", "CORE")}
+print(json.dumps({"lim": lim, "leader": os.getsid(0) == os.getpid() == os.getpgid(0),
+                  "cwd": os.getcwd()}))
+""",
+    )
+    limits = ExecLimits(cpu_s=77, memory_bytes=768 << 20, open_files=99)
+    out = await ExecBackend(cmd, tmp_path / "w", limits).run(TASK, nothing)
+    assert out.ok, out.error
+    assert out.output["lim"] == {
+        "CPU": [77, 82],
+        "AS": [768 << 20, 768 << 20],
+        "NOFILE": [99, 99],
+        "CORE": [0, 0],
+    }
+    assert out.output["leader"] is True
+    assert out.output["cwd"] == str(tmp_path / "w" / "t1")
+
+
+async def test_command_with_arguments_and_relative_name(tmp_path: Path) -> None:
+    """Arguments reach the command verbatim (no shell word splitting or expansion); a bare
+    name is found on PATH."""
+    out = await ExecBackend("printf %s '\"$HOME *\"'", tmp_path / "w").run(TASK, nothing)
+    assert out.ok, out.error
+    assert out.output == "$HOME *"
 
 
 def _alive(pid: int) -> bool:

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import multiaddr
+import pytest
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
@@ -18,7 +19,13 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from mossnode.crypto.identity import Identity
 from mossnode.node import host as host_module
-from mossnode.node.host import CreditBatchingYamux, KnownRecords, make_host, make_pubsub
+from mossnode.node.host import (
+    CreditBatchingYamux,
+    KnownRecords,
+    LocalRecord,
+    make_host,
+    make_pubsub,
+)
 
 PROTO = TProtocol("/moss-test/bulk/1")
 LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
@@ -137,6 +144,37 @@ def test_a_peer_record_is_checked_once_until_it_changes(monkeypatch: Any) -> Non
     assert checked[5:] == [record, record]  # past its ttl a record is checked again
 
 
+def test_the_own_record_is_built_once_per_ttl_and_stays_valid(monkeypatch: Any) -> None:
+    from libp2p.peer import peerstore
+
+    built: list[Any] = []
+    real = peerstore.env_to_send_in_RPC
+
+    def counting(host: Any) -> tuple[bytes, bool]:
+        built.append(host)
+        return real(host)
+
+    monkeypatch.setattr(peerstore, "env_to_send_in_RPC", counting)
+    a, b = make_host(Identity.generate()), make_host(Identity.generate())
+    from libp2p.pubsub import gossipsub, pubsub
+
+    for module in (gossipsub, pubsub):  # what the hosts' gossip calls
+        assert isinstance(module.env_to_send_in_RPC.__self__, LocalRecord)
+    local = LocalRecord(ttl_s=600)
+    first, _ = local.envelope(a)
+    assert local.envelope(a) == (first, False)
+    assert built == [a]  # reused, not rebuilt
+    other, _ = local.envelope(b)
+    assert other != first and built == [a, b]  # one record per host
+    msg = rpc_pb2.RPC()
+    msg.senderRecord = first
+    assert KnownRecords().consume(msg, b, a.get_id())  # what it hands out is a's valid record
+    expired = LocalRecord(ttl_s=0)
+    expired.envelope(a)
+    expired.envelope(a)
+    assert built[2:] == [a, a]  # past its ttl the library builds (and checks) it again
+
+
 def test_the_real_record_check_still_refuses_a_record_of_another_peer() -> None:
     a, b = make_host(Identity.generate()), make_host(Identity.generate())
     record, _ = env_to_send_in_RPC(a)
@@ -181,3 +219,81 @@ async def test_a_reused_from_and_seqno_cannot_suppress_another_message() -> None
             while b"same from and seqno" not in got:
                 got.append(bytes((await sub.get()).data))
         assert b"honest" in got
+
+
+class ChunkStream:
+    """A stream that hands out what it holds in pieces of a given size, then ends."""
+
+    def __init__(self, data: bytes, piece: int) -> None:
+        self.data, self.piece, self.reads = data, piece, 0
+
+    async def read(self, n: int | None = None) -> bytes:
+        self.reads += 1
+        size = min(self.piece, n if n is not None and n > 0 else self.piece)
+        out, self.data = self.data[:size], self.data[size:]
+        return out
+
+
+async def test_rpcs_are_cut_from_chunked_reads_with_the_librarys_limits() -> None:
+    from libp2p.exceptions import ParseError
+    from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
+    from libp2p.utils.varint import encode_varint_prefixed
+
+    from mossnode.node.host import RpcReader
+
+    bodies = [b"", b"x", b"y" * 127, b"z" * 128, b"w" * 70_000, b"v" * 300]
+    wire = b"".join(encode_varint_prefixed(m) for m in bodies)
+    for piece in (1, 2, 3, 1000, 1 << 20):  # however the bytes arrive
+        stream, reader = ChunkStream(wire, piece), RpcReader()
+        assert [await reader.read(stream, 1 << 20) for _ in bodies] == bodies
+        if piece == 1 << 20:
+            assert stream.reads <= 3  # not one read per length byte
+        with pytest.raises(IncompleteReadError):  # the stream ended between RPCs
+            await reader.read(stream, 1 << 20)
+    cut = ChunkStream(encode_varint_prefixed(b"a" * 500)[:300], 64)
+    with pytest.raises(IncompleteReadError):  # it ended inside one
+        await RpcReader().read(cut, 1 << 20)
+    big = ChunkStream(encode_varint_prefixed(b"b" * 5000), 1 << 20)
+    with pytest.raises(MessageTooLarge):  # refused on its length, before its body
+        await RpcReader().read(big, 4096)
+    with pytest.raises(ParseError):
+        await RpcReader().read(ChunkStream(b"\xff" * 12, 4), 1 << 20)
+
+
+async def test_gossip_carries_small_and_large_messages_through_the_buffered_reader() -> None:
+    from libp2p.pubsub import pubsub
+
+    from mossnode.node.host import RpcReader
+
+    a, b = make_host(Identity.generate()), make_host(Identity.generate())
+    assert isinstance(pubsub.read_varint_prefixed_bytes_limited.__self__, RpcReader)
+    pa, ra = make_pubsub(a, 0.2, envelopes=True)
+    pb, rb = make_pubsub(b, 0.2, envelopes=True)
+    async with (
+        a.run(LISTEN),
+        b.run(LISTEN),
+        background_trio_service(pa),
+        background_trio_service(ra),
+        background_trio_service(pb),
+        background_trio_service(rb),
+    ):
+        await pa.wait_until_ready()
+        await pb.wait_until_ready()
+        await pa.subscribe("t")
+        sub = await pb.subscribe("t")
+        await a.connect(info_from_p2p_addr(multiaddr.Multiaddr(str(b.get_addrs()[0]))))
+        with trio.fail_after(30):
+            while True:  # until the mesh carries messages between the two
+                await pa.publish("t", b"warm-up")
+                with trio.move_on_after(0.5):
+                    if (await sub.get()).data == b"warm-up":
+                        break
+            sent = [bytes([i]) * size for i, size in enumerate((1, 200, 70_000, 3, 300_000, 5))]
+            for data in sent:
+                await pa.publish("t", data)
+            got: list[bytes] = []
+            while len(got) < len(sent):
+                data = bytes((await sub.get()).data)
+                if data != b"warm-up":
+                    got.append(data)
+        assert got == sent

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import random
 from typing import Any
+
+import pytest
 
 from mossnode.protocols.tasks import (
     Bid,
@@ -50,6 +53,7 @@ from mossnode.protocols.tasks import (
     writes,
 )
 from mossnode.protocols.tasks.effects import Effect
+from mossnode.protocols.tasks.lifecycle import Cache
 from mossnode.protocols.tasks.model import BidEntry, Task
 from mossnode.protocols.tasks.recurring import duplicates
 
@@ -771,6 +775,103 @@ def test_derivation_cache_matches_a_fresh_derivation() -> None:
             doc.apply("B", now, plan)
         assert b.statuses == derive_all(doc.view(), now, params=P), now
     assert b.statuses[other].state is State.PENDING
+
+
+@pytest.mark.parametrize("seed", [6, 7, 8])
+def test_incremental_derivation_matches_a_fresh_one_through_random_changes(seed: int) -> None:
+    """The cache visits only what may have changed: across random histories (new tasks on
+    known, unknown and later ids, parents, cycles, removals, exclusive decisions, recurring
+    duplicates, bids, claims, results, controls and time passing) a cached derivation and a
+    scheduler's statuses always equal a fresh derivation, and a tick's wake-up is never later
+    than the fresh statuses ask for."""
+    rng = random.Random(seed)
+    doc = Doc()
+    scheds = {n: Scheduler(n, params=P) for n in "BC"}
+    agents = {n: [agent(n.lower() + "1", "py", conc=3)] for n in "BC"}
+    cache = Cache()
+    view: dict[str, Task] = {}
+    excl: dict[str, str] = {}
+    ids: list[str] = []
+    recurring = [period_suffix("nightly", k) for k in (2, 3)]
+    now = 0
+    for step in range(300):
+        now += rng.choice((0, 5, 60, 150, 700))
+        touched: set[str] = set()
+        r = rng.random()
+        if r < 0.3 or not ids:
+            creator = rng.choice("ABC")
+            suffix = rng.choice(recurring) if rng.random() < 0.1 else f"t{step}"
+            tid = f"{creator}:{suffix}"
+            later = [f"{rng.choice('ABC')}:t{step + rng.randint(1, 4)}"] if step % 5 == 0 else []
+            pool = [*ids[-12:], *later, *(["X:never"] if step % 31 == 0 else [])]
+            deps = rng.sample(pool, min(len(pool), rng.choice((0, 1, 1, 2))))
+            if step % 70 == 35:  # now and then a cycle, through a task that will change
+                deps = [*ids[-1:], f"{creator}:c{step}"]
+                doc.tasks[f"{creator}:c{step}"] = {
+                    **copy.deepcopy(doc.tasks[ids[-1]]),
+                    "deps": [tid],
+                }
+                touched.add(f"{creator}:c{step}")
+            parent = rng.choice(ids[-12:]) if ids and rng.random() < 0.3 else None
+            if tid not in doc.tasks:
+                ids.append(tid)
+            doc.tasks[tid] = {
+                "title": tid,
+                "parent": parent,
+                "deps": deps,
+                "capabilities": ["py"],
+                "priority": float(rng.choice((0, 0, 1))),
+                "contract": {"exclusive": rng.random() < 0.15},
+                "creator": creator,
+                "created_at": now,
+                **{k: {} for k in ENTRY_KINDS},
+                "log": {},
+            }
+            touched.add(tid)
+        elif r < 0.33:
+            gone = rng.choice(ids)
+            doc.tasks.pop(gone, None)
+            ids.remove(gone)
+            touched.add(gone)
+        elif r < 0.4:
+            exclusive = [t for t in ids if view.get(t) and view[t].contract.exclusive]
+            if exclusive:
+                excl[rng.choice(exclusive)] = rng.choice("BC")
+        elif r < 0.43 and excl:
+            excl.pop(rng.choice(sorted(excl)))
+        elif r < 0.48:
+            tid = rng.choice(ids)
+            if tid in view:
+                verb = rng.choice(("cancel", "pause", "resume"))
+                creator = view[tid].creator
+                fresh = derive_all(view, now, params=P)
+                got = plan_control(view, fresh, tid, verb, node=creator, now_ms=now)
+                if not isinstance(got, Refused):
+                    doc.apply(creator, now, got)
+                    touched.add(tid)
+        for n, sched in scheds.items():
+            if rng.random() < 0.5:
+                continue
+            plan = sched.tick(view, agents=agents[n], now_ms=now, exclusive=excl)
+            fresh = derive_all(view, now, params=P, exclusive=excl)
+            assert sched.statuses == fresh, step
+            wakes = [w for w in (s.wake_at for s in fresh.values()) if w is not None and w > now]
+            if wakes:
+                assert plan.wake_at is not None and plan.wake_at <= min(wakes), step
+            done = [e for e in plan.effects if e.task_id in doc.tasks]  # not removed since
+            doc.apply(n, now, [e for e in done if not isinstance(e, Cancel)])
+            touched |= {e.task_id for e in done}
+            for e in done:
+                if isinstance(e, Dispatch) and rng.random() < 0.7:
+                    sched.running.pop(e.task_id, None)
+                    doc.apply(n, now, Submit(e.task_id, e.attempt, 1, e.agent, True, {"n": 1}))
+        if step % 25 == 0:  # as after a sync round: every task a new object
+            touched |= set(doc.tasks)
+        view = build_view(doc.tasks, view, touched)
+        got = derive_all(view, now, params=P, exclusive=excl, cache=cache)
+        assert got == derive_all(view, now, params=P, exclusive=excl), step
+    states = {s.state for s in got.values()}
+    assert {State.DONE, State.BLOCKED, State.CANCELLED} <= states, states
 
 
 # -- parsing the replicated document -----------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -20,6 +21,10 @@ from libp2p import new_host
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.exceptions import ParseError
+from libp2p.io.abc import Reader
+from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
+from libp2p.peer import peerstore as peerstore_module
 from libp2p.peer.id import ID
 from libp2p.pubsub import gossipsub as gossipsub_module
 from libp2p.pubsub import pubsub as pubsub_module
@@ -33,6 +38,7 @@ from libp2p.stream_muxer.yamux.yamux import (
     YAMUX_HEADER_FORMAT,
     Yamux,
 )
+from libp2p.utils.varint import decode_uvarint
 
 from ..crypto.identity import Identity
 
@@ -102,17 +108,93 @@ class KnownRecords:
         return ok
 
 
+class LocalRecord:
+    """The sending side of the same record: gossipsub attaches the node's signed peer record
+    to every RPC it sends, and py-libp2p rebuilds it for each one (the listen addresses read
+    from the sockets and parsed into multiaddrs, compared with the cached record, whose
+    envelope is serialised again): 5% of a busy daemon's CPU. Here the bytes are reused for
+    ``ttl_s``; after that the library looks at the addresses again (and signs a new record if
+    they changed), so a moved node's record is at most ``ttl_s`` stale."""
+
+    def __init__(self, ttl_s: float = 5.0) -> None:
+        self.ttl_s = ttl_s
+        self._by_host: dict[int, tuple[IHost, bytes, float]] = {}
+
+    def envelope(self, host: IHost) -> tuple[bytes, bool]:
+        now = time.monotonic()
+        known = self._by_host.get(id(host))
+        if known is not None and known[0] is host and now < known[2]:
+            return known[1], False
+        record, created = peerstore_module.env_to_send_in_RPC(host)
+        if len(self._by_host) > 64:  # hosts of a process: one, more only in tests
+            self._by_host.clear()
+        self._by_host[id(host)] = (host, record, now + self.ttl_s)
+        return record, created
+
+
+class RpcReader:
+    """Gossipsub reads each RPC's varint length one byte per stream read, and every read goes
+    through the stream's locks, yamux's flow-control bookkeeping and its debug-log formatting:
+    four or more reads per RPC, 7% of a busy daemon's CPU. Here a pubsub stream is read in
+    chunks into its own buffer (one reader per stream: pubsub's read loop) and RPCs are cut
+    from it, with the library's limits and errors: a length over ``max_length`` is refused
+    before its body is read, a stream ending mid-RPC is an IncompleteReadError."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self) -> None:
+        self._buffers: weakref.WeakKeyDictionary[Reader, bytearray] = weakref.WeakKeyDictionary()
+
+    async def read(self, reader: Reader, max_length: int) -> bytes:
+        if max_length <= 0:
+            raise ValueError("max_length must be greater than 0")
+        buf = self._buffers.get(reader)
+        if buf is None:
+            buf = self._buffers[reader] = bytearray()
+        while True:
+            end = next((i for i, b in enumerate(buf[:10]) if b < 0x80), None)
+            if end is not None or len(buf) >= 10:
+                break
+            await self._fill(reader, buf, "while reading varint length prefix")
+        if end is None:
+            raise ParseError("Varint decoding error: integer exceeds maximum size of 64 bits")
+        length = decode_uvarint(bytes(buf[: end + 1]))
+        if length > max_length:
+            raise MessageTooLarge(f"Message length {length} exceeds maximum allowed {max_length}")
+        start = end + 1
+        while len(buf) < start + length:
+            await self._fill(reader, buf, f"in a message of {length} bytes")
+        out = bytes(buf[start : start + length])
+        del buf[: start + length]
+        return out
+
+    async def _fill(self, reader: Reader, buf: bytearray, where: str) -> None:
+        chunk = await reader.read(self.CHUNK)
+        if not chunk:
+            raise IncompleteReadError(f"Stream ended {where}")
+        buf += chunk
+
+
 def tune_libp2p() -> None:
-    """Point py-libp2p 0.8.1 at the two parts above. It offers no hook for either: its muxer
+    """Point py-libp2p 0.8.1 at the parts above. It offers no hook for any: its muxer
     negotiation constructs ``Yamux`` by name, ignoring the muxer class a host is given, and
-    pubsub calls ``maybe_consume_signed_record`` by name. Both replacements keep the
-    library's behaviour and only drop repeated work; idempotent."""
+    pubsub calls ``maybe_consume_signed_record``, ``env_to_send_in_RPC`` and
+    ``read_varint_prefixed_bytes_limited`` by name. The replacements keep the library's
+    behaviour and only drop repeated work; idempotent."""
     muxer_multistream.Yamux = CreditBatchingYamux  # type: ignore[attr-defined]
     current = pubsub_module.maybe_consume_signed_record  # type: ignore[attr-defined]
     if not isinstance(getattr(current, "__self__", None), KnownRecords):
         consume = KnownRecords().consume
         pubsub_module.maybe_consume_signed_record = consume  # type: ignore[attr-defined]
         gossipsub_module.maybe_consume_signed_record = consume  # type: ignore[attr-defined]
+    reading = pubsub_module.read_varint_prefixed_bytes_limited  # type: ignore[attr-defined]
+    if not isinstance(getattr(reading, "__self__", None), RpcReader):
+        pubsub_module.read_varint_prefixed_bytes_limited = RpcReader().read  # type: ignore[attr-defined]
+    sending = pubsub_module.env_to_send_in_RPC  # type: ignore[attr-defined]
+    if not isinstance(getattr(sending, "__self__", None), LocalRecord):
+        envelope = LocalRecord().envelope
+        pubsub_module.env_to_send_in_RPC = envelope  # type: ignore[attr-defined]
+        gossipsub_module.env_to_send_in_RPC = envelope  # type: ignore[attr-defined]
 
 
 def make_host(identity: Identity, mdns: bool = False) -> IHost:

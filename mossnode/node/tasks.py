@@ -145,6 +145,7 @@ class TaskService:
         self.workdir = daemon.state_dir / "work"
         self.events: list[dict[str, Any]] = []  # activity feed (bounded)
         self._last_states: dict[str, str] = {}
+        self._fed: dict[str, T.Status] = {}  # the status objects _feed last looked at
         # Plain copies of the tasks, refreshed only where the document changed.
         self._raw: dict[str, dict[str, Any]] = {}
         self._dirty: set[str] = set()
@@ -152,6 +153,7 @@ class TaskService:
         self.work: dict[str, Work] = {}  # "<task>" or "<task>#review" -> pull agent's work
         self._seen: dict[str, float] = {}  # pull agent -> monotonic time of its last API call
         self._born = time.monotonic()
+        self._load_at = (-1.0, 0.0)  # (monotonic time, load) of the last reading
         # Work local agents ended, submitted by the next tick (one entry for all of them).
         self._ended: list[T.Finished] = []
 
@@ -247,10 +249,18 @@ class TaskService:
 
     # --- inputs to the pure scheduler -----------------------------------------------------
 
+    def _load(self) -> float:
+        """The host's load per CPU (0..1), read at most once a second (it is a minute's
+        average; every tick and bid asked /proc for it)."""
+        t = time.monotonic()
+        if t - self._load_at[0] >= 1.0:
+            self._load_at = (t, min(1.0, os.getloadavg()[0] / (os.cpu_count() or 1)))
+        return self._load_at[1]
+
     def _agents(self) -> list[T.LocalAgent]:
         """Local agents with the roles the node itself holds: peers judge the node's writes
         by the node's roles, so an agent can only act within them."""
-        load = min(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+        load = self._load()
         held = frozenset(self.d.node_roles())
         out = []
         for a in self.d.agents.agents.values():
@@ -307,7 +317,11 @@ class TaskService:
         self._feed(now)
 
     def _feed(self, now: int) -> None:
+        fed = self._fed
         for tid, st in self.statuses.items():
+            if fed.get(tid) is st:  # derivations reuse the objects of unchanged statuses
+                continue
+            fed[tid] = st
             s = str(st.state)
             old = self._last_states.get(tid)
             if old != s:

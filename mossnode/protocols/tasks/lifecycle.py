@@ -23,6 +23,7 @@ later attempt opened meanwhile: done never goes back.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -43,6 +44,7 @@ from .model import (
     as_int,
 )
 from .params import Params
+from .recurring import PREFIX as RECURRING_PREFIX
 from .recurring import duplicates
 from .review import deciding_review
 from .stability import Stable
@@ -152,6 +154,10 @@ class _Topology:
     cyclic: dict[str, tuple[str, ...]]  # deps that close a cycle, per task
     parent_cycle: frozenset[str]
 
+    dependents: dict[str, list[str]] = field(default_factory=dict)  # prereq -> tasks
+    missing: set[str] = field(default_factory=set)  # prereqs named but not in the view
+    pos: dict[str, int] = field(default_factory=dict)  # task -> its index in ``order``
+
     def fits(self, view: TaskView) -> bool:
         if len(view) != len(self.shape):
             return False
@@ -162,6 +168,48 @@ class _Topology:
             if new is not old and (new.deps != old.deps or new.parent != old.parent):
                 return False
         return True
+
+    def extended(self, view: TaskView, changed: list[str]) -> _Topology | None:
+        """This topology for ``view``, where only the tasks ``changed`` may differ from the
+        ones it was made for (new ones included), if that is cheap and gives the statuses a
+        fresh :func:`_topology` would: no task was removed, none changed its deps or parent,
+        the graph has no cycle, and no new task is a prerequisite of an older one or of
+        another new one (so none closes a cycle, and new tasks go last in the order).
+        Otherwise None (build it again)."""
+        if self.cyclic or self.parent_cycle:
+            return None
+        added: list[str] = []
+        for tid in changed:
+            new, old = view.get(tid), self.shape.get(tid)
+            if new is None:
+                return None
+            if old is None:
+                if tid in self.missing:
+                    return None
+                added.append(tid)
+            elif new.deps != old.deps or new.parent != old.parent:
+                return None
+        if len(view) != len(self.shape) + len(added):
+            return None  # a task was removed
+        new_ids = set(added)
+        for tid in added:
+            task = view[tid]
+            if task.parent in new_ids or any(d in new_ids for d in task.deps):
+                return None
+        # Checked: now extend this one in place (the cache holds the only reference).
+        for tid in sorted(added):
+            task = view[tid]
+            self.pos[tid] = len(self.order)
+            self.order.append(tid)
+            pre = (*task.deps, task.parent) if task.parent is not None else task.deps
+            self.prereqs[tid] = pre
+            for x in pre:
+                self.dependents.setdefault(x, []).append(tid)
+                if x not in view:
+                    self.missing.add(x)
+        for tid in changed:
+            self.shape[tid] = view[tid]
+        return self
 
 
 def _topology(view: TaskView) -> _Topology:
@@ -204,12 +252,22 @@ def _topology(view: TaskView) -> _Topology:
             done.add(tid)
             order.append(tid)
             prereqs[tid] = (*task.deps, task.parent) if task.parent is not None else task.deps
+    dependents: dict[str, list[str]] = {}
+    missing: set[str] = set()
+    for tid, before in prereqs.items():
+        for x in before:
+            dependents.setdefault(x, []).append(tid)
+            if x not in view:
+                missing.add(x)
     return _Topology(
         dict(view),
         order,
         prereqs,
         {t: tuple(c) for t, c in cyclic.items()},
         frozenset(parent_cycle),
+        dependents,
+        missing,
+        {t: i for i, t in enumerate(order)},
     )
 
 
@@ -219,10 +277,35 @@ class Cache:
 
     topology: _Topology | None = None
     memo: dict[str, _Memo] = field(default_factory=dict)
+    # What the last call was given and gave, so that the next call visits only the tasks
+    # that may have changed (not every task of a long history).
+    view: dict[str, Task] = field(default_factory=dict)
+    exclusive: dict[str, str] = field(default_factory=dict)
+    dups: dict[str, str] = field(default_factory=dict)
+    out: dict[str, Status] | None = None
+    now: int = 0
+    waking: dict[str, int] = field(default_factory=dict)  # task -> its status's wake_at
+    live: set[str] = field(default_factory=set)  # tasks whose status is not terminal
 
     def clear(self) -> None:
         self.topology = None
         self.memo.clear()
+        self.view = {}
+        self.exclusive = {}
+        self.dups = {}
+        self.out = None
+        self.waking.clear()
+        self.live.clear()
+
+    def _record(self, tid: str, st: Status) -> None:
+        if st.wake_at is None:
+            self.waking.pop(tid, None)
+        else:
+            self.waking[tid] = st.wake_at
+        if st.state in TERMINAL:
+            self.live.discard(tid)
+        else:
+            self.live.add(tid)
 
 
 def derive_all(
@@ -244,11 +327,16 @@ def derive_all(
     ``cache``: a :class:`Cache` the caller keeps between calls with the same ``params`` and
     policy (clear it when the policy changes; time must not go backwards). A status is
     reused while its task object is the same, its ``wake_at`` has not come, and no
-    dependency or parent status changed; the result is the same as without a cache.
+    dependency or parent status changed; the result is the same as without a cache. With a
+    cache, a call visits only the tasks that may have changed since the last one (and
+    their dependents), not every task: see :func:`_derive_changes`.
     """
-    ctx = _Ctx(
-        view, now_ms, params or Params(), exclusive or {}, authority, duplicates(view), stable
-    )
+    if cache is not None and cache.out is not None and cache.now <= now_ms:
+        quick = _derive_changes(view, now_ms, params, exclusive or {}, authority, cache, stable)
+        if quick is not None:
+            return quick
+    dups = duplicates(view)
+    ctx = _Ctx(view, now_ms, params or Params(), exclusive or {}, authority, dups, stable)
     topo = cache.topology if cache is not None else None
     changed: set[str] = set()
     if topo is None or not topo.fits(view):
@@ -261,6 +349,9 @@ def derive_all(
             for gone in [t for t in cache.memo if t not in view]:
                 del cache.memo[gone]
     memos = cache.memo if cache is not None else {}
+    if cache is not None:
+        cache.waking.clear()
+        cache.live.clear()
     out: dict[str, Status] = {}
     for tid in topo.order:
         task = view[tid]
@@ -280,6 +371,8 @@ def derive_all(
             and not (changed and any(p in changed for p in topo.prereqs[tid]))
         ):
             out[tid] = memo.status
+            if cache is not None:
+                cache._record(tid, memo.status)
             continue
         parent_st = None if pcyc or task.parent is None else out.get(task.parent)
         st = _derive(task, ctx, out, cyc, parent_st)
@@ -290,7 +383,78 @@ def derive_all(
         out[tid] = st
         if cache is not None:
             memos[tid] = _Memo(task, excl, cyc, pcyc, now_ms, st)
-    return out
+            cache._record(tid, st)
+    if cache is not None:
+        cache.view = dict(view)
+        cache.exclusive = dict(ctx.exclusive)
+        cache.dups = dups
+        cache.out = out
+        cache.now = now_ms
+    return dict(out) if cache is not None else out
+
+
+def _derive_changes(
+    view: TaskView,
+    now_ms: int,
+    params: Params | None,
+    exclusive: Mapping[str, str],
+    authority: control.Authority | None,
+    cache: Cache,
+    stable: Stable | None,
+) -> dict[str, Status] | None:
+    """:func:`derive_all` from the last call's result, visiting only the tasks whose memo
+    :func:`derive_all` would not reuse (another task object, another exclusive assignment,
+    ``wake_at`` come, a duplicate, new) and, in evaluation order, the dependents and children
+    of those whose status changed. None if the topology must be built again (a task removed,
+    deps changed, a cycle somewhere): the caller then takes the full pass."""
+    topo, out, memos = cache.topology, cache.out, cache.memo
+    assert topo is not None and out is not None
+    if topo.cyclic or topo.parent_cycle:
+        return None  # the full pass handles cycles
+    prev = cache.view
+    changed = [t for t, task in view.items() if prev.get(t) is not task]
+    if len(view) != len(prev) or changed:
+        ext = topo.extended(view, changed)
+        if ext is None:
+            return None
+        topo = ext
+    excl = dict(exclusive)
+    todo = set(changed)
+    if excl != cache.exclusive:
+        todo.update(t for t in excl.keys() | cache.exclusive.keys() if t in view)
+    todo.update(t for t, at in cache.waking.items() if now_ms >= at)
+    dups = cache.dups
+    if any(":" + RECURRING_PREFIX in t for t in changed):
+        dups = duplicates(view)
+    todo.update(t for t in dups.keys() | cache.dups.keys() if t in view)
+    cache.topology = topo
+    cache.view = dict(view) if changed or len(view) != len(prev) else prev
+    cache.exclusive, cache.dups, cache.now = excl, dups, now_ms
+    if not todo:
+        return dict(out)
+    ctx = _Ctx(view, now_ms, params or Params(), excl, authority, dups, stable)
+    pos = topo.pos
+    heap = [(pos[t], t) for t in todo]
+    heapq.heapify(heap)
+    seen = set(todo)
+    while heap:
+        _, tid = heapq.heappop(heap)
+        task = view[tid]
+        e = excl.get(tid)
+        memo = memos.get(tid)
+        parent_st = None if task.parent is None else out.get(task.parent)
+        st = _derive(task, ctx, out, (), parent_st)
+        if memo is not None and memo.status == st:
+            st = memo.status
+        elif tid in topo.dependents:
+            for d in topo.dependents[tid]:
+                if d not in seen:
+                    seen.add(d)
+                    heapq.heappush(heap, (pos[d], d))
+        out[tid] = st
+        memos[tid] = _Memo(task, e, (), False, now_ms, st)
+        cache._record(tid, st)
+    return dict(out)
 
 
 def derive(view: TaskView, tid: str, now_ms: int, **kw: Any) -> Status | None:

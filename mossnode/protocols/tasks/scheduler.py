@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -92,8 +92,8 @@ class Scheduler:
     stable: Stable | None = None  # see .stability; None in simulations with bounded delays
     _proposed: dict[str, int] = field(default_factory=dict)
     _cache: Cache = field(default_factory=Cache)
-    _ordered: tuple[TaskView | None, list[str]] = (None, [])
-    _spread: dict[str, bytes] = field(default_factory=dict)
+    _ordered: tuple[TaskView | None, frozenset[str], list[str]] = (None, frozenset(), [])
+    _keys: dict[str, tuple[Task, tuple[float, int, bytes]]] = field(default_factory=dict)
 
     # -- deriving ------------------------------------------------------------------------------
 
@@ -140,14 +140,14 @@ class Scheduler:
         for f in finished:
             effects.extend(self._finished(view, st, f))
             ended.add(f.task_id)
-        wakes: list[int] = [s.wake_at for s in st.values() if s.wake_at is not None]
+        wakes: list[int] = list(self._cache.waking.values())  # every wake_at in ``st``
         local = {a.name: a for a in agents}
         cap = {a.name: agent_capacity(a.max_concurrency, self.limits) for a in agents}
         # one pass: live tasks in priority order, sorted into what each phase looks at
         held: list[str] = []
         open_: list[str] = []
         in_review: list[str] = []
-        for tid in self._order(view):
+        for tid in self._order(view, self._cache.live):
             s = st[tid]
             if s.state in TERMINAL or s.state is State.BLOCKED or tid in ended:
                 continue
@@ -282,7 +282,7 @@ class Scheduler:
                 continue
             mine_running = [
                 t
-                for t in reversed(self._order(view))
+                for t in reversed(self._order(view, self._cache.live))
                 if t in self.running and self.running[t].agent == name
             ]
             for tid in mine_running[:extra]:
@@ -467,29 +467,33 @@ class Scheduler:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _order(self, view: TaskView) -> list[str]:
-        """Task ids by priority (highest first), then age in ``SPREAD_MS`` buckets, then a
-        per-node hash; recomputed per view.
+    def _order(self, view: TaskView, live: Collection[str]) -> list[str]:
+        """The ``live`` task ids (not terminal: what a tick looks at, not the whole history)
+        by priority (highest first), then age in ``SPREAD_MS`` buckets, then a per-node hash;
+        recomputed when the view or the live set changed.
 
         The hash spreads the nodes: were every node to bid on the same few oldest tasks first,
         each task would collect a bid from every node while the others waited for a window, and
         the swarm would run only one node's capacity at a time. Older buckets still go first.
         """
-        if self._ordered[0] is not view:
-            spread = self._spread
-            if len(spread) > 4 * len(view) + 1024:
-                spread.clear()
+        if self._ordered[0] is not view or self._ordered[1] != live:
+            keys = self._keys
+            if len(keys) > 4 * len(live) + 1024:
+                keys.clear()
             me = self.me.encode()[-64:]
 
             def key(t: str) -> tuple[float, int, bytes]:
                 task = view[t]
-                h = spread.get(t)
-                if h is None:
-                    h = spread[t] = hashlib.blake2b(t.encode(), key=me, digest_size=8).digest()
-                return (-task.priority, task.created_at // SPREAD_MS, h)
+                known = keys.get(t)
+                if known is not None and known[0] is task:  # keyed once per task object
+                    return known[1]
+                h = hashlib.blake2b(t.encode(), key=me, digest_size=8).digest()
+                k = (-task.priority, task.created_at // SPREAD_MS, h)
+                keys[t] = (task, k)
+                return k
 
-            self._ordered = (view, sorted(view, key=key))
-        return self._ordered[1]
+            self._ordered = (view, frozenset(live), sorted(live, key=key))
+        return self._ordered[2]
 
     def _lost(self, s: Status | None, run: Run, now: int) -> str | None:
         if s is None:
