@@ -23,6 +23,7 @@ import cbor2
 import nacl.bindings
 import nacl.exceptions
 
+from ..record import Record
 from .identity import Identity
 from .peerid import peer_id_from_public_key
 
@@ -59,16 +60,30 @@ class Rejection:
         return f"{self.reason.value}: {self.detail}"
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    version: int
-    swarm_id: bytes
-    type: str
-    sender: bytes
-    seq: int
-    timestamp: int
-    body: Any
-    raw: bytes
+class Envelope(Record):
+    """An opened envelope (a value: see :class:`mossnode.record.Record`)."""
+
+    __slots__ = ("body", "raw", "sender", "seq", "swarm_id", "timestamp", "type", "version")
+
+    def __init__(
+        self,
+        version: int,
+        swarm_id: bytes,
+        type: str,
+        sender: bytes,
+        seq: int,
+        timestamp: int,
+        body: Any,
+        raw: bytes,
+    ) -> None:
+        self.version = version
+        self.swarm_id = swarm_id
+        self.type = type
+        self.sender = sender
+        self.seq = seq
+        self.timestamp = timestamp
+        self.body = body
+        self.raw = raw
 
     @property
     def sender_id(self) -> str:

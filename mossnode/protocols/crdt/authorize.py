@@ -28,6 +28,7 @@ from typing import Any
 from pycrdt import _pycrdt
 
 from mossnode.crypto.envelope import Reason, Rejection
+from mossnode.record import Record
 
 from .locations import GONE, Container, Loc, LocationIndex, Place, WrittenSet
 from .rules import (
@@ -377,11 +378,15 @@ def check_events(
 Span = tuple[int, int, Place]  # (start, end, place) of the author's new items
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    spans: list[Span]  # new location runs of the author's client, in clock order
-    once: list[tuple[Path, str | None]]  # write-once paths written, as (container, key)
-    end_clock: int
+class Accepted(Record):
+    __slots__ = ("end_clock", "once", "spans")
+
+    def __init__(
+        self, spans: list[Span], once: list[tuple[Path, str | None]], end_clock: int
+    ) -> None:
+        self.spans = spans  # new location runs of the author's client, in clock order
+        self.once = once  # write-once paths written, as (container, key)
+        self.end_clock = end_clock
 
 
 _MISSING: Any = object()

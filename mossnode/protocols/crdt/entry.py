@@ -17,10 +17,10 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from mossnode.crypto.envelope import Envelope, Reason, Rejection, open_envelope
 from mossnode.crypto.peerid import peer_id_from_public_key
+from mossnode.record import Record
 
 STATE_UPDATE = "state.update"
 MAX_ENTRY_BYTES = 256 * 1024
@@ -32,18 +32,45 @@ _U64 = 1 << 64
 _BODY_KEYS = frozenset({"u", "d", "p", "h"})
 
 
-@dataclass(frozen=True, slots=True)
-class StateEntry:
-    author: str
-    public_key: bytes
-    seq: int
-    update: bytes
-    deps: Mapping[int, int]
-    policy_seq: int
-    prev: bytes
-    timestamp: int
-    raw: bytes
-    digest: bytes
+class StateEntry(Record):
+    """A verified, decoded state entry (a value: see :class:`mossnode.record.Record`)."""
+
+    __slots__ = (
+        "author",
+        "deps",
+        "digest",
+        "policy_seq",
+        "prev",
+        "public_key",
+        "raw",
+        "seq",
+        "timestamp",
+        "update",
+    )
+
+    def __init__(
+        self,
+        author: str,
+        public_key: bytes,
+        seq: int,
+        update: bytes,
+        deps: Mapping[int, int],
+        policy_seq: int,
+        prev: bytes,
+        timestamp: int,
+        raw: bytes,
+        digest: bytes,
+    ) -> None:
+        self.author = author
+        self.public_key = public_key
+        self.seq = seq
+        self.update = update
+        self.deps = deps
+        self.policy_seq = policy_seq
+        self.prev = prev
+        self.timestamp = timestamp
+        self.raw = raw
+        self.digest = digest
 
 
 def body(update: bytes, deps: Mapping[int, int], policy_seq: int, prev: bytes) -> dict[str, object]:

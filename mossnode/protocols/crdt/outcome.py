@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mossnode.crypto.envelope import Envelope, Rejection
+from mossnode.record import Record
 
 from .entry import (
     STATE_UPDATE,
@@ -19,13 +20,15 @@ from .entry import (
 from .schema import Path
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(Record):
     """A signed entry of one author's log: what the store keeps and anti-entropy ships."""
 
-    author: str
-    seq: int
-    data: bytes
+    __slots__ = ("author", "data", "seq")
+
+    def __init__(self, author: str, seq: int, data: bytes) -> None:
+        self.author = author
+        self.seq = seq
+        self.data = data
 
 
 @dataclass(frozen=True, slots=True)

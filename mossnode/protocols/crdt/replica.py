@@ -35,6 +35,7 @@ from mossnode.crypto.envelope import (
 )
 from mossnode.crypto.identity import Identity
 from mossnode.crypto.peerid import public_key_from_peer_id
+from mossnode.record import Record
 
 from .authorize import (
     Accepted,
@@ -89,13 +90,15 @@ class _Poison:
     rejection: Rejection
 
 
-@dataclass(frozen=True, slots=True)
-class _Waiting:
+class _Waiting(Record):
     """A verified entry, its decoded update, and what the document must hold to apply it."""
 
-    entry: StateEntry
-    update: RawUpdate
-    needs: dict[int, int]
+    __slots__ = ("entry", "needs", "update")
+
+    def __init__(self, entry: StateEntry, update: RawUpdate, needs: dict[int, int]) -> None:
+        self.entry = entry
+        self.update = update
+        self.needs = needs
 
     @property
     def author(self) -> str:

@@ -13,6 +13,8 @@ import enum
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from mossnode.record import Record
+
 from .lib0 import DecodeError, Reader, var_uint
 
 ID = tuple[int, int]  # (client, clock)
@@ -199,8 +201,7 @@ def gc_update(client: int, start: int, end: int) -> bytes:
 # error). tests/test_crdt_fastpath.py checks the two against each other on mutated updates.
 
 
-@dataclass(frozen=True, slots=True)
-class RawUpdate:
+class RawUpdate(Record):
     """A decoded update whose items are plain tuples in :class:`Item`'s layout.
 
     ``runs`` (client, first clock, end clock) of each non-empty struct group and ``refs``, every
@@ -208,10 +209,19 @@ class RawUpdate:
     consecutive siblings once), in item order, are what :func:`authorize.references` needs.
     """
 
-    items: list[RawItem]
-    deletes: list[Delete]
-    runs: list[tuple[int, int, int]]
-    refs: list[ID]
+    __slots__ = ("deletes", "items", "refs", "runs")
+
+    def __init__(
+        self,
+        items: list[RawItem],
+        deletes: list[Delete],
+        runs: list[tuple[int, int, int]],
+        refs: list[ID],
+    ) -> None:
+        self.items = items
+        self.deletes = deletes
+        self.runs = runs
+        self.refs = refs
 
     def as_update(self) -> Update:
         return Update(tuple(Item._make(i) for i in self.items), tuple(self.deletes))
@@ -232,7 +242,14 @@ _ARRAY = Content.ARRAY
 
 
 def _uint(buf: bytes, pos: int) -> tuple[int, int]:
-    """A varuint at ``pos`` (any length); ``(value, next position)``."""
+    """A varuint at ``pos`` (any length); ``(value, next position)``. Two bytes (clocks up to
+    16,383, the commonest multi-byte value) without the loop."""
+    b = buf[pos]
+    if b < 0x80:
+        return b, pos + 1
+    c = buf[pos + 1]
+    if c < 0x80:
+        return (b & 0x7F) | c << 7, pos + 2
     value = 0
     shift = 0
     for _ in range(10):
