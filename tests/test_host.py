@@ -39,6 +39,35 @@ async def two_hosts() -> AsyncIterator[tuple[IHost, IHost]]:
         yield a, b
 
 
+@asynccontextmanager
+async def gossip_pair() -> AsyncIterator[tuple[IHost, Any, Any]]:
+    """Host a, its pubsub and host b's subscription to topic "t", once the mesh carries a's
+    messages to b (later reads may still return a stray warm-up)."""
+    a, b = make_host(Identity.generate()), make_host(Identity.generate())
+    pa, ra = make_pubsub(a, 0.2, envelopes=True)
+    pb, rb = make_pubsub(b, 0.2, envelopes=True)
+    async with (
+        a.run(LISTEN),
+        b.run(LISTEN),
+        background_trio_service(pa),
+        background_trio_service(ra),
+        background_trio_service(pb),
+        background_trio_service(rb),
+    ):
+        await pa.wait_until_ready()
+        await pb.wait_until_ready()
+        await pa.subscribe("t")
+        sub = await pb.subscribe("t")
+        await a.connect(info_from_p2p_addr(multiaddr.Multiaddr(str(b.get_addrs()[0]))))
+        with trio.fail_after(30):
+            while True:
+                await pa.publish("t", b"warm-up")
+                with trio.move_on_after(0.5):
+                    if (await sub.get()).data == b"warm-up":
+                        break
+        yield a, pa, sub
+
+
 def muxer_of(stream: INetStream) -> Any:
     return stream.muxed_conn
 
@@ -188,29 +217,10 @@ def test_the_real_record_check_still_refuses_a_record_of_another_peer() -> None:
 async def test_a_reused_from_and_seqno_cannot_suppress_another_message() -> None:
     """Daemon pubsub signs nothing itself (envelopes do) and names messages by content: a
     message reusing another's unsigned (from, seqno) is a different message, not a duplicate."""
-    a, b = make_host(Identity.generate()), make_host(Identity.generate())
-    pa, ra = make_pubsub(a, 0.2, envelopes=True)
-    pb, rb = make_pubsub(b, 0.2, envelopes=True)
-    assert not pa.strict_signing
-    async with (
-        a.run(LISTEN),
-        b.run(LISTEN),
-        background_trio_service(pa),
-        background_trio_service(ra),
-        background_trio_service(pb),
-        background_trio_service(rb),
-    ):
-        await pa.wait_until_ready()
-        await pb.wait_until_ready()
-        await pa.subscribe("t")
-        sub = await pb.subscribe("t")
-        await a.connect(info_from_p2p_addr(multiaddr.Multiaddr(str(b.get_addrs()[0]))))
+    async with gossip_pair() as (a, pa, sub):
+        assert not pa.strict_signing
         got: list[bytes] = []
         with trio.fail_after(30):
-            while not got:  # until the mesh carries messages between the two
-                await pa.publish("t", b"warm-up")
-                with trio.move_on_after(0.5):
-                    got.append(bytes((await sub.get()).data))
             for data in (b"honest", b"same from and seqno"):
                 msg = rpc_pb2.Message(
                     data=data, topicIDs=["t"], from_id=a.get_id().to_bytes(), seqno=b"\0" * 8
@@ -265,29 +275,9 @@ async def test_gossip_carries_small_and_large_messages_through_the_buffered_read
 
     from mossnode.node.host import RpcReader
 
-    a, b = make_host(Identity.generate()), make_host(Identity.generate())
-    assert isinstance(pubsub.read_varint_prefixed_bytes_limited.__self__, RpcReader)
-    pa, ra = make_pubsub(a, 0.2, envelopes=True)
-    pb, rb = make_pubsub(b, 0.2, envelopes=True)
-    async with (
-        a.run(LISTEN),
-        b.run(LISTEN),
-        background_trio_service(pa),
-        background_trio_service(ra),
-        background_trio_service(pb),
-        background_trio_service(rb),
-    ):
-        await pa.wait_until_ready()
-        await pb.wait_until_ready()
-        await pa.subscribe("t")
-        sub = await pb.subscribe("t")
-        await a.connect(info_from_p2p_addr(multiaddr.Multiaddr(str(b.get_addrs()[0]))))
+    async with gossip_pair() as (_, pa, sub):
+        assert isinstance(pubsub.read_varint_prefixed_bytes_limited.__self__, RpcReader)
         with trio.fail_after(30):
-            while True:  # until the mesh carries messages between the two
-                await pa.publish("t", b"warm-up")
-                with trio.move_on_after(0.5):
-                    if (await sub.get()).data == b"warm-up":
-                        break
             sent = [bytes([i]) * size for i, size in enumerate((1, 200, 70_000, 3, 300_000, 5))]
             for data in sent:
                 await pa.publish("t", data)
