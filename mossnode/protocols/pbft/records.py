@@ -2,8 +2,9 @@
 
 Record kinds (``"k"``): ``seq`` (envelope seq reservation), ``view``, ``sent`` (the replica's own
 message bytes), ``prepared`` (a prepared certificate), ``exec`` (a decided entry with results and
-state digest) and ``stable`` (a stable checkpoint with its proof, the client reply table and the
-validator-set history). :meth:`Replica.restore` replays them in order.
+state digest) and ``stable`` (a stable checkpoint with its proof, the validator-set history and
+the client reply table: whole in ``clients``, or in ``clients+`` only the rows changed since the
+stable record before it). :meth:`Replica.restore` replays them in order.
 """
 
 from __future__ import annotations
@@ -37,11 +38,28 @@ def compact_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
     current = int(view["v"]) if view is not None else 0
     head: list[dict[str, Any]] = [{"k": "seq", "upto": seq}] if seq else []
     if stable is not None:
-        head.append(stable)
+        head.append(_whole_table(recs, stable))
     if view is not None:
         head.append(view)
     kept = [r for r in recs if _still_needed(r, h, current)]
     return head + kept
+
+
+def _whole_table(recs: list[dict[str, Any]], latest: dict[str, Any]) -> dict[str, Any]:
+    """``latest`` with the reply table its predecessors and it describe, in whole: the kept
+    record replaces all the stable records before it."""
+    table: dict[bytes, list[Any]] = {}
+    for r in recs:
+        if r.get("k") != "stable":
+            continue
+        if "clients" in r:
+            table = {row[0]: row for row in r["clients"]}
+        table.update((row[0], row) for row in r.get("clients+", ()))
+        if r is latest:
+            break
+    out = {k: v for k, v in latest.items() if k != "clients+"}
+    out["clients"] = [table[c] for c in sorted(table)]
+    return out
 
 
 def _still_needed(r: Mapping[str, Any], h: int, view: int) -> bool:

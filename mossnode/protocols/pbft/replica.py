@@ -142,6 +142,9 @@ class Replica:
         self._certified: dict[int, Committed] = {}
         self._decided: OrderedDict[int, Entry] = OrderedDict()
         self._clients: dict[bytes, tuple[int, bytes]] = {}  # client -> (timestamp, result)
+        # Clients whose row changed since the last stable record; None: that record must carry
+        # the whole table (none was written by this object yet). See _persist_stable.
+        self._clients_changed: set[bytes] | None = None
         self._pending: dict[bytes, tuple[int, bytes]] = {}  # client -> (timestamp, request raw)
         self._assigned: dict[bytes, int] = {}  # client -> highest timestamp proposed this view
         self._next_seq = 1
@@ -671,6 +674,8 @@ class Replica:
             if isinstance(out, Outcome) and out.validators:
                 scheduled = self._schedule(n, out.validators)
             self._clients[client] = (req.timestamp, result)
+            if self._clients_changed is not None:
+                self._clients_changed.add(client)
             cur = self._pending.get(client)
             if cur is not None and cur[0] <= req.timestamp:
                 del self._pending[client]
@@ -820,16 +825,24 @@ class Replica:
             self._propose()
 
     def _persist_stable(self) -> None:
-        self._persist(
-            {
-                "k": "stable",
-                "n": self.stable_seq,
-                "d": self._stable_digest,
-                "C": list(self._stable_proof),
-                "clients": [[c, t, r] for c, (t, r) in sorted(self._clients.items())],
-                "cfg": [[first, list(vals)] for first, vals in self._configs],
-            }
-        )
+        """The reply table goes in whole only into the first stable record this object writes;
+        later ones carry the rows changed since the previous one (``clients+``), and
+        :func:`~.records.compact_records` folds them together. A record per decision that
+        repeated every client's last reply grew with the swarm (25 KB at 128 clients)."""
+        rec: dict[str, Any] = {
+            "k": "stable",
+            "n": self.stable_seq,
+            "d": self._stable_digest,
+            "C": list(self._stable_proof),
+            "cfg": [[first, list(vals)] for first, vals in self._configs],
+        }
+        changed = self._clients_changed
+        if changed is None:
+            rec["clients"] = [[c, t, r] for c, (t, r) in sorted(self._clients.items())]
+        else:
+            rec["clients+"] = [[c, *self._clients[c]] for c in sorted(changed)]
+        self._clients_changed = set()
+        self._persist(rec)
 
     def _on_reconfigured(self, first: int, validators: tuple[bytes, ...]) -> None:
         """A new validator set is in force: primaries, quorums and votes are counted anew."""
@@ -1263,7 +1276,9 @@ class Replica:
         if self.last_executed < n:
             self.last_executed = n
             self._state = rec["d"]
-            self._clients = {c: (t, r) for c, t, r in rec["clients"]}
+            if "clients" in rec:
+                self._clients = {c: (t, r) for c, t, r in rec["clients"]}
+            self._clients.update((c, (t, r)) for c, t, r in rec.get("clients+", ()))
         self._configs = [(int(first), tuple(vals)) for first, vals in rec["cfg"]]
         for s in [s for s in self._slots if s <= n]:
             del self._slots[s]
