@@ -172,21 +172,26 @@ def _msg_in(nodes: list[Node]) -> int:
 
 
 def start_validators(n: int, root: Path) -> Cluster:
+    """A running cluster of ``n`` voting validators; stopped again if it cannot be formed."""
     c = Cluster(n, root=root)
-    c.init()
-    profile = os.environ.get("BENCH_PBFT_PROFILE")
-    for node in c.nodes:
-        if profile:
-            os.environ["MOSSNODE_PROFILE"] = str(Path(profile) / f"n{n}-{node.name}.prof")
-        node.start(wait=False)
-    os.environ.pop("MOSSNODE_PROFILE", None)
-    for node in c.nodes:
-        wait_for(node.ready, 60, f"{node.name} to start")
-    founder = c.nodes[0]
-    for k, node in enumerate(c.nodes[1:], start=1):
-        token = founder.cli_json("invite", "--role", "validator")["token"]
-        node.cli("join", founder.addr, "--invite", token)
-        wait_for(lambda node=node, k=k: _voting(node, k), 60, f"{node.name} to vote")
+    try:
+        c.init()
+        profile = os.environ.get("BENCH_PBFT_PROFILE")
+        for node in c.nodes:
+            if profile:
+                os.environ["MOSSNODE_PROFILE"] = str(Path(profile) / f"n{n}-{node.name}.prof")
+            node.start(wait=False)
+        os.environ.pop("MOSSNODE_PROFILE", None)
+        for node in c.nodes:
+            wait_for(node.ready, 60, f"{node.name} to start")
+        founder = c.nodes[0]
+        for k, node in enumerate(c.nodes[1:], start=1):
+            token = founder.cli_json("invite", "--role", "validator")["token"]
+            node.cli("join", founder.addr, "--invite", token)
+            wait_for(lambda node=node, k=k: _voting(node, k), 60, f"{node.name} to vote")
+    except BaseException:
+        c.stop()
+        raise
     return c
 
 
