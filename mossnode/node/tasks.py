@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("mossnode.tasks")
 
 MIN_TICK_S = 0.02  # coalesce bursts of changes into one derivation
+# A busy node ticks at most this often: the changes that arrive meanwhile share one derivation,
+# and what it writes one entry (each costs every node a verification, an apply and a view
+# rebuild). An idle node still ticks MIN_TICK_S after a change.
+TICK_SPACING_S = 0.1
 REPUTATION_MS = 1_000
 SYNC_FIRST_S = 30.0  # longest the scheduler waits for the first anti-entropy round
 PULL_BACKENDS = frozenset({"api", "openclaw"})  # agents that fetch their work over the API
@@ -344,12 +348,14 @@ class TaskService:
         # done elsewhere, its writes wait for the sync anyway, and the CPU goes to the sync.
         await self.shared.wait_synced(SYNC_FIRST_S)
         wake_at: int | None = None
+        last = -TICK_SPACING_S
         while True:
             timeout = 5.0 if wake_at is None else max(0.0, (wake_at - now_ms()) / 1000)
             with trio.move_on_after(timeout):
                 await self._wake.wait()
+            await trio.sleep(max(MIN_TICK_S, last + TICK_SPACING_S - trio.current_time()))
             self._wake = trio.Event()
-            await trio.sleep(MIN_TICK_S)
+            last = trio.current_time()
             try:
                 wake_at = await self._tick()
             except Exception:
