@@ -232,12 +232,11 @@ class TaskService:
             self._wake.set()
 
     def _update_view(self) -> None:
-        doc_tasks = self.shared.replica.doc["tasks"]
         changed = set(self._dirty)
         self._dirty.clear()
         if self._rescan:
             self._rescan = False
-            keys = set(doc_tasks.keys())
+            keys = set(self.shared.replica.doc["tasks"].keys())  # pycrdt: a pass over roots
             changed |= keys - self._raw.keys()
             for gone in self._raw.keys() - keys:
                 del self._raw[gone]
