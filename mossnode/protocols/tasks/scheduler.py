@@ -12,10 +12,11 @@ What a tick does, in order:
 1. cancel local work that is no longer this node's (lease lost, reassigned, cancelled, done
    elsewhere) and reviews that became moot;
 2. for attempts this node won: claim them (or release them if no local agent has room), renew
-   leases at half-life, dispatch claimed work to the agent (not while paused), release work
-   beyond an agent's concurrency limit;
-3. bid on ready tasks in priority order while agents have room (bids count against capacity
-   until decided); propose itself for ready exclusive tasks (consensus picks one);
+   leases at half-life, dispatch claimed work to the agent as slots free (not while paused),
+   keeping the rest waiting (claimed), and release work beyond an agent's limits;
+3. bid on ready tasks in priority order while agents have room (running, waiting and undecided
+   bids count against ``queue_factor`` times the capacity, see :func:`queueable`); propose
+   itself for ready exclusive tasks (consensus picks one);
 4. let idle reviewer agents review submissions of other nodes, staggered by a hash rank.
 
 A swarm-wide pause (a consensus decision the daemon passes as ``paused``) and a paused task tree
