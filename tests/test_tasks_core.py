@@ -570,7 +570,7 @@ def test_over_capacity_winner_releases_and_lowered_limit_gives_work_back() -> No
     t1 = doc.create("A", "t1")
     t2 = doc.create("A", "t2")
     doc.apply("B", 0, [Bid(t1, 1, "x", 0.5), Bid(t2, 1, "x", 0.5)])  # raced: won two, room for one
-    s = Scheduler("B", params=P)
+    s = Scheduler("B", params=P, queue_factor=1)  # no waiting room
     plan = s.tick(doc.view(), agents=[agent("x")], now_ms=200)
     assert [e.task_id for e in only(plan, Claim)] == [t1]
     assert [e.task_id for e in only(plan, Release)] == [t2]
@@ -585,6 +585,45 @@ def test_over_capacity_winner_releases_and_lowered_limit_gives_work_back() -> No
     plan = s.tick(doc.view(), agents=[agent("x"), agent("y", conc=0)], now_ms=420)
     assert only(plan, Cancel) == [Cancel(t2, "agent y over its concurrency limit")]
     assert [e.task_id for e in only(plan, Release)] == [t2]
+
+
+def test_a_busy_agent_bids_on_and_queues_won_work_and_runs_it_as_slots_free() -> None:
+    doc = Doc()
+    for i in range(6):
+        doc.create("A", f"t{i}")
+    s = Scheduler("B", params=P, queue_factor=2)
+    plan = s.tick(doc.view(), agents=[agent("x", conc=2)], now_ms=0)
+    bids = only(plan, Bid)
+    # 2 slots x 2: four bids, each scored by the share of the queue still free
+    assert [b.score for b in bids] == [0.775, 0.6875, 0.6, 0.5125]
+    doc.apply("B", 0, plan)
+    won = [b.task_id for b in bids]
+    plan = s.tick(doc.view(), agents=[agent("x", conc=2)], now_ms=200)
+    assert [e.task_id for e in only(plan, Claim)] == won and not only(plan, Release)
+    assert [e.task_id for e in only(plan, Dispatch)] == won[:2]
+    assert not only(plan, Bid)  # the queue is full
+    doc.apply("B", 200, plan)
+    # the waiting ones keep their leases (renewed at half-life), so nobody takes them over
+    plan = s.tick(doc.view(), agents=[agent("x", conc=2)], now_ms=700)
+    assert {e.task_id for e in only(plan, RenewLease)} == set(won)
+    doc.apply("B", 700, plan)
+    assert doc.status(won[3], 1_300).state is State.IN_PROGRESS
+    # a slot frees: the next waiting task starts and the node bids again, but not on a task
+    # with a deadline (it runs from the claim): that one needs a free slot
+    timed = doc.create("A", "timed", now=1_000, contract=Contract(deadline_ms=5_000))
+    plan = s.tick(
+        doc.view(), agents=[agent("x", conc=2)], now_ms=1_300, finished=[Finished(won[0])]
+    )
+    assert only(plan, Submit)[0].task_id == won[0]
+    assert [e.task_id for e in only(plan, Dispatch)] == [won[2]]
+    assert len(only(plan, Bid)) == 1 and timed not in {b.task_id for b in only(plan, Bid)}
+    doc.apply("B", 1_300, plan)
+    assert doc.status(won[0], 1_300).state is State.DONE
+    # the agent's capacity drops: running work beyond it and waiting work beyond the queue
+    # are given back
+    plan = s.tick(doc.view(), agents=[agent("x", conc=1)], now_ms=1_310)
+    assert only(plan, Cancel) == [Cancel(won[2], "agent x over its concurrency limit")]
+    assert {e.task_id for e in only(plan, Release)} == {won[2], won[3]}
 
 
 def test_newcomer_wins_against_a_loaded_node() -> None:

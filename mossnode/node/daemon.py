@@ -1103,8 +1103,11 @@ class Daemon:
     async def submit_task(self, draft: dict[str, Any]) -> dict[str, Any]:
         tasks = self._tasks()
         now = now_ms()
-        # plan_create reads a status only for the parent: no derivation pass without one
-        tasks.refresh(now, statuses=draft["parent"] is not None)
+        # plan_create reads a status only for the parent, and the view only for it and the
+        # deps (a random suffix is new): without them the next tick refreshes the view, once
+        # for whatever changed meanwhile instead of once per creation
+        if draft["parent"] is not None or draft["deps"]:
+            tasks.refresh(now, statuses=draft["parent"] is not None)
         contract = dict(draft["contract"] or {})
         if draft.get("confidential"):
             contract["confidential"] = list(draft["confidential"])

@@ -12,10 +12,11 @@ What a tick does, in order:
 1. cancel local work that is no longer this node's (lease lost, reassigned, cancelled, done
    elsewhere) and reviews that became moot;
 2. for attempts this node won: claim them (or release them if no local agent has room), renew
-   leases at half-life, dispatch claimed work to the agent (not while paused), release work
-   beyond an agent's concurrency limit;
-3. bid on ready tasks in priority order while agents have room (bids count against capacity
-   until decided); propose itself for ready exclusive tasks (consensus picks one);
+   leases at half-life, dispatch claimed work to the agent as slots free (not while paused),
+   keeping the rest waiting (claimed), and release work beyond an agent's limits;
+3. bid on ready tasks in priority order while agents have room (running, waiting and undecided
+   bids count against ``queue_factor`` times the capacity, see :func:`queueable`); propose
+   itself for ready exclusive tasks (consensus picks one);
 4. let idle reviewer agents review submissions of other nodes, staggered by a hash rank.
 
 A swarm-wide pause (a consensus decision the daemon passes as ``paused``) and a paused task tree
@@ -59,6 +60,13 @@ from .supervision import Limits, Refused, agent_capacity
 
 REVIEWER = "reviewer"
 SPREAD_MS = 1_000  # tasks created within this span are taken in a per-node order
+QUEUE_FACTOR = 4  # an agent takes on (bids, won, waiting) up to this many times its capacity
+
+
+def queueable(task: Task) -> bool:
+    """May won work wait for a free slot? Not with a deadline (it runs from the claim) nor when
+    exclusive (consensus assigns it, and a release would end it): those need a free slot."""
+    return task.contract.deadline_ms is None and not task.contract.exclusive
 
 
 @dataclass(slots=True)
@@ -90,6 +98,7 @@ class Scheduler:
     reviewing: dict[str, Run] = field(default_factory=dict)
     statuses: dict[str, Status] = field(default_factory=dict)
     stable: Stable | None = None  # see .stability; None in simulations with bounded delays
+    queue_factor: int = QUEUE_FACTOR  # local policy, see docs/tasks.md "Allocation"
     _proposed: dict[str, int] = field(default_factory=dict)
     _cache: Cache = field(default_factory=Cache)
     _ordered: tuple[TaskView | None, frozenset[str], list[str]] = (None, frozenset(), [])
@@ -143,6 +152,10 @@ class Scheduler:
         wakes: list[int] = list(self._cache.waking.values())  # every wake_at in ``st``
         local = {a.name: a for a in agents}
         cap = {a.name: agent_capacity(a.max_concurrency, self.limits) for a in agents}
+        # what an agent may have taken on: running, claimed and waiting for a slot, undecided
+        # bids. A bid holds no slot for its window and decision, so a node keeps bidding while
+        # its agents are busy; a queueable win waits (claimed, lease renewed) for a free slot.
+        depth = {n: c * max(1, self.queue_factor) for n, c in cap.items()}
         # one pass: live tasks in priority order, sorted into what each phase looks at
         held: list[str] = []
         open_: list[str] = []
@@ -187,17 +200,17 @@ class Scheduler:
             if s.assignee is None and b is not None and b.attempt == s.attempt:
                 load[b.agent] += 1
 
-        def room(name: str) -> bool:
-            return load[name] < cap.get(name, 0)
+        def room(name: str, task: Task) -> bool:
+            return load[name] < (depth if queueable(task) else cap).get(name, 0)
 
-        def pick(task: Task, exclude: str | None = None) -> LocalAgent | None:
+        def pick(task: Task) -> LocalAgent | None:
             best: tuple[float, str] | None = None
             chosen = None
             for a in agents:
-                if a.name == exclude or not capable(a, task) or not room(a.name):
+                if not capable(a, task) or not room(a.name, task):
                     continue
                 rep = reputation.score(me, a.name, task.capabilities) if reputation else 0.5
-                score = bid_score(rep, load[a.name], cap[a.name], a.load)
+                score = bid_score(rep, load[a.name], depth[a.name], a.load)
                 key = (-score, a.name)
                 if best is None or key < best:
                     best, chosen = key, a
@@ -205,6 +218,7 @@ class Scheduler:
 
         # 2. attempts this node won
         running_per_agent: Counter[str] = Counter(r.agent for r in self.running.values())
+        waiting: Counter[str] = Counter()  # claimed, waiting for a slot (in priority order)
         for tid in held:
             s, task = st[tid], view[tid]
             if not s.claimed:
@@ -212,7 +226,7 @@ class Scheduler:
                 agent: LocalAgent | None = None
                 if not readable(view, st, tid, me):
                     agent = None  # won without being able to read it (keys changed): give up
-                elif mine is not None and capable(mine, task) and room(mine.name):
+                elif mine is not None and capable(mine, task) and room(mine.name, task):
                     agent = mine
                 else:
                     agent = pick(task)
@@ -227,6 +241,7 @@ class Scheduler:
                 effects.append(Claim(tid, s.attempt, agent.name, now + p.lease_ms, score))
                 wakes.append(now + p.lease_ms // 2)
                 if paused or s.paused or running_per_agent[agent.name] >= cap[agent.name]:
+                    waiting[agent.name] += 1
                     continue
                 claimed = _with_claim(s, agent.name, now + p.lease_ms)
                 effects.append(
@@ -265,6 +280,10 @@ class Scheduler:
                 )
                 continue
             if running_per_agent[a.name] >= cap[a.name]:
+                limit = depth[a.name] if queueable(task) else cap[a.name]
+                if running_per_agent[a.name] + waiting[a.name] < limit:
+                    waiting[a.name] += 1  # its lease is renewed above until a slot frees
+                    continue
                 effects.append(
                     Release(tid, s.attempt, f"agent {a.name} is at its concurrency limit")
                 )
@@ -325,7 +344,7 @@ class Scheduler:
                 if agent is None:
                     continue
                 rep = reputation.score(me, agent.name, task.capabilities) if reputation else 0.5
-                score = bid_score(rep, load[agent.name], cap[agent.name], agent.load)
+                score = bid_score(rep, load[agent.name], depth[agent.name], agent.load)
                 effects.append(Bid(tid, s.attempt, agent.name, score))
                 load[agent.name] += 1
                 wakes.append(now + 2 * p.settle_ms)
