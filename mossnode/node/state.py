@@ -71,7 +71,7 @@ async def _widen(stream: INetStream, size: int) -> None:
     starts at 256 KiB and grants more only as we read, so each frame crossed the wire in round
     trips after the previous one was applied. Best effort: a muxer without these internals
     keeps its own window."""
-    muxed = getattr(stream, "muxed_stream", None)
+    muxed: Any = getattr(stream, "muxed_stream", None)
     grant = getattr(muxed, "send_window_update", None)
     window = getattr(muxed, "recv_window", None)
     if grant is None or type(window) is not int or window >= size:
