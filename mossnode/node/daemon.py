@@ -955,8 +955,9 @@ class Daemon:
     # --- maintenance: reconnect and gate -------------------------------------------------
 
     async def _maintenance(self) -> None:
+        """Every half second, the first time at once: a restarted node dials its members
+        (and so starts catching up) as soon as it runs, not half a second later."""
         while True:
-            await trio.sleep(0.5)
             try:
                 self._gate()
                 if self.state is not None:
@@ -965,6 +966,7 @@ class Daemon:
                     await trio.to_thread.run_sync(self._persist)
             except Exception:
                 log.exception("maintenance failed")
+            await trio.sleep(0.5)
 
     def _admits(self, peer: ID) -> bool:
         """Whether gossip may go to ``peer``: a member (anyone while this node has no swarm)."""

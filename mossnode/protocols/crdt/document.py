@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from pycrdt import Array, Doc, Map, _pycrdt
@@ -79,14 +80,25 @@ def state_digest(doc: Doc[Map[Any]]) -> bytes:
     return hashlib.sha256(b"mossnode/v1/state\0" + canonical(content(doc))).digest()
 
 
+def _head(major: int, n: int) -> bytes:
+    """The canonical CBOR head of major type ``major`` (in its top three bits) and length ``n``."""
+    if n < 24:
+        return bytes([major + n])
+    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * size):
+            return bytes([major + extra]) + n.to_bytes(size, "big")
+    raise ValueError("too large")
+
+
 def _map_header(n: int) -> bytes:
     """The canonical CBOR head of a map of ``n`` pairs."""
-    if n < 24:
-        return bytes([0xA0 + n])
-    for head, size in ((0xB8, 1), (0xB9, 2), (0xBA, 4), (0xBB, 8)):
-        if n < 1 << (8 * size):
-            return bytes([head]) + n.to_bytes(size, "big")
-    raise ValueError("map too large")
+    return _head(0xA0, n)
+
+
+def _text(key: str) -> bytes:
+    """``canonical(key)`` for a string, without a trip through cbor2 (one per digest key)."""
+    data = key.encode()
+    return _head(0x60, len(data)) + data
 
 
 def _order(encoded_key: bytes) -> tuple[int, bytes]:
@@ -103,18 +115,25 @@ _RAW_OTHER = frozenset(
 )
 
 
+_LEAVES = frozenset({str, float, int, bool, type(None), bytes})  # plain() keeps them as they are
+
+
 def _raw_py(value: Any, txn: Any) -> Any:
     """``plain(to_py())`` on pycrdt's Rust objects inside one transaction: what the public
-    API returns, without a Python wrapper and a transaction per value."""
+    API returns, without a Python wrapper and a transaction per value. Leaves are tested
+    first: they are most of the calls (every task read and every digest goes through here)."""
     kind = type(value)
+    if kind in _LEAVES:
+        return value
     if kind is _RawMap:
-        return {str(k): _raw_py(value.get(txn, k), txn) for k in value.keys(txn)}
+        get = value.get
+        return {str(k): _raw_py(get(txn, k), txn) for k in value.keys(txn)}
+    if kind is dict:
+        return {str(k): v if type(v) in _LEAVES else _raw_py(v, txn) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _LEAVES else _raw_py(v, txn) for v in value]
     if kind is _RawArray:
         return [_raw_py(value.get(txn, i), txn) for i in range(value.len(txn))]
-    if kind is dict:
-        return {str(k): _raw_py(v, txn) for k, v in value.items()}
-    if kind is list:
-        return [_raw_py(v, txn) for v in value]
     if kind is bytearray:
         return bytes(value)
     if kind in _RAW_OTHER:  # text, XML, sub-documents: never stored here
@@ -131,6 +150,16 @@ def _value(top: Map[Any], key: str, txn: Any) -> Any:
         return plain(value.to_py() if isinstance(value, (Map, Array)) else value)
 
 
+def _has(top: Map[Any], txn: Any) -> Callable[[str], bool]:
+    """``key in top`` inside the open transaction ``txn``, without pycrdt's wrapper."""
+    try:
+        raw, t = top.integrated, txn._txn
+        raw.has(t, "")
+        return lambda key: bool(raw.has(t, key))
+    except Exception:  # pycrdt internals moved: the public way
+        return top.__contains__
+
+
 def fast_content(doc: Doc[Map[Any]]) -> dict[str, Any]:
     """:func:`content`, read in one transaction without pycrdt's wrappers."""
     with doc.transaction() as txn:
@@ -145,18 +174,13 @@ def task_of(doc: Doc[Map[Any]], tasks: Map[Any], tid: str) -> dict[str, Any] | N
     None if it is not a map), read in one transaction.
     ``tasks`` is ``doc["tasks"]`` (which pycrdt rebuilds, with every root, at each access)."""
     with doc.transaction() as txn:
-        if tid not in tasks:
-            return None
         try:
-            raw = tasks.integrated.get(txn._txn, tid)
-            if type(raw) is not _RawMap:
-                return None
-            out = _raw_py(raw, txn._txn)
+            top, t = tasks.integrated, txn._txn
+            raw = top.get(t, tid) if top.has(t, tid) else None
+            return nest_task(_raw_py(raw, t)) if type(raw) is _RawMap else None
         except Exception:  # pycrdt internals moved: the public, slower way
             task = tasks.get(tid)
             return nest_task(plain(task.to_py())) if isinstance(task, Map) else None
-    assert isinstance(out, dict)
-    return nest_task(out)
 
 
 class ContentDigest:
@@ -204,16 +228,17 @@ class ContentDigest:
                     continue
                 pairs, order = self._pairs[name], self._sorted[name]
                 top = root(doc, name)
+                has = _has(top, txn)
                 added = []
                 for key in dirty:
-                    if key in top:
-                        enc_key = canonical(str(key))
+                    if has(key):
+                        enc_key = _text(str(key))
                         if key not in pairs:
                             added.append((len(enc_key), enc_key, key))
                         pairs[key] = enc_key + canonical(_value(top, key, txn))
                     elif key in pairs:
                         del pairs[key]
-                        enc_key = canonical(str(key))
+                        enc_key = _text(str(key))
                         del order[bisect.bisect_left(order, (len(enc_key), enc_key, key))]
                 if len(added) > len(order) // 8:  # many new keys: one sort beats insertions
                     order.extend(added)
