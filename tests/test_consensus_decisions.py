@@ -70,7 +70,7 @@ def commit(who: Identity, view: int, seq: int, d: bytes) -> bytes:
 
 
 def quorum_of(state: ConsensusMembership) -> list[Identity]:
-    vals = state.validators()
+    vals = state.validators_at(state.height + 1)
     return [IDS[k] for k in vals[: (len(vals) + (len(vals) - 1) // 3) // 2 + 1]]
 
 
@@ -113,12 +113,21 @@ def fresh() -> ConsensusMembership:
     return ConsensusMembership(GENESIS)
 
 
+def settle(st: ConsensusMembership) -> None:
+    """Null batches until the validator set decided last governs the next batch (as a primary
+    with nothing to order brings it in)."""
+    while st.validators_at(st.height + 1) != st.validators():
+        st.apply(certified(st, []))
+
+
 def four() -> ConsensusMembership:
-    """F, A, B, C validators (A, B, C admitted at seqs 1-3 by the founder)."""
+    """F, A, B, C validators (A, B, C admitted at seqs 1-3 by the founder, then null batches
+    until they certify: batch 13 on)."""
     st = fresh()
     for t, who in enumerate((A, B, C), start=1):
         st.apply(certified(st, [request(F, "admit", admit(who, ["validator"], b"v%d" % t), t)]))
-    assert len(st.validators()) == 4
+    settle(st)
+    assert len(st.validators()) == 4 and st.next_batch == 13
     return st
 
 
@@ -162,11 +171,11 @@ def test_commits_for_another_digest_are_refused() -> None:
         e.seq,
         e.kind,
         e.payload,
-        [e.certificate[0]] + [commit(s, 0, 4, batch_digest(other)) for s in (F, A, B)],
+        [e.certificate[0]] + [commit(s, 0, 13, batch_digest(other)) for s in (F, A, B)],
     )
     assert "digest_mismatch" in refused(st, forged)
     # and a request swapped under honest commits does not hash to them either
-    swapped = Entry(e.seq, "resume", {}, [proofs_for(4, other)[1][0].encode(), *e.certificate[1:]])
+    swapped = Entry(e.seq, "resume", {}, [proofs_for(13, other)[1][0].encode(), *e.certificate[1:]])
     assert "digest_mismatch" in refused(st, swapped)
 
 
@@ -187,38 +196,46 @@ def test_entry_that_is_not_the_decided_operation_is_refused() -> None:
 def test_validator_set_at_the_wrong_seq_is_refused() -> None:
     st = four()
     batch = [request(F, "pause", {}, 9)]
-    # signed by the genesis set (the founder alone): a quorum at seq 1, not at seq 4
+    # signed by the genesis set (the founder alone): a quorum up to batch 12, not at 13
     assert "too_few_signatures" in refused(st, certified(st, batch, [F]))
     # a quorum of keys of which one is not a validator (yet)
     assert "not_validator" in refused(st, certified(st, batch, [F, A, D]))
     # a good quorum, but for another seq
-    assert "wrong_seq" in refused(st, certified(st, batch, commit_seq=5))
+    assert "wrong_seq" in refused(st, certified(st, batch, commit_seq=14))
     # commits that disagree on the view
-    proof, d = proofs_for(4, batch)[1][0].encode(), batch_digest(batch)
-    mixed = [proof, commit(F, 0, 4, d), commit(A, 1, 4, d), commit(B, 0, 4, d)]
-    assert "mismatch" in refused(st, Entry(4, "pause", {}, mixed))
-    dup = [proof, commit(F, 0, 4, d), commit(F, 0, 4, d), commit(A, 0, 4, d)]
-    assert "duplicate_signer" in refused(st, Entry(4, "pause", {}, dup))
+    proof, d = proofs_for(13, batch)[1][0].encode(), batch_digest(batch)
+    mixed = [proof, commit(F, 0, 13, d), commit(A, 1, 13, d), commit(B, 0, 13, d)]
+    assert "mismatch" in refused(st, Entry(13, "pause", {}, mixed))
+    dup = [proof, commit(F, 0, 13, d), commit(F, 0, 13, d), commit(A, 0, 13, d)]
+    assert "duplicate_signer" in refused(st, Entry(13, "pause", {}, dup))
 
 
-def test_after_a_reconfiguration_the_new_set_certifies_the_next_seq() -> None:
+def test_a_reconfiguration_governs_from_the_batch_after_the_watermark() -> None:
     st = fresh()
     e1 = certified(st, [request(F, "admit", admit(A, ["validator"], b"a"), 1)], [F])
     st.apply(e1)
-    assert st.validators_at(1) == [F.public_key] and len(st.validators_at(2)) == 2
-    # seq 2 needs F and A (n = 2, quorum 2): the founder alone no longer suffices
+    # decided in batch 1 with K = 4 and window 8: batches 2-8 may already be prepared by the
+    # founder alone, so F and A certify from batch 9 (n = 2, quorum 2)
+    assert len(st.validators()) == 2 and st.schedule[-1] == (9, st.validators())
+    assert st.validators_at(2) == [F.public_key] and st.batch_validators(8) == [F.public_key]
     batch = [request(F, "pause", {}, 2)]
-    assert "too_few_signatures" in refused(st, certified(st, batch, [F]))
-    st.apply(certified(st, batch, [F, A]))
-    # revoking A's validator role at seq 3 makes the founder alone the quorum from seq 4
-    st.apply(
-        certified(
-            st, [request(F, "revoke", {"public_key": A.public_key, "role": "validator"}, 3)], [F, A]
-        )
-    )
-    assert st.validators() == [F.public_key]
+    assert "not_validator" in refused(st, certified(st, batch, [F, A]))
+    st.apply(certified(st, batch, [F]))
+    for _ in range(6):
+        st.apply(certified(st, [], [F]))
+    assert st.next_batch == 9 and len(st.validators_at(9)) == 2
+    assert "too_few_signatures" in refused(st, certified(st, [], [F]))
+    # revoking A's validator role in batch 9 leaves F alone from batch 17 (16 + 1)
+    revoke = request(F, "revoke", {"public_key": A.public_key, "role": "validator"}, 3)
+    st.apply(certified(st, [revoke], [F, A]))
+    assert st.validators() == [F.public_key] and st.schedule[-1] == (17, [F.public_key])
+    settle(st)
+    assert st.next_batch == 17
     assert "not_validator" in refused(st, certified(st, [request(F, "resume", {}, 4)], [F, A]))
     st.apply(certified(st, [request(F, "resume", {}, 4)], [F]))
+    again = fresh()
+    again.replay(st.entries)
+    assert again.schedule == st.schedule
 
 
 # --------------------------------------------------------------------------- mapping
@@ -228,7 +245,7 @@ def test_null_and_duplicate_batches_decide_noops() -> None:
     st = four()
     null = certified(st, [])
     assert (null.kind, null.payload) == (NOOP, {"reason": "null"})
-    assert EntryProof.parse(null.certificate[0]) == EntryProof(4, 0, 0, b"", ())
+    assert EntryProof.parse(null.certificate[0]) == EntryProof(13, 0, 0, b"", ())
     st.apply(null)
     first = request(F, "pause", {}, 50)
     st.apply(certified(st, [first]))
@@ -241,7 +258,7 @@ def test_null_and_duplicate_batches_decide_noops() -> None:
         assert "decided request yields" in refused(st, claim)
         st.apply(dup)
     assert st.paused
-    assert st.origin[5] == (F.public_key, 50) and 6 not in st.origin
+    assert st.origin[14] == (F.public_key, 50) and 15 not in st.origin
 
 
 def test_invalid_operations_decide_noops_with_the_reason() -> None:
@@ -279,16 +296,16 @@ def test_every_request_of_a_batch_is_an_entry_in_order() -> None:
         st.apply(e)
         got.append((e.seq, e.kind, e.payload.get("reason"), e.payload.get("error")))
     assert got == [
-        (4, NOOP, "invalid", "not a signed request"),
-        (5, "pause", None, None),
-        (6, "resume", None, None),
-        (7, NOOP, "duplicate", None),
-        (8, NOOP, "invalid", "the proposer does not hold swarm.pause"),
+        (13, NOOP, "invalid", "not a signed request"),
+        (14, "pause", None, None),
+        (15, "resume", None, None),
+        (16, NOOP, "duplicate", None),
+        (17, NOOP, "invalid", "the proposer does not hold swarm.pause"),
     ]
     assert not st.paused and st.clients[F.public_key] == 71 and st.clients[B.public_key] == 7
-    assert A.public_key not in st.clients and st.origin[5] == (F.public_key, 70)
-    assert 4 not in st.origin and 7 not in st.origin
-    assert st.position.n == 4 and st.position.closes_batch and st.batch_first[4] == 4
+    assert A.public_key not in st.clients and st.origin[14] == (F.public_key, 70)
+    assert 13 not in st.origin and 16 not in st.origin
+    assert st.position.n == 13 and st.position.closes_batch and st.batch_first[13] == 13
     # every entry of the batch is certified by the set in force when the batch began
     assert all(st.validators_at(s) == st.validators_at(4) for s in range(4, 9))
     again = fresh()
@@ -387,7 +404,7 @@ def test_operation_codec() -> None:
         assert decode_op(bad) is None
     with pytest.raises(ValueError):
         ConsensusCore(F, fresh(), PbftConfig(swarm_id=SWARM))
-    assert pbft_config(SWARM).checkpoint_interval == 1
+    assert (pbft_config(SWARM).checkpoint_interval, pbft_config(SWARM).window) == (4, 8)
 
 
 # --------------------------------------------------------------------------- votes
@@ -485,14 +502,21 @@ def grow(sim: ConsensusSim) -> list[Any]:
         t = sim.propose(f, "admit", admit(who, ["validator"], b"v%d" % k))
         assert sim.run(30_000, lambda t=t: sim.decided(f, t))
         node = sim.add(who)
+        nodes.append(node)
+        # the primary's null batches bring the k + 1 validators in at the next boundary
         assert sim.run(
             30_000,
-            lambda node=node, k=k: (
-                node.core.replica is not None and node.core.replica.stable_seq >= k
+            lambda k=k: all(
+                n.core.replica is not None and len(n.core.replica.validators) == k + 1
+                for n in nodes
             ),
         )
-        nodes.append(node)
     return nodes
+
+
+def real(log: list[Entry]) -> list[Entry]:
+    """The entries that are not null batches."""
+    return [e for e in log if e.payload.get("reason") != "null"]
 
 
 def signer(raw: bytes) -> bytes:
@@ -521,10 +545,17 @@ def test_four_validators_grown_from_the_founder_survive_a_crash(seed: int) -> No
     t1 = sim.propose(f, "grant", {"public_key": D.public_key, "role": "planner"})
     t2 = sim.propose(f, "admit", admit(D, ["executor"], b"d"))
     assert sim.run(60_000, lambda: sim.decided(f, t1) and sim.decided(f, t2))
-    assert [e.kind for e in f.log[3:]] == [NOOP, "admit"]
-    assert f.log[3].payload["error"] == "not a member"
+    assert [e.kind for e in real(f.log)[3:]] == [NOOP, "admit"]
+    assert real(f.log)[3].payload["error"] == "not a member"
     sim.restart(down)
-    assert sim.run(60_000, lambda: down.state.height >= 5 and down.core.replica.stable_seq >= 5)
+    top = len(f.log)
+    assert sim.run(
+        60_000,
+        lambda: (
+            down.state.height >= top
+            and down.core.replica.last_executed >= f.core.replica.last_executed
+        ),
+    )
     other = next(n for n in (a, b, c) if n is not down)
     sim.crash(other)
     t = sim.propose(f, "grant", {"public_key": D.public_key, "role": "reviewer"})
@@ -559,15 +590,19 @@ def decided_batch(st: ConsensusMembership, batch: list[bytes], **kwargs: Any) ->
     return out
 
 
-def test_a_reconfiguration_inside_a_batch_takes_effect_at_the_next_batch() -> None:
+def test_a_reconfiguration_inside_a_batch_takes_over_after_the_watermark() -> None:
     st = four()  # F, A, B, C: quorum 3
     old = quorum_of(st)
     grant = request(F, "admit", admit(D, ["validator"], b"d"), 40)
     after = request(F, "pause", {}, 41)  # decided after the change, in the same batch
     entries = decided_batch(st, [grant, after], signers=old)
     assert [e.kind for e in entries] == ["admit", "pause"]
-    assert len(st.validators()) == 5 and st.validators_at(entries[1].seq) == st.validators_at(4)
-    # the next batch needs a quorum of the five (4 of 5): the old quorum of 3 is refused
+    assert len(st.validators()) == 5 and st.validators_at(entries[1].seq) == st.validators_at(13)
+    # decided in batch 13: the old set certifies up to batch 20, the five from batch 21
+    assert st.schedule[-1][0] == 21 and len(st.validators_at(st.height + 1)) == 4
+    settle(st)
+    assert st.next_batch == 21
+    # that batch needs a quorum of the five (4 of 5): the old quorum of 3 is refused
     nxt = [request(F, "resume", {}, 42)]
     assert "too_few_signatures" in refused(st, certified(st, nxt, old))
     assert "not_validator" not in refused(st, certified(st, nxt, [F, A, B]))

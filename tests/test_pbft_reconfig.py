@@ -17,10 +17,9 @@ def test_validator_set_change_takes_effect_at_checkpoint_boundary() -> None:
     newcomer = ident(4)
     new = [old[0], old[1], old[2], newcomer.public_key]  # replace validator 3 by a newcomer
 
-    # Decided at seq 1; window 8, K 4 -> boundary 8: the new set governs seqs >= 9.
+    # Decided at seq 1; window 8, K 4 -> boundary 8: the new set governs seqs >= 9 (the
+    # primary orders null batches 2-8, see the next test).
     sim.submit_at(0, 0, b"reconfig:" + cbor2.dumps(new))
-    for k in range(7):
-        sim.submit_at(10 + k, 0, b"fill%d" % k)
     sim.run(60_000, stop=sim.clients_done)
     sim.check_liveness()
     sim.run_for(3_000)
@@ -66,3 +65,23 @@ def test_validator_set_change_takes_effect_at_checkpoint_boundary() -> None:
     before = r0.rejections.get("not_member", 0)
     r0.receive(raw, sim.now)
     assert r0.rejections.get("not_member", 0) == before + 1
+
+
+def test_an_idle_swarm_brings_a_decided_change_into_force_with_null_batches() -> None:
+    """Nothing follows the change: the primary orders null batches up to the boundary, so the
+    new set takes over without waiting for other requests."""
+    cfg = small_config(checkpoint_interval=4, window=8, max_batch=1, max_inflight=1)
+    sim = Sim(4, 41, clients=1, config=cfg)
+    old = list(sim.validators)
+    new = [old[0], old[1], old[2], ident(4).public_key]
+    sim.submit_at(0, 0, b"reconfig:" + cbor2.dumps(new))
+    sim.run(60_000, stop=sim.clients_done)
+    sim.run_for(10_000)
+    for i in range(4):
+        r = sim.replica(i)
+        assert r.config_history == ((1, tuple(old)), (9, tuple(new)))
+        assert r.last_executed == 8 and r.stable_seq == 8
+        assert r.validators == tuple(new)
+        assert r.view == 0  # the primary filled in time: no view change
+    batches = sim.decided[sim.pids[0]]
+    assert all(cbor2.loads(batches[n].payload) == [] for n in range(2, 9))

@@ -1,7 +1,8 @@
 """The decided log as a sequence of PBFT decisions, sans-IO: mapping, rules, verifier, votes.
 
-The PBFT instance that orders the log batches many requests per sequence number and keeps a
-checkpoint at every seq (:func:`pbft_config`: K = window = 1, ``max_batch`` requests). The log
+The PBFT instance that orders the log batches many requests per sequence number, with a
+checkpoint every ``CHECKPOINT_INTERVAL`` (K = 4) seqs and a window of ``WINDOW`` (8) above the
+stable one (:func:`pbft_config`, ``max_batch`` requests). The log
 has one entry per request slot of every decided batch, in (PBFT seq, index) order; ``entry.seq``
 is the flat position in that order (see :mod:`.entry_proof`). That makes three things simple and
 checkable by anyone:
@@ -10,11 +11,14 @@ checkable by anyone:
   not validly signed and invalid operations are decided too, as ``noop`` entries, and each
   entry's proof names its batch's size, so a peer doing state transfer cannot hide a decision
   in the middle of a batch or skip a batch;
-- a validator-set change decided in the batch at seq ``s`` is in force from batch ``s + 1``
-  (the core's rule "first checkpoint at or after s + window - 1" with K = window = 1), so every
-  entry of a batch is certified by ``state.validators()`` as it stood before the batch's first
-  entry (``batch_set``); entries after the change inside the same batch are still certified by
-  the old set, which decided them;
+- a validator-set change decided in the batch at seq ``s`` governs the batches from
+  :func:`~.pbft.config.takes_over` (``s``) on: the one after the first checkpoint at or after
+  ``s + WINDOW - 1``, since every batch up to the watermark may already be prepared under the
+  old set. ``state.schedule`` records it as the replicas do, every batch is certified by
+  ``state.batch_validators(n)``, and a primary with no requests orders null batches up to the
+  boundary, so the change takes over without waiting for traffic. Checkpoints every K seqs
+  keep their messages (three quarters of which a checkpoint at every seq cost) and their round
+  off a decision's critical path;
 - an entry is a pure function of (state before it, its request): validators compute it when
   they execute, any other node recomputes it from the certificate to verify it.
 
@@ -86,6 +90,7 @@ from .pbft import (
     verify_commits,
 )
 from .pbft import Entry as PbftEntry
+from .pbft.config import takes_over
 from .pbft.messages import REPLY, REQUEST, Reply, Request, open_embedded
 
 NOOP = "noop"
@@ -119,6 +124,10 @@ MAX_WEIGHT = 1_000_000
 
 
 DEFAULT_MAX_BATCH = 128
+# The log's checkpoint interval and window: part of its format, since they fix where a
+# validator-set change takes over (see the module doc).
+CHECKPOINT_INTERVAL = 4
+WINDOW = 8
 
 
 def pbft_config(
@@ -130,13 +139,13 @@ def pbft_config(
     max_backoff: int = 6,
     max_skew_ms: int = 30_000,
 ) -> PbftConfig:
-    """The PBFT parameters of the decided log. Batch size and timing are tunable; a checkpoint
-    at every seq (K = window = 1) is part of the log's format: it fixes where a validator-set
-    change takes effect (see the module doc)."""
+    """The PBFT parameters of the decided log. Batch size and timing are tunable; the checkpoint
+    interval and window are part of the log's format: they fix where a validator-set change
+    takes over (see the module doc)."""
     return PbftConfig(
         swarm_id=swarm_id,
-        checkpoint_interval=1,
-        window=1,
+        checkpoint_interval=CHECKPOINT_INTERVAL,
+        window=WINDOW,
         max_batch=max_batch,
         max_inflight=1,
         view_timeout_ms=view_timeout_ms,
@@ -389,7 +398,7 @@ def verify_consensus_certificate(state: Membership, entry: Entry) -> str | None:
     commits = tuple(cert[1:])
     memo = (proof.n, root, commits)
     if memo != state._commits_checked:
-        vals = state.validators() if proof.index == 0 else state.batch_set
+        vals = state.batch_validators(proof.n)
         ok = verify_commits(commits, vals, state.swarm_id, seq=proof.n, batch_digest=root)
         if isinstance(ok, Invalid):
             return f"certificate refused: {ok.reason}"
@@ -416,7 +425,9 @@ class ConsensusMembership(Membership):
     # where the last entry sits in the PBFT sequence, and what certifies its batch
     position: Position = GENESIS_POSITION
     batch_first: dict[int, int] = field(default_factory=dict)  # PBFT seq -> its first entry
-    batch_set: list[bytes] = field(default_factory=list)  # validators certifying that batch
+    # (first batch, validators) in order: which set certifies which batches (see the module
+    # doc); the replicas keep the same schedule
+    schedule: list[tuple[int, list[bytes]]] = field(default_factory=list)
     # opened request envelopes, shared with the local replica so each is verified once
     envelopes: EnvelopeCache | None = field(default=None, compare=False, repr=False)
     _commits_checked: tuple[int, bytes, tuple[bytes, ...]] | None = field(
@@ -433,8 +444,8 @@ class ConsensusMembership(Membership):
         super().__post_init__()
         if self.envelopes is None:
             self.envelopes = EnvelopeCache(self.swarm_id)
-        if not self.batch_set:
-            self.batch_set = self.validators()
+        if not self.schedule:
+            self.schedule = [(1, self.validators())]
 
     # -- views ------------------------------------------------------------------------------
 
@@ -457,13 +468,26 @@ class ConsensusMembership(Membership):
     def batch_complete(self, n: int) -> bool:
         return n < self.position.n or (n == self.position.n and self.position.closes_batch)
 
+    def batch_validators(self, n: int) -> list[bytes]:
+        """The set that certifies PBFT batch ``n``: the one scheduled last for a batch <= n."""
+        for first, vals in reversed(self.schedule):
+            if first <= n:
+                return list(vals)
+        return list(self.schedule[0][1])
+
+    @property
+    def next_batch(self) -> int:
+        """The PBFT batch the next entry belongs to."""
+        return self.position.n + 1 if self.position.closes_batch else self.position.n
+
     def validators_at(self, seq: int) -> list[bytes]:
-        """The set that certifies entry ``seq``: the set in force before its batch began."""
+        """The set that certifies entry ``seq`` (the next entry's for ``seq`` > height)."""
         if seq > self.height:
-            return self.validators() if self.position.closes_batch else list(self.batch_set)
+            return self.batch_validators(self.next_batch)
         proof = proof_of(self.entries[seq - 1])
-        first = self.batch_first.get(proof.n, seq) if proof is not None else seq
-        return _validators_in(self.history[first - 1])
+        if proof is None:  # not a consensus entry: cannot happen in a replayed log
+            return _validators_in(self.history[seq - 1])
+        return self.batch_validators(proof.n)
 
     def pbft_batch(self, n: int) -> PbftEntry | None:
         """Batch ``n`` as a PBFT decided entry (for :meth:`Replica.deliver`), rebuilt from its
@@ -581,7 +605,7 @@ class ConsensusMembership(Membership):
 
     def _apply(self, entry: Entry, proof: EntryProof | None, root: bytes | None) -> None:
         analysis = self.analyze(proof, entry.certificate[0]) if proof is not None else None
-        batch_start = self.validators()
+        before = self.validators()
         super().apply(entry)
         if isinstance(analysis, Analysis):
             for client, t in analysis.executed.items():
@@ -593,8 +617,12 @@ class ConsensusMembership(Membership):
             assert root is not None  # the verifier (or the trusted caller) checked it
             if proof.index == 0:
                 self.batch_first[proof.n] = entry.seq
-                self.batch_set = batch_start
             self.position = Position(proof.n, proof.index, proof.count, root)
+            after = self.validators()
+            if after != before:  # as the replicas schedule it when they execute the request
+                first = takes_over(proof.n, CHECKPOINT_INTERVAL, WINDOW)
+                self.schedule = [c for c in self.schedule if c[0] < first]
+                self.schedule.append((first, after))
         self._apply_extras(entry)
 
     def apply_trusted(self, entry: Entry, proof: EntryProof, root: bytes) -> None:
@@ -886,8 +914,8 @@ class ConsensusCore:
         client_retransmit_ms: int = 1_000,
         max_client_retransmit_ms: int = 16_000,
     ) -> None:
-        if config.checkpoint_interval != 1 or config.window != 1 or config.max_inflight != 1:
-            raise ValueError("the decided log needs pbft_config(): K = window = 1")
+        if (config.checkpoint_interval, config.window) != (CHECKPOINT_INTERVAL, WINDOW):
+            raise ValueError("the decided log needs pbft_config()'s checkpoint interval and window")
         self.identity = identity
         self.me = identity.public_key
         self.my_pid = identity.peer_id
@@ -905,7 +933,7 @@ class ConsensusCore:
                 {"k": "seq", "upto": self._client_state["upto"]},
             ],
             identity,
-            state.validators(),
+            state.batch_validators(state.next_batch),
             state.swarm_id,
             retransmit_ms=client_retransmit_ms,
             max_retransmit_ms=max_client_retransmit_ms,
@@ -980,6 +1008,11 @@ class ConsensusCore:
         return {
             "validator": self.me in vals,
             "validators": len(vals),
+            # the set the replicas count now: it differs from "validators" between a decided
+            # change and the batch it takes over at (the primary orders null batches till then)
+            "in_force": len(r.validators)
+            if r
+            else len(self.state.validators_at(self.state.height + 1)),
             "height": self.state.height,
             "view": r.view if r else None,
             "primary": peer_id_from_public_key(r.primary) if r and r.validators else None,
@@ -1100,10 +1133,11 @@ class ConsensusCore:
             self._local.append(reply)
 
     def _after_entry(self) -> None:
-        vals = tuple(self.state.validators())
+        st = self.state
+        vals = tuple(st.batch_validators(st.next_batch))
         if vals != self.client.validators:
             self.client.set_validators(vals)
-        if self.replica is None and self.me in vals:
+        if self.replica is None and self.me in st.validators():
             self._ensure_replica()
 
     def _ensure_replica(self) -> None:

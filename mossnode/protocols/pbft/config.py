@@ -19,6 +19,13 @@ def quorum(n: int) -> int:
     return (n + max_faulty(n)) // 2 + 1
 
 
+def takes_over(n: int, checkpoint_interval: int, window: int) -> int:
+    """See :meth:`PbftConfig.takes_over` (a function too: the decided log applies the same
+    rule without a config)."""
+    k = checkpoint_interval
+    return -(-(n + window - 1) // k) * k + 1
+
+
 @dataclass(frozen=True, slots=True)
 class PbftConfig:
     """Protocol parameters. All validators of a swarm MUST use the same checkpoint_interval and
@@ -37,6 +44,12 @@ class PbftConfig:
     retain_decided: int = 256  # decided entries kept in memory to bring lagging peers up to date
     sync_batch: int = 16  # decided entries per sync message
     seq_block: int = 1024  # envelope sequence numbers reserved per Persist
+
+    def takes_over(self, n: int) -> int:
+        """The first seq governed by a validator set decided in seq ``n``: the one after the
+        first checkpoint at or after ``n + window - 1``, so every seq that may already be
+        prepared under the old set (up to the watermark) stays with it."""
+        return takes_over(n, self.checkpoint_interval, self.window)
 
     def __post_init__(self) -> None:
         k, w = self.checkpoint_interval, self.window

@@ -195,7 +195,7 @@ class Replica:
     def start(self, now_ms: int) -> list[Effect]:
         """Arm timers and re-send unfinished work; call once after construction or restore."""
         self._begin(now_ms)
-        if self.active and self._pending:
+        if self.active and (self._pending or self._fill_to()):
             self._arm_view()
         self._retransmit()
         self._arm_retransmit()
@@ -354,6 +354,16 @@ class Replica:
                 break
         return high
 
+    def _fill_to(self) -> int:
+        """While a validator set is scheduled, the last seq before it takes over (else 0): the
+        primary orders null batches up to it when it has no requests, since an idle swarm would
+        otherwise never bring a decided change into force, and the others time a primary that
+        does not."""
+        for first, _ in self._configs:
+            if first > self.last_executed + 1:
+                return first - 1
+        return 0
+
     def _in_window(self, n: int) -> bool:
         return self.stable_seq < n <= self._high()
 
@@ -478,12 +488,12 @@ class Replica:
                     self._assigned[client] = t
                     if len(batch) == self.cfg.max_batch:
                         break
-            if not batch:
+            if not batch and self._next_seq > self._fill_to():
                 return
             n = self._next_seq
             self._next_seq += 1
             self._send_preprepare(PrePrepare.make(self.view, n, batch))
-        if self._pending:
+        if self._pending or self._fill_to():
             self._arm_view()
 
     def _send_preprepare(self, pp: PrePrepare) -> None:
@@ -641,11 +651,12 @@ class Replica:
                 done = self._certified.pop(n, None)
             if done is None:
                 break
-            progressed |= self._execute(n, done)
+            filling = n <= self._fill_to()  # a null batch toward a reconfiguration is progress
+            progressed |= self._execute(n, done) or filling
         if progressed and self.active:
             self._backoff = 0
             self._timers.pop(TIMER_VIEW, None)
-            if self._pending:
+            if self._pending or self._fill_to():
                 self._arm_view()
         self._propose()
 
@@ -731,9 +742,7 @@ class Replica:
             del self._decided[oldest]
 
     def _schedule(self, n: int, validators: tuple[bytes, ...]) -> tuple[int, tuple[bytes, ...]]:
-        k = self.cfg.checkpoint_interval
-        boundary = -(-(n + self.cfg.window - 1) // k) * k
-        first = boundary + 1
+        first = self.cfg.takes_over(n)
         self._configs = [c for c in self._configs if c[0] < first]
         self._configs.append((first, tuple(validators)))
         return first, tuple(validators)
@@ -875,7 +884,7 @@ class Replica:
     def _on_view_timer(self) -> None:
         if self.me not in self.validators:
             return
-        if not self.active or self._pending:
+        if not self.active or self._pending or self._fill_to():
             self._start_view_change(self.view + 1)
 
     def _start_view_change(self, view: int) -> None:
@@ -1030,13 +1039,15 @@ class Replica:
         for pp, raw in pps:
             if pp.seq > self.stable_seq:
                 self._accept_preprepare(pp, raw)
-        if self._pending:
+        if self._pending or self._fill_to():
             self._arm_view()
 
     # ------------------------------------------------------------------ retransmission, sync
 
     def _busy(self) -> bool:
         if not self.active or self._pending or self._lagging() or self._view_hint > self.view:
+            return True
+        if self._fill_to():
             return True
         if self._my_ckpt is not None and self._my_ckpt.seq > self.stable_seq:
             return True

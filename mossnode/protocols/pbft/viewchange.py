@@ -96,7 +96,6 @@ def check_view_change(
     stable = check_checkpoint_proof(vc.checkpoint_proof, vc.stable_seq, validators_for, opener)
     if isinstance(stable, str):
         return stable
-    need = quorum(len(validators)) - 1
     prepared: dict[int, PrePrepare] = {}
     for proof in vc.prepared:
         ppe = opener(proof.preprepare)
@@ -105,7 +104,10 @@ def check_view_change(
             return "prepared certificate holds a bad pre-prepare"
         if pp.view >= vc.view or not vc.stable_seq < pp.seq <= vc.stable_seq + window:
             return "prepared certificate outside the view or the window"
-        primary = primary_of(pp.view, validators)
+        # a seq is prepared by the set that governs it, which a reconfiguration in force
+        # since may have replaced (the certificate was made under the old set)
+        members = validators_for(pp.seq)
+        primary = primary_of(pp.view, members)
         if ppe.sender != primary or pp.seq in prepared:
             return "prepared certificate: wrong primary or duplicate seq"
         signers: set[bytes] = set()
@@ -114,10 +116,10 @@ def check_view_change(
             pe = opener(raw)
             if pe is None or pe.type != PREPARE or Vote.parse(pe.body) != want:
                 return "prepared certificate holds a bad prepare"
-            if pe.sender not in validators or pe.sender == primary or pe.sender in signers:
+            if pe.sender not in members or pe.sender == primary or pe.sender in signers:
                 return "prepared certificate: bad or duplicate preparer"
             signers.add(pe.sender)
-        if len(signers) < need:
+        if len(signers) < quorum(len(members)) - 1:
             return "prepared certificate has too few prepares"
         prepared[pp.seq] = pp
     return CheckedViewChange(env.sender, env.raw, vc, stable, prepared)
