@@ -8,7 +8,7 @@ per decision, every entry persisted with its certificate in each validator's sto
 
 - unbatched: one outstanding request (latency = request to f+1 matching replies);
 - batched: many client keys (``BENCH_PBFT_LANES``, default 128), one outstanding request
-  each, so the primary batches. The log orders one batch at a time (K = window = 1), so with
+  each, so the primary batches. The log orders one batch at a time (``max_inflight`` 1), so with
   too few clients the batches stay small and the figure measures the clients, not the swarm:
   with 64 the batches averaged 18 requests.
 
@@ -147,9 +147,11 @@ def _consensus(node: Node) -> dict[str, Any]:
     return dict(node.status()["consensus"] or {})
 
 
-def _voting(node: Node, height: int) -> bool:
+def _voting(node: Node, size: int) -> bool:
+    """A validator whose replica counts ``size`` validators in force (after a change, the
+    primary's null batches bring the new set in at the next checkpoint boundary)."""
     c = _consensus(node)
-    return bool(c.get("validator") and c["height"] >= height and (c["stable"] or 0) >= 1)
+    return bool(c.get("validator") and c.get("in_force") == size)
 
 
 def _cpu_s(nodes: list[Node]) -> float:
@@ -188,7 +190,11 @@ def start_validators(n: int, root: Path) -> Cluster:
         for k, node in enumerate(c.nodes[1:], start=1):
             token = founder.cli_json("invite", "--role", "validator")["token"]
             node.cli("join", founder.addr, "--invite", token)
-            wait_for(lambda node=node, k=k: _voting(node, k), 60, f"{node.name} to vote")
+            wait_for(
+                lambda k=k: all(_voting(m, k + 1) for m in c.nodes[: k + 1]),
+                60,
+                f"{node.name} to vote",
+            )
     except BaseException:
         c.stop()
         raise
