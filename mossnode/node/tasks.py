@@ -834,7 +834,9 @@ class TaskService:
         if active >= cap:
             raise WorkRefused("capacity", f"agent {agent} already runs {active} of {cap} tasks")
         rep = self._reputation(now).score(me, agent, task.capabilities)
-        score = T.bid_score(rep, active, cap, local.load)
+        # scored as the scheduler scores its own agents' bids (free share of what an agent may
+        # take on), so a pulling agent competes on the same scale
+        score = T.bid_score(rep, active, cap * max(1, self.sched.queue_factor), local.load)
         await self._write(T.Bid(tid, st.attempt, agent, score))
         return {"id": tid, "attempt": st.attempt, "agent": agent, "score": score, "placed": True}
 
