@@ -917,18 +917,14 @@ class Replica:
     def _add_own_vc(self, raw: bytes) -> None:
         env = self._open(raw)
         if env is not None:
-            checked = check_view_change(
-                env, self.validators, self.validators_for, self._open, self.cfg.window
-            )
+            checked = check_view_change(env, self.validators_for, self._open, self.cfg.window)
             if isinstance(checked, str):
                 self._count("own_viewchange_invalid")
             else:
                 self._vcs.setdefault(checked.vc.view, {})[self.me] = checked
 
     def _on_viewchange(self, env: Envelope) -> None:
-        checked = check_view_change(
-            env, self.validators, self.validators_for, self._open, self.cfg.window
-        )
+        checked = check_view_change(env, self.validators_for, self._open, self.cfg.window)
         if isinstance(checked, str):
             self._count("invalid_viewchange")
             return

@@ -84,7 +84,6 @@ def check_checkpoint_proof(
 
 def check_view_change(
     env: Envelope,
-    validators: Sequence[bytes],
     validators_for: ValidatorsFor,
     opener: Opener,
     window: int,
@@ -162,7 +161,7 @@ def check_new_view(
             return "new-view holds a bad view-change envelope"
         if ve.sender in checked:
             return "new-view holds two view-changes from one replica"
-        c = check_view_change(ve, validators, validators_for, opener, window)
+        c = check_view_change(ve, validators_for, opener, window)
         if isinstance(c, str):
             return f"new-view holds an invalid view-change: {c}"
         if c.vc.view != nv.view:
