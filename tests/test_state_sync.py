@@ -9,8 +9,8 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from mossnode.crypto.identity import Identity
-from mossnode.node.host import make_host
-from mossnode.node.state import SYNC_WINDOW, _widen
+from mossnode.node.host import make_host, widen_receive_window
+from mossnode.node.state import SYNC_WINDOW
 
 PROTO = TProtocol("/moss-test/sync-window/1")
 LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
@@ -34,7 +34,7 @@ async def test_the_server_writes_frames_ahead_of_a_receiver_that_is_busy() -> No
         addr = multiaddr.Multiaddr(str(serving.get_addrs()[0]))
         await syncing.connect(info_from_p2p_addr(addr))
         stream = await syncing.new_stream(serving.get_id(), [PROTO])
-        await _widen(stream, SYNC_WINDOW)
+        await widen_receive_window(stream, SYNC_WINDOW)
         await stream.write(b"?")
         with trio.fail_after(30):  # without the grant, never: the writes wait for reads
             await written.wait()

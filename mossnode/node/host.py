@@ -9,6 +9,7 @@ has. Envelopes are verified by our own topic validators, so those heuristics add
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 import time
 import weakref
@@ -44,6 +45,7 @@ from ..crypto.identity import Identity
 
 GOSSIPSUB_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
 MAX_FRAME = 4 << 20
+log = logging.getLogger(__name__)
 
 
 class FrameError(Exception):
@@ -79,6 +81,25 @@ class CreditBatchingYamux(Yamux):
                 return
             data = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_WINDOW_UPDATE, 0, sid, owed)
         await super()._write_frame(data)
+
+
+async def widen_receive_window(stream: INetStream, size: int) -> None:
+    """Let the peer send up to ``size`` bytes ahead of what we have read. py-libp2p's yamux
+    starts at 256 KiB and grants more only as we read, so each frame crossed the wire in round
+    trips after the previous one was applied. Best effort: a muxer without these internals
+    keeps its own window."""
+    muxed: Any = getattr(stream, "muxed_stream", None)
+    grant = getattr(muxed, "send_window_update", None)
+    window = getattr(muxed, "recv_window", None)
+    if grant is None or type(window) is not int or window >= size:
+        return
+    muxed.recv_window = size
+    if getattr(muxed, "target_recv_window", size) < size:
+        muxed.target_recv_window = size
+    try:
+        await grant(size - window)
+    except Exception as exc:  # the stream failed: its reader will find out
+        log.debug("window update failed: %s", exc)
 
 
 class KnownRecords:

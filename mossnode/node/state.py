@@ -25,7 +25,7 @@ from libp2p.peer.id import ID
 from ..crypto.envelope import canonical
 from ..protocols.crdt import Entry, Outcome, Replica
 from ..protocols.membership import MembershipPolicy
-from .host import read_frame, topic, write_frame
+from .host import read_frame, topic, widen_receive_window, write_frame
 from .store import Store, load_replica
 
 if TYPE_CHECKING:
@@ -64,25 +64,6 @@ SYNC_NOTIFY_S = 5.0
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-async def _widen(stream: INetStream, size: int) -> None:
-    """Let the peer send up to ``size`` bytes ahead of what we have read. py-libp2p's yamux
-    starts at 256 KiB and grants more only as we read, so each frame crossed the wire in round
-    trips after the previous one was applied. Best effort: a muxer without these internals
-    keeps its own window."""
-    muxed: Any = getattr(stream, "muxed_stream", None)
-    grant = getattr(muxed, "send_window_update", None)
-    window = getattr(muxed, "recv_window", None)
-    if grant is None or type(window) is not int or window >= size:
-        return
-    muxed.recv_window = size
-    if getattr(muxed, "target_recv_window", size) < size:
-        muxed.target_recv_window = size
-    try:
-        await grant(size - window)
-    except Exception as exc:  # the stream failed: the sync round will say so
-        log.debug("window update failed: %s", exc)
 
 
 def _ignore(paths: list[tuple[Any, ...]] | None, wake: bool) -> None:
@@ -352,7 +333,7 @@ class StateService:
             with trio.move_on_after(60):
                 stream = await self.d.host.new_stream(ID.from_base58(peer), [SYNC_PROTO])
                 try:
-                    await _widen(stream, SYNC_WINDOW)
+                    await widen_receive_window(stream, SYNC_WINDOW)
                     await write_frame(stream, canonical(self.summary()))
                     while True:
                         batch = cbor2.loads(await read_frame(stream))

@@ -836,7 +836,7 @@ class TaskService:
         rep = self._reputation(now).score(me, agent, task.capabilities)
         # scored as the scheduler scores its own agents' bids (free share of what an agent may
         # take on), so a pulling agent competes on the same scale
-        score = T.bid_score(rep, active, cap * max(1, self.sched.queue_factor), local.load)
+        score = T.bid_score(rep, active, self.sched.depth(cap), local.load)
         await self._write(T.Bid(tid, st.attempt, agent, score))
         return {"id": tid, "attempt": st.attempt, "agent": agent, "score": score, "placed": True}
 

@@ -90,7 +90,7 @@ from .pbft import (
     verify_commits,
 )
 from .pbft import Entry as PbftEntry
-from .pbft.config import takes_over
+from .pbft.config import rescheduled, takes_over
 from .pbft.messages import REPLY, REQUEST, Reply, Request, open_embedded
 
 NOOP = "noop"
@@ -621,8 +621,7 @@ class ConsensusMembership(Membership):
             after = self.validators()
             if after != before:  # as the replicas schedule it when they execute the request
                 first = takes_over(proof.n, CHECKPOINT_INTERVAL, WINDOW)
-                self.schedule = [c for c in self.schedule if c[0] < first]
-                self.schedule.append((first, after))
+                self.schedule = rescheduled(self.schedule, first, after)
         self._apply_extras(entry)
 
     def apply_trusted(self, entry: Entry, proof: EntryProof, root: bytes) -> None:

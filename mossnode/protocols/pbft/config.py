@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+V = TypeVar("V")
 
 
 def max_faulty(n: int) -> int:
@@ -17,6 +21,15 @@ def quorum(n: int) -> int:
     not 3f+1 (e.g. 5 or 6 after a reconfiguration) still gets intersecting quorums.
     """
     return (n + max_faulty(n)) // 2 + 1
+
+
+def rescheduled(
+    schedule: Sequence[tuple[int, V]], first: int, validators: V
+) -> list[tuple[int, V]]:
+    """``schedule`` ((first seq, set) pairs in order) with ``validators`` governing from
+    ``first``: a later decision replaces what was scheduled at or after it. The replicas and
+    the decided log keep their schedules with this one rule."""
+    return [c for c in schedule if c[0] < first] + [(first, validators)]
 
 
 def takes_over(n: int, checkpoint_interval: int, window: int) -> int:

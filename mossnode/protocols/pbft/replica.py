@@ -41,7 +41,7 @@ from ...crypto.identity import Identity
 from ...crypto.peerid import peer_id_from_public_key
 from .application import Application, BatchHook, Execution, Outcome
 from .certificate import Verified, verify_certificate
-from .config import PbftConfig, max_faulty, quorum
+from .config import PbftConfig, max_faulty, quorum, rescheduled
 from .effects import Decided, Effect, Persist, Reconfigured, Send, SetTimer
 from .log import Accepted, Committed, PreparedCert, Slot, matching
 from .messages import (
@@ -743,8 +743,7 @@ class Replica:
 
     def _schedule(self, n: int, validators: tuple[bytes, ...]) -> tuple[int, tuple[bytes, ...]]:
         first = self.cfg.takes_over(n)
-        self._configs = [c for c in self._configs if c[0] < first]
-        self._configs.append((first, tuple(validators)))
+        self._configs = rescheduled(self._configs, first, tuple(validators))
         return first, tuple(validators)
 
     # ------------------------------------------------------------------ checkpoints
@@ -1043,7 +1042,7 @@ class Replica:
     def _busy(self) -> bool:
         if not self.active or self._pending or self._lagging() or self._view_hint > self.view:
             return True
-        if self._fill_to():
+        if self._fill_to():  # null batches are due
             return True
         if self._my_ckpt is not None and self._my_ckpt.seq > self.stable_seq:
             return True
@@ -1262,9 +1261,7 @@ class Replica:
                     del self._pending[env.sender]
         cfg = rec.get("cfg")
         if cfg is not None:
-            first, vals = int(cfg[0]), tuple(cfg[1])
-            self._configs = [c for c in self._configs if c[0] < first]
-            self._configs.append((first, vals))
+            self._configs = rescheduled(self._configs, int(cfg[0]), tuple(cfg[1]))
         self._state = rec["s"]
         self.last_executed = n
         self._decided[n] = Entry(n, int(rec["v"]), rec["p"], tuple(rec["c"]))

@@ -104,6 +104,10 @@ class Scheduler:
     _ordered: tuple[TaskView | None, frozenset[str], list[str]] = (None, frozenset(), [])
     _keys: dict[str, tuple[Task, tuple[float, int, bytes]]] = field(default_factory=dict)
 
+    def depth(self, capacity: int) -> int:
+        """What an agent of ``capacity`` may take on: running, waiting and undecided bids."""
+        return capacity * max(1, self.queue_factor)
+
     # -- deriving ------------------------------------------------------------------------------
 
     def derive(
@@ -155,7 +159,7 @@ class Scheduler:
         # what an agent may have taken on: running, claimed and waiting for a slot, undecided
         # bids. A bid holds no slot for its window and decision, so a node keeps bidding while
         # its agents are busy; a queueable win waits (claimed, lease renewed) for a free slot.
-        depth = {n: c * max(1, self.queue_factor) for n, c in cap.items()}
+        depth = {n: self.depth(c) for n, c in cap.items()}
         # one pass: live tasks in priority order, sorted into what each phase looks at
         held: list[str] = []
         open_: list[str] = []
