@@ -56,7 +56,7 @@ from .pbft_clients import Gateway, Lane
 SWARM = b"\x05" * 32
 LANES = int(os.environ.get("BENCH_PBFT_LANES", "128"))
 UNBATCHED = int(os.environ.get("BENCH_PBFT_UNBATCHED", "200"))
-PER_LANE = 40
+PER_LANE = int(os.environ.get("BENCH_PBFT_PER_LANE", "40"))
 
 
 def run_once(

@@ -259,7 +259,8 @@ def _signers(entry: Entry) -> list[tuple[bytes, int]]:
 
 
 class _SlowStore:
-    """A store whose writes wait (in their worker thread) until the test releases them."""
+    """A store that is always busy when asked to write in place, so writes go to a worker
+    thread, where they wait until the test releases them."""
 
     path = "slow"
 
@@ -270,11 +271,14 @@ class _SlowStore:
     def get_meta(self, key: str) -> bytes | None:
         return None
 
-    def commit(self, **kw: Any) -> None:
+    def commit(self, wait: bool = True, **kw: Any) -> bool:
+        if not wait:
+            return False
         gate = threading.Event()
         self.gates.append(gate)
         gate.wait(10)
         self.writes.append(kw)
+        return True
 
 
 async def test_free_sends_go_out_before_their_own_write_but_after_earlier_ones() -> None:

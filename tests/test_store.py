@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,29 @@ def test_a_failed_commit_stores_nothing(tmp_path: Path) -> None:
         with pytest.raises(StoreError, match="nothing stored"):
             store.commit(entries=[("a", 1, b"x")], decided=[Decided(1, "k", b"q", b"c")])
         assert list(store.entries()) == []
+
+
+def test_a_write_in_place_is_declined_while_another_thread_writes(tmp_path: Path) -> None:
+    """``wait=False`` (the event loop's in-place write) never blocks on a worker thread's
+    write: it declines and stores nothing, and the caller hands the write to a thread."""
+    with Store(tmp_path / "s.db") as store:
+        inside, release = threading.Event(), threading.Event()
+
+        class Slow(dict[str, bytes]):
+            def items(self):  # type: ignore[override]
+                inside.set()
+                release.wait(10)
+                return super().items()
+
+        writer = threading.Thread(target=lambda: store.commit(meta=Slow(k=b"thread")))
+        writer.start()
+        assert inside.wait(10)
+        assert store.commit(meta={"k": b"loop"}, wait=False) is False
+        release.set()
+        writer.join(10)
+        assert store.get_meta("k") == b"thread"
+        assert store.commit(meta={"k": b"loop"}, wait=False) is True
+        assert store.get_meta("k") == b"loop"
 
 
 def test_old_snapshots_are_pruned_and_entries_retracted(tmp_path: Path) -> None:

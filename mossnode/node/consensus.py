@@ -514,7 +514,8 @@ class ConsensusService:
                 for e in out.entries
             )
         if meta or decided:
-            await trio.to_thread.run_sync(partial(self.store.commit, decided=decided, meta=meta))
+            if not self.store.commit(decided=decided, meta=meta, wait=False):
+                await trio.to_thread.run_sync(partial(self.store.commit, decided=decided, meta=meta))
             self.counters["commits"] += 1
 
     # -- network ----------------------------------------------------------------------------

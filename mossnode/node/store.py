@@ -192,15 +192,22 @@ class Store:
         meta: Mapping[str, bytes] | None = None,
         snapshot: tuple[bytes, Mapping[str, int], int] | None = None,
         retract: Mapping[str, int] | None = None,
-    ) -> None:
+        wait: bool = True,
+    ) -> bool:
         """Persist everything given in one transaction (one fsync). When it returns, it is on
         disk: only then acknowledge or relay.
 
         ``entries``: (author, seq, signed bytes), in apply order; re-storing one is a no-op.
         ``snapshot``: (Replica.snapshot(), its vector, created_ms); the oldest beyond
         ``KEEP_SNAPSHOTS`` are pruned. ``retract``: {author: first seq to drop} after a rebuild.
+
+        With ``wait=False`` it writes only if no other thread is writing, and returns whether
+        it did: an event loop writes small batches in place, since handing one to a worker
+        thread costs more CPU (about 0.4 ms, measured) than the fsync itself.
         """
-        with self._lock:
+        if not self._lock.acquire(blocking=wait):
+            return False
+        try:
             db = self._db
             try:
                 db.execute("BEGIN IMMEDIATE")
@@ -237,6 +244,9 @@ class Store:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise StoreError(self.path, f"write failed, nothing stored: {exc}") from None
+        finally:
+            self._lock.release()
+        return True
 
     def append_entries(self, entries: Iterable[tuple[str, int, bytes]]) -> None:
         self.commit(entries=entries)
