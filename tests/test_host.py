@@ -14,13 +14,16 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.stream_muxer.yamux.yamux import TYPE_WINDOW_UPDATE, Yamux
+from libp2p.security.secure_session import SecureSession
+from libp2p.stream_muxer.yamux.yamux import TYPE_WINDOW_UPDATE
 from libp2p.tools.anyio_service import background_trio_service
 
 from mossnode.crypto.identity import Identity
 from mossnode.node import host as host_module
 from mossnode.node.host import (
+    BufferedTCPRead,
     CreditBatchingYamux,
+    FastYamuxStream,
     KnownRecords,
     LocalRecord,
     make_host,
@@ -74,14 +77,17 @@ def muxer_of(stream: INetStream) -> Any:
 
 async def test_hosts_use_the_batching_muxer_and_small_reads_owe_credit(monkeypatch: Any) -> None:
     credit_frames: list[bytes] = []
-    write_frame = Yamux._write_frame
+    frames = 0
+    write = SecureSession.write
 
-    async def counting(self: Yamux, data: bytes) -> None:
+    async def counting(self: SecureSession, data: bytes) -> None:  # every frame on the wire
+        nonlocal frames
+        frames += 1
         if data[1] == TYPE_WINDOW_UPDATE and data[2:4] == b"\0\0":
             credit_frames.append(data)
-        await write_frame(self, data)
+        await write(self, data)
 
-    monkeypatch.setattr(Yamux, "_write_frame", counting)
+    monkeypatch.setattr(SecureSession, "write", counting)
     got: list[bytes] = []
     server_streams: list[INetStream] = []
 
@@ -94,6 +100,7 @@ async def test_hosts_use_the_batching_muxer_and_small_reads_owe_credit(monkeypat
         b.set_stream_handler(PROTO, handler)
         stream = await a.new_stream(b.get_id(), [PROTO])
         assert isinstance(muxer_of(stream), CreditBatchingYamux)
+        assert isinstance(stream.muxed_stream, FastYamuxStream)
         reader: Any = None
         for rounds in (1, 2):
             for _ in range(50):
@@ -103,7 +110,7 @@ async def test_hosts_use_the_batching_muxer_and_small_reads_owe_credit(monkeypat
                     await trio.sleep(0.01)
             reader = muxer_of(server_streams[0])
             if rounds == 1:
-                # py-libp2p doubles a new stream's window a few times (large grants, sent)
+                assert frames >= 50, "the frames on the wire are counted"
                 credit_frames.clear()
         assert isinstance(reader, CreditBatchingYamux)
         # then 50 reads of 100 bytes: the credit is owed, not sent as 50 WINDOW_UPDATE frames
@@ -136,6 +143,55 @@ async def test_bulk_transfer_through_a_slow_reader_never_stalls_the_sender() -> 
                 await stream.write(chunk)
             await done.wait()
     assert received >= total
+
+
+async def test_frames_of_every_size_arrive_whole_and_in_order_then_eof() -> None:
+    """Writes that fit one frame take the fast path, larger ones the library's (several
+    frames); reads of any size see the same bytes in order, then end-of-stream."""
+    sizes = [1, 100, 70_000, 5, 300_000, 65_524, 65_525, 64]
+    sent = b"".join(bytes([i]) * n for i, n in enumerate(sizes))
+    got = bytearray()
+    done = trio.Event()
+
+    async def handler(stream: INetStream) -> None:
+        reads = iter([3, 50_000, 1, 65_536, 7] * 100)
+        try:
+            while data := await stream.read(next(reads)):
+                got.extend(data)
+        except Exception:  # the writer's close ends the stream
+            pass
+        done.set()
+
+    async with two_hosts() as (a, b):
+        b.set_stream_handler(PROTO, handler)
+        stream = await a.new_stream(b.get_id(), [PROTO])
+        with trio.fail_after(30):
+            for i, n in enumerate(sizes):
+                await stream.write(bytes([i]) * n)
+            await stream.close()
+            await done.wait()
+    assert bytes(got) == sent
+
+
+async def test_the_buffered_socket_read_serves_exact_and_open_reads_from_one_chunk() -> None:
+    chunks = [b"abcdefghij", b"", b"klm"]
+    asked: list[int | None] = []
+
+    async def unbuffered(stream: Any, n: int | None) -> bytes:
+        asked.append(n)
+        return chunks.pop(0)
+
+    class Stream:
+        pass
+
+    read, s = BufferedTCPRead(unbuffered).read, Stream()
+    assert await read(s, 2) == b"ab"  # one socket read of a whole chunk
+    assert await read(s, 3) == b"cde"
+    assert await read(s, None) == b"fghij"  # what is buffered, without a socket read
+    assert asked == [BufferedTCPRead.CHUNK]
+    assert await read(s, 4) == b""  # end of stream passes through
+    assert await read(s, 10) == b"klm"
+    assert asked == [BufferedTCPRead.CHUNK] * 3
 
 
 def test_a_peer_record_is_checked_once_until_it_changes(monkeypatch: Any) -> None:
