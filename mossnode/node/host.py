@@ -70,7 +70,8 @@ class CreditBatchingYamux(Yamux):
     out has at least three quarters of it unread at this end, and reading that flushes.
 
     Its frame writer also skips the library's, which decodes every header and formats a debug
-    line whether or not debug logging is on.
+    line whether or not debug logging is on, and a frame body already buffered is taken
+    without arming a timeout.
     """
 
     FLUSH = 64 * 1024
@@ -89,6 +90,15 @@ class CreditBatchingYamux(Yamux):
         if len(self._owed) > 2 * len(self.streams) + 64:  # forget closed streams
             self._owed = {k: v for k, v in self._owed.items() if k in self.streams}
         return None
+
+    async def _read_data_body(self, length: int) -> bytes:
+        # The library arms a timeout (reading it from the environment) for every frame body;
+        # yamux writes a frame as one Noise message, so its body is nearly always decrypted
+        # and buffered already once its header is read, and then no wait can happen.
+        conn: Any = self.secured_conn
+        if 0 <= length <= getattr(conn, "high_watermark", 0) - getattr(conn, "low_watermark", 0):
+            return bytes(conn._drain(length))
+        return await super()._read_data_body(length)
 
     async def _write_frame(self, data: bytes) -> None:
         if len(data) == HEADER_SIZE and data[1] == TYPE_WINDOW_UPDATE and data[2:4] == b"\0\0":
