@@ -238,6 +238,12 @@ def test_create_refuses_unknown_deps_bad_input_fanout_depth_and_budget() -> None
         ),
         Create,
     )
+    # a replica that holds the parent but not yet the parent's own parent (gossip order)
+    # cannot check the tree's budget: refused as unknown, to be retried, not a crash
+    partial = {t: task for t, task in view.items() if t != root}
+    got = plan_create(partial, Draft("x", "x", parent=kid), creator="A", now_ms=1)
+    assert isinstance(got, Refused) and got.code == "unknown_parent", got
+    assert got.reason == f"ancestor {root} of parent {kid} is not known"
 
 
 def _running_task(doc: Doc, *, contract: Contract | None = None) -> tuple[str, Scheduler]:
