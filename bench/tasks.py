@@ -2,8 +2,10 @@
 
 Throughput: N tasks submitted concurrently through the 4 nodes' APIs; each is bid on, assigned,
 run by a trivial exec agent (`cat`: echoes the task JSON) and submitted; the clock stops when
-every task is done on the submitting side. Takeover: a sleeping task's assignee is killed
-(SIGKILL); the time until another node has claimed it and runs it, against lease + 2 s.
+every task is done on the submitting side; the create calls' latency is printed too (each
+submitter makes one call at a time, so creation paces the run). Takeover: a sleeping task's
+assignee is killed (SIGKILL); the time until another node has claimed it and runs it, against
+lease + 2 s.
 """
 
 from __future__ import annotations
@@ -60,13 +62,16 @@ def throughput() -> None:
             )
         c.wait_all_alive()
         ids: list[str] = []
+        waits: list[float] = []  # seconds each create call took, as its caller saw it
         lock = threading.Lock()
 
         def submit(node, count: int) -> None:
             for i in range(count):
+                t = time.monotonic()
                 tid = node.api.post("/v1/tasks", {"title": f"t{i}", "capabilities": ["echo"]})["id"]
                 with lock:
                     ids.append(tid)
+                    waits.append(time.monotonic() - t)
 
         pids = [n.proc.pid for n in c.nodes if n.proc is not None]
         entries0, bundles0 = state_counts(c.nodes)
@@ -99,6 +104,12 @@ def throughput() -> None:
         f"  CPU of the {NODES} daemons and their agents: {cpu:.1f} s = {1000 * cpu / N_TASKS:.0f} ms "
         f"per task (a 2-core machine has {2000 / max(1, N_TASKS / took):.0f} ms of CPU per task "
         f"at this rate); runs started: {runs} for {N_TASKS} tasks"
+    )
+    waits.sort()
+    print(
+        f"  create calls ({NODES} callers, one call at a time each): median "
+        f"{1000 * waits[len(waits) // 2]:.0f} ms, p90 {1000 * waits[len(waits) * 9 // 10]:.0f} ms, "
+        f"max {1000 * waits[-1]:.0f} ms"
     )
     entries, bundles = entries1 - entries0, bundles1 - bundles0
     print(

@@ -238,6 +238,12 @@ def test_create_refuses_unknown_deps_bad_input_fanout_depth_and_budget() -> None
         ),
         Create,
     )
+    # a replica that holds the parent but not yet the parent's own parent (gossip order)
+    # cannot check the tree's budget: refused as unknown, to be retried, not a crash
+    partial = {t: task for t, task in view.items() if t != root}
+    got = plan_create(partial, Draft("x", "x", parent=kid), creator="A", now_ms=1)
+    assert isinstance(got, Refused) and got.code == "unknown_parent", got
+    assert got.reason == f"ancestor {root} of parent {kid} is not known"
 
 
 def _running_task(doc: Doc, *, contract: Contract | None = None) -> tuple[str, Scheduler]:
@@ -253,6 +259,20 @@ def _running_task(doc: Doc, *, contract: Contract | None = None) -> tuple[str, S
     doc.apply("B", 200, plan)
     assert c.tick(doc.view(), agents=[agent("c1", "py")], now_ms=200).effects == ()
     return tid, b
+
+
+def test_a_claim_writes_no_lease_and_implies_one_that_renewals_replace() -> None:
+    doc = Doc()
+    tid, b = _running_task(doc)  # B claimed at 200 (lease_ms 1,000)
+    assert doc.tasks[tid]["leases"] == {} and doc.tasks[tid]["claims"]["B"]["at"] == 200
+    assert doc.status(tid, 300).lease_expires_at == 1_200
+    assert doc.status(tid, 1_200).state is State.PENDING  # the implied lease expired
+    plan = b.tick(doc.view(), agents=[agent("b1", "py")], now_ms=700)  # at half-life
+    assert [e.expires_at for e in only(plan, RenewLease)] == [1_700], plan
+    doc.apply("B", 700, plan)
+    assert doc.status(tid, 1_200).lease_expires_at == 1_700
+    # an explicit expiry is written as a lease, as before
+    assert [w.kind for w in writes(Claim(tid, 1, "b1", 900), 200)] == ["claims", "leases", "log"]
 
 
 def test_submission_by_non_assignee_or_invalid_output_is_refused() -> None:

@@ -38,12 +38,17 @@ class Bid:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """Take the attempt this node won; ``score`` repeats its bid (0 for exclusive tasks)."""
+    """Take the attempt this node won; ``score`` repeats its bid (0 for exclusive tasks).
+
+    Every claim implies a lease of ``Params.lease_ms`` from its ``at`` (see
+    :func:`.lifecycle._one`): with ``expires_at`` None (what the scheduler claims with) no
+    lease is written, one map write less per task for every node to apply; a number writes
+    that lease."""
 
     task_id: str
     attempt: int
     agent: str
-    expires_at: int
+    expires_at: int | None = None
     score: float = 0.0
 
 
@@ -208,11 +213,12 @@ def writes(effect: Effect, now_ms: int) -> tuple[Write, ...]:
             "at": now_ms,
             "score": effect.score,
         }
-        return (
-            Write(t, "claims", claim),
-            Write(t, "leases", {"attempt": effect.attempt, "expires_at": effect.expires_at}),
-            Write(t, "log", {"kind": "claim", **claim}),
-        )
+        lease: tuple[Write, ...] = ()
+        if effect.expires_at is not None:
+            lease = (
+                Write(t, "leases", {"attempt": effect.attempt, "expires_at": effect.expires_at}),
+            )
+        return (Write(t, "claims", claim), *lease, Write(t, "log", {"kind": "claim", **claim}))
     if isinstance(effect, RenewLease):
         return (Write(t, "leases", {"attempt": effect.attempt, "expires_at": effect.expires_at}),)
     if isinstance(effect, Release):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import control
@@ -531,12 +531,14 @@ def _derive(
 
     ev: Status | None = None
     if ready or task.results:
-        ev = _attempts(task, ctx, reassigns)
+        # ready, paused and the mark go into the attempts' status as it is made: a
+        # dataclasses.replace per derivation was a tenth of the derivation's time
+        ev = _attempts(task, ctx, reassigns, _Marks(ready, paused, mark))
         if ev.state is State.DONE:
             acc = ev.accepted
             assert acc is not None
             if cancel_at is None or acc.done_at <= cancel_at:
-                return replace(ev, ready=ready, paused=paused, pause_mark=mark)
+                return ev
     if cancel_at is not None:
         return Status(
             State.CANCELLED,
@@ -549,7 +551,7 @@ def _derive(
         return Status(State.BLOCKED, reasons=tuple(blocked), pause_mark=mark, paused=paused)
     if not ready or ev is None:
         return Status(State.PENDING, reasons=tuple(waiting), pause_mark=mark, paused=paused)
-    return replace(ev, ready=True, paused=paused, pause_mark=mark)
+    return ev
 
 
 class _History:
@@ -620,7 +622,18 @@ class _One:
     wake: int | None = None
 
 
-def _attempts(task: Task, ctx: _Ctx, reassigns: Mapping[int, control.Control]) -> Status:
+@dataclass(frozen=True, slots=True)
+class _Marks:
+    """What :func:`_derive` knows of a task before its attempts: the Status fields it sets."""
+
+    ready: bool
+    paused: bool
+    pause_mark: tuple[int, str, bool] | None
+
+
+def _attempts(
+    task: Task, ctx: _Ctx, reassigns: Mapping[int, control.Control], given: _Marks
+) -> Status:
     p, c = ctx.params, task.contract
     excl_node = ctx.exclusive.get(task.id) if c.exclusive else None
     cap = 1 if c.exclusive else c.max_attempts + p.extra_attempts
@@ -668,6 +681,9 @@ def _attempts(task: Task, ctx: _Ctx, reassigns: Mapping[int, control.Control]) -
                 faults=faults,
                 outcomes=tuple(outcomes),
                 reasons=tuple(o.describe() for o in outcomes if o.kind != "done"),
+                ready=given.ready,
+                paused=given.paused,
+                pause_mark=given.pause_mark,
             )
         if one.outcome is None:
             wakes = [t for t in (one.wake, eligible) if t is not None and t > ctx.now]
@@ -688,6 +704,9 @@ def _attempts(task: Task, ctx: _Ctx, reassigns: Mapping[int, control.Control]) -
                 outcomes=tuple(outcomes),
                 reasons=tuple(o.describe() for o in outcomes),
                 wake_at=min(wakes) if wakes else None,
+                ready=given.ready,
+                paused=given.paused,
+                pause_mark=given.pause_mark,
             )
         o = one.outcome
         outcomes.append(o)
@@ -710,6 +729,9 @@ def _attempts(task: Task, ctx: _Ctx, reassigns: Mapping[int, control.Control]) -
                 faults=faults,
                 outcomes=tuple(outcomes),
                 reasons=(*reasons, failed),
+                ready=given.ready,
+                paused=given.paused,
+                pause_mark=given.pause_mark,
             )
         eligible = o.at + (p.backoff(faults) if o.fault else 0)
         j += 1

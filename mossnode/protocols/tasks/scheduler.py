@@ -242,7 +242,7 @@ class Scheduler:
                     continue
                 bid = task.bids.get(me)
                 score = bid.score if bid is not None and bid.attempt == s.attempt else 0.0
-                effects.append(Claim(tid, s.attempt, agent.name, now + p.lease_ms, score))
+                effects.append(Claim(tid, s.attempt, agent.name, None, score))
                 wakes.append(now + p.lease_ms // 2)
                 if paused or s.paused or running_per_agent[agent.name] >= cap[agent.name]:
                     waiting[agent.name] += 1

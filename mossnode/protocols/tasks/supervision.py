@@ -132,7 +132,11 @@ def plan_create(
         if depth > lim.max_depth:
             return Refused("depth", f"task would be at depth {depth} (max_depth {lim.max_depth})")
         budget_root = dag.root_of(view, draft.parent)
-        root = view[budget_root]
+        root = view.get(budget_root)
+        if root is None:  # the parent is here but not yet its whole chain: budget unknown
+            return Refused(
+                "unknown_parent", f"ancestor {budget_root} of parent {draft.parent} is not known"
+            )
         budget = root.contract.budget if root.contract.budget is not None else lim.tree_budget
         spent = sum(
             view[t].contract.cost for t in dag.subtree(view, budget_root, kids) if t in view
