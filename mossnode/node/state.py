@@ -45,6 +45,7 @@ SYNC_INTERVAL_S = 10.0  # fallback only: presence says when a peer holds more (d
 # Entries between snapshots. A restart verifies up to this many tail entries in full (about
 # 1.5 s for 5,000 at ~3,000 entries/s); a snapshot blocks the loop for a pass over the document.
 SNAPSHOT_EVERY = 5000
+INLINE_COMMIT_ROWS = 64  # group commits up to this many entries are written on the event loop
 MAX_BUNDLE = 256
 # Anti-entropy frames: a catching-up node takes each frame in one receive_batch, so one frame
 # is one group commit and one pass of the task service over what changed. 1024 entries keep a
@@ -191,9 +192,17 @@ class StateService:
                 # No await since the swap: the replica holds exactly what is stored plus rows.
                 self._since_snapshot = 0
                 snapshot = (self.replica.snapshot(), self.replica.vector(), now_ms())
-            await trio.to_thread.run_sync(
-                partial(self.store.commit, entries=rows, snapshot=snapshot)
-            )
+            # A small batch is written in place (see Store.commit): the hand-off to a worker
+            # thread cost a waiting writer more than the fsync. Large ones (catch-up, a
+            # snapshot) go to the thread, so the loop keeps applying meanwhile.
+            if (
+                snapshot is not None
+                or len(rows) > INLINE_COMMIT_ROWS
+                or not self.store.commit(entries=rows, wait=False)
+            ):
+                await trio.to_thread.run_sync(
+                    partial(self.store.commit, entries=rows, snapshot=snapshot)
+                )
             self.counters["stored"] += len(rows)
             self._stored = upto
             # Own entries go out only now that they are durable, in seq order.
