@@ -1,6 +1,6 @@
 """The fast paths against the reference code they stand in for.
 
-``yrs_update.decode_raw`` and ``authorize.admit`` may only ever accept what the reference
+``entry.read_entry``, ``yrs_update.decode_raw`` and ``authorize.admit`` may only ever accept what the reference
 (``decode_update``, ``check_update``) accepts, with the same result; anything else they hand to
 the reference. The compact ``LocationIndex`` and ``WrittenSet`` must answer as the plain
 structures did. And a change the document should not have taken is undone exactly.
@@ -22,16 +22,94 @@ from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map
 from test_crdt_support import NOW, SWARM, Sim, TablePolicy, forge, ident, policy_for
 
-from mossnode.crypto.envelope import Reason
+from mossnode.crypto.envelope import DOMAIN, SIG_LEN, Reason, Rejection
 from mossnode.protocols.crdt import Replica, WriteRefused, authorize, nest_task, replica
 from mossnode.protocols.crdt.authorize import Accepted, Admitted, check_update, references
 from mossnode.protocols.crdt.document import content, state_digest
+from mossnode.protocols.crdt.entry import open_signed, parse_body, read_entry
 from mossnode.protocols.crdt.lib0 import DecodeError
 from mossnode.protocols.crdt.locations import GONE, Loc, LocationIndex, WrittenSet
 from mossnode.protocols.crdt.rules import Op, judge, permits
 from mossnode.protocols.crdt.yrs_update import Content, decode_raw, decode_update
 
 A, B, C, D = (ident(i) for i in range(4))
+
+
+# -- the envelope of a state entry ------------------------------------------------------------
+
+
+def _reference_open(data: bytes) -> object:
+    env = open_signed(data, swarm_id=SWARM, now_ms=NOW)
+    return env if isinstance(env, Rejection) else parse_body(env)
+
+
+def _signed(payload: bytes, who: Any = None) -> bytes:
+    """``payload`` signed by ``who`` (A) under the type it names, so only its structure is odd."""
+    try:
+        kind = cbor2.loads(payload)[2]
+    except Exception:
+        kind = "state.update"
+    kind = kind if isinstance(kind, str) else "state.update"
+    return (who or A).sign(DOMAIN + kind.encode() + b"\0" + payload) + payload
+
+
+def _odd_entries() -> list[bytes]:
+    """Valid entries, then the same fields with one thing wrong each (re-signed)."""
+    rep = Replica(A, SWARM, policy_for([A, B]))
+    valid = [e.data for e in (rep.create_task(f"t{i}", NOW, title="x")[1] for i in range(2))]
+    assert all(valid)
+    fields = cbor2.loads(valid[1][SIG_LEN:])
+    body = fields[6]
+    odd: list[list[Any]] = []
+    for i, value in [
+        (0, True), (0, 2), (1, b"\x00" * 32), (1, "swarm"), (2, "state.other"), (2, 7),
+        (3, b"\x01" * 31), (3, "key"), (4, 0), (4, True), (4, 2**70), (5, 1.5), (5, 2**63),
+        (5, -(2**63)), (6, []), (6, {**body, "x": 1}), (6, {k: v for k, v in body.items() if k != "h"}),
+    ]:  # fmt: skip
+        changed = list(fields)
+        changed[i] = value
+        odd.append(changed)
+    for key, value in [
+        ("u", "text"), ("u", bytearray(b"x")), ("d", [[2, 1], [1, 1]]), ("d", [[1, 0]]),
+        ("d", [[1, 1, 1]]), ("d", [[True, 1]]), ("d", [[-1, 1]]), ("d", [[2**64, 1]]),
+        ("d", {}), ("p", -1), ("p", True), ("p", 1.0), ("h", b""), ("h", "x" * 32),
+        ("d", [[1, 2**64]]),
+    ]:  # fmt: skip
+        changed = list(fields)
+        changed[6] = {**body, key: value}
+        odd.append(changed)
+    out = list(valid)
+    for f in odd:
+        try:
+            out.append(_signed(cbor2.dumps(f)))
+        except Exception:  # a value cbor2 will not encode
+            continue
+    out.append(valid[0][:SIG_LEN] + valid[1][SIG_LEN:])  # a signature of another entry
+    out.append(_signed(valid[0][SIG_LEN:], B))  # signed by someone else than the sender
+    return out
+
+
+_ODD = _odd_entries()
+
+
+def test_read_entry_agrees_with_the_envelope_and_body_checks() -> None:
+    fast = 0
+    for data in _ODD:
+        got = read_entry(data, swarm_id=SWARM, now_ms=NOW)
+        if got is not None:
+            fast += 1
+            assert got == _reference_open(data)
+    assert fast >= 4  # the valid ones, and the bad signatures, take the fast way
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1), which=st.integers(0, len(_ODD) - 1), sign=st.booleans())
+def test_read_entry_agrees_on_mutated_entries(seed: int, which: int, sign: bool) -> None:
+    rng = random.Random(seed)
+    data = _ODD[which]
+    data = _signed(_mutate(rng, data[SIG_LEN:])) if sign else _mutate(rng, data)
+    got = read_entry(data, swarm_id=SWARM, now_ms=NOW)
+    assert got is None or got == _reference_open(data)
 
 
 # -- the decoder ------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from .entry import (
     body,
     open_signed,
     parse_body,
+    read_entry,
 )
 from .lib0 import DecodeError
 from .locations import LocationIndex, WrittenSet
@@ -328,6 +329,9 @@ class Replica:
     def _open(self, data: bytes, now_ms: int) -> StateEntry | _Poison | Rejection:
         """Signature and body. A signed entry that fails here, or in :meth:`_prepare`, is its
         author's fault (poison), not a forgery: it blocks the author when its turn comes."""
+        fast = read_entry(data, swarm_id=self.swarm_id, now_ms=now_ms)
+        if fast is not None:
+            return fast
         env = open_signed(data, swarm_id=self.swarm_id, now_ms=now_ms)
         if isinstance(env, Rejection):
             return env
