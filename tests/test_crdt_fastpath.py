@@ -219,6 +219,7 @@ class Differential:
 
     def __call__(self, update: Any, **kw: Any) -> Accepted | None:
         fast = authorize.admit(update, **kw)
+        kw.pop("may", None)
         ref = check_update(update.as_update(), **kw)
         if fast is None:
             self.counts["reference accepts" if isinstance(ref, Admitted) else "refused"] += 1
@@ -616,7 +617,7 @@ def test_container_rule_lookup_allows_only_what_judge_allows(
 ) -> None:
     policy = TablePolicy(members={A.peer_id, B.peer_id}, grants={author: grants})
     index = LocationIndex()
-    check = authorize._Fast(author, 1, 0, {}, index, policy, 0)
+    check = authorize._Fast(author, 1, 0, {}, index, policy, 0, {})
     container = index.container((1, 0), tuple(path[:-1]))
     rule = check.allowed(container, path[-1], op, content if op is Op.WRITE else None)
     expected = judge(author, tuple(path), op, content if op is Op.WRITE else None, policy, 0)
