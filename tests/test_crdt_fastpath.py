@@ -315,6 +315,83 @@ def test_mutated_updates_admit_as_the_reference(seed: int, which: int) -> None:
             assert rep.digest() == before
 
 
+# -- a batch decides as single entries do ------------------------------------------------------
+
+
+def _plan_entries(plan: list[tuple[int, int, int]]) -> tuple[TablePolicy, list[bytes]]:
+    """Entries of four authors with different grants, built in order on one replica: task
+    creations, claims, deletions and core writes, on their own tasks or others'. An author
+    whose entry that replica refuses writes nothing more (it is blocked)."""
+    who = [A, B, C, D]
+    policy = policy_for(who)
+    policy.grants[B.peer_id] = {"task.claim"}  # may claim, may not create
+    policy.grants[C.peer_id] = {"task.create"}  # may create, may not delete or claim
+    builder = Replica(ident(9), SWARM, policy)
+    entries: list[bytes] = []
+    tids: list[str] = []
+    for step, (a, action, target) in enumerate(plan):
+        author = who[a]
+        if author.peer_id in builder.blocked_authors():
+            continue
+        tid = tids[target % len(tids)] if tids else None
+        if action == 0 or tid is None:
+            tid = f"{author.peer_id}:t{step}"
+            tids.append(tid)
+
+            def fn(d: Doc[Any], tid: str = tid) -> None:
+                d["tasks"][tid] = Map({"core": {"title": "t"}})
+        elif action == 1:
+
+            def fn(d: Doc[Any], tid: str = tid, p: str = author.peer_id, n: int = step) -> None:
+                if tid in d["tasks"]:
+                    d["tasks"][tid][f"claims/{p}"] = {"n": n}
+        elif action == 2:
+
+            def fn(d: Doc[Any], tid: str = tid) -> None:
+                if tid in d["tasks"]:
+                    del d["tasks"][tid]
+        else:
+
+            def fn(d: Doc[Any], tid: str = tid) -> None:
+                if tid in d["tasks"]:
+                    d["tasks"][tid]["core"] = {"title": "mine"}
+
+        try:
+            data = forge(builder, author, fn)
+        except IndexError:  # nothing changed: no update to sign
+            continue
+        builder.receive(data, NOW)
+        entries.append(data)
+    return policy, entries
+
+
+def _verdicts(rep: Replica, outs: list[Any]) -> tuple[Any, ...]:
+    applied = [(e.author, e.seq) for o in outs for e in o.applied]
+    refused = [(r.author, r.seq, r.rejection.reason) for o in outs for r in o.refused]
+    return applied, refused, rep.vector(), rep.digest(), dict(rep.rejections), rep.blocked_seqs()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    plan=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 20)), max_size=30),
+    split=st.integers(1, 8),
+)
+def test_a_batch_decides_as_its_entries_one_by_one(
+    plan: list[tuple[int, int, int]], split: int
+) -> None:
+    """Per-batch work (policy answers shared by a batch) never changes a verdict: the same
+    entries in one batch, one by one, or in batches of ``split`` give the same applied entries,
+    the same refusals (counted alike) and the same document."""
+    policy, entries = _plan_entries(plan)
+    one = Replica(C, SWARM, policy)
+    by_one = _verdicts(one, [one.receive(e, NOW) for e in entries])
+    whole = Replica(C, SWARM, policy)
+    assert _verdicts(whole, [whole.receive_batch(entries, NOW)]) == by_one
+    parts = Replica(C, SWARM, policy)
+    outs = [parts.receive_batch(entries[i : i + split], NOW) for i in range(0, len(entries), split)]
+    assert _verdicts(parts, outs) == by_one
+
+
 # -- the index and the write-once set ---------------------------------------------------------
 
 
