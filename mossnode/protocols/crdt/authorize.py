@@ -331,7 +331,7 @@ def event_changes(root: str, events: Iterable[Any]) -> list[tuple[Path, Op]]:
         kind = type(event)
         path = event.path
         if path:
-            base: Path = (root, *(seg if isinstance(seg, str) else ELEMENT for seg in path))
+            base: Path = (root, *[seg if isinstance(seg, str) else ELEMENT for seg in path])
         else:
             base = (root,)
         # a map event has keys and no delta, an array event a delta and no keys
