@@ -1,6 +1,6 @@
 """The fast paths against the reference code they stand in for.
 
-``yrs_update.decode_raw`` and ``authorize.admit`` may only ever accept what the reference
+``entry.read_entry``, ``yrs_update.decode_raw`` and ``authorize.admit`` may only ever accept what the reference
 (``decode_update``, ``check_update``) accepts, with the same result; anything else they hand to
 the reference. The compact ``LocationIndex`` and ``WrittenSet`` must answer as the plain
 structures did. And a change the document should not have taken is undone exactly.
@@ -22,16 +22,94 @@ from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map
 from test_crdt_support import NOW, SWARM, Sim, TablePolicy, forge, ident, policy_for
 
-from mossnode.crypto.envelope import Reason
+from mossnode.crypto.envelope import DOMAIN, SIG_LEN, Reason, Rejection
 from mossnode.protocols.crdt import Replica, WriteRefused, authorize, nest_task, replica
 from mossnode.protocols.crdt.authorize import Accepted, Admitted, check_update, references
 from mossnode.protocols.crdt.document import content, state_digest
+from mossnode.protocols.crdt.entry import open_signed, parse_body, read_entry
 from mossnode.protocols.crdt.lib0 import DecodeError
 from mossnode.protocols.crdt.locations import GONE, Loc, LocationIndex, WrittenSet
 from mossnode.protocols.crdt.rules import Op, judge, permits
 from mossnode.protocols.crdt.yrs_update import Content, decode_raw, decode_update
 
 A, B, C, D = (ident(i) for i in range(4))
+
+
+# -- the envelope of a state entry ------------------------------------------------------------
+
+
+def _reference_open(data: bytes) -> object:
+    env = open_signed(data, swarm_id=SWARM, now_ms=NOW)
+    return env if isinstance(env, Rejection) else parse_body(env)
+
+
+def _signed(payload: bytes, who: Any = None) -> bytes:
+    """``payload`` signed by ``who`` (A) under the type it names, so only its structure is odd."""
+    try:
+        kind = cbor2.loads(payload)[2]
+    except Exception:
+        kind = "state.update"
+    kind = kind if isinstance(kind, str) else "state.update"
+    return (who or A).sign(DOMAIN + kind.encode() + b"\0" + payload) + payload
+
+
+def _odd_entries() -> list[bytes]:
+    """Valid entries, then the same fields with one thing wrong each (re-signed)."""
+    rep = Replica(A, SWARM, policy_for([A, B]))
+    valid = [e.data for e in (rep.create_task(f"t{i}", NOW, title="x")[1] for i in range(2))]
+    assert all(valid)
+    fields = cbor2.loads(valid[1][SIG_LEN:])
+    body = fields[6]
+    odd: list[list[Any]] = []
+    for i, value in [
+        (0, True), (0, 2), (1, b"\x00" * 32), (1, "swarm"), (2, "state.other"), (2, 7),
+        (3, b"\x01" * 31), (3, "key"), (4, 0), (4, True), (4, 2**70), (5, 1.5), (5, 2**63),
+        (5, -(2**63)), (6, []), (6, {**body, "x": 1}), (6, {k: v for k, v in body.items() if k != "h"}),
+    ]:  # fmt: skip
+        changed = list(fields)
+        changed[i] = value
+        odd.append(changed)
+    for key, value in [
+        ("u", "text"), ("u", bytearray(b"x")), ("d", [[2, 1], [1, 1]]), ("d", [[1, 0]]),
+        ("d", [[1, 1, 1]]), ("d", [[True, 1]]), ("d", [[-1, 1]]), ("d", [[2**64, 1]]),
+        ("d", {}), ("p", -1), ("p", True), ("p", 1.0), ("h", b""), ("h", "x" * 32),
+        ("d", [[1, 2**64]]),
+    ]:  # fmt: skip
+        changed = list(fields)
+        changed[6] = {**body, key: value}
+        odd.append(changed)
+    out = list(valid)
+    for f in odd:
+        try:
+            out.append(_signed(cbor2.dumps(f)))
+        except Exception:  # a value cbor2 will not encode
+            continue
+    out.append(valid[0][:SIG_LEN] + valid[1][SIG_LEN:])  # a signature of another entry
+    out.append(_signed(valid[0][SIG_LEN:], B))  # signed by someone else than the sender
+    return out
+
+
+_ODD = _odd_entries()
+
+
+def test_read_entry_agrees_with_the_envelope_and_body_checks() -> None:
+    fast = 0
+    for data in _ODD:
+        got = read_entry(data, swarm_id=SWARM, now_ms=NOW)
+        if got is not None:
+            fast += 1
+            assert got == _reference_open(data)
+    assert fast >= 4  # the valid ones, and the bad signatures, take the fast way
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1), which=st.integers(0, len(_ODD) - 1), sign=st.booleans())
+def test_read_entry_agrees_on_mutated_entries(seed: int, which: int, sign: bool) -> None:
+    rng = random.Random(seed)
+    data = _ODD[which]
+    data = _signed(_mutate(rng, data[SIG_LEN:])) if sign else _mutate(rng, data)
+    got = read_entry(data, swarm_id=SWARM, now_ms=NOW)
+    assert got is None or got == _reference_open(data)
 
 
 # -- the decoder ------------------------------------------------------------------------------
@@ -141,6 +219,7 @@ class Differential:
 
     def __call__(self, update: Any, **kw: Any) -> Accepted | None:
         fast = authorize.admit(update, **kw)
+        kw.pop("may", None)
         ref = check_update(update.as_update(), **kw)
         if fast is None:
             self.counts["reference accepts" if isinstance(ref, Admitted) else "refused"] += 1
@@ -234,6 +313,83 @@ def test_mutated_updates_admit_as_the_reference(seed: int, which: int) -> None:
         out = rep.receive(forge(rep, D, update=data), NOW)
         if not out.applied:
             assert rep.digest() == before
+
+
+# -- a batch decides as single entries do ------------------------------------------------------
+
+
+def _plan_entries(plan: list[tuple[int, int, int]]) -> tuple[TablePolicy, list[bytes]]:
+    """Entries of four authors with different grants, built in order on one replica: task
+    creations, claims, deletions and core writes, on their own tasks or others'. An author
+    whose entry that replica refuses writes nothing more (it is blocked)."""
+    who = [A, B, C, D]
+    policy = policy_for(who)
+    policy.grants[B.peer_id] = {"task.claim"}  # may claim, may not create
+    policy.grants[C.peer_id] = {"task.create"}  # may create, may not delete or claim
+    builder = Replica(ident(9), SWARM, policy)
+    entries: list[bytes] = []
+    tids: list[str] = []
+    for step, (a, action, target) in enumerate(plan):
+        author = who[a]
+        if author.peer_id in builder.blocked_authors():
+            continue
+        tid = tids[target % len(tids)] if tids else None
+        if action == 0 or tid is None:
+            tid = f"{author.peer_id}:t{step}"
+            tids.append(tid)
+
+            def fn(d: Doc[Any], tid: str = tid) -> None:
+                d["tasks"][tid] = Map({"core": {"title": "t"}})
+        elif action == 1:
+
+            def fn(d: Doc[Any], tid: str = tid, p: str = author.peer_id, n: int = step) -> None:
+                if tid in d["tasks"]:
+                    d["tasks"][tid][f"claims/{p}"] = {"n": n}
+        elif action == 2:
+
+            def fn(d: Doc[Any], tid: str = tid) -> None:
+                if tid in d["tasks"]:
+                    del d["tasks"][tid]
+        else:
+
+            def fn(d: Doc[Any], tid: str = tid) -> None:
+                if tid in d["tasks"]:
+                    d["tasks"][tid]["core"] = {"title": "mine"}
+
+        try:
+            data = forge(builder, author, fn)
+        except IndexError:  # nothing changed: no update to sign
+            continue
+        builder.receive(data, NOW)
+        entries.append(data)
+    return policy, entries
+
+
+def _verdicts(rep: Replica, outs: list[Any]) -> tuple[Any, ...]:
+    applied = [(e.author, e.seq) for o in outs for e in o.applied]
+    refused = [(r.author, r.seq, r.rejection.reason) for o in outs for r in o.refused]
+    return applied, refused, rep.vector(), rep.digest(), dict(rep.rejections), rep.blocked_seqs()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    plan=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 20)), max_size=30),
+    split=st.integers(1, 8),
+)
+def test_a_batch_decides_as_its_entries_one_by_one(
+    plan: list[tuple[int, int, int]], split: int
+) -> None:
+    """Per-batch work (policy answers shared by a batch) never changes a verdict: the same
+    entries in one batch, one by one, or in batches of ``split`` give the same applied entries,
+    the same refusals (counted alike) and the same document."""
+    policy, entries = _plan_entries(plan)
+    one = Replica(C, SWARM, policy)
+    by_one = _verdicts(one, [one.receive(e, NOW) for e in entries])
+    whole = Replica(C, SWARM, policy)
+    assert _verdicts(whole, [whole.receive_batch(entries, NOW)]) == by_one
+    parts = Replica(C, SWARM, policy)
+    outs = [parts.receive_batch(entries[i : i + split], NOW) for i in range(0, len(entries), split)]
+    assert _verdicts(parts, outs) == by_one
 
 
 # -- the index and the write-once set ---------------------------------------------------------
@@ -538,7 +694,7 @@ def test_container_rule_lookup_allows_only_what_judge_allows(
 ) -> None:
     policy = TablePolicy(members={A.peer_id, B.peer_id}, grants={author: grants})
     index = LocationIndex()
-    check = authorize._Fast(author, 1, 0, {}, index, policy, 0)
+    check = authorize._Fast(author, 1, 0, {}, index, policy, 0, {})
     container = index.container((1, 0), tuple(path[:-1]))
     rule = check.allowed(container, path[-1], op, content if op is Op.WRITE else None)
     expected = judge(author, tuple(path), op, content if op is Op.WRITE else None, policy, 0)

@@ -196,6 +196,19 @@ def _plain(value: Any, depth: int = 0) -> bool:
     return False
 
 
+def signature_valid(sig: bytes, type_: str, payload: bytes, sender: bytes) -> bool:
+    """Does ``sig`` sign envelope ``payload`` of type ``type_`` under key ``sender``?"""
+    try:
+        nacl.bindings.crypto_sign_open(sig + _signed_bytes(type_, payload), sender)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
+        return False
+    return True
+
+
+def bad_signature(type_: str) -> Rejection:
+    return Rejection(Reason.BAD_SIGNATURE, f"signature does not verify for {type_}")
+
+
 Authorizer = Callable[[bytes, str], "Rejection | None"]
 
 
@@ -246,10 +259,8 @@ def open_envelope(
         return Rejection(Reason.MALFORMED, "body holds non-plain values or nests too deep")
     if sid != swarm_id:
         return Rejection(Reason.WRONG_SWARM, f"swarm {sid.hex()[:16]}")
-    try:
-        nacl.bindings.crypto_sign_open(sig + _signed_bytes(type_, payload), sender)
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
-        return Rejection(Reason.BAD_SIGNATURE, f"signature does not verify for {type_}")
+    if not signature_valid(sig, type_, payload, sender):
+        return bad_signature(type_)
     if abs(ts - now_ms) > max_skew_ms:
         return Rejection(Reason.CLOCK_SKEW, f"timestamp off by {ts - now_ms} ms")
     if authorize is not None:

@@ -331,7 +331,7 @@ def event_changes(root: str, events: Iterable[Any]) -> list[tuple[Path, Op]]:
         kind = type(event)
         path = event.path
         if path:
-            base: Path = (root, *(seg if isinstance(seg, str) else ELEMENT for seg in path))
+            base: Path = (root, *[seg if isinstance(seg, str) else ELEMENT for seg in path])
         else:
             base = (root,)
         # a map event has keys and no delta, an array event a delta and no keys
@@ -351,10 +351,16 @@ def event_changes(root: str, events: Iterable[Any]) -> list[tuple[Path, Op]]:
 
 
 def check_events(
-    author: str, changes: Iterable[tuple[Path, Op]], policy: Policy, policy_seq: int
+    author: str,
+    changes: Iterable[tuple[Path, Op]],
+    policy: Policy,
+    policy_seq: int,
+    may: dict[str, bool] | None = None,
 ) -> Rejection | None:
-    """The owner rules applied to the changes pycrdt observed applying the update."""
-    may: dict[str, bool] = {}
+    """The owner rules applied to the changes pycrdt observed applying the update. ``may``
+    memoizes ``policy.may`` for this author and policy seq (see :func:`admit`)."""
+    if may is None:
+        may = {}
     for path, op in changes:
         if permits(author, path, op, None, policy, policy_seq, may):
             continue
@@ -435,6 +441,7 @@ class _Fast:
         index: LocationIndex,
         policy: Policy,
         policy_seq: int,
+        may: dict[str, bool],
     ) -> None:
         self.author = author
         self.client = client
@@ -446,7 +453,7 @@ class _Fast:
         self.policy_seq = policy_seq
         self.own_starts: list[int] = []
         self.own_places: list[Place] = []
-        self.may: dict[str, bool] = {}
+        self.may = may
 
     def lookup(self, ref: ID) -> Place | None:
         """:meth:`_Check.lookup`, or None where that refuses."""
@@ -534,12 +541,15 @@ def admit(
     policy: Policy,
     policy_seq: int,
     max_span: int,
+    may: dict[str, bool] | None = None,
 ) -> Accepted | None:
-    """:func:`check_update`'s acceptance, fast; None means "ask the reference"."""
+    """:func:`check_update`'s acceptance, fast; None means "ask the reference". ``may``
+    memoizes ``policy.may`` for this author and policy seq: a caller judging many updates
+    under one policy shares it between them (the policy is a pure function of its arguments)."""
     items = update.items
     if items and deps.get(client, 0) != start:
         return None
-    f = _Fast(author, client, start, deps, index, policy, policy_seq)
+    f = _Fast(author, client, start, deps, index, policy, policy_seq, {} if may is None else may)
     allowed = f.allowed
     own_starts = f.own_starts
     own_places = f.own_places

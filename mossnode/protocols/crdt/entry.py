@@ -18,7 +18,18 @@ import functools
 import hashlib
 from collections.abc import Mapping
 
-from mossnode.crypto.envelope import Envelope, Reason, Rejection, open_envelope
+import cbor2
+
+from mossnode.crypto.envelope import (
+    SIG_LEN,
+    VERSION,
+    Envelope,
+    Reason,
+    Rejection,
+    bad_signature,
+    open_envelope,
+    signature_valid,
+)
 from mossnode.crypto.peerid import peer_id_from_public_key
 from mossnode.record import Record
 
@@ -141,8 +152,89 @@ def open_signed(data: bytes, *, swarm_id: bytes, now_ms: int) -> Envelope | Reje
 
 def open_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rejection:
     """Verify signature and decode; the whole check a stored or relayed entry goes through."""
+    fast = read_entry(data, swarm_id=swarm_id, now_ms=now_ms)
+    if fast is not None:
+        return fast
     env = open_signed(data, swarm_id=swarm_id, now_ms=now_ms)
     return env if isinstance(env, Rejection) else parse_body(env)
+
+
+def read_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rejection | None:
+    """:func:`open_entry` for the common case, in one pass: a well-formed state entry of this
+    swarm comes back verified and decoded (or refused for its signature), without the generic
+    envelope (its plain-body walk and :class:`Envelope`). None for anything else, including
+    every malformed input: :func:`open_signed` and :func:`parse_body` then decide and word it.
+
+    Every check of both is here, in exact-type form, so what this returns is what they return.
+    """
+    if type(data) is not bytes or not SIG_LEN < len(data) <= MAX_ENTRY_BYTES:
+        return None
+    payload = data[SIG_LEN:]
+    try:
+        fields = cbor2.loads(payload)
+    except Exception:
+        return None
+    if type(fields) is not list or len(fields) != 7:
+        return None
+    version, sid, type_, sender, seq, ts, b = fields
+    if (
+        type(version) is not int
+        or version != VERSION
+        or type(sid) is not bytes
+        or sid != swarm_id
+        or type(type_) is not str
+        or type_ != STATE_UPDATE
+        or type(sender) is not bytes
+        or len(sender) != 32
+        or type(seq) is not int
+        or seq < 1
+        or type(ts) is not int
+        or abs(ts - now_ms) > NO_SKEW_LIMIT
+        or type(b) is not dict
+        or len(b) != 4
+    ):
+        return None
+    # four str keys, each of u, d, p, h present: exactly the body's keys
+    update, pairs, policy_seq, prev = b.get("u"), b.get("d"), b.get("p"), b.get("h")
+    if (
+        type(update) is not bytes
+        or type(pairs) is not list
+        or len(pairs) > MAX_DEPS
+        or type(policy_seq) is not int
+        or policy_seq < 0
+        or type(prev) is not bytes
+        or len(prev) != (0 if seq == 1 else DIGEST_LEN)
+    ):
+        return None
+    deps: dict[int, int] = {}
+    last = -1
+    for pair in pairs:
+        if type(pair) is not list or len(pair) != 2:
+            return None
+        client, clock = pair
+        if (
+            type(client) is not int
+            or type(clock) is not int
+            or not last < client < _U64
+            or not 0 < clock < _U64
+        ):
+            return None
+        last = client
+        deps[client] = clock
+    if not signature_valid(data[:SIG_LEN], type_, payload, sender):
+        return bad_signature(type_)
+    return StateEntry(
+        _peer_id(sender),
+        sender,
+        seq,
+        update,
+        deps,
+        policy_seq,
+        prev,
+        ts,
+        data,
+        hashlib.sha256(data).digest(),
+    )
 
 
 def entry_digest(raw: bytes) -> bytes:

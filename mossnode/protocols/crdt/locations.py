@@ -180,6 +180,7 @@ class LocationIndex:
             if not isinstance(self._keys[(packed[-1] >> _KEY_SHIFT) & _LOW28], tuple):
                 p_start, p_end, p_cont, p_kind, p_keys = starts[-1], last, cont, kind, [key]
                 extends = True
+        held = p_end  # the index's last row ends here: rewritten only if it grows
         for start, end, (cont, key, kind) in spans:
             if start < last or end <= start:
                 raise ValueError("runs must be added in clock order")
@@ -198,7 +199,7 @@ class LocationIndex:
                     p_keys.append(key)
                     p_end = end
                     continue
-            if p_cont is not None:
+            if p_cont is not None and not (extends and p_end == held):
                 self._row(runs, p_start, p_end, p_cont, p_keys, p_single, p_kind, extends)
             extends = False
             p_start, p_end, p_cont, p_kind, p_keys, p_single = start, end, cont, kind, [key], True

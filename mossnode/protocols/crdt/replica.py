@@ -55,6 +55,7 @@ from .entry import (
     body,
     open_signed,
     parse_body,
+    read_entry,
 )
 from .lib0 import DecodeError
 from .locations import LocationIndex, WrittenSet
@@ -177,6 +178,9 @@ class Replica:
         self.evidence: dict[str, Equivocation] = {}
         self.rejections: Counter[Reason] = Counter()
         self.dropped = 0  # pending entries dropped for space; anti-entropy brings them back
+        # policy.may answers per (author, policy seq), shared by the updates of one call
+        # (receive_batch, drain, write): the policy does not change during one
+        self._grants: dict[tuple[str, int], dict[str, bool]] = {}
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -240,6 +244,7 @@ class Replica:
             raise WriteRefused(Rejection(Reason.FORBIDDEN, detail))
         # The transaction runs on the document itself; if the result is refused (or fn
         # raises), the document is put back as it was (_restore_doc).
+        self._grants.clear()
         captured: list[bytes] = []
         self._events.clear()
         doc = self.doc
@@ -292,6 +297,7 @@ class Replica:
         return self.receive_batch((data,), now_ms)
 
     def receive_batch(self, batch: Iterable[bytes], now_ms: int) -> Outcome:
+        self._grants.clear()
         out = Outcome()
         pending = self._pending
         for data in batch:
@@ -308,6 +314,7 @@ class Replica:
 
     def drain(self, now_ms: int = 0) -> Outcome:
         """Retry waiting entries; call when the decided log advanced (new policy seqs)."""
+        self._grants.clear()
         out = Outcome()
         self._drain(out)
         return self._finish(out, now_ms)
@@ -328,6 +335,9 @@ class Replica:
     def _open(self, data: bytes, now_ms: int) -> StateEntry | _Poison | Rejection:
         """Signature and body. A signed entry that fails here, or in :meth:`_prepare`, is its
         author's fault (poison), not a forgery: it blocks the author when its turn comes."""
+        fast = read_entry(data, swarm_id=self.swarm_id, now_ms=now_ms)
+        if fast is not None:
+            return fast
         env = open_signed(data, swarm_id=self.swarm_id, now_ms=now_ms)
         if isinstance(env, Rejection):
             return env
@@ -548,6 +558,9 @@ class Replica:
             detail = f"cites policy {e.policy_seq}, below its cut-off floor {floor}"
             return Rejection(Reason.NOT_MEMBER, detail)
         start = self._sv.get(st.client, 0)
+        grants = self._grants.get((e.author, e.policy_seq))
+        if grants is None:
+            grants = self._grants[(e.author, e.policy_seq)] = {}
         verdict: Accepted | Admitted | Rejection | None = admit(
             w.update,
             author=e.author,
@@ -559,6 +572,7 @@ class Replica:
             policy=self.policy,
             policy_seq=e.policy_seq,
             max_span=MAX_SPAN,
+            may=grants,
         )
         if verdict is None:  # not a plain success: the reference decides
             verdict = check_update(
@@ -591,13 +605,13 @@ class Replica:
                 self._restore_doc()
                 return Rejection(Reason.MALFORMED, f"Yrs refused the update: {exc!r}")
             events = list(self._events)
-            observed = check_events(e.author, events, self.policy, e.policy_seq)
+            observed = check_events(e.author, events, self.policy, e.policy_seq, grants)
             if observed is not None:
                 self._restore_doc()
                 return observed
         else:
             events = local_events
-            observed = check_events(e.author, events, self.policy, e.policy_seq)
+            observed = check_events(e.author, events, self.policy, e.policy_seq, grants)
             if observed is not None:
                 return observed
         self._applied(e.update)

@@ -241,7 +241,7 @@ def shape_seg(seg: str | None) -> str | None:
 
 
 def shape(path: Path) -> Path:
-    return tuple(seg if seg is None or seg in _SPECIAL else shape_seg(seg) for seg in path)
+    return tuple([seg if seg is None or seg in _SPECIAL else shape_seg(seg) for seg in path])
 
 
 def owner_seg(res: Resolved, seg: str | None) -> str | None:

@@ -264,6 +264,49 @@ def _uint(buf: bytes, pos: int) -> tuple[int, int]:
     raise _Unhandled
 
 
+def _skip_values(buf: bytes, pos: int, end: int, n: int, depth: int, keyed: bool) -> int:
+    """Skip ``n`` lib0 ``Any`` values at nesting ``depth`` (each after a string key if
+    ``keyed``: an object's pairs), validating them as :meth:`Reader.any` does; the next
+    position. The common values are read inline: short strings, null, booleans, numbers, empty
+    arrays; only the others (and containers) take a call."""
+    if n and depth > _MAX_ANY_DEPTH:
+        raise _Unhandled
+    for _ in range(n):
+        if keyed:
+            k = buf[pos]
+            if k < 0x80:
+                pos += 1
+            else:
+                k, pos = _uint(buf, pos)
+            if k > end - pos:
+                raise _Unhandled
+            buf[pos : pos + k].decode("utf-8")
+            pos += k
+        tag = buf[pos]
+        if tag == 119:
+            m = buf[pos + 1]
+            if m < 0x80:
+                pos += 2
+                if m > end - pos:
+                    raise _Unhandled
+                buf[pos : pos + m].decode("utf-8")
+                pos += m
+                continue
+        elif tag == 126 or tag == 127 or tag == 120 or tag == 121:
+            pos += 1
+            continue
+        elif tag == 123 or tag == 124:
+            pos += 9 if tag == 123 else 5
+            if pos > end:
+                raise _Unhandled
+            continue
+        elif (tag == 125 and buf[pos + 1] < 0x80) or (tag == 117 and buf[pos + 1] == 0):
+            pos += 2  # a one-byte integer, an empty array
+            continue
+        pos = _skip_any(buf, pos, end, depth)
+    return pos
+
+
 def _skip_any(buf: bytes, pos: int, end: int, depth: int) -> int:
     """Skip one lib0 ``Any`` (validating it as :meth:`Reader.any` does); the next position."""
     if depth > _MAX_ANY_DEPTH:
@@ -298,36 +341,15 @@ def _skip_any(buf: bytes, pos: int, end: int, depth: int) -> int:
         if pos + size > end:
             raise _Unhandled
         return pos + size
-    if tag == 118:  # object: count(2), then (string key, value) pairs
+    if tag == 118 or tag == 117:  # object: count(2), then (key, value) pairs; array: values
         n = buf[pos]
         if n < 0x80:
             pos += 1
         else:
             n, pos = _uint(buf, pos)
-        if n * 2 > end - pos:
+        if n * (2 if tag == 118 else 1) > end - pos:
             raise _Unhandled
-        for _ in range(n):
-            k = buf[pos]
-            if k < 0x80:
-                pos += 1
-            else:
-                k, pos = _uint(buf, pos)
-            if k > end - pos:
-                raise _Unhandled
-            buf[pos : pos + k].decode("utf-8")
-            pos = _skip_any(buf, pos + k, end, depth + 1)
-        return pos
-    if tag == 117:  # array: count(1), then values
-        n = buf[pos]
-        if n < 0x80:
-            pos += 1
-        else:
-            n, pos = _uint(buf, pos)
-        if n > end - pos:
-            raise _Unhandled
-        for _ in range(n):
-            pos = _skip_any(buf, pos, end, depth + 1)
-        return pos
+        return _skip_values(buf, pos, end, n, depth + 1, tag == 118)
     if tag == 116:  # bytes
         n = buf[pos]
         if n < 0x80:
@@ -346,7 +368,7 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
     end = len(buf)
     hlen = len(hint)
     uint = _uint
-    skip_any = _skip_any
+    skip_values = _skip_values
     unhandled = _Unhandled
     value_kind, map_kind, array_kind, deleted_kind = _VALUE, _MAP, _ARRAY, _DELETED_KIND
     items: list[RawItem] = []
@@ -479,32 +501,7 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
                         length, pos = uint(buf, pos)
                     if length > end - pos:
                         raise unhandled
-                    for _ in range(length):
-                        # the common values inline: short strings, null, booleans, numbers
-                        tag = buf[pos]
-                        if tag == 119:
-                            n = buf[pos + 1]
-                            if n < 0x80:
-                                pos += 2
-                                if n > end - pos:
-                                    raise unhandled
-                                buf[pos : pos + n].decode("utf-8")
-                                pos += n
-                                continue
-                        elif tag == 126 or tag == 127 or tag == 120 or tag == 121:
-                            pos += 1
-                            continue
-                        elif tag == 123:
-                            pos += 9
-                            if pos > end:
-                                raise unhandled
-                            continue
-                        elif (tag == 125 and buf[pos + 1] < 0x80) or (
-                            tag == 117 and buf[pos + 1] == 0
-                        ):  # a one-byte integer, an empty array
-                            pos += 2
-                            continue
-                        pos = skip_any(buf, pos, end, 0)
+                    pos = skip_values(buf, pos, end, length, 0, False)
                     kind = value_kind
                 elif ref == 7:  # ContentType
                     type_ref = buf[pos]
