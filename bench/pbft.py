@@ -250,6 +250,7 @@ async def _drive(c: Cluster, raw: float) -> None:
             if label not in phases:
                 continue
             before = await trio.to_thread.run_sync(_msg_in, c.nodes)
+            batch0 = (await trio.to_thread.run_sync(_consensus, founder))["last_executed"]
             cpu0 = _cpu_s(c.nodes)
             gw0 = time.process_time()
             stale0 = sum(ln.client.rejections.get("stale_reply", 0) for ln in gw.lanes.values())
@@ -265,6 +266,7 @@ async def _drive(c: Cluster, raw: float) -> None:
             cpu = _cpu_s(c.nodes) - cpu0
             gw_cpu = time.process_time() - gw0
             after = await trio.to_thread.run_sync(_msg_in, c.nodes)
+            batches = (await trio.to_thread.run_sync(_consensus, founder))["last_executed"] - batch0
             stale = sum(ln.client.rejections.get("stale_reply", 0) for ln in gw.lanes.values())
             client_verifies = (gw.replies_in - got0) - (stale - stale0)
             verifies = (after - before) + (n - 1) * decided + client_verifies
@@ -276,6 +278,7 @@ async def _drive(c: Cluster, raw: float) -> None:
                 f"  verifies/decision {vpd:5.1f}  verify-bound ratio {vpd * rate / raw:.2f}"
                 f"  validator CPU/decision {cpu * 1000 / max(decided, 1):5.1f} ms"
                 f" (clients' gateway {gw_cpu * 1000 / max(decided, 1):4.1f} ms)"
+                f"  requests per batch {decided / max(batches, 1):5.1f}"
             )
         ns.cancel_scope.cancel()
 
