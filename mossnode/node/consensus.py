@@ -515,7 +515,9 @@ class ConsensusService:
             )
         if meta or decided:
             if not self.store.commit(decided=decided, meta=meta, wait=False):
-                await trio.to_thread.run_sync(partial(self.store.commit, decided=decided, meta=meta))
+                await trio.to_thread.run_sync(
+                    partial(self.store.commit, decided=decided, meta=meta)
+                )
             self.counters["commits"] += 1
 
     # -- network ----------------------------------------------------------------------------
