@@ -62,7 +62,7 @@ from ..protocols.pbft.messages import REQUEST
 from .host import read_frame, write_frame
 from .links import FrameReader, Links, close_stream
 from .store import Decided as StoredDecided
-from .store import Store
+from .store import Store, commit_from_loop
 
 log = logging.getLogger("mossnode.consensus")
 
@@ -514,10 +514,7 @@ class ConsensusService:
                 for e in out.entries
             )
         if meta or decided:
-            if not self.store.commit(decided=decided, meta=meta, wait=False):
-                await trio.to_thread.run_sync(
-                    partial(self.store.commit, decided=decided, meta=meta)
-                )
+            await commit_from_loop(self.store, decided=decided, meta=meta)
             self.counters["commits"] += 1
 
     # -- network ----------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import cbor2
@@ -26,7 +25,7 @@ from ..crypto.envelope import canonical
 from ..protocols.crdt import Entry, Outcome, Replica
 from ..protocols.membership import MembershipPolicy
 from .host import read_frame, topic, widen_receive_window, write_frame
-from .store import Store, load_replica
+from .store import Store, commit_from_loop, load_replica
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -192,17 +191,10 @@ class StateService:
                 # No await since the swap: the replica holds exactly what is stored plus rows.
                 self._since_snapshot = 0
                 snapshot = (self.replica.snapshot(), self.replica.vector(), now_ms())
-            # A small batch is written in place (see Store.commit): the hand-off to a worker
-            # thread cost a waiting writer more than the fsync. Large ones (catch-up, a
-            # snapshot) go to the thread, so the loop keeps applying meanwhile.
-            if (
-                snapshot is not None
-                or len(rows) > INLINE_COMMIT_ROWS
-                or not self.store.commit(entries=rows, wait=False)
-            ):
-                await trio.to_thread.run_sync(
-                    partial(self.store.commit, entries=rows, snapshot=snapshot)
-                )
+            # Large batches (catch-up, a snapshot) go to a worker thread, so the loop keeps
+            # applying meanwhile.
+            small = snapshot is None and len(rows) <= INLINE_COMMIT_ROWS
+            await commit_from_loop(self.store, in_place=small, entries=rows, snapshot=snapshot)
             self.counters["stored"] += len(rows)
             self._stored = upto
             # Own entries go out only now that they are durable, in seq order.

@@ -23,10 +23,12 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import cbor2
+import trio
 
 from mossnode.crypto.envelope import canonical
 from mossnode.crypto.identity import Identity
@@ -354,3 +356,11 @@ def load_replica(
         limits=limits,
     )
     return Restored(replica, out, None, problem)
+
+
+async def commit_from_loop(store: Store, *, in_place: bool = True, **parts: Any) -> None:
+    """:meth:`Store.commit` called from the event loop: in place (``wait=False``) when
+    ``in_place`` and no thread is writing, since handing a small write to a worker thread
+    costs more than its fsync; otherwise in a worker thread, so the loop runs meanwhile."""
+    if not (in_place and store.commit(wait=False, **parts)):
+        await trio.to_thread.run_sync(partial(store.commit, **parts))

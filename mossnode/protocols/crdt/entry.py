@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 import cbor2
 
@@ -105,21 +106,9 @@ def parse_body(env: Envelope) -> StateEntry | Rejection:
         return Rejection(Reason.MALFORMED, "previous-entry digest has the wrong length")
     if not isinstance(pairs, list) or len(pairs) > MAX_DEPS:
         return Rejection(Reason.MALFORMED, "dependencies are not a bounded list")
-    deps: dict[int, int] = {}
-    last = -1
-    for pair in pairs:
-        if not isinstance(pair, list) or len(pair) != 2:
-            return Rejection(Reason.MALFORMED, "dependencies are not sorted [client, clock] pairs")
-        client, clock = pair
-        if (
-            type(client) is not int
-            or type(clock) is not int
-            or not last < client < _U64
-            or not 0 < clock < _U64
-        ):
-            return Rejection(Reason.MALFORMED, "dependencies are not sorted [client, clock] pairs")
-        last = client
-        deps[client] = clock
+    deps = _deps(pairs)
+    if deps is None:
+        return Rejection(Reason.MALFORMED, "dependencies are not sorted [client, clock] pairs")
     return StateEntry(
         _peer_id(env.sender),
         env.sender,
@@ -148,6 +137,27 @@ def open_signed(data: bytes, *, swarm_id: bytes, now_ms: int) -> Envelope | Reje
         max_size=MAX_ENTRY_BYTES,
         max_skew_ms=NO_SKEW_LIMIT,
     )
+
+
+def _deps(pairs: list[Any]) -> dict[int, int] | None:
+    """``{client: clock}`` from an entry's dependency pairs, or None unless they are
+    ``[client, clock]`` integer pairs sorted by client, each in range."""
+    deps: dict[int, int] = {}
+    last = -1
+    for pair in pairs:
+        if not isinstance(pair, list) or len(pair) != 2:
+            return None
+        client, clock = pair
+        if (
+            type(client) is not int
+            or type(clock) is not int
+            or not last < client < _U64
+            or not 0 < clock < _U64
+        ):
+            return None
+        last = client
+        deps[client] = clock
+    return deps
 
 
 def open_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rejection:
@@ -206,21 +216,9 @@ def read_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rej
         or len(prev) != (0 if seq == 1 else DIGEST_LEN)
     ):
         return None
-    deps: dict[int, int] = {}
-    last = -1
-    for pair in pairs:
-        if type(pair) is not list or len(pair) != 2:
-            return None
-        client, clock = pair
-        if (
-            type(client) is not int
-            or type(clock) is not int
-            or not last < client < _U64
-            or not 0 < clock < _U64
-        ):
-            return None
-        last = client
-        deps[client] = clock
+    deps = _deps(pairs)
+    if deps is None:
+        return None
     if not signature_valid(data[:SIG_LEN], type_, payload, sender):
         return bad_signature(type_)
     return StateEntry(
