@@ -35,6 +35,7 @@ from mossnode.protocols.tasks import (
     State,
     Submit,
     SubmitReview,
+    Tally,
     bid_score,
     build_view,
     check_deps_update,
@@ -758,6 +759,7 @@ def test_reputation_is_derived_from_history_and_deterministic() -> None:
     doc.apply("C", 450, SubmitReview(good, 1, 1, "c", 5, "done"))
     st = derive_all(doc.view(), 500, params=P)
     rows = leaderboard(doc.view(), st)
+    assert_tally_matches_the_fold(doc, 500)
     assert [(r["agent"], r["node"], r["done"], r["failed"]) for r in rows] == [
         ("b1", "B", 1, 0),
         ("b2", "B", 0, 1),
@@ -777,6 +779,33 @@ def test_reputation_is_derived_from_history_and_deterministic() -> None:
         "message": "great success",
     }
     assert leaderboard(doc.view(), derive_all(doc.view(), 500, params=P)) == rows
+
+
+def assert_tally_matches_the_fold(doc: Doc, now: int) -> None:
+    """A tally that takes the tasks in one by one, then sees each changed or removed in turn,
+    holds the table of a full fold after every step, and ends empty."""
+    view = doc.view()
+    st = derive_all(view, now, params=P)
+    tally = Tally()
+    for tid in sorted(view):
+        tally.update(view, st, [tid])
+    assert tally.reputation().leaderboard() == leaderboard(view, st)
+    # a review the tally has not seen yet changes one task; then tasks go away one by one
+    for tid in sorted(view):
+        task = view[tid]
+        if task.reviews:
+            view = {
+                **view,
+                tid: Task(**{**{f: getattr(task, f) for f in Task.__slots__}, "reviews": {}}),
+            }
+            st = derive_all(view, now, params=P)
+            tally.update(view, st, [tid])
+            assert tally.reputation().stats == reputation(view, st).stats
+    for tid in sorted(view):
+        view = {t: v for t, v in view.items() if t != tid}
+        tally.update(view, st, [tid])
+        assert tally.reputation().stats == reputation(view, st).stats
+    assert tally.reputation().stats == {}
 
 
 # -- recurring ---------------------------------------------------------------------------------
@@ -842,12 +871,17 @@ def test_incremental_derivation_matches_a_fresh_one_through_random_changes(seed:
     known, unknown and later ids, parents, cycles, removals, exclusive decisions, recurring
     duplicates, bids, claims, results, controls and time passing) a cached derivation and a
     scheduler's statuses always equal a fresh derivation, and a tick's wake-up is never later
-    than the fresh statuses ask for."""
+    than the fresh statuses ask for. What the cache says was restated is exactly the tasks
+    whose status changed; statuses handed out before are never changed in place; and a
+    reputation tally fed only those tasks (and the re-read ones) equals a full fold."""
     rng = random.Random(seed)
     doc = Doc()
     scheds = {n: Scheduler(n, params=P) for n in "BC"}
     agents = {n: [agent(n.lower() + "1", "py", conc=3)] for n in "BC"}
     cache = Cache()
+    tally = Tally()
+    derived: dict[str, Any] = {}
+    told = 0  # steps where the cache could say what changed
     view: dict[str, Task] = {}
     excl: dict[str, str] = {}
     ids: list[str] = []
@@ -927,10 +961,21 @@ def test_incremental_derivation_matches_a_fresh_one_through_random_changes(seed:
         if step % 25 == 0:  # as after a sync round: every task a new object
             touched |= set(doc.tasks)
         view = build_view(doc.tasks, view, touched)
-        got = derive_all(view, now, params=P, exclusive=excl, cache=cache)
-        assert got == derive_all(view, now, params=P, exclusive=excl), step
-    states = {s.state for s in got.values()}
+        before, kept = derived, dict(derived)
+        derived = derive_all(view, now, params=P, exclusive=excl, cache=cache)
+        assert derived == derive_all(view, now, params=P, exclusive=excl), step
+        assert before == kept, step
+        restated = cache.take_restated()
+        if restated is not None:
+            told += 1
+            assert restated == {
+                t for t in before.keys() | derived.keys() if before.get(t) != derived.get(t)
+            }
+        tally.update(view, derived, None if restated is None else restated | touched)
+        assert tally.reputation().stats == reputation(view, derived).stats, step
+    states = {s.state for s in derived.values()}
     assert {State.DONE, State.BLOCKED, State.CANCELLED} <= states, states
+    assert told > 20 and any(s.done for s in tally.reputation().stats.values()), told
 
 
 # -- parsing the replicated document -----------------------------------------------------------

@@ -1229,9 +1229,7 @@ class Daemon:
         return {"id": tid, "action": verb}
 
     def leaderboard(self) -> list[dict[str, Any]]:
-        tasks = self._tasks()
-        tasks.refresh(now_ms())
-        return T.leaderboard(tasks.view, tasks.statuses)
+        return self._tasks().leaderboard(now_ms())
 
     def activity(self, since: int = 0) -> list[dict[str, Any]]:
         return [e for e in self._tasks().events if e["at"] > since]

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,6 @@ MIN_TICK_S = 0.02  # coalesce bursts of changes into one derivation
 # every state.PUBLISH_SPACING_S (0.2 s) anyway; measured (bench tasks, alternating runs):
 # 27-28 ms of CPU per task at 0.2 s, 33-34 ms at 0.1 s.
 TICK_SPACING_S = 0.2
-REPUTATION_MS = 1_000
 SYNC_FIRST_S = 30.0  # longest the scheduler waits for the first anti-entropy round
 PULL_BACKENDS = frozenset({"api", "openclaw"})  # agents that fetch their work over the API
 # Refusal codes of the pure task rules, as HTTP statuses for the API.
@@ -140,7 +139,8 @@ class TaskService:
         self.limits = T.Limits()
         self.sched = T.Scheduler(daemon.peer_id, params=self.params, limits=self.limits)
         self.horizons = T.Horizons()
-        self._rep: tuple[int, T.Reputation] | None = None
+        self._tally = T.Tally()  # reputation, kept up to date task by task
+        self._rep: T.Reputation | None = None  # the tally's table as bids read it
         self._bidders: dict[tuple[Any, ...], list[str]] = {}
         self.sched.stable = T.stable_rule(daemon.peer_id, self._expected_bidders, self._horizon)
         self.view: T.TaskView = {}
@@ -151,11 +151,11 @@ class TaskService:
         self.workdir = daemon.state_dir / "work"
         self.events: list[dict[str, Any]] = []  # activity feed (bounded)
         self._last_states: dict[str, str] = {}
-        self._fed: dict[str, T.Status] = {}  # the status objects _feed last looked at
         # Plain copies of the tasks, refreshed only where the document changed.
         self._raw: dict[str, dict[str, Any]] = {}
         self._dirty: set[str] = set()
         self._rescan = True
+        self._retold: set[str] | None = set()  # tasks re-read since _restated (None: all)
         self.work: dict[str, Work] = {}  # "<task>" or "<task>#review" -> pull agent's work
         self._seen: dict[str, float] = {}  # pull agent -> monotonic time of its last API call
         self._born = time.monotonic()
@@ -250,7 +250,12 @@ class TaskService:
             else:
                 self._raw[tid] = t
         if changed or not self.view:
-            self.view = T.build_view(self._raw, self.view or None, changed)
+            full = not self.view
+            self.view = T.build_view(self._raw, None if full else self.view, changed)
+            if full:
+                self._retold = None
+            elif self._retold is not None:
+                self._retold |= changed
 
     # --- inputs to the pure scheduler -----------------------------------------------------
 
@@ -298,13 +303,27 @@ class TaskService:
         if not was:
             self.poke()
 
-    def _reputation(self, now: int) -> T.Reputation:
-        """Reputation from the replicated history, recomputed at most every REPUTATION_MS:
-        it weighs bids and moves slowly, and a full pass over the history every tick was a
-        tenth of a busy node's scheduler time."""
-        if self._rep is None or now - self._rep[0] >= REPUTATION_MS:
-            self._rep = (now, T.reputation(self.view, self.statuses))
-        return self._rep[1]
+    def _reputation(self) -> T.Reputation:
+        """Reputation from the replicated history, as of the last derivation."""
+        if self._rep is None:
+            self._rep = self._tally.reputation()
+        return self._rep
+
+    def leaderboard(self, now: int) -> list[dict[str, Any]]:
+        """``mossnode leaderboard``: the tally after bringing the statuses up to date."""
+        self.refresh(now)
+        return self._reputation().leaderboard()
+
+    def _restated(self, now: int) -> None:
+        """After a derivation: report the tasks whose state changed to the activity feed and
+        fold the changed tasks into the reputation tally. Both cost the changes, not the
+        history (a node with 100,000 finished tasks spent most of its time on full passes)."""
+        restated = self.sched.take_restated()
+        tids = None if restated is None or self._retold is None else restated | self._retold
+        self._retold = set()
+        self._feed(now, restated)
+        self._tally.update(self.view, self.statuses, tids)
+        self._rep = None
 
     def _authority(self, node: str, permission: str) -> bool:
         state = self.d._swarm()
@@ -319,14 +338,16 @@ class TaskService:
         self.statuses = self.sched.derive(
             self.view, now, exclusive=self.d.exclusive, authority=self._authority
         )
-        self._feed(now)
+        self._restated(now)
 
-    def _feed(self, now: int) -> None:
-        fed = self._fed
-        for tid, st in self.statuses.items():
-            if fed.get(tid) is st:  # derivations reuse the objects of unchanged statuses
+    def _feed(self, now: int, tids: Iterable[str] | None) -> None:
+        """Activity entries for the tasks ``tids`` (None: all) whose state changed."""
+        statuses = self.statuses
+        for tid in list(statuses) if tids is None else sorted(tids):
+            st = statuses.get(tid)
+            if st is None:
+                self._last_states.pop(tid, None)
                 continue
-            fed[tid] = st
             s = str(st.state)
             old = self._last_states.get(tid)
             if old != s:
@@ -370,7 +391,7 @@ class TaskService:
         now = now_ms()
         state = self.d._swarm()
         self._update_view()
-        rep = self._reputation(now)
+        rep = self._reputation()
         ended, self._ended = self._ended, []
         try:
             plan = self.sched.tick(
@@ -386,8 +407,8 @@ class TaskService:
         except BaseException:
             self._ended[:0] = ended  # reported again by the next tick
             raise
-        self.statuses = dict(self.sched.statuses)
-        self._feed(now)
+        self.statuses = self.sched.statuses
+        self._restated(now)
         effects = [self.seal_outcome(e) for e in plan.effects] if ended else list(plan.effects)
         await self._do_all(self._reclaim() + effects)
         return plan.wake_at
@@ -833,7 +854,7 @@ class TaskService:
         active = sum(1 for r in self.sched.running.values() if r.agent == agent)
         if active >= cap:
             raise WorkRefused("capacity", f"agent {agent} already runs {active} of {cap} tasks")
-        rep = self._reputation(now).score(me, agent, task.capabilities)
+        rep = self._reputation().score(me, agent, task.capabilities)
         # scored as the scheduler scores its own agents' bids (free share of what an agent may
         # take on), so a pulling agent competes on the same scale
         score = T.bid_score(rep, active, self.sched.depth(cap), local.load)

@@ -31,7 +31,7 @@ from .lifecycle import Accepted, Outcome, Status, derive, derive_all, inputs_fro
 from .model import TERMINAL, Contract, State, Task, TaskView, build_view
 from .params import Params
 from .recurring import Schedule, due, period_suffix
-from .reputation import Reputation, leaderboard, reputation
+from .reputation import Reputation, Tally, leaderboard, reputation
 from .scheduler import Finished, Run, Scheduler
 from .stability import Horizons, Stable, stable_rule
 from .submission import plan_review, plan_submit
@@ -73,6 +73,7 @@ __all__ = [
     "Status",
     "Submit",
     "SubmitReview",
+    "Tally",
     "Task",
     "TaskView",
     "Violation",

@@ -40,8 +40,10 @@ from .model import (
     State,
     Task,
     TaskView,
+    View,
     as_float,
     as_int,
+    changed_since,
 )
 from .params import Params
 from .recurring import PREFIX as RECURRING_PREFIX
@@ -286,6 +288,9 @@ class Cache:
     now: int = 0
     waking: dict[str, int] = field(default_factory=dict)  # task -> its status's wake_at
     live: set[str] = field(default_factory=set)  # tasks whose status is not terminal
+    serial: int = 0  # of ``view``, when it was a :class:`~.model.View`
+    # tasks whose status object changed since :meth:`take_restated` (None: any may have)
+    restated: set[str] | None = None
 
     def clear(self) -> None:
         self.topology = None
@@ -296,6 +301,22 @@ class Cache:
         self.out = None
         self.waking.clear()
         self.live.clear()
+        self.serial = 0
+        self.restated = None
+
+    def take_restated(self) -> set[str] | None:
+        """The tasks whose status changed (or vanished) since the last call, or None if any
+        may have (a full pass ran): what a consumer of statuses must look at again."""
+        got, self.restated = self.restated, set()
+        return got
+
+    def _seen(self, view: TaskView) -> None:
+        """Remember ``view`` as the last one derived. A :class:`~.model.View` is kept by
+        reference (it is never changed in place); a plain mapping is copied."""
+        if isinstance(view, View):
+            self.view, self.serial = view, view.serial
+        else:
+            self.view, self.serial = dict(view), 0
 
     def _record(self, tid: str, st: Status) -> None:
         if st.wake_at is None:
@@ -385,12 +406,13 @@ def derive_all(
             memos[tid] = _Memo(task, excl, cyc, pcyc, now_ms, st)
             cache._record(tid, st)
     if cache is not None:
-        cache.view = dict(view)
+        cache._seen(view)
         cache.exclusive = dict(ctx.exclusive)
         cache.dups = dups
         cache.out = out
         cache.now = now_ms
-    return dict(out) if cache is not None else out
+        cache.restated = None
+    return out
 
 
 def _derive_changes(
@@ -412,7 +434,11 @@ def _derive_changes(
     if topo.cyclic or topo.parent_cycle:
         return None  # the full pass handles cycles
     prev = cache.view
-    changed = [t for t, task in view.items() if prev.get(t) is not task]
+    known = frozenset() if view is prev else changed_since(view, cache.serial)
+    if known is None:
+        changed = [t for t, task in view.items() if prev.get(t) is not task]
+    else:  # a long history: only the tasks the view says it touched
+        changed = sorted(t for t in known if prev.get(t) is not view.get(t))
     if len(view) != len(prev) or changed:
         ext = topo.extended(view, changed)
         if ext is None:
@@ -428,10 +454,13 @@ def _derive_changes(
         dups = duplicates(view)
     todo.update(t for t in dups.keys() | cache.dups.keys() if t in view)
     cache.topology = topo
-    cache.view = dict(view) if changed or len(view) != len(prev) else prev
+    if changed or len(view) != len(prev) or known is not None:
+        cache._seen(view)
     cache.exclusive, cache.dups, cache.now = excl, dups, now_ms
     if not todo:
-        return dict(out)
+        return out
+    out = cache.out = dict(out)  # statuses handed out before stay as they were
+    restated = cache.restated
     ctx = _Ctx(view, now_ms, params or Params(), excl, authority, dups, stable)
     pos = topo.pos
     heap = [(pos[t], t) for t in todo]
@@ -446,15 +475,18 @@ def _derive_changes(
         st = _derive(task, ctx, out, (), parent_st)
         if memo is not None and memo.status == st:
             st = memo.status
-        elif tid in topo.dependents:
-            for d in topo.dependents[tid]:
-                if d not in seen:
-                    seen.add(d)
-                    heapq.heappush(heap, (pos[d], d))
+        else:
+            if restated is not None:
+                restated.add(tid)
+            if tid in topo.dependents:
+                for d in topo.dependents[tid]:
+                    if d not in seen:
+                        seen.add(d)
+                        heapq.heappush(heap, (pos[d], d))
         out[tid] = st
         memos[tid] = _Memo(task, e, (), False, now_ms, st)
         cache._record(tid, st)
-    return dict(out)
+    return out
 
 
 def derive(view: TaskView, tid: str, now_ms: int, **kw: Any) -> Status | None:

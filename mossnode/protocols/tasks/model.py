@@ -14,6 +14,7 @@ Field names follow the CRDT layout (``mossnode/protocols/crdt/schema.py``): core
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -381,26 +382,52 @@ class Task:
 
 TaskView = Mapping[str, Task]
 
+_serials = itertools.count(1)
+
+
+class View(dict[str, Task]):
+    """A task view that knows which tasks may differ from the view it was built from
+    (``base``, that view's ``serial``): a derivation that last saw the base visits those
+    instead of comparing every task of a long history. Treat it as immutable: the next
+    view is a new object."""
+
+    __slots__ = ("base", "serial", "touched")
+
+    def __init__(self, tasks: Mapping[str, Task], base: int = 0, touched: Iterable[str] = ()):
+        super().__init__(tasks)
+        self.serial = next(_serials)
+        self.base = base  # 0: unknown
+        self.touched = frozenset(touched)
+
+
+def changed_since(view: TaskView, serial: int) -> frozenset[str] | None:
+    """The tasks of ``view`` that may differ from the view numbered ``serial`` (those removed
+    included), or None if ``view`` cannot tell."""
+    if isinstance(view, View) and serial and view.base == serial:
+        return view.touched
+    return None
+
 
 def build_view(
     tasks_root: Any, previous: TaskView | None = None, changed: Iterable[str] | None = None
-) -> dict[str, Task]:
+) -> View:
     """The task view from the document's ``tasks`` root as plain data.
 
     With ``previous`` and ``changed`` (task ids touched since), unchanged tasks keep their
     objects, which lets derivations reuse cached terminal states.
     """
     if not isinstance(tasks_root, Mapping):
-        return {}
+        return View({})
     if previous is None or changed is None:
         out: dict[str, Task] = {}
         for tid in sorted(k for k in tasks_root if isinstance(k, str)):
             task = Task.from_raw(tid, tasks_root[tid])
             if task is not None:
                 out[tid] = task
-        return out
-    view = dict(previous)
-    for tid in changed:
+        return View(out)
+    touched = set(changed)
+    view = View(previous, previous.serial if isinstance(previous, View) else 0, touched)
+    for tid in touched:
         task = Task.from_raw(tid, tasks_root.get(tid))
         if task is None:
             view.pop(tid, None)

@@ -128,6 +128,11 @@ class Scheduler:
         )
         return self.statuses
 
+    def take_restated(self) -> set[str] | None:
+        """Tasks whose status changed since the last call (None: any may have); see
+        :meth:`.lifecycle.Cache.take_restated`."""
+        return self._cache.take_restated()
+
     # -- the step ------------------------------------------------------------------------------
 
     def tick(
