@@ -96,7 +96,7 @@ async def test_work_reported_to_a_tick_that_fails_is_reported_again(tmp_path: Pa
         SimpleNamespace(replica=Replica(B, SWARM, policy)),  # type: ignore[arg-type]
     )
     svc._agents = lambda: []  # type: ignore[method-assign]
-    svc._reputation = lambda now: None  # type: ignore[assignment, method-assign, return-value]
+    svc._reputation = lambda: None  # type: ignore[assignment, method-assign, return-value]
     ended = T.Finished("B:t", {"n": 1})
     svc._ended.append(ended)
 

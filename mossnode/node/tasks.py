@@ -30,7 +30,8 @@ from ..agents.base import Backend, Outcome
 from ..agents.exec import ExecBackend
 from ..crypto.sealed import Randomness, SealedError
 from ..protocols import tasks as T
-from ..protocols.crdt import Writer, WriteRefused
+from ..protocols.crdt import Replica, Writer, WriteRefused
+from ..protocols.crdt.schema import KEY_SEP
 from ..protocols.tasks import confidential as C
 from ..protocols.tasks.effects import Write
 from ..protocols.tasks.supervision import agent_capacity
@@ -131,6 +132,34 @@ def apply_writes(w: Writer, ws: tuple[Write, ...]) -> None:
             w.put(x.task_id, x.kind, x.value)
 
 
+def reread(
+    replica: Replica,
+    tid: str,
+    raw: dict[str, Any] | None,
+    before: T.Task | None,
+    keys: set[str] | None,
+) -> tuple[dict[str, Any] | None, T.Task | None]:
+    """Task ``tid`` as the replica now holds it, given ``raw`` and ``before`` (its plain copy
+    and its parse as of the last read) and the ``keys`` of its map changed since (None: any).
+    When only per-node entries changed (a bid, a lease, a result), reads and parses those
+    into the task as it was: ``(raw, task)``. Otherwise reads the whole task: ``(raw, None)``,
+    for the caller to parse. ``raw`` None: there is no such task."""
+    kinds = {k.partition(KEY_SEP)[0] for k in keys} if keys is not None else None
+    if keys is None or kinds is None or raw is None or before is None or not kinds <= T.SUB_KINDS:
+        return replica.task(tid), None
+    got = replica.task_entries(tid, sorted(keys))
+    if got is None:
+        return None, None
+    raw = {**raw, **{kind: dict(raw.get(kind) or {}) for kind in kinds}}
+    for key in keys:
+        kind, _, node = key.partition(KEY_SEP)
+        if key in got:
+            raw[kind][node] = got[key]
+        else:
+            raw[kind].pop(node, None)
+    return raw, before.with_entries(raw, kinds)
+
+
 class TaskService:
     def __init__(self, daemon: Daemon, shared: StateService) -> None:
         self.d = daemon
@@ -153,7 +182,8 @@ class TaskService:
         self._last_states: dict[str, str] = {}
         # Plain copies of the tasks, refreshed only where the document changed.
         self._raw: dict[str, dict[str, Any]] = {}
-        self._dirty: set[str] = set()
+        # task -> keys of its map changed since the last refresh (None: re-read all of it)
+        self._dirty: dict[str, set[str] | None] = {}
         self._rescan = True
         self._retold: set[str] | None = set()  # tasks re-read since _restated (None: all)
         self.work: dict[str, Work] = {}  # "<task>" or "<task>#review" -> pull agent's work
@@ -224,38 +254,53 @@ class TaskService:
         if paths is None:
             self._rescan = True
         else:
+            dirty = self._dirty
             for p in paths:
                 if p and p[0] == "tasks":
                     if len(p) >= 2 and isinstance(p[1], str):
-                        self._dirty.add(p[1])
+                        tid = p[1]
+                        if len(p) >= 3 and isinstance(p[2], str):
+                            keys = dirty.setdefault(tid, set())
+                            if keys is not None:
+                                keys.add(p[2])
+                        else:
+                            dirty[tid] = None
                     else:
                         self._rescan = True
         if wake:
             self._wake.set()
 
     def _update_view(self) -> None:
-        changed = set(self._dirty)
-        self._dirty.clear()
+        dirty, self._dirty = self._dirty, {}
         if self._rescan:
             self._rescan = False
-            keys = set(self.shared.replica.doc["tasks"].keys())  # pycrdt: a pass over roots
-            changed |= keys - self._raw.keys()
-            for gone in self._raw.keys() - keys:
+            ids = set(self.shared.replica.doc["tasks"].keys())  # pycrdt: a pass over roots
+            for tid in ids - self._raw.keys():
+                dirty[tid] = None
+            for gone in self._raw.keys() - ids:
                 del self._raw[gone]
-                changed.add(gone)
-        for tid in changed:
-            t = self.shared.replica.task(tid)
-            if t is None:
-                self._raw.pop(tid, None)
-            else:
-                self._raw[tid] = t
+                dirty[gone] = None
+        parsed: dict[str, T.Task] = {}
+        for tid, keys in dirty.items():
+            task = self._reread(tid, keys)
+            if task is not None:
+                parsed[tid] = task
+        changed = set(dirty)
         if changed or not self.view:
             full = not self.view
-            self.view = T.build_view(self._raw, None if full else self.view, changed)
+            self.view = T.build_view(self._raw, None if full else self.view, changed, parsed)
             if full:
                 self._retold = None
             elif self._retold is not None:
                 self._retold |= changed
+
+    def _reread(self, tid: str, keys: set[str] | None) -> T.Task | None:
+        raw, task = reread(self.shared.replica, tid, self._raw.get(tid), self.view.get(tid), keys)
+        if raw is None:
+            self._raw.pop(tid, None)
+        else:
+            self._raw[tid] = raw
+        return task
 
     # --- inputs to the pure scheduler -----------------------------------------------------
 

@@ -183,6 +183,31 @@ def task_of(doc: Doc[Map[Any]], tasks: Map[Any], tid: str) -> dict[str, Any] | N
             return nest_task(plain(task.to_py())) if isinstance(task, Map) else None
 
 
+def task_entries(
+    doc: Doc[Map[Any]], tasks: Map[Any], tid: str, keys: list[str]
+) -> dict[str, Any] | None:
+    """``{key: value}`` of some keys of the task map ``tasks/<tid>`` as plain Python (a key
+    the map lacks is left out), or None if there is no such task: a reader that knows which
+    keys changed re-reads those, not the whole task."""
+    with doc.transaction() as txn:
+        try:
+            top, t = tasks.integrated, txn._txn
+            raw: Any = top.get(t, tid) if top.has(t, tid) else None
+            if type(raw) is not _RawMap:
+                return None
+            m: Any = raw  # (mypy narrows ``raw`` to object above)
+            return {k: _raw_py(m.get(t, k), t) for k in keys if m.has(t, k)}
+        except Exception:  # pycrdt internals moved: the public, slower way
+            task = tasks.get(tid)
+            if not isinstance(task, Map):
+                return None
+            return {
+                k: plain(task[k].to_py() if isinstance(task[k], (Map, Array)) else task[k])
+                for k in keys
+                if k in task
+            }
+
+
 class ContentDigest:
     """:func:`state_digest`, kept up to date per top-level key.
 

@@ -47,7 +47,7 @@ from .authorize import (
     references,
 )
 from .clients import client_id_for
-from .document import ContentDigest, apply_update, fast_content, new_doc, task_of
+from .document import ContentDigest, apply_update, fast_content, new_doc, task_entries, task_of
 from .entry import (
     MAX_SPAN,
     STATE_UPDATE,
@@ -194,6 +194,10 @@ class Replica:
 
     def task(self, tid: str) -> dict[str, Any] | None:
         return task_of(self.doc, self._tasks_root, tid)
+
+    def task_entries(self, tid: str, keys: list[str]) -> dict[str, Any] | None:
+        """Some keys of a task's map, as :func:`.document.task_entries` reads them."""
+        return task_entries(self.doc, self._tasks_root, tid, keys)
 
     def vector(self) -> dict[str, int]:
         """``{author peer id: highest contiguous seq applied}``."""

@@ -28,7 +28,7 @@ from .effects import (
     writes,
 )
 from .lifecycle import Accepted, Outcome, Status, derive, derive_all, inputs_from_dependencies
-from .model import TERMINAL, Contract, State, Task, TaskView, build_view
+from .model import SUB_KINDS, TERMINAL, Contract, State, Task, TaskView, build_view
 from .params import Params
 from .recurring import Schedule, due, period_suffix
 from .reputation import Reputation, Tally, leaderboard, reputation
@@ -38,6 +38,7 @@ from .submission import plan_review, plan_submit
 from .supervision import Draft, Limits, Refused, check_deps_update, plan_control, plan_create
 
 __all__ = [
+    "SUB_KINDS",
     "TERMINAL",
     "Accepted",
     "Authority",

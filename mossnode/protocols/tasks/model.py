@@ -16,8 +16,8 @@ from __future__ import annotations
 import enum
 import itertools
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 Json = Any
@@ -296,6 +296,16 @@ class ReviewEntry:
 LogRecord = Mapping[str, Any]
 
 
+def _logs(raw: Any) -> dict[str, tuple[LogRecord, ...]]:
+    out: dict[str, tuple[LogRecord, ...]] = {}
+    if isinstance(raw, Mapping):
+        for node in sorted(k for k in raw if isinstance(k, str)):
+            recs = raw[node]
+            if isinstance(recs, list | tuple):
+                out[node] = tuple(r for r in recs if isinstance(r, Mapping))
+    return out
+
+
 def _entries(raw: Any, parse: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if isinstance(raw, Mapping):
@@ -340,13 +350,6 @@ class Task:
         if title is None or creator is None or created is None:
             return None
         deps = tuple(dict.fromkeys(_strs(raw.get("deps"))))
-        logs: dict[str, tuple[LogRecord, ...]] = {}
-        raw_log = raw.get("log")
-        if isinstance(raw_log, Mapping):
-            for node in sorted(k for k in raw_log if isinstance(k, str)):
-                recs = raw_log[node]
-                if isinstance(recs, list | tuple):
-                    logs[node] = tuple(r for r in recs if isinstance(r, Mapping))
         return cls(
             id=tid,
             title=title,
@@ -360,14 +363,15 @@ class Task:
             role=_str(raw.get("role")),
             priority=as_float(raw.get("priority")) or 0.0,
             contract=Contract.from_raw(raw.get("contract")),
-            bids=_entries(raw.get("bids"), BidEntry.from_raw),
-            claims=_entries(raw.get("claims"), ClaimEntry.from_raw),
-            leases=_entries(raw.get("leases"), LeaseEntry.from_raw),
-            progress=_entries(raw.get("progress"), ProgressEntry.from_raw),
-            results=_entries(raw.get("results"), ResultEntry.from_raw),
-            reviews=_entries(raw.get("reviews"), ReviewEntry.from_raw),
-            log=logs,
+            **{kind: parse(raw.get(kind)) for kind, parse in _SUB_PARSERS.items()},
         )
+
+    def with_entries(self, raw: Mapping[str, Any], kinds: Iterable[str]) -> Task:
+        """This task with the per-node maps ``kinds`` (``bids``, ..., ``log``) parsed again
+        from ``raw``: ``from_raw(self.id, raw)`` when only those changed since this task was
+        parsed. A reader that knows which entries changed re-parses those, not the task."""
+        parts: dict[str, Any] = {kind: _SUB_PARSERS[kind](raw.get(kind)) for kind in kinds}
+        return replace(self, **parts)
 
     def records(self, kinds: Iterable[str] | None = None) -> list[tuple[str, LogRecord]]:
         """Log records as (author node, record), optionally of some kinds, in a fixed order."""
@@ -379,6 +383,17 @@ class Task:
                     out.append((node, rec))
         return out
 
+
+_SUB_PARSERS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "bids": lambda raw: _entries(raw, BidEntry.from_raw),
+    "claims": lambda raw: _entries(raw, ClaimEntry.from_raw),
+    "leases": lambda raw: _entries(raw, LeaseEntry.from_raw),
+    "progress": lambda raw: _entries(raw, ProgressEntry.from_raw),
+    "results": lambda raw: _entries(raw, ResultEntry.from_raw),
+    "reviews": lambda raw: _entries(raw, ReviewEntry.from_raw),
+    "log": _logs,
+}
+SUB_KINDS = frozenset(_SUB_PARSERS)  # the per-node maps of a task
 
 TaskView = Mapping[str, Task]
 
@@ -409,12 +424,16 @@ def changed_since(view: TaskView, serial: int) -> frozenset[str] | None:
 
 
 def build_view(
-    tasks_root: Any, previous: TaskView | None = None, changed: Iterable[str] | None = None
+    tasks_root: Any,
+    previous: TaskView | None = None,
+    changed: Iterable[str] | None = None,
+    parsed: Mapping[str, Task] | None = None,
 ) -> View:
     """The task view from the document's ``tasks`` root as plain data.
 
     With ``previous`` and ``changed`` (task ids touched since), unchanged tasks keep their
-    objects, which lets derivations reuse cached terminal states.
+    objects, which lets derivations reuse cached terminal states. ``parsed``: changed tasks
+    the caller already parsed from ``tasks_root`` (see :meth:`Task.with_entries`).
     """
     if not isinstance(tasks_root, Mapping):
         return View({})
@@ -428,7 +447,9 @@ def build_view(
     touched = set(changed)
     view = View(previous, previous.serial if isinstance(previous, View) else 0, touched)
     for tid in touched:
-        task = Task.from_raw(tid, tasks_root.get(tid))
+        task = parsed.get(tid) if parsed else None
+        if task is None:
+            task = Task.from_raw(tid, tasks_root.get(tid))
         if task is None:
             view.pop(tid, None)
         else:
