@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from test_crdt_support import NOW, SWARM, ident, policy_for
 
-from mossnode.node.tasks import TaskService, apply_writes
+from mossnode.node.tasks import TaskService, apply_writes, paths_of
 from mossnode.protocols import tasks as T
 from mossnode.protocols.crdt import Replica
 
@@ -123,3 +123,26 @@ def test_with_entries_equals_a_fresh_parse_including_malformed_entries() -> None
         raw = {**raw, kind: entries}
         task = task.with_entries(raw, [kind])
         assert task == T.Task.from_raw("A:t", raw), kind
+
+
+def test_a_local_write_names_the_paths_a_peer_sees_it_change() -> None:
+    """The node refreshes its own writes by the paths ``paths_of`` names: they must be the
+    ones a peer's replica reports for the same entry (else the view would miss a change)."""
+    policy = policy_for([A, B])
+    ra, rb = Replica(A, SWARM, policy), Replica(B, SWARM, policy)
+    plan = T.plan_create({}, T.Draft("t", "t", capabilities=("py",)), creator=A.peer_id, now_ms=NOW)
+    assert isinstance(plan, T.Create)
+    tid = plan.task_id
+    cases: list[tuple[Replica, list[Any]]] = [
+        (ra, [plan]),
+        (rb, [T.Bid(tid, 1, "b", 0.5)]),
+        (rb, [T.Claim(tid, 1, "b", NOW + 5_000), T.Progress(tid, 1, 1, "half", 0.5)]),
+        (rb, [T.Submit(tid, 1, 1, "b", True, {"n": 1}), T.Release(tid, 1, "done")]),
+    ]
+    for rep, effects in cases:
+        ws = tuple(w for e in effects for w in T.writes(e, NOW))
+        _, entry = rep.write(lambda w, ws=ws: apply_writes(w, ws), NOW)
+        assert entry is not None
+        peer = rb if rep is ra else ra
+        seen = {tuple(p[:3]) for p in peer.receive_batch([entry.data], NOW).changed}
+        assert set(paths_of(ws, rep.me)) == seen, effects

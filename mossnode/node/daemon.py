@@ -83,7 +83,7 @@ from .links import FrameReader, Links, close_stream
 from .messaging import MSG_PROTO, TOPIC_NAME, MessagingService
 from .state import StateService
 from .store import Store, StoreError
-from .tasks import TaskService, apply_writes, json_numbers
+from .tasks import TaskService, apply_writes, json_numbers, paths_of
 
 log = logging.getLogger("mossnode")
 
@@ -1141,7 +1141,7 @@ class Daemon:
                 raise DaemonError(f"task refused ({plan.code}): {plan.reason}", plan.code, 409)
         ws = T.writes(plan, now)
         try:
-            await self._shared().write(lambda w: apply_writes(w, ws), touched=[plan.task_id])
+            await self._shared().write(lambda w: apply_writes(w, ws), paths_of(ws, self.peer_id))
         except WriteRefused as exc:
             raise DaemonError(f"task refused: {exc}", "forbidden", 403) from None
         return {"id": plan.task_id, "state": "pending"}
@@ -1225,7 +1225,7 @@ class Daemon:
         if isinstance(plan, T.Refused):
             raise DaemonError(f"{verb} refused ({plan.code}): {plan.reason}", plan.code, 409)
         ws = T.writes(plan, now)
-        await self._shared().write(lambda w: apply_writes(w, ws), touched=[tid])
+        await self._shared().write(lambda w: apply_writes(w, ws), paths_of(ws, self.peer_id))
         return {"id": tid, "action": verb}
 
     def leaderboard(self) -> list[dict[str, Any]]:

@@ -220,17 +220,18 @@ class StateService:
 
     # --- local writes ---------------------------------------------------------------------
 
-    async def write(self, fn: Callable[[Any], T], touched: list[str] | None = None) -> T:
+    async def write(self, fn: Callable[[Any], T], paths: list[tuple[Any, ...]] | None = None) -> T:
         """Run one local write; returns once the entry is durable (then it is gossiped).
 
-        ``touched``: the task ids it writes, so readers refresh only those."""
+        ``paths``: the document paths it writes (``("tasks", tid)`` or, for one key of the
+        task's map, ``("tasks", tid, key)``), so readers refresh only those."""
         await self.wait_synced(5)
         # replica.write is synchronous: nothing else runs between signing and queueing, so
         # seqs reach the store in order. Writers then share group commits (no lock held).
         result, entry = self.replica.write(fn, now_ms())
         if entry is not None:
             self._enqueue([entry])
-            self.on_change([("tasks", t) for t in touched] if touched is not None else None, True)
+            self.on_change(paths, True)
             await self._persisted()
             self.counters["written"] += 1
         return result

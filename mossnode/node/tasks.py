@@ -31,7 +31,7 @@ from ..agents.exec import ExecBackend
 from ..crypto.sealed import Randomness, SealedError
 from ..protocols import tasks as T
 from ..protocols.crdt import Replica, Writer, WriteRefused
-from ..protocols.crdt.schema import KEY_SEP
+from ..protocols.crdt.schema import KEY_SEP, node_key
 from ..protocols.tasks import confidential as C
 from ..protocols.tasks.effects import Write
 from ..protocols.tasks.supervision import agent_capacity
@@ -130,6 +130,18 @@ def apply_writes(w: Writer, ws: tuple[Write, ...]) -> None:
             w.append_log(x.task_id, x.value)
         else:
             w.put(x.task_id, x.kind, x.value)
+
+
+def paths_of(ws: Iterable[Write], me: str) -> list[tuple[Any, ...]]:
+    """The document paths :func:`apply_writes` of ``ws`` changes as node ``me`` (for
+    :meth:`.state.StateService.write`): one key per per-node entry, a whole task otherwise."""
+    out: dict[tuple[Any, ...], None] = {}
+    for x in ws:
+        if x.kind in T.SUB_KINDS:
+            out[("tasks", x.task_id, node_key(x.kind, me))] = None
+        else:
+            out[("tasks", x.task_id)] = None
+    return list(out)
 
 
 def reread(
@@ -465,9 +477,7 @@ class TaskService:
         ws = tuple(w for e in effects for w in T.writes(e, now))
         if ws:
             try:
-                await self.shared.write(
-                    lambda w: apply_writes(w, ws), touched=sorted({x.task_id for x in ws})
-                )
+                await self.shared.write(lambda w: apply_writes(w, ws), paths_of(ws, self.d.peer_id))
             except WriteRefused as exc:
                 # One refused fact must not hold back the others: write them one by one.
                 log.warning("batched task write refused (%s); writing effects singly", exc)
@@ -481,7 +491,7 @@ class TaskService:
         ws = T.writes(effect, now_ms())
         if ws:
             try:
-                await self.shared.write(lambda w: apply_writes(w, ws), touched=[effect.task_id])
+                await self.shared.write(lambda w: apply_writes(w, ws), paths_of(ws, self.d.peer_id))
             except WriteRefused as exc:
                 self.d.counters["task_write_refused"] += 1
                 log.warning("%s on %s refused: %s", type(effect).__name__, effect.task_id, exc)
@@ -544,7 +554,8 @@ class TaskService:
         async def progress(fraction: float, message: str) -> None:
             # an agent's progress text may quote what it reads: not written for secret tasks
             eff = T.Progress(tid, attempt, rnd, None if secret else message or None, fraction)
-            await self.shared.write(lambda w: apply_writes(w, T.writes(eff, now_ms())), [tid])
+            ws = T.writes(eff, now_ms())
+            await self.shared.write(lambda w: apply_writes(w, ws), paths_of(ws, self.d.peer_id))
 
         outcome: Outcome | None = None
         try:
@@ -786,7 +797,7 @@ class TaskService:
     async def _write(self, effect: T.Effect) -> None:
         ws = T.writes(effect, now_ms())
         try:
-            await self.shared.write(lambda w: apply_writes(w, ws), touched=[effect.task_id])
+            await self.shared.write(lambda w: apply_writes(w, ws), paths_of(ws, self.d.peer_id))
         except WriteRefused as exc:
             raise WorkRefused("forbidden", f"the swarm refuses this node's write: {exc}") from None
         self.poke()
