@@ -93,6 +93,11 @@ log = logging.getLogger("mossnode")
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
+def _state_name(st: T.Status | None) -> str:
+    """A task's state as the API names it (a task not derived yet is pending)."""
+    return str(st.state) if st else "pending"
+
+
 def tune_gc() -> None:
     """The daemon's garbage-collector settings (also applied by benchmarks of its parts)."""
     gc.set_threshold(*GC_THRESHOLDS)
@@ -1155,7 +1160,7 @@ class Daemon:
         return {
             "id": tid,
             "title": task.title,
-            "state": str(st.state) if st else "pending",
+            "state": _state_name(st),
             "assignee": st.assignee if st else None,
             "agent": st.agent if st else None,
             "attempt": st.attempt if st else 1,
@@ -1169,9 +1174,13 @@ class Daemon:
     def list_tasks(self, state: str | None) -> list[dict[str, Any]]:
         tasks = self._tasks()
         tasks.refresh(now_ms())
-        rows = [self._task_row(tid, t, tasks.statuses.get(tid)) for tid, t in tasks.view.items()]
-        rows.sort(key=lambda r: r["id"])
-        return [r for r in rows if state is None or r["state"] == state]
+        statuses = tasks.statuses
+        # rows only for the tasks asked for: a long history is mostly done
+        return [
+            self._task_row(tid, tasks.view[tid], statuses.get(tid))
+            for tid in sorted(tasks.view)
+            if state is None or _state_name(statuses.get(tid)) == state
+        ]
 
     def show_task(self, tid: str, reader: frozenset[str] = frozenset()) -> dict[str, Any]:
         """One task; ``reader`` are the caller's roles, which decide whether it sees the
