@@ -71,6 +71,12 @@ def test_dag_across_four_nodes(cluster_factory) -> None:
     assert all(assignees)
     for t in (a, b, d, e):  # every replica agrees
         assert len({state(node, t)["state"] for node in c.nodes}) == 1
+    # listing by state: exactly the tasks in it, in id order
+    done = c.nodes[0].api.get("/v1/tasks?state=done")
+    assert [t["id"] for t in done] == sorted({a, b, d, e}) and {t["state"] for t in done} == {
+        "done"
+    }
+    assert c.nodes[0].api.get("/v1/tasks?state=pending") == []
 
 
 def test_takeover_after_kill9(cluster_factory) -> None:
