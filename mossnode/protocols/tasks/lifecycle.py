@@ -350,7 +350,9 @@ def derive_all(
     reused while its task object is the same, its ``wake_at`` has not come, and no
     dependency or parent status changed; the result is the same as without a cache. With a
     cache, a call visits only the tasks that may have changed since the last one (and
-    their dependents), not every task: see :func:`_derive_changes`.
+    their dependents), not every task: see :func:`_derive_changes`. The mapping returned is
+    then the cache's own, updated in place by the next call (a copy of every status per call
+    cost more than the call at 100,000 tasks): copy it to keep a snapshot.
     """
     if cache is not None and cache.out is not None and cache.now <= now_ms:
         quick = _derive_changes(view, now_ms, params, exclusive or {}, authority, cache, stable)
@@ -459,7 +461,6 @@ def _derive_changes(
     cache.exclusive, cache.dups, cache.now = excl, dups, now_ms
     if not todo:
         return out
-    out = cache.out = dict(out)  # statuses handed out before stay as they were
     restated = cache.restated
     ctx = _Ctx(view, now_ms, params or Params(), excl, authority, dups, stable)
     pos = topo.pos
