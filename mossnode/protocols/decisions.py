@@ -586,10 +586,10 @@ class ConsensusMembership(Membership):
         if proof.count == 0:
             return Analysis(NOOP, {"reason": "null"}, None, {})
         assert self.envelopes is not None
-        env = self.envelopes.open(proof.request)
-        req = Request.parse(env.body) if env is not None and env.type == REQUEST else None
-        if env is None or req is None:
+        got = self.envelopes.request(proof.request)
+        if got is None:
             return Analysis(NOOP, {"reason": "invalid", "error": NOT_A_REQUEST}, None, {})
+        env, req = got
         done = self.clients.get(env.sender)
         if done is not None and req.timestamp <= done:
             return Analysis(NOOP, {"reason": "duplicate"}, None, {})
