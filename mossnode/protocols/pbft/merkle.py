@@ -42,15 +42,17 @@ def _levels(leaves: list[bytes]) -> list[list[bytes]]:
     return levels
 
 
-def _path(levels: list[list[bytes]], index: int) -> list[bytes]:
-    """Sibling hashes of leaf ``index`` from the bottom up (a carried node has no sibling)."""
-    path = []
-    for level in levels[:-1]:
-        sib = index ^ 1
-        if sib < len(level):
-            path.append(level[sib])
-        index >>= 1
-    return path
+def _paths(levels: list[list[bytes]], count: int) -> list[list[bytes]]:
+    """Every leaf's sibling hashes from the bottom up. Node ``j`` of level ``h`` covers leaves
+    ``j << h`` up to ``(j + 1) << h``; a carried node (the odd last one) has no sibling."""
+    paths: list[list[bytes]] = [[] for _ in range(count)]
+    for h, level in enumerate(levels[:-1]):
+        n = len(level)
+        for j in range(n - (n & 1)):
+            sibling = level[j ^ 1]
+            for i in range(j << h, min((j + 1) << h, count)):
+                paths[i].append(sibling)
+    return paths
 
 
 def _seal(count: int, mth: bytes) -> bytes:
@@ -75,7 +77,7 @@ def batch_root(requests: Sequence[bytes]) -> bytes:
 def batch_proofs(requests: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
     """The batch digest and every request's inclusion path, in O(k log k)."""
     root, levels = _tree(tuple(requests))
-    return root, [_path(levels, i) for i in range(len(requests))]
+    return root, _paths(levels, len(requests))
 
 
 def root_from_path(request: bytes, index: int, count: int, path: Sequence[bytes]) -> bytes | None:
