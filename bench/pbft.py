@@ -279,8 +279,8 @@ async def _drive(c: Cluster, raw: float) -> None:
             print(
                 f"  n={n} {label:9}: {rate:7.0f} decisions/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms"
                 f"  verifies/decision {vpd:5.1f}  verify-bound ratio {vpd * rate / raw:.2f}"
-                f"  validator CPU/decision {cpu * 1000 / max(decided, 1):5.1f} ms"
-                f" (clients' gateway {gw_cpu * 1000 / max(decided, 1):4.1f} ms)"
+                f"  validator CPU/decision {cpu * 1000 / max(decided, 1):6.2f} ms"
+                f" (clients' gateway {gw_cpu * 1000 / max(decided, 1):5.2f} ms)"
                 f"  requests per batch {decided / max(batches, 1):5.1f}"
             )
         ns.cancel_scope.cancel()

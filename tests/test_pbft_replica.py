@@ -414,3 +414,27 @@ def test_no_status_or_checkpoint_resend_while_progressing() -> None:
     assert "pbft.status" not in sent and "pbft.sync" not in sent
     # one broadcast per replica per checkpoint (K = 4) as for commits per seq, and no resends
     assert sent.count("pbft.checkpoint") <= sent.count("pbft.commit") // 4 + 12
+
+
+def test_envelope_cache_parses_each_request_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch's requests are looked at when the pre-prepare is accepted, when they are noted
+    pending, when they execute and when the decided log judges them: parsed once for all."""
+    from mossnode.protocols.pbft.messages import REQUEST, EnvelopeCache
+
+    cache = EnvelopeCache(SWARM)
+    c = ident(30)
+    raw = seal(c, swarm_id=SWARM, type=REQUEST, seq=1, timestamp=T0, body=Request(b"x", 7).body())
+    other = seal(c, swarm_id=SWARM, type=REPLY, seq=2, timestamp=T0, body={"op": b"x", "t": 7})
+    parsed: list[Any] = []
+    real = Request.parse.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        Request, "parse", classmethod(lambda cls, b: parsed.append(b) or real(cls, b))
+    )
+    got = cache.request(raw)
+    assert got is not None and got[0].sender == c.public_key and got[1] == Request(b"x", 7)
+    assert cache.request(raw) is got and cache.request(raw) is got
+    assert (
+        cache.request(other) is None and cache.request(b"junk") is None and cache.request(3) is None
+    )
+    assert cache.request(other) is None
+    assert len(parsed) == 1

@@ -586,10 +586,10 @@ class ConsensusMembership(Membership):
         if proof.count == 0:
             return Analysis(NOOP, {"reason": "null"}, None, {})
         assert self.envelopes is not None
-        env = self.envelopes.open(proof.request)
-        req = Request.parse(env.body) if env is not None and env.type == REQUEST else None
-        if env is None or req is None:
+        got = self.envelopes.request(proof.request)
+        if got is None:
             return Analysis(NOOP, {"reason": "invalid", "error": NOT_A_REQUEST}, None, {})
+        env, req = got
         done = self.clients.get(env.sender)
         if done is not None and req.timestamp <= done:
             return Analysis(NOOP, {"reason": "duplicate"}, None, {})
@@ -605,7 +605,7 @@ class ConsensusMembership(Membership):
 
     def _apply(self, entry: Entry, proof: EntryProof | None, root: bytes | None) -> None:
         analysis = self.analyze(proof, entry.certificate[0]) if proof is not None else None
-        before = self.validators()
+        roles = self.history[-1]  # snapshots are never mutated: the same one, the same set
         super().apply(entry)
         if isinstance(analysis, Analysis):
             for client, t in analysis.executed.items():
@@ -618,8 +618,9 @@ class ConsensusMembership(Membership):
             if proof.index == 0:
                 self.batch_first[proof.n] = entry.seq
             self.position = Position(proof.n, proof.index, proof.count, root)
-            after = self.validators()
-            if after != before:  # as the replicas schedule it when they execute the request
+            after = self.validators() if self.history[-1] is not roles else None
+            if after is not None and after != _validators_in(roles):
+                # as the replicas schedule it when they execute the request
                 first = takes_over(proof.n, CHECKPOINT_INTERVAL, WINDOW)
                 self.schedule = rescheduled(self.schedule, first, after)
         self._apply_extras(entry)
@@ -815,12 +816,14 @@ class DecisionMachine:
             after = _validators_in(st.history[flat])
         else:
             self._fill(b, ex.index)
-            before = st.validators()
+            roles = st.history[-1]
             entry = self._append(b, ex.index)
             if st.origin.get(entry.seq) != (ex.client, ex.timestamp):
                 b.problem = f"seq {entry.seq}: the replica executed what the log skips"
             flat = entry.seq
-            after = st.validators()
+            if st.history[-1] is roles:  # no role changed (snapshots are shared till one does)
+                return canonical({"seq": flat})
+            before, after = _validators_in(roles), st.validators()
         result = canonical({"seq": flat})
         return Outcome(result, tuple(after)) if after != before else result
 

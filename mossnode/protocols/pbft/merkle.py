@@ -10,6 +10,7 @@ list of sibling hashes from the leaf up (RFC 9162 section 2.1.3).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -26,44 +27,57 @@ def _node(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(b"\x01" + left + right).digest()
 
 
-def _split(n: int) -> int:
-    """Largest power of two strictly below ``n`` (n >= 2)."""
-    return 1 << ((n - 1).bit_length() - 1)
+def _levels(leaves: list[bytes]) -> list[list[bytes]]:
+    """The tree's levels, leaves first, built bottom-up: pairs are hashed left to right and a
+    lone last node is carried up unchanged, which yields exactly RFC 9162's split-at-a-power-of
+    -two tree (its left subtrees are perfect) without recursion."""
+    levels = [leaves]
+    level = leaves
+    while len(level) > 1:
+        up = [_node(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) & 1:
+            up.append(level[-1])
+        levels.append(up)
+        level = up
+    return levels
 
 
-def _tree(leaves: Sequence[bytes], paths: list[list[bytes]] | None, lo: int, hi: int) -> bytes:
-    if hi - lo == 1:
-        return leaves[lo]
-    mid = lo + _split(hi - lo)
-    left = _tree(leaves, paths, lo, mid)
-    right = _tree(leaves, paths, mid, hi)
-    if paths is not None:
-        for i in range(lo, mid):
-            paths[i].append(right)
-        for i in range(mid, hi):
-            paths[i].append(left)
-    return _node(left, right)
+def _paths(levels: list[list[bytes]], count: int) -> list[list[bytes]]:
+    """Every leaf's sibling hashes from the bottom up. Node ``j`` of level ``h`` covers leaves
+    ``j << h`` up to ``(j + 1) << h``; a carried node (the odd last one) has no sibling."""
+    paths: list[list[bytes]] = [[] for _ in range(count)]
+    for h, level in enumerate(levels[:-1]):
+        n = len(level)
+        for j in range(n - (n & 1)):
+            sibling = level[j ^ 1]
+            for i in range(j << h, min((j + 1) << h, count)):
+                paths[i].append(sibling)
+    return paths
 
 
 def _seal(count: int, mth: bytes) -> bytes:
     return hashlib.sha256(DOMAIN + count.to_bytes(4, "big") + mth).digest()
 
 
+@functools.lru_cache(maxsize=8)
+def _tree(requests: tuple[bytes, ...]) -> tuple[bytes, list[list[bytes]]]:
+    """Digest and levels of a batch, memoized: a replica names the batch when the pre-prepare
+    is made or parsed and proves its requests when it executes it, one tree for both."""
+    if not requests:
+        return _seal(0, _EMPTY), []
+    levels = _levels([leaf_hash(r) for r in requests])
+    return _seal(len(requests), levels[-1][0]), levels
+
+
 def batch_root(requests: Sequence[bytes]) -> bytes:
     """The digest that names a batch (pre-prepares, votes and certificates carry it)."""
-    if not requests:
-        return _seal(0, _EMPTY)
-    leaves = [leaf_hash(r) for r in requests]
-    return _seal(len(leaves), _tree(leaves, None, 0, len(leaves)))
+    return _tree(tuple(requests))[0]
 
 
 def batch_proofs(requests: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
     """The batch digest and every request's inclusion path, in O(k log k)."""
-    if not requests:
-        return _seal(0, _EMPTY), []
-    leaves = [leaf_hash(r) for r in requests]
-    paths: list[list[bytes]] = [[] for _ in leaves]
-    return _seal(len(leaves), _tree(leaves, paths, 0, len(leaves))), paths
+    root, levels = _tree(tuple(requests))
+    return root, _paths(levels, len(requests))
 
 
 def root_from_path(request: bytes, index: int, count: int, path: Sequence[bytes]) -> bytes | None:

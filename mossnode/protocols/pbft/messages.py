@@ -93,6 +93,7 @@ class EnvelopeCache:
         self.swarm_id = swarm_id
         self.cap = cap
         self._known: dict[bytes, Envelope | None] = {}
+        self._requests: dict[bytes, tuple[Envelope, Request] | None] = {}
 
     def open(self, raw: Any) -> Envelope | None:
         if not isinstance(raw, bytes):
@@ -104,6 +105,26 @@ class EnvelopeCache:
         env = open_embedded(raw, self.swarm_id)
         self._remember(raw, env)
         return env
+
+    def request(self, raw: Any) -> tuple[Envelope, Request] | None:
+        """The envelope and parsed body of a signed request, or None unless ``raw`` is one.
+
+        Memoized like :meth:`open`: a replica looks at each request of a batch when it accepts
+        the pre-prepare, notes it pending, executes it, and the decided log judges it again."""
+        if not isinstance(raw, bytes):
+            return None
+        try:
+            return self._requests[raw]
+        except KeyError:
+            pass
+        env = self.open(raw)
+        req = Request.parse(env.body) if env is not None and env.type == REQUEST else None
+        got = (env, req) if env is not None and req is not None else None
+        known = self._requests
+        known[raw] = got
+        if len(known) > self.cap:
+            del known[next(iter(known))]
+        return got
 
     def peek(self, raw: bytes) -> Envelope | None:
         """The envelope for these bytes if it was opened before (no verification here)."""

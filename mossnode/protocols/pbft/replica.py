@@ -455,10 +455,10 @@ class Replica:
     def _note_pending(self, batch: Iterable[bytes], assign: bool = False) -> None:
         """Remember requests seen in pre-prepares: a later primary may have to re-propose them."""
         for raw in batch:
-            env = self._open(raw)
-            req = Request.parse(env.body) if env is not None else None
-            if env is None or req is None:
+            got = self._envelopes.request(raw)
+            if got is None:
                 continue
+            env, req = got
             if assign:
                 self._assigned[env.sender] = max(self._assigned.get(env.sender, 0), req.timestamp)
             done = self._clients.get(env.sender)
@@ -548,9 +548,9 @@ class Replica:
             self._count("conflicting_preprepare")
             return
         if acc is None or acc.raw is None:
+            requests = self._envelopes.request
             for r in pp.batch:
-                e = self._open(r)
-                if e is None or e.type != REQUEST or Request.parse(e.body) is None:
+                if requests(r) is None:
                     self._count("bad_request")
                     return
             slot.preprepares[pp.view] = Accepted(pp.digest, pp.batch, raw)
@@ -667,12 +667,13 @@ class Replica:
         scheduled: tuple[int, tuple[bytes, ...]] | None = None
         if self._on_batch is not None:
             self._on_batch(n, c.batch)
+        requests = self._envelopes.request
         for index, raw in enumerate(c.batch):
-            env = self._open(raw)
-            req = Request.parse(env.body) if env is not None and env.type == REQUEST else None
-            if env is None or req is None:
+            got = requests(raw)
+            if got is None:
                 results.append(None)
                 continue
+            env, req = got
             client = env.sender
             done = self._clients.get(client)
             if done is not None and req.timestamp <= done[0]:
