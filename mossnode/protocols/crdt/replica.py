@@ -718,7 +718,8 @@ class Replica:
         costs about what the updates since the last one did)."""
         self._lag.append(update)
         self._lag_bytes += len(update)
-        if self._lag_bytes > max(LAG_BYTES, len(self._checkpoint or b"")):
+        lag = self._lag_bytes
+        if lag > LAG_BYTES and lag > len(self._checkpoint or b""):
             self._save(self.doc.get_update())
 
     def _save(self, state: bytes) -> None:
