@@ -479,7 +479,12 @@ class Replica:
         if item.entry.policy_seq > self.policy.latest_seq():
             return False
         sv = self._sv
-        return all(sv.get(c, 0) >= k or self._holds(c, k) for c, k in item.needs.items())
+        for c, k in item.needs.items():  # usually one: the author's own items
+            if sv.get(c, 0) < k and not self._holds(c, k):
+                break
+        else:
+            return True
+        return False
 
     def _apply(self, author: str, seq: int, item: _Waiting, out: Outcome) -> bool:
         """Admit the author's next entry ``item`` (ready); blocks the author if refused."""
