@@ -315,6 +315,48 @@ def test_mutated_updates_admit_as_the_reference(seed: int, which: int) -> None:
             assert rep.digest() == before
 
 
+def _own_deletions() -> list[Any]:
+    """Changes by B that delete B's own earlier items: allowed (a claim, an agent, a claim
+    replaced) and forbidden (log elements, one and several, which nobody may delete)."""
+    tid, b = _TID, B.peer_id
+
+    def log(d: Doc[Any]) -> Any:
+        return d["tasks"][tid][f"log/{b}"]
+
+    return [
+        lambda d: d["tasks"][tid].__delitem__(f"claims/{b}"),
+        lambda d: d["tasks"][tid].__setitem__(f"claims/{b}", {"n": 9}),
+        lambda d: log(d).__delitem__(0),
+        lambda d: log(d).__delitem__(slice(0, 2)),
+        lambda d: d["agents"].__delitem__(b),
+        lambda d: (log(d).append(7), d["tasks"][tid].__delitem__(f"claims/{b}")),
+    ]
+
+
+@pytest.mark.parametrize("which", range(len(_own_deletions())))
+@pytest.mark.parametrize("grants", [None, {"task.create"}])
+def test_deleting_own_items_admits_as_the_reference(which: int, grants: set[str] | None) -> None:
+    """Deletions of the author's own earlier items (the fast path looks one item up directly):
+    the fast path accepts exactly what the reference accepts, with the same result, and a
+    refused deletion leaves the document as it was."""
+    diff = Differential()
+    policy = policy_for([A, B, C, D])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(replica, "admit", diff)
+        rep = Replica(C, SWARM, policy)
+        rep.receive_batch(_ENTRIES, NOW)
+        assert rep.vector()[B.peer_id] == len(_ENTRIES) - 1
+        policy.grants[B.peer_id] = grants  # without task.claim, B may not delete its claim
+        before = rep.digest()
+        out = rep.receive(forge(rep, B, _own_deletions()[which]), NOW)
+    forbidden = which in (2, 3) or (grants is not None and which in (0, 1, 5))
+    assert bool(out.refused) == forbidden, out.refused
+    if forbidden:
+        assert rep.digest() == before and B.peer_id in rep.blocked_authors()
+    else:
+        assert out.applied and diff.counts["fast accepts"] >= 1
+
+
 # -- a batch decides as single entries do ------------------------------------------------------
 
 
@@ -390,6 +432,49 @@ def test_a_batch_decides_as_its_entries_one_by_one(
     parts = Replica(C, SWARM, policy)
     outs = [parts.receive_batch(entries[i : i + split], NOW) for i in range(0, len(entries), split)]
     assert _verdicts(parts, outs) == by_one
+
+
+def _stuck_entry() -> bytes:
+    """A valid entry of a fifth author's seq 2, whose seq 1 never comes: held pending for good,
+    it keeps a receiver on the general path (hold, then apply the author's chain or drain)."""
+    e = ident(8)
+    rep = Replica(e, SWARM, policy_for([e]))
+    rep.create_task("first", NOW, title="a")
+    _, second = rep.create_task("second", NOW, title="b")
+    assert second is not None and second.seq == 2
+    return second.data
+
+
+_STUCK = _stuck_entry()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    plan=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 20)), max_size=30),
+    seed=st.integers(0, 2**32 - 1),
+    split=st.integers(1, 8),
+)
+def test_applying_at_once_decides_as_holding_first(
+    plan: list[tuple[int, int, int]], seed: int, split: int
+) -> None:
+    """An entry that is its author's next and ready while nothing waits is applied at once
+    (Replica._accept) instead of held and then applied: the same applied entries in the same
+    order, the same refusals, the same document. Entries arrive shuffled, repeated, mixed with
+    garbage and other authors' forbidden writes and deletions; the reference replica is kept
+    on the general path by an entry that waits for good."""
+    policy, entries = _plan_entries(plan)
+    rng = random.Random(seed)
+    stream = entries + rng.sample(entries, min(3, len(entries))) + [b"garbage", b"\x00" * 80]
+    if seed % 2:
+        rng.shuffle(stream)
+    batches = [stream[i : i + split] for i in range(0, len(stream), split)]
+    fast = Replica(C, SWARM, policy)
+    general = Replica(C, SWARM, policy)
+    assert not general.receive(_STUCK, NOW).applied
+    outs = [fast.receive_batch(b, NOW) for b in batches] + [fast.drain(NOW)]
+    refs = [general.receive_batch(b, NOW) for b in batches] + [general.drain(NOW)]
+    assert _verdicts(fast, outs) == _verdicts(general, refs)
+    assert [o.changed for o in outs] == [o.changed for o in refs]
 
 
 # -- the index and the write-once set ---------------------------------------------------------

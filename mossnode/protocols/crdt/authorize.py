@@ -650,13 +650,24 @@ def admit(
         own_starts.append(k)
         own_places.append(place)
     f.clock = clock
-    if update.deletes:
-        deleted = _coalesce(update.deletes)
+    dels = update.deletes
+    if dels:
+        if len(dels) == 1:  # the common case (a value replaced): nothing to merge
+            c, k, n = dels[0]
+            deleted = {c: [(k, k + n)]}
+        else:
+            deleted = _coalesce(dels)
         for c, ranges in deleted.items():
             if ranges[-1][1] > (clock if c == client else deps.get(c, 0)):
                 return None
             for lo, hi in ranges:
-                if c == client:
+                if c == client and hi <= start:  # only earlier items: none of this update's
+                    if hi - lo == 1:  # one item: its place, as index.places would yield it
+                        one = find(c, lo)
+                        found = [] if one is None else [one]
+                    else:
+                        found = list(index.places(c, lo, hi))
+                elif c == client:
                     found = list(index.places(c, lo, min(hi, start)))
                     i = max(bisect.bisect_right(own_starts, lo) - 1, 0)
                     while i < len(spans) and spans[i][0] < hi:

@@ -175,7 +175,8 @@ class LocationIndex:
         p_keys: list[str | None] = []
         p_single = True
         extends = False
-        if ends:
+        # only a first span in the last row's container, right after it, can grow that row
+        if ends and spans[0][0] == last and self._conts[packed[-1] & _LOW32] is spans[0][2][0]:
             cont, key, kind = self._unpack(packed[-1])
             if not isinstance(self._keys[(packed[-1] >> _KEY_SHIFT) & _LOW28], tuple):
                 p_start, p_end, p_cont, p_kind, p_keys = starts[-1], last, cont, kind, [key]

@@ -306,6 +306,8 @@ class Replica:
         pending = self._pending
         for data in batch:
             author = self._accept(data, now_ms, out)
+            if author is None and not pending:
+                continue  # refused, or applied at once (_accept): nothing else waits
             if author is not None and len(pending) == 1 and author in pending:
                 # only this author waits: _drain would apply its chain and find nothing else
                 while self._apply_next(author, out):
@@ -404,7 +406,25 @@ class Replica:
             else:
                 self._refuse(out, author, seq, Reason.FORBIDDEN, "author is blocked")
             return None
-        pend = self._pending.setdefault(author, {})
+        pending = self._pending
+        if not pending and isinstance(opened, StateEntry):
+            # Nothing waits (the steady state): if this entry is the author's next and ready,
+            # apply it at once, as holding it and applying the author's chain would.
+            item = self._prepare(opened)
+            lim = self.limits
+            if (
+                seq == (st.seq if st is not None else 0) + 1
+                and type(item) is _Waiting
+                and lim.max_pending_per_author > 0
+                and self._pending_count < lim.max_pending_total
+                and self._ready(item)
+            ):
+                self._apply(author, seq, item, out)
+                return None
+            pend = pending[author] = {}
+            self._hold(pend, item)
+            return author
+        pend = pending.setdefault(author, {})
         held = pend.get(seq)
         if held is not None:
             if held.digest == opened.digest:
@@ -449,22 +469,33 @@ class Replica:
         item = pend.get(nxt)
         if item is None:
             return False
-        if isinstance(item, _Waiting):
-            if item.entry.policy_seq > self.policy.latest_seq():
-                return False
-            sv = self._sv
-            for c, k in item.needs.items():
-                if sv.get(c, 0) < k and not self._holds(c, k):
-                    return False
+        if isinstance(item, _Waiting) and not self._ready(item):
+            return False
         del pend[nxt]
         self._pending_count -= 1
         if isinstance(item, _Poison):
             self._block(author, nxt, item.rejection, out, item.raw)
             return False
+        return self._apply(author, nxt, item, out)
+
+    def _ready(self, item: _Waiting) -> bool:
+        """Is the policy ``item`` cites decided, and does the document hold what it refers to?"""
+        if item.entry.policy_seq > self.policy.latest_seq():
+            return False
+        sv = self._sv
+        for c, k in item.needs.items():  # usually one: the author's own items
+            if sv.get(c, 0) < k and not self._holds(c, k):
+                break
+        else:
+            return True
+        return False
+
+    def _apply(self, author: str, seq: int, item: _Waiting, out: Outcome) -> bool:
+        """Admit the author's next entry ``item`` (ready); blocks the author if refused."""
         refused = self._admit(item, out)
         if refused is not None:
             if author not in self.evidence:
-                self._block(author, nxt, refused, out, item.raw)
+                self._block(author, seq, refused, out, item.raw)
             return False
         return True
 
@@ -549,22 +580,25 @@ class Replica:
         caller puts the document back if this refuses it).
         """
         e = w.entry
-        st = self._author(e.author, e.public_key)
+        author, policy_seq, policy = e.author, e.policy_seq, self.policy
+        st = self._authors.get(author)
+        if st is None:
+            st = self._author(author, e.public_key)
         if e.seq > 1 and e.prev != st.head:  # the author signed another entry e.seq - 1
-            self._equivocation(e.author, e.seq - 1, st.log[-1], e.raw, out)
-            return self.blocked[e.author].rejection
-        if e.policy_seq < st.policy_seq:
+            self._equivocation(author, e.seq - 1, st.log[-1], e.raw, out)
+            return self.blocked[author].rejection
+        if policy_seq < st.policy_seq:
             return Rejection(Reason.MALFORMED, "policy seq went backwards")
-        if not self.policy.is_member(e.author, e.policy_seq):
-            return Rejection(Reason.NOT_MEMBER, f"not a member at policy {e.policy_seq}")
-        floor = self.policy.floor(e.author, e.seq)
-        if e.policy_seq < floor:
-            detail = f"cites policy {e.policy_seq}, below its cut-off floor {floor}"
+        if not policy.is_member(author, policy_seq):
+            return Rejection(Reason.NOT_MEMBER, f"not a member at policy {policy_seq}")
+        floor = policy.floor(author, e.seq)
+        if policy_seq < floor:
+            detail = f"cites policy {policy_seq}, below its cut-off floor {floor}"
             return Rejection(Reason.NOT_MEMBER, detail)
         start = self._sv.get(st.client, 0)
-        grants = self._grants.get((e.author, e.policy_seq))
+        grants = self._grants.get((author, policy_seq))
         if grants is None:
-            grants = self._grants[(e.author, e.policy_seq)] = {}
+            grants = self._grants[(author, policy_seq)] = {}
         verdict: Accepted | Admitted | Rejection | None = admit(
             w.update,
             author=e.author,
@@ -597,7 +631,8 @@ class Replica:
         # line (check_events). Should it refuse what the structural check admitted (a decoder
         # gap), or Yrs raise, the document is put back as it was before this update.
         if local_events is None:
-            self._events.clear()
+            events = self._events  # filled by the observers (_watch); read before any reset
+            events.clear()
             try:
                 apply_update(self.doc, e.update)
                 if self._observer_failed:
@@ -608,26 +643,26 @@ class Replica:
                 self._observer_failed.clear()
                 self._restore_doc()
                 return Rejection(Reason.MALFORMED, f"Yrs refused the update: {exc!r}")
-            events = list(self._events)
-            observed = check_events(e.author, events, self.policy, e.policy_seq, grants)
+            observed = check_events(author, events, policy, policy_seq, grants)
             if observed is not None:
                 self._restore_doc()
                 return observed
         else:
             events = local_events
-            observed = check_events(e.author, events, self.policy, e.policy_seq, grants)
+            observed = check_events(author, events, policy, policy_seq, grants)
             if observed is not None:
                 return observed
         self._applied(e.update)
         self._commit(st, e, verdict)
-        out.applied.append(Entry(e.author, e.seq, e.raw))
+        out.applied.append(Entry(author, e.seq, e.raw))
         out.changed += [path for path, _ in events]
         return None
 
     def _commit(self, st: _Author, e: StateEntry, verdict: Accepted | Admitted) -> None:
         index = self._index
         if isinstance(verdict, Accepted):
-            index.add_spans(st.client, verdict.spans)
+            if verdict.spans:
+                index.add_spans(st.client, verdict.spans)
             if verdict.once:
                 self._written.add_children(verdict.once)
             moved = bool(verdict.spans)
@@ -647,8 +682,12 @@ class Replica:
         st.head = digest
         st.log.append(raw)
         st.digests.append(digest)
-        self._pos.setdefault(author, []).append(len(self._order))
-        self._order.append((author, st.seq))
+        order = self._order
+        pos = self._pos.get(author)
+        if pos is None:
+            pos = self._pos[author] = []
+        pos.append(len(order))
+        order.append((author, st.seq))
 
     # -- the document and how to put it back ------------------------------------------------
 
@@ -688,7 +727,8 @@ class Replica:
         costs about what the updates since the last one did)."""
         self._lag.append(update)
         self._lag_bytes += len(update)
-        if self._lag_bytes > max(LAG_BYTES, len(self._checkpoint or b"")):
+        lag = self._lag_bytes
+        if lag > LAG_BYTES and lag > len(self._checkpoint or b""):
             self._save(self.doc.get_update())
 
     def _save(self, state: bytes) -> None:
