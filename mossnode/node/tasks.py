@@ -156,8 +156,8 @@ def reread(
     When only per-node entries changed (a bid, a lease, a result), reads and parses those
     into the task as it was: ``(raw, task)``. Otherwise reads the whole task: ``(raw, None)``,
     for the caller to parse. ``raw`` None: there is no such task."""
-    kinds = {k.partition(KEY_SEP)[0] for k in keys} if keys is not None else None
-    if keys is None or kinds is None or raw is None or before is None or not kinds <= T.SUB_KINDS:
+    kinds = {k.partition(KEY_SEP)[0] for k in keys or ()}
+    if keys is None or raw is None or before is None or not kinds <= T.SUB_KINDS:
         return replica.task(tid), None
     got = replica.task_entries(tid, sorted(keys))
     if got is None:

@@ -120,10 +120,7 @@ class EnvelopeCache:
         env = self.open(raw)
         req = Request.parse(env.body) if env is not None and env.type == REQUEST else None
         got = (env, req) if env is not None and req is not None else None
-        known = self._requests
-        known[raw] = got
-        if len(known) > self.cap:
-            del known[next(iter(known))]
+        _bounded_put(self._requests, raw, got, self.cap)
         return got
 
     def peek(self, raw: bytes) -> Envelope | None:
@@ -136,10 +133,14 @@ class EnvelopeCache:
             self._remember(env.raw, env)
 
     def _remember(self, raw: bytes, env: Envelope | None) -> None:
-        known = self._known
-        known[raw] = env
-        if len(known) > self.cap:
-            del known[next(iter(known))]
+        _bounded_put(self._known, raw, env, self.cap)
+
+
+def _bounded_put(known: dict[bytes, Any], key: bytes, value: Any, cap: int) -> None:
+    """Remember ``key``; past ``cap`` entries the oldest goes (dicts keep insertion order)."""
+    known[key] = value
+    if len(known) > cap:
+        del known[next(iter(known))]
 
 
 def _nat(x: Any) -> bool:
