@@ -1,9 +1,9 @@
 """End-to-end task throughput across 4 daemons, and takeover time after an assignee dies.
 
-Throughput: N tasks submitted concurrently through the 4 nodes' APIs; each is bid on, assigned,
-run by a trivial exec agent (`cat`: echoes the task JSON) and submitted; the clock stops when
-every task is done on the submitting side; the create calls' latency is printed too (each
-submitter makes one call at a time, so creation paces the run). Takeover: a sleeping task's
+Throughput: N tasks submitted concurrently through the 4 nodes' APIs (``CALLERS`` submitters
+per node, each making one call at a time); each is bid on, assigned, run by a trivial exec
+agent (`cat`: echoes the task JSON) and submitted; the clock stops when every task is done on
+the submitting side; the create calls' latency is printed too. Takeover: a sleeping task's
 assignee is killed (SIGKILL); the time until another node has claimed it and runs it, against
 lease + 2 s. History: one node's scheduler step (sans-IO) with 100,000 finished tasks in its
 view, against a full pass over them: a step must cost the changes, not the history.
@@ -24,6 +24,9 @@ from mossnode.protocols.tasks import Params
 
 N_TASKS = 200
 NODES = 4
+# Submitters per node, each making one create call at a time: a node serves several agents
+# (planners) at once, and the node's writes made together share one signed entry.
+CALLERS = int(os.environ.get("BENCH_TASKS_CALLERS", "4"))
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -61,7 +64,7 @@ def throughput() -> None:
                 "--backend",
                 "exec:cat",
                 "--max-concurrency",
-                "8",
+                os.environ.get("BENCH_TASKS_CONC", "8"),
             )
         c.wait_all_alive()
         ids: list[str] = []
@@ -69,9 +72,10 @@ def throughput() -> None:
         lock = threading.Lock()
 
         def submit(node, count: int) -> None:
+            api = node.api.clone()  # a connection of its own
             for i in range(count):
                 t = time.monotonic()
-                tid = node.api.post("/v1/tasks", {"title": f"t{i}", "capabilities": ["echo"]})["id"]
+                tid = api.post("/v1/tasks", {"title": f"t{i}", "capabilities": ["echo"]})["id"]
                 with lock:
                     ids.append(tid)
                     waits.append(time.monotonic() - t)
@@ -80,7 +84,11 @@ def throughput() -> None:
         entries0, bundles0 = state_counts(c.nodes)
         cpu0 = cpu_seconds(pids)
         t0 = time.monotonic()
-        threads = [threading.Thread(target=submit, args=(n, N_TASKS // NODES)) for n in c.nodes]
+        share = N_TASKS // (NODES * CALLERS)
+        threads = [
+            threading.Thread(target=submit, args=(n, share + (i < N_TASKS % (NODES * CALLERS))))
+            for i, n in enumerate(c.nodes * CALLERS)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -110,7 +118,7 @@ def throughput() -> None:
     )
     waits.sort()
     print(
-        f"  create calls ({NODES} callers, one call at a time each): median "
+        f"  create calls ({CALLERS} callers per node, one call at a time each): median "
         f"{1000 * waits[len(waits) // 2]:.0f} ms, p90 {1000 * waits[len(waits) * 9 // 10]:.0f} ms, "
         f"max {1000 * waits[-1]:.0f} ms"
     )

@@ -13,7 +13,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import cbor2
 import trio
@@ -62,6 +62,11 @@ SYNC_WINDOW = 8 << 20  # a sync stream's receive window: the next frames wait in
 SYNC_NOTIFY_S = 5.0
 
 
+# At most this many local writes share one entry (an entry is at most MAX_ENTRY_BYTES; a
+# write that would overflow it makes the shared entry fail, and the writes go one by one).
+MAX_WRITES_PER_ENTRY = 64
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -108,6 +113,20 @@ class ChangeBatch:
             self.deliver([], True)
 
 
+class _Write:
+    """One local write waiting to share an entry with the writes made beside it."""
+
+    __slots__ = ("done", "entry", "error", "fn", "paths", "result")
+
+    def __init__(self, fn: Callable[[Any], Any], paths: list[tuple[Any, ...]] | None) -> None:
+        self.fn = fn
+        self.paths = paths
+        self.done = trio.Event()
+        self.result: Any = None
+        self.entry = False  # it changed the document: an entry holds it
+        self.error: Exception | None = None
+
+
 class StateService:
     def __init__(self, daemon: Daemon, store: Store) -> None:
         self.d = daemon
@@ -121,6 +140,7 @@ class StateService:
         self.topic = topic(state.swarm_id, "state")
         self.counters: Counter[str] = Counter()
         self._to_commit: list[Entry] = []
+        self._writes: list[_Write] = []  # local writes of this pass of the loop, not yet written
         self._queued = 0  # entries ever queued for commit
         self._stored = 0  # entries ever committed
         self._commit_wanted = trio.Event()
@@ -221,20 +241,81 @@ class StateService:
     # --- local writes ---------------------------------------------------------------------
 
     async def write(self, fn: Callable[[Any], T], paths: list[tuple[Any, ...]] | None = None) -> T:
-        """Run one local write; returns once the entry is durable (then it is gossiped).
+        """Run one local write; returns once the entry holding it is durable (then it is
+        gossiped). Raises what ``fn`` or the replica raised (WriteRefused), nothing written.
+
+        Writes made in the same pass of the event loop (concurrent API calls, the scheduler's
+        tick) share one signed entry: one signature, and one entry for every member to verify,
+        apply and store, instead of one per write.
 
         ``paths``: the document paths it writes (``("tasks", tid)`` or, for one key of the
         task's map, ``("tasks", tid, key)``), so readers refresh only those."""
         await self.wait_synced(5)
-        # replica.write is synchronous: nothing else runs between signing and queueing, so
-        # seqs reach the store in order. Writers then share group commits (no lock held).
-        result, entry = self.replica.write(fn, now_ms())
+        job = _Write(fn, paths)
+        self._writes.append(job)
+        if len(self._writes) == 1:
+            # The first writer of this pass lets the writers runnable now join, then writes
+            # for all of them; shielded, so the others' writes happen even if it is cancelled.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._write_queued()
+        else:
+            await job.done.wait()
+        if job.error is not None:
+            raise job.error
+        if job.entry:
+            await self._persisted()
+        return cast(T, job.result)
+
+    def _write_queued(self) -> None:
+        """Write the queued writes as one entry; if that is refused or fails, each on its own,
+        so that only the offending write fails. Synchronous from signing to queueing, so seqs
+        reach the store in order; writers then share group commits (no lock held)."""
+        jobs, self._writes = (
+            self._writes[:MAX_WRITES_PER_ENTRY],
+            self._writes[MAX_WRITES_PER_ENTRY:],
+        )
+        if self._writes:  # the rest: next pass
+            self._nursery_or_fail().start_soon(self._write_rest)
+        if len(jobs) > 1:
+            try:
+                results, entry = self.replica.write(lambda w: [j.fn(w) for j in jobs], now_ms())
+            except Exception:
+                pass
+            else:
+                paths = (
+                    None
+                    if any(j.paths is None for j in jobs)
+                    else [p for j in jobs for p in j.paths or ()]
+                )
+                self._wrote(entry, paths, len(jobs))
+                for j, result in zip(jobs, results, strict=True):
+                    j.result, j.entry = result, entry is not None
+                    j.done.set()
+                return
+        for j in jobs:
+            try:
+                j.result, entry = self.replica.write(j.fn, now_ms())
+            except Exception as exc:
+                j.error = exc
+            else:
+                j.entry = entry is not None
+                self._wrote(entry, j.paths, 1)
+            j.done.set()
+
+    async def _write_rest(self) -> None:
+        if self._writes:
+            self._write_queued()
+
+    def _nursery_or_fail(self) -> trio.Nursery:
+        assert self._nursery is not None, "StateService.start() first"
+        return self._nursery
+
+    def _wrote(self, entry: Entry | None, paths: list[tuple[Any, ...]] | None, n: int) -> None:
         if entry is not None:
             self._enqueue([entry])
             self.on_change(paths, True)
-            await self._persisted()
-            self.counters["written"] += 1
-        return result
+            self.counters["written"] += n
+            self.counters["entries_written"] += 1
 
     async def _publisher(self) -> None:
         last = -PUBLISH_SPACING_S
