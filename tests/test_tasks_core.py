@@ -5,6 +5,7 @@ document stands in for the CRDT, and time is an argument."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import random
 from typing import Any
@@ -794,10 +795,7 @@ def assert_tally_matches_the_fold(doc: Doc, now: int) -> None:
     for tid in sorted(view):
         task = view[tid]
         if task.reviews:
-            view = {
-                **view,
-                tid: Task(**{**{f: getattr(task, f) for f in Task.__slots__}, "reviews": {}}),
-            }
+            view = {**view, tid: dataclasses.replace(task, reviews={})}
             st = derive_all(view, now, params=P)
             tally.update(view, st, [tid])
             assert tally.reputation().stats == reputation(view, st).stats
@@ -1021,3 +1019,90 @@ def test_view_parsing_tolerates_yrs_floats_and_drops_malformed_entries() -> None
     raw["A:u"] = {"title": "u", "creator": "A", "created_at": 6}
     again = build_view(raw, view, ["A:u"])
     assert again["A:t"] is t and "A:u" in again
+
+
+def _done_task(tid: str, node: str, now: int) -> dict[str, Any]:
+    """A done task as the document holds it: created, bid on, claimed and submitted by
+    ``node``, whose log holds its claim and result records."""
+    raw: dict[str, Any] = {"title": tid, "creator": "A", "created_at": now, "capabilities": ["py"]}
+    for w in (
+        writes(Bid(tid, 1, "a", 0.5), now)
+        + writes(Claim(tid, 1, "a", None), now)
+        + writes(Submit(tid, 1, 1, "a", True, {"n": 1}), now)
+    ):
+        if w.kind == "log":
+            raw.setdefault("log", {}).setdefault(node, []).append(w.value)
+        else:
+            raw.setdefault(w.kind, {})[node] = w.value
+    return raw
+
+
+def test_a_log_record_of_any_shape_matches_no_kind_and_breaks_nothing() -> None:
+    # A member writes what it likes into its own log: a record whose kind is a list made the
+    # record lookup raise (unhashable), and with it every node's derivation of the task.
+    now = 1_000
+    raw = {"A:t": _done_task("A:t", "B", now)}
+    raw["A:t"]["log"]["C"] = [{"kind": [1]}, {"kind": {"x": 1}}, {"kind": None}, {"at": 1}]
+    view = build_view(raw)
+    task = view["A:t"]
+    assert [n for n, _ in task.records()] == ["B", "B", "C", "C", "C", "C"]
+    assert [n for n, _ in task.records(("claim", "result"))] == ["B", "B"]
+    assert task.records(("pause",)) == []
+    assert derive_all(view, now + 10)["A:t"].state is State.DONE
+
+
+def test_hostile_task_maps_never_break_the_scheduler_or_reputation() -> None:
+    """Seeded: done tasks whose fields, entries and log records are replaced by junk of every
+    shape (what a Byzantine member could write under its own keys, or a creator into its
+    task) go through parsing, derivation, a scheduler step and the reputation tally."""
+    rng = random.Random(7)
+    atoms: list[Any] = [None, True, 0, -1, 2**70, 1.5, float("nan"), float("inf"), "", "x"]
+    atoms += ["claim", "result", "pause", "cancel", "release", "reassign", "done", [], [1], {}]
+    keys = ["kind", "at", "attempt", "agent", "ok", "round", "score", "verdict", "output"]
+    keys += ["expires_at", "released", "fraction"]
+
+    def junk(depth: int = 0) -> Any:
+        r = rng.random()
+        if depth > 2 or r < 0.6:
+            return rng.choice(atoms)
+        if r < 0.8:
+            return [junk(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(keys): junk(depth + 1) for _ in range(rng.randint(0, 4))}
+
+    def mutate(obj: Any, depth: int = 0) -> None:
+        if isinstance(obj, dict) and obj:
+            k = rng.choice(list(obj))
+            if rng.random() < 0.5 or depth > 3:
+                obj[k] = junk()
+            else:
+                mutate(obj[k], depth + 1)
+        elif isinstance(obj, list) and obj:
+            i = rng.randrange(len(obj))
+            if rng.random() < 0.5:
+                obj[i] = junk()
+            else:
+                mutate(obj[i], depth + 1)
+
+    fields = ["deps", "parent", "contract", "capabilities", "priority", "title", "bids"]
+    fields += ["claims", "leases", "results", "reviews", "log", "progress"]
+    agents = [LocalAgent("a", frozenset({"executor"}), frozenset({"py"}), 0.0, 4)]
+    now = 1_000_000
+    for _ in range(600):
+        raw = {f"A:h{i}": _done_task(f"A:h{i}", "B", now) for i in range(4)}
+        raw["A:h1"]["deps"] = ["A:h0"]
+        raw["A:h2"]["parent"] = "A:h0"
+        for _ in range(rng.randint(1, 4)):
+            task = raw[rng.choice(list(raw))]
+            if rng.random() < 0.3:
+                task[rng.choice(fields)] = junk()
+            else:
+                mutate(task)
+            log = task.get("log")
+            if isinstance(log, dict) and isinstance(log.get("C", []), list):
+                log.setdefault("C", []).append(junk())
+        view = build_view(raw)
+        sched = Scheduler("B")
+        sched.tick(view, agents=agents, now_ms=now + 10_000)
+        tally = Tally()
+        tally.update(view, sched.statuses)
+        assert tally.reputation().leaderboard() == leaderboard(view, sched.statuses)

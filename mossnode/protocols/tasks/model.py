@@ -339,6 +339,10 @@ class Task:
     results: Mapping[str, ResultEntry] = field(default_factory=dict)
     reviews: Mapping[str, ReviewEntry] = field(default_factory=dict)
     log: Mapping[str, tuple[LogRecord, ...]] = field(default_factory=dict)
+    # the log's records by kind, with their positions: built by records() on first use
+    _records: dict[str | None, list[tuple[int, str, LogRecord]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_raw(cls, tid: str, raw: Any) -> Task | None:
@@ -374,14 +378,32 @@ class Task:
         return replace(self, **parts)
 
     def records(self, kinds: Iterable[str] | None = None) -> list[tuple[str, LogRecord]]:
-        """Log records as (author node, record), optionally of some kinds, in a fixed order."""
-        wanted = None if kinds is None else frozenset(kinds)
-        out = []
-        for node in sorted(self.log):
-            for rec in self.log[node]:
-                if wanted is None or rec.get("kind") in wanted:
-                    out.append((node, rec))
-        return out
+        """Log records as (author node, record), optionally of some kinds, in a fixed order
+        (by node, then as the node appended them). Records whose kind is not a string match
+        no kind. The list may be shared: do not change it."""
+        index = self._records
+        if index is None:
+            # one pass over the log per task object, not one per call: a derivation asks
+            # four times, for different kinds
+            index = {}
+            pos = 0
+            for node in sorted(self.log):
+                for rec in self.log[node]:
+                    kind = rec.get("kind")
+                    key = kind if isinstance(kind, str) else None
+                    index.setdefault(key, []).append((pos, node, rec))
+                    pos += 1
+            object.__setattr__(self, "_records", index)
+        if kinds is None:
+            found = [r for rs in index.values() for r in rs]
+        else:
+            found = [r for k in set(kinds) if k in index for r in index[k]]
+        found.sort(key=_position)
+        return [(node, rec) for _, node, rec in found]
+
+
+def _position(record: tuple[int, str, LogRecord]) -> int:
+    return record[0]
 
 
 _SUB_PARSERS: dict[str, Callable[[Any], dict[str, Any]]] = {
