@@ -10,7 +10,10 @@ what makes construction cheap).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast, dataclass_transform
+
+_C = TypeVar("_C", bound=type)
 
 
 class Record:
@@ -31,3 +34,12 @@ class Record:
     def __repr__(self) -> str:
         inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
         return f"{type(self).__qualname__}({inner})"
+
+
+@dataclass_transform(eq_default=True, field_specifiers=(field,))
+def value(cls: _C) -> _C:
+    """:class:`Record`'s idea for a class of many fields with defaults, whose ``__init__``
+    is best generated: a slotted dataclass with equality and hashing by its fields, not
+    frozen (a frozen one's ``__init__`` goes through ``object.__setattr__``: 6 µs for the
+    22 fields of a task status, against 1.2 µs). Instances are values all the same."""
+    return cast(_C, dataclass(slots=True, unsafe_hash=True)(cls))

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+
+from mossnode.record import value
 
 from .model import BidEntry, Task
 
@@ -24,7 +25,7 @@ W_FREE = 0.35
 W_IDLE = 0.20
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class LocalAgent:
     """One agent of this node as the scheduler sees it.
 
@@ -82,7 +83,7 @@ def best(
     return min(nodes, key=lambda n: rank_key(task_id, attempt, n, bids[n]))
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Window:
     """The bid window of one attempt: who counts, and when the decision falls."""
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from mossnode.record import value
 
 TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 ANNOTATIONS = frozenset(
@@ -49,7 +50,7 @@ KEYWORDS = frozenset(
 MAX_DEPTH = 32
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Violation:
     """Where an instance breaks its schema: a JSONPath-like ``path`` and what is wrong."""
 

@@ -28,6 +28,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mossnode.record import value
+
 from . import control
 from .allocation import Window, best, tiebreak, window
 from .confidential import unsealed
@@ -56,7 +58,7 @@ FAULT_KINDS = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Outcome:
     """How one attempt ended (``kind``), for reasons and for reputation."""
 
@@ -78,7 +80,7 @@ class Outcome:
         return f"attempt {self.attempt}{who}: {self.detail}"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Accepted:
     """The one accepted result of a done task."""
 
@@ -94,7 +96,7 @@ class Accepted:
     reviewer: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Status:
     state: State
     attempt: int = 1
@@ -125,7 +127,7 @@ class Status:
         return self.state in TERMINAL
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class _Ctx:
     view: TaskView
     now: int
@@ -136,7 +138,7 @@ class _Ctx:
     stable: Stable | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class _Memo:
     task: Task
     exclusive: str | None
@@ -589,14 +591,16 @@ def _derive(
 
 class _History:
     """Claims and results per (node, attempt), from the entries and, for attempts whose entry
-    the same node has since overwritten with a later attempt's, from its append-only log."""
+    the same node has since overwritten with a later attempt's, from its append-only log.
+    The log's results are parsed only when an entry does not answer (an attempt that was
+    retried): most derivations ask for the attempt the entries hold."""
 
     __slots__ = ("_claims", "_results", "task")
 
     def __init__(self, task: Task) -> None:
         self.task = task
         self._claims: dict[int, dict[str, ClaimEntry]] = {}
-        self._results: dict[tuple[str, int], ResultEntry] = {}
+        self._results: dict[tuple[str, int], ResultEntry] | None = None
         for node, cl in task.claims.items():
             self._claims.setdefault(cl.attempt, {})[node] = cl
         for node, rec in task.records(("claim",)):
@@ -606,14 +610,6 @@ class _History:
             mine = self._claims.setdefault(attempt, {})
             if node not in mine:
                 mine[node] = ClaimEntry(attempt, agent, at, as_float(rec.get("score")))
-        for node, rec in task.records(("result",)):
-            r = ResultEntry.from_raw(rec)
-            if r is None:
-                continue
-            key = (node, r.attempt)
-            old = self._results.get(key)
-            if old is None or (r.round, r.at) >= (old.round, old.at):
-                self._results[key] = r
 
     def attempts(self) -> list[int]:
         return sorted(self._claims)
@@ -625,6 +621,16 @@ class _History:
         entry = self.task.results.get(node)
         if entry is not None and entry.attempt == attempt:
             return entry
+        if self._results is None:
+            self._results = {}
+            for author, rec in self.task.records(("result",)):
+                r = ResultEntry.from_raw(rec)
+                if r is None:
+                    continue
+                key = (author, r.attempt)
+                old = self._results.get(key)
+                if old is None or (r.round, r.at) >= (old.round, old.at):
+                    self._results[key] = r
         return self._results.get((node, attempt))
 
 
@@ -636,7 +642,7 @@ def _claim_score(node: str, claim: ClaimEntry, w: Window | None) -> float:
     return bid.score if bid is not None else 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class _One:
     """One attempt evaluated: accepted, closed (outcome) or open (status fields)."""
 
@@ -655,7 +661,7 @@ class _One:
     wake: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class _Marks:
     """What :func:`_derive` knows of a task before its attempts: the Status fields it sets."""
 
@@ -796,7 +802,10 @@ def _one(
             claimed = excl_node in claims
     else:
         w = window(task.bids, j, p.settle_ms)
-        if claims:
+        if len(claims) == 1:
+            assignee = next(iter(claims))
+            claimed = True
+        elif claims:
             # several claimants only after a split brain: the earliest claim keeps the work
             # (it has run longest), then the bid order
             scores = {n: _claim_score(n, cl, w) for n, cl in claims.items()}

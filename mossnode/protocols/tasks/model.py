@@ -17,8 +17,10 @@ import enum
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import Any
+
+from mossnode.record import value
 
 Json = Any
 Schema = Mapping[str, Any]
@@ -69,7 +71,7 @@ def _strs(value: Any) -> tuple[str, ...]:
     return tuple(v for v in value if isinstance(v, str))
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Contract:
     """What the creator asks for and what a breach costs.
 
@@ -138,7 +140,7 @@ class Contract:
 # -- per-node entries: each is the value at tasks/<id>/<kind>/<node>, written only by <node> ----
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class BidEntry:
     attempt: int
     agent: str
@@ -156,7 +158,7 @@ class BidEntry:
         return cls(attempt, agent, score, at)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ClaimEntry:
     """``score`` repeats the claimant's bid, so claimants rank even after the bid entry was
     overwritten by the same node's bid for a later attempt."""
@@ -180,7 +182,7 @@ class ClaimEntry:
         return cls(attempt, agent, at, as_float(raw.get("score")))
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class LeaseEntry:
     attempt: int
     expires_at: int
@@ -196,7 +198,7 @@ class LeaseEntry:
         return cls(attempt, expires, raw.get("released") is True)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ProgressEntry:
     attempt: int
     round: int
@@ -218,7 +220,7 @@ class ProgressEntry:
         return cls(attempt, rnd, at, as_float(raw.get("fraction")), _str(raw.get("message")))
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ResultEntry:
     """A submission: the deliverable of one round of one attempt.
 
@@ -261,7 +263,7 @@ class ResultEntry:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ReviewEntry:
     attempt: int
     round: int
@@ -316,7 +318,7 @@ def _entries(raw: Any, parse: Any) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Task:
     """One task as every replica reads it. Immutable: a changed task is a new object."""
 
@@ -339,8 +341,8 @@ class Task:
     results: Mapping[str, ResultEntry] = field(default_factory=dict)
     reviews: Mapping[str, ReviewEntry] = field(default_factory=dict)
     log: Mapping[str, tuple[LogRecord, ...]] = field(default_factory=dict)
-    # the log's records by kind, with their positions: built by records() on first use
-    _records: dict[str | None, list[tuple[int, str, LogRecord]]] | None = field(
+    # the log's records by kind (None: not a string), in log order: built by records()
+    _records: dict[str | None, list[tuple[str, LogRecord]]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
 
@@ -384,26 +386,27 @@ class Task:
         index = self._records
         if index is None:
             # one pass over the log per task object, not one per call: a derivation asks
-            # four times, for different kinds
+            # three times, for different kinds
             index = {}
-            pos = 0
             for node in sorted(self.log):
                 for rec in self.log[node]:
-                    kind = rec.get("kind")
-                    key = kind if isinstance(kind, str) else None
-                    index.setdefault(key, []).append((pos, node, rec))
-                    pos += 1
-            object.__setattr__(self, "_records", index)
-        if kinds is None:
-            found = [r for rs in index.values() for r in rs]
-        else:
-            found = [r for k in set(kinds) if k in index for r in index[k]]
-        found.sort(key=_position)
-        return [(node, rec) for _, node, rec in found]
+                    index.setdefault(_kind(rec), []).append((node, rec))
+            self._records = index
+        wanted = set(index) if kinds is None else {k for k in kinds if k in index}
+        if len(wanted) <= 1:
+            return index[wanted.pop()] if wanted else []
+        # several kinds present (control records): a pass over the log keeps its order
+        return [
+            (node, rec)
+            for node in sorted(self.log)
+            for rec in self.log[node]
+            if _kind(rec) in wanted
+        ]
 
 
-def _position(record: tuple[int, str, LogRecord]) -> int:
-    return record[0]
+def _kind(rec: LogRecord) -> str | None:
+    kind = rec.get("kind")
+    return kind if isinstance(kind, str) else None
 
 
 _SUB_PARSERS: dict[str, Callable[[Any], dict[str, Any]]] = {
