@@ -17,8 +17,9 @@ of one task (reassigning a tree is one record per task: :func:`tree_records`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from mossnode.record import value
 
 from . import dag
 from .model import Task, TaskView, as_int
@@ -34,7 +35,7 @@ VERBS = (CANCEL, PAUSE, RESUME, REASSIGN)
 Authority = Callable[[str, str], bool]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Control:
     verb: str
     node: str

@@ -15,20 +15,21 @@ restart.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
+
+from mossnode.record import value
 
 from .model import Json
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Write:
     task_id: str
     kind: str  # bids | claims | leases | progress | results | reviews | log | create
     value: Any
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Bid:
     task_id: str
     attempt: int
@@ -36,7 +37,7 @@ class Bid:
     score: float
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Claim:
     """Take the attempt this node won; ``score`` repeats its bid (0 for exclusive tasks).
 
@@ -52,14 +53,14 @@ class Claim:
     score: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class RenewLease:
     task_id: str
     attempt: int
     expires_at: int
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Release:
     """Give up an attempt this node holds (over its concurrency limit, agent gone)."""
 
@@ -68,7 +69,7 @@ class Release:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Dispatch:
     """Start ``agent`` on the task. ``payload`` is the exec backend's stdin object."""
 
@@ -79,7 +80,7 @@ class Dispatch:
     payload: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Cancel:
     """Stop local work (lease lost, task cancelled or done elsewhere); kill its process tree."""
 
@@ -88,7 +89,7 @@ class Cancel:
     review: bool = False  # a review in progress rather than the task's work
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Progress:
     task_id: str
     attempt: int
@@ -97,7 +98,7 @@ class Progress:
     fraction: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Submit:
     """The current assignee's submission for (attempt, round)."""
 
@@ -111,7 +112,7 @@ class Submit:
     violation: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class LateResult:
     """A result of an attempt this node no longer holds: kept in the log only."""
 
@@ -124,7 +125,7 @@ class LateResult:
     error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ProposeExclusive:
     """Ask consensus to assign an exclusive task to ``node`` (the first decision wins)."""
 
@@ -132,7 +133,7 @@ class ProposeExclusive:
     node: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class DispatchReview:
     task_id: str
     attempt: int
@@ -141,7 +142,7 @@ class DispatchReview:
     payload: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SubmitReview:
     task_id: str
     attempt: int
@@ -152,7 +153,7 @@ class SubmitReview:
     comments: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Create:
     """A new task: ``fields`` are its core fields (``Writer.create_task(suffix, **fields)``)."""
 
@@ -161,7 +162,7 @@ class Create:
     fields: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Control:
     """A control record (cancel, pause, resume, reassign) for this node's log of the task."""
 
@@ -187,7 +188,7 @@ Effect = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Plan:
     """A scheduler step's effects, in order, and when to call it again at the latest."""
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
+
+from mossnode.record import value
 
 from .model import Contract, TaskView
 
@@ -26,7 +28,7 @@ PREFIX = "r-"
 _HASH_CHARS = 24
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Schedule:
     id: str
     interval_ms: int
@@ -109,7 +111,7 @@ def duplicates(view: TaskView) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Due:
     """An instance this node should create now (``suffix`` under its own peer id)."""
 

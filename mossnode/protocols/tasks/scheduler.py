@@ -31,6 +31,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mossnode.record import value
+
 from . import control
 from .allocation import LocalAgent, bid_score, capable
 from .confidential import readable, reviewable
@@ -79,7 +81,7 @@ class Run:
     started_at: int
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Finished:
     """A local agent ended its work on ``task_id`` (reported to :meth:`Scheduler.tick`)."""
 

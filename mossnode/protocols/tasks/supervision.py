@@ -12,8 +12,10 @@ tasks an agent runs at once, and the budget of a task tree (the sum of its tasks
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
+
+from mossnode.record import value
 
 from . import control, dag
 from .confidential import check_roles
@@ -26,7 +28,7 @@ SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 MAX_SUFFIX = 64  # mirrors protocols/crdt/schema.py task_id()
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Refused:
     code: str
     reason: str
@@ -35,7 +37,7 @@ class Refused:
         return f"{self.code}: {self.reason}"
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Limits:
     max_fanout: int = 64
     max_depth: int = 8
@@ -44,7 +46,7 @@ class Limits:
     max_deps: int = 64
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Draft:
     """A task to create, as a user, planner agent or template asks for it."""
 
