@@ -60,7 +60,6 @@ def run_writes(
         with Store(tmp_path / "s.db") as store:
             svc = service(store)
             async with trio.open_nursery() as nursery:
-                svc._nursery = nursery
                 nursery.start_soon(svc._committer)
                 if first is not None:
                     await svc.write(first)
@@ -133,7 +132,6 @@ def test_a_cancelled_first_writer_still_writes_the_others(tmp_path: Path) -> Non
         with Store(tmp_path / "s.db") as store:
             svc = service(store)
             async with trio.open_nursery() as nursery:
-                svc._nursery = nursery
                 nursery.start_soon(svc._committer)
                 with trio.CancelScope() as first:
                     first.cancel()  # cancelled before it even starts waiting
@@ -159,7 +157,6 @@ def test_writes_in_separate_passes_make_separate_entries(tmp_path: Path) -> None
         with Store(tmp_path / "s.db") as store:
             svc = service(store)
             async with trio.open_nursery() as nursery:
-                svc._nursery = nursery
                 nursery.start_soon(svc._committer)
                 for i in range(3):
                     await svc.write(create(i))

@@ -267,15 +267,16 @@ class StateService:
         return cast(T, job.result)
 
     def _write_queued(self) -> None:
-        """Write the queued writes as one entry; if that is refused or fails, each on its own,
-        so that only the offending write fails. Synchronous from signing to queueing, so seqs
-        reach the store in order; writers then share group commits (no lock held)."""
-        jobs, self._writes = (
-            self._writes[:MAX_WRITES_PER_ENTRY],
-            self._writes[MAX_WRITES_PER_ENTRY:],
-        )
-        if self._writes:  # the rest: next pass
-            self._nursery_or_fail().start_soon(self._write_rest)
+        """Write the queued writes, up to MAX_WRITES_PER_ENTRY to an entry. Synchronous from
+        signing to queueing, so seqs reach the store in order; writers then share group
+        commits (no lock held)."""
+        queued, self._writes = self._writes, []
+        for i in range(0, len(queued), MAX_WRITES_PER_ENTRY):
+            self._write_shared(queued[i : i + MAX_WRITES_PER_ENTRY])
+
+    def _write_shared(self, jobs: list[_Write]) -> None:
+        """``jobs`` as one entry; if that is refused or fails, each on its own, so that only
+        the offending write fails."""
         if len(jobs) > 1:
             try:
                 results, entry = self.replica.write(lambda w: [j.fn(w) for j in jobs], now_ms())
@@ -301,14 +302,6 @@ class StateService:
                 j.entry = entry is not None
                 self._wrote(entry, j.paths, 1)
             j.done.set()
-
-    async def _write_rest(self) -> None:
-        if self._writes:
-            self._write_queued()
-
-    def _nursery_or_fail(self) -> trio.Nursery:
-        assert self._nursery is not None, "StateService.start() first"
-        return self._nursery
 
     def _wrote(self, entry: Entry | None, paths: list[tuple[Any, ...]] | None, n: int) -> None:
         if entry is not None:
