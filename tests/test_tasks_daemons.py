@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from mossnode.cluster import Cluster, wait_for
@@ -77,6 +78,11 @@ def test_dag_across_four_nodes(cluster_factory) -> None:
         "done"
     }
     assert c.nodes[0].api.get("/v1/tasks?state=pending") == []
+    # counts per state in status and metrics, as of the node's last tick
+    wait_for(lambda: c.nodes[0].status()["tasks"] == {"total": 4, "done": 4}, 10, "status counts")
+    sock = httpx.HTTPTransport(uds=str(c.nodes[0].state_dir / "api.sock"))
+    metrics = httpx.Client(transport=sock, base_url="http://x").get("/v1/metrics").text
+    assert 'mossnode_tasks{state="done"} 4' in metrics.splitlines()
 
 
 def test_takeover_after_kill9(cluster_factory) -> None:

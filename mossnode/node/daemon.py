@@ -1057,6 +1057,7 @@ class Daemon:
             "connected_peers": len(self.host.get_connected_peers()),
             "state_digest": self.shared.replica.digest().hex() if self.shared else None,
             "state": self.shared.status() if self.shared else None,
+            "tasks": self.tasks.counts() if self.tasks else None,
             "consensus": self.consensus.status() if self.consensus else None,
             "messaging": self.messaging.status(),
             "rejected": dict(self.rejected),
@@ -1095,6 +1096,12 @@ class Daemon:
             *(
                 f'mossnode_rejected_total{{reason="{k}"}} {v}'
                 for k, v in sorted(self.rejected.items())
+            ),
+            "# TYPE mossnode_tasks gauge",
+            *(
+                f'mossnode_tasks{{state="{k}"}} {v}'
+                for k, v in (self.tasks.counts() if self.tasks else {}).items()
+                if k != "total"
             ),
         ]
         return "\n".join(lines) + "\n"

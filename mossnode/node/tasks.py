@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -365,6 +366,15 @@ class TaskService:
         if self._rep is None:
             self._rep = self._tally.reputation()
         return self._rep
+
+    def counts(self) -> dict[str, int]:
+        """Tasks per state as of the last tick (tasks it has not seen yet count as pending):
+        a cheap progress figure for status, without a derivation or a row per task."""
+        statuses = self.statuses
+        by_state = Counter(
+            statuses[tid].state.value if tid in statuses else "pending" for tid in self.view
+        )
+        return {"total": len(self.view), **dict(sorted(by_state.items()))}
 
     def leaderboard(self, now: int) -> list[dict[str, Any]]:
         """``mossnode leaderboard``: the tally after bringing the statuses up to date."""
