@@ -325,6 +325,8 @@ class Scheduler:
         # 3. bids and exclusive proposals
         if not paused:
             for tid in open_:
+                if all(load[a.name] >= max(cap[a.name], depth[a.name]) for a in agents):
+                    break  # no agent can take on anything more: no pick would find one
                 s, task = st[tid], view[tid]
                 if s.paused or s.assignee is not None:
                     continue
