@@ -17,8 +17,9 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 
-from .host import FrameError, frame
+from .host import FrameError, frame, open_muxed
 
 log = logging.getLogger("mossnode.links")
 
@@ -27,7 +28,8 @@ QUIET_S = 0.3  # after a failed write, frames for that peer are dropped this lon
 
 class FrameReader:
     """Length-prefixed frames from a stream, read in large chunks (one read call per burst of
-    frames instead of two per frame)."""
+    frames instead of two per frame), from the yamux stream itself while the stream is open
+    (:func:`~mossnode.node.host.open_muxed`)."""
 
     def __init__(self, stream: INetStream, chunk: int = 1 << 16) -> None:
         self.stream = stream
@@ -45,7 +47,14 @@ class FrameReader:
                     data = bytes(buf[4 : 4 + n])
                     del buf[: 4 + n]
                     return data
-            chunk = await self.stream.read(self.chunk)
+            muxed = open_muxed(self.stream)
+            if muxed is None:
+                chunk = await self.stream.read(self.chunk)
+            else:
+                try:
+                    chunk = await muxed.read(self.chunk)
+                except MuxedStreamEOF:
+                    chunk = b""
             if not chunk:
                 raise FrameError(f"stream closed with {len(buf)} bytes of a frame")
             buf += chunk
@@ -122,7 +131,8 @@ class Links:
                 with trio.fail_after(5):
                     if stream is None:
                         stream = await self.host.new_stream(ID.from_base58(pid), [self.proto])
-                    await stream.write(b"".join(frames))
+                    muxed = open_muxed(stream)
+                    await (muxed or stream).write(b"".join(frames))
             except Exception as exc:
                 self.counters[self.prefix + "failed"] += 1
                 log.debug("%s to %s failed: %s", self.proto, pid, exc)
