@@ -78,6 +78,12 @@ def muxer_of(stream: INetStream) -> Any:
     return stream.muxed_conn
 
 
+def muxer_of_conn(conn: Any) -> Any:
+    """The yamux muxer of a swarm connection (the library's list or single connection)."""
+    conn = conn[0] if isinstance(conn, list) else conn
+    return conn.muxed_conn
+
+
 async def test_hosts_use_the_batching_muxer_and_small_reads_owe_credit(monkeypatch: Any) -> None:
     credit_frames: list[bytes] = []
     frames = 0
@@ -187,15 +193,15 @@ async def test_frames_of_every_size_arrive_whole_and_in_order_then_eof() -> None
 
 
 class ShortSocket:
-    """A socket that takes at most ``limit`` bytes per send and refuses every other send
-    (BlockingIOError), as a full socket buffer does."""
+    """A socket that takes at most ``limit`` bytes per send and refuses every
+    ``refuse_every``-th send (BlockingIOError), as a full socket buffer does."""
 
-    def __init__(self, sock: Any, limit: int) -> None:
-        self.sock, self.limit, self.calls = sock, limit, 0
+    def __init__(self, sock: Any, limit: int, refuse_every: int = 2) -> None:
+        self.sock, self.limit, self.every, self.calls = sock, limit, refuse_every, 0
 
     def send(self, data: bytes) -> int:
         self.calls += 1
-        if self.calls % 2 == 0:
+        if self.calls % self.every == 0:
             raise BlockingIOError
         return int(self.sock.send(data[: self.limit]))
 
@@ -257,6 +263,67 @@ async def test_interleaved_streams_through_the_fast_frame_paths_arrive_whole_and
     assert delivered > 0
     for k in range(3):
         assert bytes(got[k]) == bytes([k]) * (2 * sum(sizes))
+
+
+async def test_links_write_at_once_when_idle_and_keep_order_through_a_short_socket(
+    monkeypatch: Any,
+) -> None:
+    """An idle link's sends go to the socket from send() itself (no task switch); what the
+    socket does not take is written by a flush task before any later frame, and sends made
+    meanwhile queue behind it: the peer reads every frame whole and in order."""
+    from collections import Counter
+
+    from mossnode.node.links import Links
+
+    at_once = 0
+    write_nowait = FastYamuxStream.write_nowait
+
+    def counting(self: FastYamuxStream, data: bytes) -> bool:
+        nonlocal at_once
+        ok = write_nowait(self, data)
+        at_once += ok
+        return ok
+
+    monkeypatch.setattr(FastYamuxStream, "write_nowait", counting)
+    flushes = 0
+    flush = _Wire._flush
+
+    async def counting_flush(self: _Wire, lock: trio.Lock) -> None:
+        nonlocal flushes
+        flushes += 1
+        await flush(self, lock)
+
+    monkeypatch.setattr(_Wire, "_flush", counting_flush)
+    got: list[bytes] = []
+    sent = [bytes([k % 251]) * (1 + (k * 977) % 9000) for k in range(300)]
+
+    async def handler(stream: INetStream) -> None:
+        reader = FrameReader(stream)
+        while True:
+            got.append(await reader.read(1 << 20))
+
+    async with two_hosts() as (a, b), trio.open_nursery() as nursery:
+        b.set_stream_handler(PROTO, handler)
+        links = Links(a, PROTO, Counter())
+        links.bind(nursery)
+        links.send(str(b.get_id()), b"first")  # opens the stream
+        with trio.fail_after(30):
+            while not got:
+                await trio.sleep(0.01)
+            wire = next(iter(a.get_network().connections.values()))
+            wire = muxer_of_conn(wire).wire
+            assert isinstance(wire, _Wire)
+            short = ShortSocket(wire.sock, 6000, refuse_every=5)
+            monkeypatch.setattr(wire, "sock", short)
+            for k, data in enumerate(sent):
+                links.send(str(b.get_id()), data)
+                if k % 3 == 0:
+                    await trio.sleep(0.001)  # let the flush task and the link's task run
+            while len(got) < len(sent) + 1:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert got == [b"first", *sent]
+    assert at_once > 10 and flushes > 0  # both paths ran
 
 
 async def test_a_closed_connection_ends_the_fast_reader_with_eof() -> None:

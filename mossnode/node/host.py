@@ -72,13 +72,17 @@ class _Wire:
     """The usual stack under a yamux connection: a Noise transport session over a raw TCP
     connection. Holds what the fast paths below use, or is absent for any other stack."""
 
-    __slots__ = ("noise", "session", "sock", "tcp")
+    __slots__ = ("broken", "noise", "pending", "session", "sock", "tcp")
 
     def __init__(self, session: Any, noise: Any, tcp: Any, sock: Any) -> None:
         self.session = session  # SecureSession: the decrypted read buffer
         self.noise = noise  # NoiseTransportReadWriter: encrypt/decrypt (the nonces)
         self.tcp = tcp  # TrioTCPStream: its write lock; its read buffer (BufferedTCPRead)
         self.sock = sock  # the non-blocking socket under trio's
+        # the tail of a packet the socket did not take in send_now: written before anything
+        # else (by a flush task, or by the next frame writer, under the write locks)
+        self.pending = b""
+        self.broken = False  # a synchronous send failed: only the library's paths from now
 
     @classmethod
     def of(cls, secured_conn: Any) -> _Wire | None:
@@ -129,6 +133,53 @@ class _Wire:
         else:
             buf += chunk
         return True
+
+    def send_now(self, mux_lock: trio.Lock, data: bytes) -> bool:
+        """Hand one frame to the socket without waiting, if nothing else is being written on
+        this connection; False, with nothing done, otherwise. What the socket does not take
+        stays ``pending`` and a flush task writes it under the locks; every other writer
+        writes it first (:meth:`CreditBatchingYamux._write_frame`), so frames never mix."""
+        if (
+            self.pending
+            or self.broken
+            or len(data) > MAX_PLAINTEXT_LENGTH
+            or mux_lock.locked()
+            or self.tcp.write_lock.locked()
+        ):
+            return False
+        sealed = self.noise.encrypt(data)
+        packet = len(sealed).to_bytes(2, "big") + sealed
+        try:
+            sent = self.sock.send(packet)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:  # the connection is gone; its reader tears it down
+            log.debug("TCP write failed: %s", exc)
+            self.broken = True
+            return False
+        if sent < len(packet):
+            self.pending = packet[sent:]
+            trio.lowlevel.spawn_system_task(self._flush, mux_lock)
+        return True
+
+    async def _flush(self, mux_lock: trio.Lock) -> None:
+        try:
+            async with mux_lock:
+                await self.flush_locked()
+        except Exception as exc:  # a broken connection: its reader tears it down
+            log.debug("TCP write failed: %s", exc)
+
+    async def flush_locked(self) -> None:
+        """Write what ``send_now`` left pending; the caller holds the muxer's write lock."""
+        if not self.pending:
+            return
+        async with self.tcp.write_lock:
+            pending, self.pending = self.pending, b""
+            try:
+                await self.tcp.stream.send_all(pending)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.broken = True
+                raise ConnectionClosedError(f"TCP write failed: {exc}", transport="tcp") from exc
 
     async def send(self, mux_lock: trio.Lock, data: bytes) -> None:
         """One Noise message with ``data``, written under the muxer's and the TCP stream's
@@ -283,6 +334,7 @@ class CreditBatchingYamux(Yamux):
         lock = self._write_lock
         if (
             wire is not None
+            and not wire.pending
             and len(data) <= MAX_PLAINTEXT_LENGTH
             and not lock.locked()
             and not wire.tcp.write_lock.locked()
@@ -290,6 +342,8 @@ class CreditBatchingYamux(Yamux):
             await wire.send(lock, data)
             return
         async with lock:
+            if wire is not None:
+                await wire.flush_locked()
             await self.secured_conn.write(data)
         await trio.lowlevel.checkpoint()
 
@@ -332,6 +386,29 @@ class FastYamuxStream(YamuxStream):
                 return await super().read(n)
             await event.wait()
             conn.stream_events[sid] = trio.Event()
+
+    def write_nowait(self, data: bytes) -> bool:
+        """Write ``data`` as one frame at once, without a task switch, when it fits one frame
+        and the send window, no write of this stream is under way, and nothing else is being
+        written on the connection (:meth:`_Wire.send_now`); False, with nothing done, else.
+        The caller must not have a write of its own on this stream in progress."""
+        conn = self.conn
+        wire = getattr(conn, "wire", None)
+        size = len(data)
+        if (
+            wire is None
+            or not 0 < size <= MAX_MESSAGE_SIZE - HEADER_SIZE
+            or size > self.send_window
+            or self.send_closed
+            or self.closed
+            or self.window_lock.locked()
+        ):
+            return False
+        header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, self.stream_id, size)
+        if not wire.send_now(conn._write_lock, header + data):
+            return False
+        self.send_window -= size
+        return True
 
     async def write(self, data: bytes) -> None:
         size = len(data)

@@ -89,6 +89,7 @@ class Links:
         self.queue = queue
         self.max_batch = max_batch
         self._links: dict[str, trio.MemorySendChannel[bytes]] = {}
+        self._idle: dict[str, INetStream] = {}  # links whose task waits, nothing queued
         self._nursery: trio.Nursery | None = None
 
     def bind(self, nursery: trio.Nursery) -> None:
@@ -96,7 +97,16 @@ class Links:
         self._nursery = nursery
 
     def send(self, pid: str, data: bytes) -> None:
-        """Queue ``data`` for ``pid``; never blocks."""
+        """Send ``data`` to ``pid`` now if its stream is idle and the connection free
+        (:meth:`~mossnode.node.host.FastYamuxStream.write_nowait`), else queue it for the
+        link's task; never blocks."""
+        stream = self._idle.get(pid)
+        if stream is not None:
+            muxed = open_muxed(stream)
+            if muxed is not None and muxed.write_nowait(frame(data)):
+                self.counters[self.prefix + "out"] += 1
+                return
+            del self._idle[pid]  # the link's task writes this and what follows, in order
         link = self._links.get(pid)
         if link is None:
             if self._nursery is None:
@@ -112,9 +122,28 @@ class Links:
             self.counters[self.prefix + "dropped"] += 1
 
     async def _serve(self, pid: str, recv: trio.MemoryReceiveChannel[bytes]) -> None:
+        try:
+            await self._serve_link(pid, recv)
+        finally:
+            self._idle.pop(pid, None)
+
+    async def _serve_link(self, pid: str, recv: trio.MemoryReceiveChannel[bytes]) -> None:
         stream: INetStream | None = None
         quiet_until = 0.0
-        async for data in recv:
+        while True:
+            try:
+                data = recv.receive_nowait()
+            except trio.WouldBlock:
+                # Idle: while nothing is queued, send() may write to the stream itself. It
+                # stops as soon as it queues anything, and this task's next write follows.
+                if stream is not None:
+                    self._idle[pid] = stream
+                try:
+                    data = await recv.receive()
+                except trio.EndOfChannel:
+                    return
+                finally:
+                    self._idle.pop(pid, None)
             if trio.current_time() < quiet_until:
                 self.counters[self.prefix + "dropped"] += 1
                 continue
