@@ -315,8 +315,14 @@ async def test_links_write_at_once_when_idle_and_keep_order_through_a_short_sock
             assert isinstance(wire, _Wire)
             short = ShortSocket(wire.sock, 6000, refuse_every=5)
             monkeypatch.setattr(wire, "sock", short)
-            for k, data in enumerate(sent):
-                links.send(str(b.get_id()), data)
+            k = 0
+            while k < len(sent):  # single sends and bursts (send_many: one write if idle)
+                burst = sent[k : k + k % 4 + 1]
+                if len(burst) == 1:
+                    links.send(str(b.get_id()), burst[0])
+                else:
+                    links.send_many(str(b.get_id()), burst)
+                k += len(burst)
                 if k % 3 == 0:
                     await trio.sleep(0.001)  # let the flush task and the link's task run
             while len(got) < len(sent) + 1:

@@ -540,10 +540,12 @@ class ConsensusService:
         return pids
 
     def _send_each(self, sends: list[tuple[str, bytes]]) -> None:
-        """Send in order; the same bytes for several peers (a batch's ``pbft.replies`` for
-        its clients) cross each route once: the clients behind one gateway share a copy."""
+        """Send in order, each peer's messages together (one write when its link is idle);
+        the same bytes for several peers (a batch's ``pbft.replies`` for its clients) cross
+        each route once: the clients behind one gateway share a copy."""
         last: bytes | None = None
         routes: set[str] = set()
+        by_route: dict[str, list[bytes]] = {}
         for pid, data in sends:
             route = self._via.get(pid, pid)
             if data is not last:
@@ -551,10 +553,12 @@ class ConsensusService:
             elif route in routes:
                 continue
             routes.add(route)
-            self._send(route, data)
+            by_route.setdefault(route, []).append(data)
+        for route, datas in by_route.items():
+            self._send(route, datas)
 
-    def _send(self, route: str, data: bytes) -> None:
-        self._links.send(route, data)
+    def _send(self, route: str, datas: list[bytes]) -> None:
+        self._links.send_many(route, datas)
 
     # -- background loops -------------------------------------------------------------------
 

@@ -107,6 +107,26 @@ class Links:
                 self.counters[self.prefix + "out"] += 1
                 return
             del self._idle[pid]  # the link's task writes this and what follows, in order
+        self._queue(pid, data)
+
+    def send_many(self, pid: str, datas: list[bytes]) -> None:
+        """Send several messages to ``pid`` in order: from an idle link as one write (one
+        Noise message and one socket send for all, as the link's task writes what queued up
+        meanwhile), else queued."""
+        if len(datas) == 1:
+            self.send(pid, datas[0])
+            return
+        stream = self._idle.get(pid)
+        if stream is not None:
+            muxed = open_muxed(stream)
+            if muxed is not None and muxed.write_nowait(b"".join(frame(d) for d in datas)):
+                self.counters[self.prefix + "out"] += len(datas)
+                return
+            del self._idle[pid]
+        for data in datas:
+            self._queue(pid, data)
+
+    def _queue(self, pid: str, data: bytes) -> None:
         link = self._links.get(pid)
         if link is None:
             if self._nursery is None:
