@@ -24,7 +24,7 @@ from mossnode.crypto.envelope import Rejection, open_envelope, seal
 from mossnode.crypto.identity import Identity
 from mossnode.crypto.peerid import peer_id_from_public_key
 from mossnode.node.consensus import MAX_FRAME, PBFT_PROTO
-from mossnode.node.host import frame, read_frame, write_frame
+from mossnode.node.host import frame, open_muxed, read_frame, write_frame
 from mossnode.node.links import FrameReader
 from mossnode.protocols.decisions import encode_op
 from mossnode.protocols.membership import decode_invite
@@ -164,7 +164,7 @@ class Gateway:
                     frames.append(frame(recv.receive_nowait()))
                 except trio.WouldBlock:
                     break
-            await stream.write(b"".join(frames))
+            await (open_muxed(stream) or stream).write(b"".join(frames))
 
     async def _on_stream(self, stream: INetStream) -> None:
         reader = FrameReader(stream)
