@@ -20,15 +20,16 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
-from mossnode.crypto.envelope import seal
+from mossnode.crypto.envelope import Rejection, open_envelope, seal
 from mossnode.crypto.identity import Identity
 from mossnode.crypto.peerid import peer_id_from_public_key
 from mossnode.node.consensus import MAX_FRAME, PBFT_PROTO
-from mossnode.node.host import frame, read_frame, write_frame
+from mossnode.node.host import frame, open_muxed, read_frame, write_frame
 from mossnode.node.links import FrameReader
 from mossnode.protocols.decisions import encode_op
 from mossnode.protocols.membership import decode_invite
 from mossnode.protocols.pbft import Client, Completed, Send, SetTimer
+from mossnode.protocols.pbft.messages import REPLIES
 
 
 @dataclass
@@ -51,6 +52,8 @@ class Gateway:
         self.latencies: list[float] = []
         self.completed = 0
         self.replies_in = 0
+        self.verified = 0  # reply envelopes whose signature was checked
+        self.stale = 0  # reply envelopes no client waited for any more
         self.results: dict[tuple[bytes, int], bytes] = {}
         self.broadcast_all = False  # warm-up: every validator sees each key through us
         self._links: dict[str, trio.MemorySendChannel[bytes]] = {}
@@ -161,23 +164,45 @@ class Gateway:
                     frames.append(frame(recv.receive_nowait()))
                 except trio.WouldBlock:
                     break
-            await stream.write(b"".join(frames))
+            await (open_muxed(stream) or stream).write(b"".join(frames))
 
     async def _on_stream(self, stream: INetStream) -> None:
         reader = FrameReader(stream)
         try:
             while True:
-                data = await reader.read(MAX_FRAME)
-                try:
-                    client = cbor2.loads(data[64:])[6]["c"]
-                except Exception:
-                    continue
-                lane = self.lanes.get(client)
-                self.replies_in += 1
-                if lane is not None:
-                    self._effects(lane, lane.client.receive(data, time.time_ns() // 1_000_000))
+                self._on_reply(await reader.read(MAX_FRAME))
         except Exception:
             pass
+
+    def _on_reply(self, data: bytes) -> None:
+        """A validator's ``pbft.reply`` (one client) or ``pbft.replies`` (every client of a
+        batch): its signature is checked once, and only if a client still waits for it, then
+        it goes to each waiting client it answers."""
+        self.replies_in += 1
+        try:
+            fields = cbor2.loads(data[64:])
+            body = fields[6]
+            if fields[2] == REPLIES:
+                items = [(bytes.fromhex(k), item) for k, item in body["rs"].items()]
+            else:
+                items = [(body["c"], [body["t"]])]
+        except Exception:
+            return
+        waiting = []
+        for client, item in items:
+            lane = self.lanes.get(client)
+            if lane is not None and lane.client.outstanding == item[0]:
+                waiting.append(lane)
+        if not waiting:
+            self.stale += 1
+            return
+        now = time.time_ns() // 1_000_000
+        env = open_envelope(data, swarm_id=self.swarm_id, now_ms=now)
+        self.verified += 1
+        if isinstance(env, Rejection):
+            return
+        for lane in waiting:
+            self._effects(lane, lane.client.receive_opened(env, now))
 
     async def _timer_loop(self) -> None:
         while True:

@@ -294,7 +294,7 @@ async def test_free_sends_go_out_before_their_own_write_but_after_earlier_ones()
         make_host(founder),
     )
     sent: list[bytes] = []
-    svc._send = lambda pid, data: sent.append(data)  # type: ignore[method-assign]
+    svc._send = lambda route, datas: sent.extend(datas)  # type: ignore[method-assign]
 
     def output(records: int, sends: list[bytes], free: int) -> Output:
         return Output(
@@ -327,3 +327,30 @@ async def test_free_sends_go_out_before_their_own_write_but_after_earlier_ones()
         assert [len(w["meta"]) for w in store.writes] == [2, 2]  # one record + the count each
         assert svc.counters["sent_before_write"] == 2
         nursery.cancel_scope.cancel()
+
+
+def test_the_same_bytes_cross_each_route_once() -> None:
+    """A batch's pbft.replies goes to each of its clients (one SendAll); clients behind one
+    gateway share the gateway's copy, a client reached directly gets its own, and other
+    messages for several peers (a broadcast) are not merged."""
+    founder = ident(0)
+    svc = ConsensusService(
+        founder,
+        ConsensusMembership(make_genesis(founder, "routes", 1_700_000_000_000)),
+        _SlowStore(),  # type: ignore[arg-type]
+        make_host(founder),
+    )
+    sent: list[tuple[str, bytes]] = []
+    svc._send = lambda route, datas: sent.extend((route, d) for d in datas)  # type: ignore[method-assign]
+    svc._via.update({"c1": "gw", "c2": "gw", "c3": "gw2"})
+    replies, commit = b"replies", b"commit"
+    batch = [("c1", replies), ("c2", replies), ("c4", replies), ("c3", replies)]
+    svc._send_each([*batch, ("v1", commit), ("v2", commit), ("c1", replies)])
+    assert sent == [  # each route's messages together, in order
+        ("gw", replies),
+        ("gw", replies),  # not next to the others: a later send of its own
+        ("c4", replies),
+        ("gw2", replies),
+        ("v1", commit),
+        ("v2", commit),
+    ]

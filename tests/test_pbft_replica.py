@@ -8,7 +8,8 @@ import cbor2
 import pytest
 from test_pbft_sim import SWARM, T0, Net, Sim, ident, small_config
 
-from mossnode.crypto.envelope import seal
+from mossnode.crypto.envelope import Rejection, open_envelope, seal
+from mossnode.crypto.peerid import peer_id_from_public_key
 from mossnode.protocols.pbft import (
     TIMER_CLIENT,
     Client,
@@ -17,12 +18,21 @@ from mossnode.protocols.pbft import (
     Persist,
     Replica,
     Send,
+    SendAll,
     SetTimer,
     compact_records,
     max_faulty,
     quorum,
 )
-from mossnode.protocols.pbft.messages import REPLY, PrePrepare, Reply, Request
+from mossnode.protocols.pbft.messages import (
+    REPLIES,
+    REPLY,
+    PrePrepare,
+    Reply,
+    Request,
+    replies_body,
+    reply_in,
+)
 
 
 def test_quorum_arithmetic() -> None:
@@ -438,3 +448,101 @@ def test_envelope_cache_parses_each_request_once(monkeypatch: pytest.MonkeyPatch
     )
     assert cache.request(other) is None
     assert len(parsed) == 1
+
+
+def test_a_batch_is_answered_with_one_replies_envelope_for_all_its_clients() -> None:
+    """With ``reply_batches`` each replica seals one ``pbft.replies`` per executed batch of
+    several requests (SendAll to its clients) and a lone request still gets a ``pbft.reply``;
+    every client completes with f+1 matching results."""
+    sim = Sim(4, 35, clients=4, config=small_config(reply_batches=True, max_inflight=1))
+    emitted: list[Any] = []
+    real = sim.handle_all
+
+    def spy(src: str, effects: list[Any]) -> None:
+        emitted.extend(e for e in effects if isinstance(e, Send | SendAll))
+        real(src, effects)
+
+    sim.handle_all = spy  # type: ignore[method-assign]
+    for k in range(4):
+        sim.submit_at(0, k, b"together-%d" % k)  # the first goes alone, three wait for it
+    sim.submit_at(400, 0, b"alone")
+    sim.run(60_000, stop=sim.clients_done)
+    sim.check_liveness()
+    sim.check_exactly_once()
+    multi = [e for e in emitted if isinstance(e, SendAll)]
+    singles = [e for e in emitted if isinstance(e, Send) and _env(e.data)[0] == REPLY]
+    assert multi and all(_env(e.data)[0] == REPLIES for e in multi)
+    clients = {c.peer_id for c in sim.client_ids}
+    for e in multi:
+        _, body = _env(e.data)
+        assert len(body["rs"]) == len(e.to) > 1 and set(e.to) <= clients
+        assert {peer_id_from_public_key(bytes.fromhex(k)) for k in body["rs"]} == set(e.to)
+    assert singles  # batches of one request keep the single reply
+    for cid in sim.client_ids:  # every reply envelope opened and matched, none refused
+        assert not set(sim.nodes[cid.peer_id].rejections) - {"stale_reply"}
+    for cid in sim.client_ids:
+        assert len(sim.completed[cid.peer_id]) == (2 if cid == sim.client_ids[0] else 1)
+
+
+def test_a_client_takes_its_item_of_a_replies_envelope_opened_once() -> None:
+    ids = [ident(i) for i in range(4)]
+    vals = [i.public_key for i in ids]
+    me, other = ident(100), ident(101)
+    clients = {c.public_key: Client(c, vals, SWARM) for c in (me, other)}
+    ts = {k: c.submit(b"op", T0)[0] for k, c in clients.items()}
+
+    def replies(i: int, seq: int, items: dict[str, list[Any]]) -> Any:
+        raw = seal(
+            ids[i] if i < 4 else ident(i),
+            swarm_id=SWARM,
+            type=REPLIES,
+            seq=seq,
+            timestamp=T0,
+            body={"v": 0, "rs": items},
+        )
+        env = open_envelope(raw, swarm_id=SWARM, now_ms=T0)
+        assert not isinstance(env, Rejection)
+        return env
+
+    good = {k.hex(): [t, b"ok-%d" % t] for k, t in ts.items()}
+    env1 = replies(1, 1, good)
+    for c in clients.values():
+        assert c.wants(env1)
+        assert c.receive_opened(env1, T0) == []
+    assert clients[me.public_key].receive_opened(env1, T0) == []  # replayed
+    assert clients[me.public_key].rejections == {"replay": 1}
+    assert clients[me.public_key].receive_opened(replies(9, 1, good), T0) == []  # no validator
+    lying = {k.hex(): [t, b"evil"] for k, t in ts.items()}
+    assert clients[me.public_key].receive_opened(replies(3, 1, lying), T0) == []  # Byzantine
+    only_other = {other.public_key.hex(): good[other.public_key.hex()]}
+    assert clients[me.public_key].receive_opened(replies(0, 1, only_other), T0) == []
+    assert clients[me.public_key].rejections == {
+        "replay": 1,
+        "not_member": 1,
+        "malformed_body": 1,
+    }
+    env2 = replies(2, 1, good)
+    for k, c in clients.items():
+        out = c.receive_opened(env2, T0)
+        assert Completed(ts[k], b"op", b"ok-%d" % ts[k]) in out
+        assert not c.wants(env2) and c.outstanding is None
+    raw = seal(ids[3], swarm_id=SWARM, type=REPLIES, seq=2, timestamp=T0, body={"v": 0, "rs": {}})
+    assert clients[me.public_key].receive(raw, T0) == []  # nothing outstanding: not checked
+
+
+def test_replies_items_are_parsed_defensively() -> None:
+    key = b"k" * 32
+    k = key.hex()
+    assert reply_in({"v": 1, "rs": {k: [5, b"r"]}}, key) == Reply(1, 5, key, b"r")
+    assert replies_body(1, [(key, 5, b"r")]) == {"v": 1, "rs": {k: [5, b"r"]}}
+    for body in (
+        None,
+        {"v": 1},
+        {"v": -1, "rs": {k: [5, b"r"]}},
+        {"v": 1, "rs": [[key, 5, b"r"]]},
+        {"v": 1, "rs": {k: [5]}},
+        {"v": 1, "rs": {k: ["5", b"r"]}},
+        {"v": 1, "rs": {k: [5, "r"]}},
+        {"v": 1, "rs": {"other": [5, b"r"]}},
+    ):
+        assert reply_in(body, key) is None

@@ -35,6 +35,7 @@ from mossnode.protocols.pbft import (
     Reconfigured,
     Replica,
     Send,
+    SendAll,
     SetTimer,
     verify_certificate,
 )
@@ -119,6 +120,7 @@ class Sim:
         verify_certs: bool = True,
     ) -> None:
         self.rng = random.Random(seed)
+        self.send_alls = 0  # SendAll effects: batches answered with one pbft.replies
         self.net = net or Net()
         self.cfg = config or small_config()
         self.now = T0
@@ -280,7 +282,7 @@ class Sim:
         if src in self.crashed:
             return
         if src in self.torn:
-            sends = [k for k, e in enumerate(effects) if isinstance(e, Send)]
+            sends = [k for k, e in enumerate(effects) if isinstance(e, Send | SendAll)]
             if sends and any(isinstance(e, Persist) for e in effects[sends[-1] :]):
                 cut = sends[-1] + 1
                 self.torn_lost.extend(e.record for e in effects[cut:] if isinstance(e, Persist))
@@ -303,6 +305,12 @@ class Sim:
                             self._transmit(src, dst, e.data)
                 else:
                     self._transmit(src, e.to, e.data)
+            elif isinstance(e, SendAll):
+                self.send_alls += 1
+                if self.check_sends:
+                    self._check_send(src, e.data)
+                for dst in e.to:
+                    self._transmit(src, dst, e.data)
             elif isinstance(e, SetTimer):
                 self.timer_log.append((src, e.name, self.now, e.at_ms))
                 self._push(e.at_ms, "timer", src, e.name)
@@ -425,7 +433,9 @@ class Sim:
 # -------------------------------------------------------------------- seeded sweeps
 
 
-def chaotic_run(n: int, seed: int, requests: int = 4) -> Sim:
+def chaotic_run(
+    n: int, seed: int, requests: int = 4, *, clients: int = 2, reply_batches: bool = False
+) -> Sim:
     """One seeded run: lossy, duplicating, reordering network until ``stable_at``, maybe a
     partition that heals, maybe a replica that crashes and restarts from its records."""
     rng = random.Random(seed * 7919 + n)
@@ -437,7 +447,7 @@ def chaotic_run(n: int, seed: int, requests: int = 4) -> Sim:
         max_delay=rng.choice([5, 30, 120]),
         stable_at=stable_at,
     )
-    sim = Sim(n, seed, net=net, clients=2)
+    sim = Sim(n, seed, net=net, clients=clients, config=small_config(reply_batches=reply_batches))
     if rng.random() < 0.5:  # a partition that heals (either side may lack a quorum)
         side = frozenset(rng.sample(sim.pids, rng.randint(1, n // 2)))
         start = rng.randint(0, 2_000)
@@ -448,7 +458,7 @@ def chaotic_run(n: int, seed: int, requests: int = 4) -> Sim:
         sim.call_at(down, lambda: sim.crash(victim))
         sim.call_at(down + rng.randint(100, 2_000), lambda: sim.restart(victim))
     for k in range(requests):
-        sim.submit_at(rng.randint(0, 2_800), k % 2, b"op-%d-%d" % (seed, k))
+        sim.submit_at(rng.randint(0, 2_800), k % clients, b"op-%d-%d" % (seed, k))
     sim.run(180_000, stop=sim.clients_done)
     sim.check_liveness()
     sim.check_exactly_once()
@@ -470,6 +480,21 @@ def test_sweep_n4(chunk: int) -> None:
 def test_sweep_n7(chunk: int) -> None:
     for seed in range(chunk * PER_CHUNK, (chunk + 1) * PER_CHUNK):
         chaotic_run(7, 10_000 + seed)
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_sweep_with_batched_replies(chunk: int) -> None:
+    """The same chaos with ``reply_batches``: a batch's replies travel as one envelope for all
+    its clients (lost, duplicated and late like any message); every client still completes
+    exactly once with the decided result."""
+    batched = 0
+    for seed in range(20_000 + chunk * PER_CHUNK, 20_000 + (chunk + 1) * PER_CHUNK):
+        sim = chaotic_run(4 if chunk % 2 == 0 else 7, seed, 12, clients=6, reply_batches=True)
+        batched += sim.send_alls
+        for cid in sim.client_ids:  # the replies envelopes open and hold each client's item
+            refused = set(sim.nodes[cid.peer_id].rejections)  # type: ignore[attr-defined]
+            assert not refused & {"malformed", "malformed_body", "forbidden"}, refused
+    assert batched > PER_CHUNK  # the runs did batch requests and answer them so
 
 
 @pytest.mark.parametrize(("n", "seeds"), [(4, range(400, 430)), (7, range(10_400, 10_415))])

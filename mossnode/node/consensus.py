@@ -464,8 +464,7 @@ class ConsensusService:
         in the queue has anything to write. Their records are written afterwards as usual."""
         for out in self._queue:
             if out.free_sends:
-                for pid, data in out.sends[: out.free_sends]:
-                    self._send(pid, data)
+                self._send_each(out.sends[: out.free_sends])
                 del out.sends[: out.free_sends]
                 out.free_sends = 0
                 self.counters["sent_before_write"] += 1
@@ -474,8 +473,7 @@ class ConsensusService:
 
     def _release(self, out: Output) -> None:
         """Carry out what a durable output asks for: sends, timers, notifications."""
-        for pid, data in out.sends:
-            self._send(pid, data)
+        self._send_each(out.sends)
         if out.timers:
             for target, name, at in out.timers:
                 self._timers[(target, name)] = at
@@ -541,8 +539,26 @@ class ConsensusService:
             self._validator_pids = (self.state.height, pids)
         return pids
 
-    def _send(self, pid: str, data: bytes) -> None:
-        self._links.send(self._via.get(pid, pid), data)
+    def _send_each(self, sends: list[tuple[str, bytes]]) -> None:
+        """Send in order, each peer's messages together (one write when its link is idle);
+        the same bytes for several peers (a batch's ``pbft.replies`` for its clients) cross
+        each route once: the clients behind one gateway share a copy."""
+        last: bytes | None = None
+        routes: set[str] = set()
+        by_route: dict[str, list[bytes]] = {}
+        for pid, data in sends:
+            route = self._via.get(pid, pid)
+            if data is not last:
+                last, routes = data, set()
+            elif route in routes:
+                continue
+            routes.add(route)
+            by_route.setdefault(route, []).append(data)
+        for route, datas in by_route.items():
+            self._send(route, datas)
+
+    def _send(self, route: str, datas: list[bytes]) -> None:
+        self._links.send_many(route, datas)
 
     # -- background loops -------------------------------------------------------------------
 

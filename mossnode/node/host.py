@@ -25,8 +25,11 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import ParseError
 from libp2p.io.abc import Reader
-from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError, MessageTooLarge
 from libp2p.io.trio import TrioTCPStream
+from libp2p.io.utils import read_exactly
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.stream.net_stream import NetStream, StreamState
 from libp2p.peer import peerstore as peerstore_module
 from libp2p.peer.id import ID
 from libp2p.pubsub import gossipsub as gossipsub_module
@@ -34,11 +37,18 @@ from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.utils import maybe_consume_signed_record
+from libp2p.security.noise.io import (
+    MAX_PLAINTEXT_LENGTH,
+    NoisePacketReadWriter,
+    NoiseTransportReadWriter,
+)
+from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux import yamux as yamux_module
 from libp2p.stream_muxer.yamux.yamux import (
     HEADER_SIZE,
     MAX_MESSAGE_SIZE,
+    MAX_WINDOW_SIZE,
     TYPE_DATA,
     TYPE_WINDOW_UPDATE,
     YAMUX_HEADER_FORMAT,
@@ -58,6 +68,174 @@ class FrameError(Exception):
     """A peer sent a frame that is too large or cut short."""
 
 
+class _Wire:
+    """The usual stack under a yamux connection: a Noise transport session over a raw TCP
+    connection. Holds what the fast paths below use, or is absent for any other stack."""
+
+    __slots__ = ("broken", "noise", "pending", "session", "sock", "tcp")
+
+    def __init__(self, session: Any, noise: Any, tcp: Any, sock: Any) -> None:
+        self.session = session  # SecureSession: the decrypted read buffer
+        self.noise = noise  # NoiseTransportReadWriter: encrypt/decrypt (the nonces)
+        self.tcp = tcp  # TrioTCPStream: its write lock; its read buffer (BufferedTCPRead)
+        self.sock = sock  # the non-blocking socket under trio's
+        # the tail of a packet the socket did not take in send_now: written before anything
+        # else (by a flush task, or by the next frame writer, under the write locks)
+        self.pending = b""
+        self.broken = False  # a synchronous send failed: only the library's paths from now
+
+    @classmethod
+    def of(cls, secured_conn: Any) -> _Wire | None:
+        if type(secured_conn) is not SecureSession:
+            return None
+        noise = secured_conn.conn
+        if type(noise) is not NoiseTransportReadWriter:
+            return None
+        packets = noise.read_writer
+        if type(packets) is not NoisePacketReadWriter:
+            return None
+        raw = packets.read_write_closer
+        if type(raw) is not RawConnection or type(raw.stream) is not TrioTCPStream:
+            return None
+        sock = getattr(getattr(raw.stream.stream, "socket", None), "_sock", None)
+        if sock is None or not hasattr(raw.stream, "write_lock"):
+            return None
+        return cls(secured_conn, noise, raw.stream, sock)
+
+    def take(self, n: int) -> bytes | None:
+        """``n`` decrypted bytes if they have arrived (decrypting the complete Noise messages
+        the TCP read buffer holds, in order), else None and nothing consumed. Synchronous: no
+        socket read, no lock, no task switch."""
+        s = self.session
+        while s.high_watermark - s.low_watermark < n:
+            buf: bytearray | None = self.tcp.__dict__.get("_mossnode_buf")
+            if not buf or len(buf) < 2:
+                return None
+            size = (buf[0] << 8) | buf[1]
+            if len(buf) < 2 + size:
+                return None
+            packet = bytes(buf[2 : 2 + size])
+            del buf[: 2 + size]
+            plain = self.noise.decrypt(packet)  # a bad tag raises: the reader tears down
+            rest = s._drain(None)
+            s._fill(rest + plain if rest else plain)
+        return bytes(s._drain(n))
+
+    async def fill(self) -> bool:
+        """Read what the socket has into the TCP read buffer; False at EOF."""
+        read = _TCP_READ.unbuffered
+        chunk = await read(self.tcp, BufferedTCPRead.CHUNK)
+        if not chunk:
+            return False
+        buf: bytearray | None = self.tcp.__dict__.get("_mossnode_buf")
+        if buf is None:
+            self.tcp.__dict__["_mossnode_buf"] = bytearray(chunk)
+        else:
+            buf += chunk
+        return True
+
+    def send_now(self, mux_lock: trio.Lock, data: bytes) -> bool:
+        """Hand one frame to the socket without waiting, if nothing else is being written on
+        this connection; False, with nothing done, otherwise. What the socket does not take
+        stays ``pending`` and a flush task writes it under the locks; every other writer
+        writes it first (:meth:`CreditBatchingYamux._write_frame`), so frames never mix."""
+        if (
+            self.pending
+            or self.broken
+            or len(data) > MAX_PLAINTEXT_LENGTH
+            or mux_lock.locked()
+            or self.tcp.write_lock.locked()
+        ):
+            return False
+        sealed = self.noise.encrypt(data)
+        packet = len(sealed).to_bytes(2, "big") + sealed
+        try:
+            sent = self.sock.send(packet)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:  # the connection is gone; its reader tears it down
+            log.debug("TCP write failed: %s", exc)
+            self.broken = True
+            return False
+        if sent < len(packet):
+            self.pending = packet[sent:]
+            trio.lowlevel.spawn_system_task(self._flush, mux_lock)
+        return True
+
+    async def _flush(self, mux_lock: trio.Lock) -> None:
+        try:
+            async with mux_lock:
+                await self.flush_locked()
+        except Exception as exc:  # a broken connection: its reader tears it down
+            log.debug("TCP write failed: %s", exc)
+
+    async def flush_locked(self) -> None:
+        """Write what ``send_now`` left pending; the caller holds the muxer's write lock."""
+        if not self.pending:
+            return
+        async with self.tcp.write_lock:
+            pending, self.pending = self.pending, b""
+            try:
+                await self.tcp.stream.send_all(pending)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.broken = True
+                raise ConnectionClosedError(f"TCP write failed: {exc}", transport="tcp") from exc
+
+    async def send(self, mux_lock: trio.Lock, data: bytes) -> None:
+        """One Noise message with ``data``, written under the muxer's and the TCP stream's
+        write locks (taken without waiting: the caller checked they are free) and, when the
+        socket takes it all, without a task switch."""
+        tcp = self.tcp
+        mux_lock.acquire_nowait()
+        try:
+            tcp.write_lock.acquire_nowait()
+            try:
+                sealed = self.noise.encrypt(data)
+                packet = len(sealed).to_bytes(2, "big") + sealed
+                try:
+                    sent = self.sock.send(packet)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    raise ConnectionClosedError(
+                        f"TCP write failed: {exc}", transport="tcp"
+                    ) from exc
+                if sent < len(packet):  # the socket buffer is full: wait for it, locks held
+                    try:
+                        await tcp.stream.send_all(packet[sent:])
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        raise ConnectionClosedError(
+                            f"TCP write failed: {exc}", transport="tcp"
+                        ) from exc
+            finally:
+                tcp.write_lock.release()
+        finally:
+            mux_lock.release()
+
+
+async def _yamux_read_exactly(reader: Any, n: int, retry_count: int = 100) -> bytes:
+    """``read_exactly`` as yamux's frame loop calls it for each frame header (body reads go
+    through :meth:`CreditBatchingYamux._read_data_body`, not here). On a
+    :class:`CreditBatchingYamux` connection, plain DATA frames whose bodies have arrived are
+    delivered to their streams right here, as many as are buffered, and only the header of a
+    frame that needs the library (flags, window updates, pings, new streams, a body still on
+    the way) is returned to the library's loop."""
+    mux: CreditBatchingYamux | None = reader.__dict__.get("_mossnode_mux")
+    if mux is None or n != HEADER_SIZE:
+        return await read_exactly(reader, n, retry_count)
+    wire = mux.wire
+    if wire is None:
+        return await read_exactly(reader, n, retry_count)
+    while True:
+        header = wire.take(HEADER_SIZE)
+        if header is None:
+            if not await wire.fill():  # EOF: the library's read says how it ended
+                return await read_exactly(reader, n, retry_count)
+            continue
+        if not mux.deliver(header):
+            return header
+
+
 class CreditBatchingYamux(Yamux):
     """Yamux that returns receive-window credit in batches, and frames without debug work.
 
@@ -72,6 +250,16 @@ class CreditBatchingYamux(Yamux):
     Its frame writer also skips the library's, which decodes every header and formats a debug
     line whether or not debug logging is on, and a frame body already buffered is taken
     without arming a timeout.
+
+    Over the usual stack (Noise over TCP, :class:`_Wire`) two more layers of per-frame work
+    go. Writing a frame took four trio locks (muxer, TCP stream, each a task switch) and as
+    many checkpoints on its way down through the secure session, the Noise and length-prefix
+    writers and trio's socket stream; here it is encrypted and handed to the socket at once
+    when no other writer holds the connection (else, and for what the socket does not take,
+    the locks are waited for as before). Reading, the library's frame loop formatted five
+    debug lines and took the streams lock for every frame; here plain DATA frames whose
+    bodies have arrived are put in their stream's buffer straight from the decrypted bytes
+    (:func:`_yamux_read_exactly`), and every other frame goes to the library's loop.
     """
 
     FLUSH = 64 * 1024
@@ -79,6 +267,9 @@ class CreditBatchingYamux(Yamux):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._owed: dict[int, int] = {}
+        self.wire = _Wire.of(self.secured_conn)
+        if self.wire is not None:  # the header reads of its frame loop come here
+            self.secured_conn.__dict__["_mossnode_mux"] = self
 
     def owe(self, sid: int, credit: int) -> bytes | None:
         """Add ``credit`` to what stream ``sid`` is owed; the WINDOW_UPDATE frame to send
@@ -91,14 +282,46 @@ class CreditBatchingYamux(Yamux):
             self._owed = {k: v for k, v in self._owed.items() if k in self.streams}
         return None
 
+    def deliver(self, header: bytes) -> bool:
+        """Put a plain DATA frame (no flags, an open stream, its body already here) in its
+        stream's buffer and wake the stream's reader, as the library's loop does; False,
+        with nothing consumed beyond the header, for any frame the library must handle."""
+        version, typ, flags, sid, length = struct.unpack(YAMUX_HEADER_FORMAT, header)
+        if typ != TYPE_DATA or flags or version or not 0 < length <= MAX_WINDOW_SIZE:
+            return False
+        stream = self.streams.get(sid)
+        buf = self.stream_buffers.get(sid)
+        event = self.stream_events.get(sid)
+        wire = self.wire
+        if stream is None or buf is None or event is None or wire is None:
+            return False
+        if stream.closed or self.streams_lock.locked():
+            return False
+        body = wire.take(length)
+        if body is None:
+            return False
+        buf.extend(body)
+        stream.recv_window -= length
+        if stream.recv_window < 0:
+            log.warning("stream %d: peer exceeded the receive window", sid)
+            stream.recv_window = 0
+        event.set()
+        return True
+
     async def _read_data_body(self, length: int) -> bytes:
         # The library arms a timeout (reading it from the environment) for every frame body;
         # yamux writes a frame as one Noise message, so its body is nearly always decrypted
         # and buffered already once its header is read, and then no wait can happen.
+        wire = self.wire
+        if wire is not None and length >= 0:
+            body = wire.take(length)
+            if body is not None:
+                return body
         conn: Any = self.secured_conn
         if 0 <= length <= getattr(conn, "high_watermark", 0) - getattr(conn, "low_watermark", 0):
             return bytes(conn._drain(length))
-        return await super()._read_data_body(length)
+        with trio.fail_after(yamux_module._yamux_data_read_timeout()):
+            return await read_exactly(conn, length)  # not the frame-header hook
 
     async def _write_frame(self, data: bytes) -> None:
         if len(data) == HEADER_SIZE and data[1] == TYPE_WINDOW_UPDATE and data[2:4] == b"\0\0":
@@ -107,7 +330,20 @@ class CreditBatchingYamux(Yamux):
             if update is None:
                 return
             data = update
-        async with self._write_lock:
+        wire = self.wire
+        lock = self._write_lock
+        if (
+            wire is not None
+            and not wire.pending
+            and len(data) <= MAX_PLAINTEXT_LENGTH
+            and not lock.locked()
+            and not wire.tcp.write_lock.locked()
+        ):
+            await wire.send(lock, data)
+            return
+        async with lock:
+            if wire is not None:
+                await wire.flush_locked()
             await self.secured_conn.write(data)
         await trio.lowlevel.checkpoint()
 
@@ -151,6 +387,29 @@ class FastYamuxStream(YamuxStream):
             await event.wait()
             conn.stream_events[sid] = trio.Event()
 
+    def write_nowait(self, data: bytes) -> bool:
+        """Write ``data`` as one frame at once, without a task switch, when it fits one frame
+        and the send window, no write of this stream is under way, and nothing else is being
+        written on the connection (:meth:`_Wire.send_now`); False, with nothing done, else.
+        The caller must not have a write of its own on this stream in progress."""
+        conn = self.conn
+        wire = getattr(conn, "wire", None)
+        size = len(data)
+        if (
+            wire is None
+            or not 0 < size <= MAX_MESSAGE_SIZE - HEADER_SIZE
+            or size > self.send_window
+            or self.send_closed
+            or self.closed
+            or self.window_lock.locked()
+        ):
+            return False
+        header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, self.stream_id, size)
+        if not wire.send_now(conn._write_lock, header + data):
+            return False
+        self.send_window -= size
+        return True
+
     async def write(self, data: bytes) -> None:
         size = len(data)
         if (
@@ -163,6 +422,19 @@ class FastYamuxStream(YamuxStream):
             await self.conn._write_frame(header + data)
             return
         await super().write(data)
+
+
+def open_muxed(stream: INetStream) -> FastYamuxStream | None:
+    """The yamux stream under ``stream`` while it is an open libp2p stream of ours, else None.
+    ``NetStream.read`` and ``write`` take the stream's state lock (a task switch) on every call
+    only to refuse a stream that failed, was reset or closed: a caller that reads or writes it
+    all the time (:class:`~mossnode.node.links.FrameReader`, :class:`~mossnode.node.links.Links`)
+    checks the state here and calls the yamux stream itself, and gives the stream up on any
+    error, as it would on the errors ``NetStream`` raises."""
+    if type(stream) is not NetStream or stream._state is not StreamState.OPEN:
+        return None
+    muxed = stream.muxed_stream
+    return muxed if type(muxed) is FastYamuxStream else None
 
 
 class BufferedTCPRead:
@@ -192,6 +464,12 @@ class BufferedTCPRead:
             return bytes(data)
         stream.__dict__["_mossnode_buf"] = bytearray(data[n:])
         return bytes(data[:n])
+
+
+# the library's own read, also when this module is loaded again after tune_libp2p() ran
+_TCP_READ = BufferedTCPRead(
+    getattr(TrioTCPStream.read, "__mossnode_unbuffered__", TrioTCPStream.read)
+)
 
 
 async def widen_receive_window(stream: INetStream, size: int) -> None:
@@ -315,13 +593,15 @@ def tune_libp2p() -> None:
     behaviour and only drop repeated work; idempotent."""
     muxer_multistream.Yamux = CreditBatchingYamux  # type: ignore[attr-defined]
     yamux_module.YamuxStream = FastYamuxStream  # type: ignore[misc]
+    yamux_module.read_exactly = _yamux_read_exactly  # type: ignore[attr-defined]
     if not hasattr(TrioTCPStream.read, "__mossnode_buffered__"):
-        buffered = BufferedTCPRead(TrioTCPStream.read).read
+        buffered = _TCP_READ.read
 
         async def read(self: TrioTCPStream, n: int | None = None) -> bytes:
             return await buffered(self, n)
 
         read.__mossnode_buffered__ = True  # type: ignore[attr-defined]
+        read.__mossnode_unbuffered__ = _TCP_READ.unbuffered  # type: ignore[attr-defined]
         TrioTCPStream.read = read  # type: ignore[method-assign]
     current = pubsub_module.maybe_consume_signed_record  # type: ignore[attr-defined]
     if not isinstance(getattr(current, "__self__", None), KnownRecords):

@@ -17,8 +17,9 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 
-from .host import FrameError, frame
+from .host import FrameError, frame, open_muxed
 
 log = logging.getLogger("mossnode.links")
 
@@ -27,7 +28,8 @@ QUIET_S = 0.3  # after a failed write, frames for that peer are dropped this lon
 
 class FrameReader:
     """Length-prefixed frames from a stream, read in large chunks (one read call per burst of
-    frames instead of two per frame)."""
+    frames instead of two per frame), from the yamux stream itself while the stream is open
+    (:func:`~mossnode.node.host.open_muxed`)."""
 
     def __init__(self, stream: INetStream, chunk: int = 1 << 16) -> None:
         self.stream = stream
@@ -45,7 +47,14 @@ class FrameReader:
                     data = bytes(buf[4 : 4 + n])
                     del buf[: 4 + n]
                     return data
-            chunk = await self.stream.read(self.chunk)
+            muxed = open_muxed(self.stream)
+            if muxed is None:
+                chunk = await self.stream.read(self.chunk)
+            else:
+                try:
+                    chunk = await muxed.read(self.chunk)
+                except MuxedStreamEOF:
+                    chunk = b""
             if not chunk:
                 raise FrameError(f"stream closed with {len(buf)} bytes of a frame")
             buf += chunk
@@ -80,6 +89,7 @@ class Links:
         self.queue = queue
         self.max_batch = max_batch
         self._links: dict[str, trio.MemorySendChannel[bytes]] = {}
+        self._idle: dict[str, INetStream] = {}  # links whose task waits, nothing queued
         self._nursery: trio.Nursery | None = None
 
     def bind(self, nursery: trio.Nursery) -> None:
@@ -87,7 +97,36 @@ class Links:
         self._nursery = nursery
 
     def send(self, pid: str, data: bytes) -> None:
-        """Queue ``data`` for ``pid``; never blocks."""
+        """Send ``data`` to ``pid`` now if its stream is idle and the connection free
+        (:meth:`~mossnode.node.host.FastYamuxStream.write_nowait`), else queue it for the
+        link's task; never blocks."""
+        stream = self._idle.get(pid)
+        if stream is not None:
+            muxed = open_muxed(stream)
+            if muxed is not None and muxed.write_nowait(frame(data)):
+                self.counters[self.prefix + "out"] += 1
+                return
+            del self._idle[pid]  # the link's task writes this and what follows, in order
+        self._queue(pid, data)
+
+    def send_many(self, pid: str, datas: list[bytes]) -> None:
+        """Send several messages to ``pid`` in order: from an idle link as one write (one
+        Noise message and one socket send for all, as the link's task writes what queued up
+        meanwhile), else queued."""
+        if len(datas) == 1:
+            self.send(pid, datas[0])
+            return
+        stream = self._idle.get(pid)
+        if stream is not None:
+            muxed = open_muxed(stream)
+            if muxed is not None and muxed.write_nowait(b"".join(frame(d) for d in datas)):
+                self.counters[self.prefix + "out"] += len(datas)
+                return
+            del self._idle[pid]
+        for data in datas:
+            self._queue(pid, data)
+
+    def _queue(self, pid: str, data: bytes) -> None:
         link = self._links.get(pid)
         if link is None:
             if self._nursery is None:
@@ -103,9 +142,28 @@ class Links:
             self.counters[self.prefix + "dropped"] += 1
 
     async def _serve(self, pid: str, recv: trio.MemoryReceiveChannel[bytes]) -> None:
+        try:
+            await self._serve_link(pid, recv)
+        finally:
+            self._idle.pop(pid, None)
+
+    async def _serve_link(self, pid: str, recv: trio.MemoryReceiveChannel[bytes]) -> None:
         stream: INetStream | None = None
         quiet_until = 0.0
-        async for data in recv:
+        while True:
+            try:
+                data = recv.receive_nowait()
+            except trio.WouldBlock:
+                # Idle: while nothing is queued, send() may write to the stream itself. It
+                # stops as soon as it queues anything, and this task's next write follows.
+                if stream is not None:
+                    self._idle[pid] = stream
+                try:
+                    data = await recv.receive()
+                except trio.EndOfChannel:
+                    return
+                finally:
+                    self._idle.pop(pid, None)
             if trio.current_time() < quiet_until:
                 self.counters[self.prefix + "dropped"] += 1
                 continue
@@ -122,7 +180,8 @@ class Links:
                 with trio.fail_after(5):
                     if stream is None:
                         stream = await self.host.new_stream(ID.from_base58(pid), [self.proto])
-                    await stream.write(b"".join(frames))
+                    muxed = open_muxed(stream)
+                    await (muxed or stream).write(b"".join(frames))
             except Exception as exc:
                 self.counters[self.prefix + "failed"] += 1
                 log.debug("%s to %s failed: %s", self.proto, pid, exc)

@@ -84,6 +84,7 @@ from .pbft import (
     Reconfigured,
     Replica,
     Send,
+    SendAll,
     SetTimer,
     batch_payload,
     requests_of,
@@ -91,7 +92,7 @@ from .pbft import (
 )
 from .pbft import Entry as PbftEntry
 from .pbft.config import rescheduled, takes_over
-from .pbft.messages import REPLY, REQUEST, Reply, Request, open_embedded
+from .pbft.messages import REPLIES, REPLY, REQUEST, Reply, Request, open_embedded
 
 NOOP = "noop"
 VOTE_OPEN = "vote.open"
@@ -148,6 +149,7 @@ def pbft_config(
         window=WINDOW,
         max_batch=max_batch,
         max_inflight=1,
+        reply_batches=True,
         view_timeout_ms=view_timeout_ms,
         retransmit_ms=retransmit_ms,
         max_backoff=max_backoff,
@@ -1045,7 +1047,7 @@ class ConsensusCore:
 
     def _dispatch(self, data: bytes) -> None:
         peeked = _peek(data) if isinstance(data, bytes) and len(data) > 64 else None
-        if peeked is not None and peeked[0] == REPLY:
+        if peeked is not None and (peeked[0] == REPLY or peeked[0] == REPLIES):
             self._run(CLIENT, self.client.receive(data, self._now))
         elif self.replica is not None:
             self._run(REPLICA, self.replica.receive(data, self._now))
@@ -1081,6 +1083,15 @@ class ConsensusCore:
                 )
                 free = not out.records and out.client_state is None
                 for pid in pids:
+                    if pid == self.my_pid:
+                        self._local.append(eff.data)
+                    else:
+                        out.sends.append((pid, eff.data))
+                        if free:
+                            out.free_sends += 1
+            elif isinstance(eff, SendAll):
+                free = not out.records and out.client_state is None
+                for pid in eff.to:
                     if pid == self.my_pid:
                         self._local.append(eff.data)
                     else:

@@ -8,7 +8,16 @@ from .application import Application, BatchHook, Execution, Outcome
 from .certificate import Invalid, Verified, verify_certificate, verify_commits
 from .client import TIMER_CLIENT, Client
 from .config import PbftConfig, max_faulty, quorum
-from .effects import Completed, Decided, Effect, Persist, Reconfigured, Send, SetTimer
+from .effects import (
+    Completed,
+    Decided,
+    Effect,
+    Persist,
+    Reconfigured,
+    Send,
+    SendAll,
+    SetTimer,
+)
 from .messages import (
     NULL_DIGEST,
     NULL_PAYLOAD,
@@ -44,6 +53,7 @@ __all__ = [
     "Reconfigured",
     "Replica",
     "Send",
+    "SendAll",
     "SetTimer",
     "Verified",
     "batch_digest",

@@ -16,12 +16,12 @@ from typing import Any
 
 import cbor2
 
-from ...crypto.envelope import Rejection, ReplayWindow, open_envelope, seal
+from ...crypto.envelope import Envelope, Rejection, ReplayWindow, open_envelope, seal
 from ...crypto.identity import Identity
 from ...crypto.peerid import peer_id_from_public_key
 from .config import max_faulty
 from .effects import Completed, Effect, Persist, Send, SetTimer
-from .messages import REPLY, REQUEST, Reply, Request
+from .messages import REPLIES, REPLY, REQUEST, Reply, Request, reply_in
 
 TIMER_CLIENT = "pbft.client"
 
@@ -39,6 +39,7 @@ class Client:
         seq_block: int = 1024,
     ) -> None:
         self.identity = identity
+        self._hex = identity.public_key.hex()  # our key in pbft.replies bodies
         self.swarm_id = swarm_id
         self.retransmit_ms = retransmit_ms
         self.max_retransmit_ms = max_retransmit_ms
@@ -110,7 +111,37 @@ class Client:
         )
         if isinstance(env, Rejection):
             self._count(env.reason.value)
-        elif env.type != REPLY:
+        else:
+            self._opened(env)
+        return self._end()
+
+    def receive_opened(self, env: Envelope, now_ms: int) -> list[Effect]:
+        """A reply envelope the caller opened itself with this client's checks (signature,
+        swarm id, size, clock skew: ``open_envelope`` without a replay window): a gateway
+        serving many clients opens a ``pbft.replies`` envelope once for all of them. The
+        sender's membership and this client's replay window are checked here."""
+        self._begin(now_ms)
+        if self._current is None:
+            self._count("stale_reply")
+        else:
+            self._opened(env)
+        return self._end()
+
+    @property
+    def outstanding(self) -> int | None:
+        """The timestamp of the request waiting for replies, if any."""
+        return self._current[0] if self._current is not None else None
+
+    def wants(self, env: Envelope) -> bool:
+        """Whether an opened reply envelope may still matter: it answers the outstanding
+        request (a gateway need not hand a batch's later replies to clients already done)."""
+        if self._current is None:
+            return False
+        rep = self._reply_of(env)
+        return rep is None or rep.timestamp == self._current[0]
+
+    def _opened(self, env: Envelope) -> None:
+        if env.type != REPLY and env.type != REPLIES:
             self._count("forbidden")
         elif env.sender not in self._members:
             self._count("not_member")
@@ -118,12 +149,16 @@ class Client:
             self._count("replay")
         else:
             self._replay.accept(env.sender, env.seq)
-            rep = Reply.parse(env.body)
+            rep = self._reply_of(env)
             if rep is None or rep.client != self.identity.public_key:
                 self._count("malformed_body")
             else:
                 self._on_reply(env.sender, rep)
-        return self._end()
+
+    def _reply_of(self, env: Envelope) -> Reply | None:
+        if env.type == REPLIES:
+            return reply_in(env.body, self.identity.public_key, self._hex)
+        return Reply.parse(env.body)
 
     def _wanted(self, data: bytes) -> bool:
         """Whether ``data`` may be a reply to the outstanding request (decoded, not verified:
@@ -132,6 +167,8 @@ class Client:
             return False
         try:
             body = cbor2.loads(data[64:])[6]
+            if "rs" in body:  # pbft.replies: our item, if any
+                return bool(body["rs"][self._hex][0] == self._current[0])
             return bool(body["t"] == self._current[0] and body["c"] == self.identity.public_key)
         except Exception:
             return True  # let the full check count it

@@ -57,6 +57,9 @@ class PbftConfig:
     retain_decided: int = 256  # decided entries kept in memory to bring lagging peers up to date
     sync_batch: int = 16  # decided entries per sync message
     seq_block: int = 1024  # envelope sequence numbers reserved per Persist
+    # replies to a batch of several requests as one pbft.replies envelope (SendAll) instead of
+    # one pbft.reply each: one signature per batch, and one check per batch at a gateway
+    reply_batches: bool = False
 
     def takes_over(self, n: int) -> int:
         """The first seq governed by a validator set decided in seq ``n``: the one after the

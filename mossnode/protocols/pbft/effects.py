@@ -24,6 +24,15 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
+class SendAll:
+    """Deliver ``data`` to each peer in ``to``. A peer reached through another node (a client
+    behind a gateway) may share that route with others: the bytes need to cross it once."""
+
+    to: tuple[str, ...]
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class SetTimer:
     """Call ``on_timer(name, now_ms)`` once at or after ``at_ms``; replaces a timer of that name.
 
@@ -77,4 +86,4 @@ class Completed:
     result: bytes
 
 
-Effect = Send | SetTimer | Persist | Decided | Reconfigured | Completed
+Effect = Send | SendAll | SetTimer | Persist | Decided | Reconfigured | Completed

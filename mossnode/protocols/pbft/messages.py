@@ -19,6 +19,7 @@ from .merkle import batch_root
 
 REQUEST = "pbft.request"
 REPLY = "pbft.reply"
+REPLIES = "pbft.replies"
 PREPREPARE = "pbft.preprepare"
 PREPARE = "pbft.prepare"
 COMMIT = "pbft.commit"
@@ -200,6 +201,28 @@ class Reply:
         if not (isinstance(f[2], bytes) and isinstance(f[3], bytes)):
             return None
         return cls(f[0], f[1], f[2], f[3])
+
+
+def replies_body(view: int, items: Sequence[tuple[bytes, int, bytes]]) -> dict[str, Any]:
+    """The body of a ``pbft.replies`` envelope: one validator's replies to every request of a
+    batch it executed, ``{v, rs: {client key in hex: [t, r]}}`` (a client finds its own by
+    key; envelope bodies have text keys)."""
+    return {"v": view, "rs": {c.hex(): [t, r] for c, t, r in items}}
+
+
+def reply_in(body: Any, client: bytes, key: str | None = None) -> Reply | None:
+    """``client``'s reply in a ``pbft.replies`` body, or None (absent or malformed); ``key``
+    is ``client.hex()`` if the caller has it. Only that item is looked at: a gateway hands one
+    envelope to each of its many clients."""
+    f = _get(body, "v", "rs")
+    if f is None or not _nat(f[0]) or not isinstance(f[1], dict):
+        return None
+    item = f[1].get(key if key is not None else client.hex())
+    if not (isinstance(item, list) and len(item) == 2 and _nat(item[0])):
+        return None
+    if not isinstance(item[1], bytes):
+        return None
+    return Reply(f[0], item[0], client, item[1])
 
 
 @dataclass(frozen=True, slots=True)

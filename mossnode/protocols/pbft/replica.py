@@ -42,7 +42,7 @@ from ...crypto.peerid import peer_id_from_public_key
 from .application import Application, BatchHook, Execution, Outcome
 from .certificate import Verified, verify_certificate
 from .config import PbftConfig, max_faulty, quorum, rescheduled
-from .effects import Decided, Effect, Persist, Reconfigured, Send, SetTimer
+from .effects import Decided, Effect, Persist, Reconfigured, Send, SendAll, SetTimer
 from .log import Accepted, Committed, PreparedCert, Slot, matching
 from .messages import (
     CHECKPOINT,
@@ -50,6 +50,7 @@ from .messages import (
     NEWVIEW,
     PREPARE,
     PREPREPARE,
+    REPLIES,
     REPLY,
     REQUEST,
     STATUS,
@@ -67,6 +68,7 @@ from .messages import (
     ViewChange,
     Vote,
     batch_payload,
+    replies_body,
     requests_of,
 )
 from .viewchange import (
@@ -509,6 +511,14 @@ class Replica:
         raw = self._seal(REPLY, Reply(self.view, timestamp, client, result).body())
         self._send(client, raw)
 
+    def _reply_all(self, replies: list[tuple[bytes, int, bytes]]) -> None:
+        """The replies to an executed batch as one ``pbft.replies`` envelope for all its
+        clients (``reply_batches``): one signature instead of one per request."""
+        raw = self._seal(REPLIES, replies_body(self.view, replies))
+        to = tuple(dict.fromkeys(self._pid(c) for c, _, _ in replies if c != self.me))
+        if to:
+            self._out.append(SendAll(to, raw))
+
     # ------------------------------------------------------------------ normal case
 
     def _slot(self, n: int) -> Slot:
@@ -718,8 +728,11 @@ class Replica:
         # the same batch again (learning it by state transfer) and re-derives the very results
         # and state digest it announced here. Everything we persisted before (our prepare,
         # prepared certificate and commit, envelope seq reservations) still precedes them.
-        for client, t, result in replies:
-            self._reply(client, t, result)
+        if self.cfg.reply_batches and len(replies) > 1:
+            self._reply_all(replies)
+        else:
+            for client, t, result in replies:
+                self._reply(client, t, result)
         checkpoint = n != self.stable_seq and n % self.cfg.checkpoint_interval == 0
         if checkpoint:
             self._send_checkpoint(n)
