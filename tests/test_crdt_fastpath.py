@@ -208,6 +208,55 @@ def test_decoder_agrees_on_mutated_updates(seed: int, which: int) -> None:
         assert _decoded(lambda d, c=client: decode_raw(d, client=c), data) == expected
 
 
+_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=False),
+    st.integers(-(2**40), 2**40),
+    st.text(max_size=140),  # past 127 bytes a length takes two bytes
+    st.text(alphabet=st.characters(max_codepoint=127), max_size=130),
+    st.binary(max_size=6),
+)
+_VALUES = st.recursive(
+    _LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=130), inner, max_size=5)
+    ),
+    max_leaves=14,
+)
+
+
+def _update_holding(value: Any) -> bytes:
+    doc: Doc[Any] = Doc(client_id=77)
+    root = doc.get("tasks", type=Map)
+    ups: list[bytes] = []
+    doc.observe(lambda ev: ups.append(ev.update))
+    root["v"] = value
+    return ups[-1]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(value=_VALUES, seed=st.integers(0, 2**32 - 1))
+def test_decoder_agrees_on_any_values(value: Any, seed: int) -> None:
+    """Values the walk skips (and the regex of simple values in it), valid and mutated."""
+    data = _update_holding(value)
+    for candidate in (data, _mutate(random.Random(seed), data)):
+        expected = _decoded(decode_update, candidate)
+        assert _decoded(lambda d: decode_raw(d, client=77), candidate) == expected
+    assert _decoded(decode_update, data)[0] == "ok"
+
+
+@pytest.mark.parametrize("depth", [30, 31, 32, 33, 34])
+def test_decoder_agrees_on_deep_values(depth: int) -> None:
+    """The depth limit with simple values (and empty containers) at the bottom."""
+    for leaf in ("s", None, 1.5, [], {}, {"k": "v"}):
+        value: Any = leaf
+        for i in range(depth):
+            value = [value] if i % 2 else {"k": value}
+        data = _update_holding(value)
+        assert _decoded(lambda d: decode_raw(d, client=77), data) == _decoded(decode_update, data)
+
+
 # -- authorization ----------------------------------------------------------------------------
 
 
