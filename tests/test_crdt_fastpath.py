@@ -23,7 +23,7 @@ from pycrdt import Array, Doc, Map
 from test_crdt_support import NOW, SWARM, Sim, TablePolicy, forge, ident, policy_for
 
 from mossnode.crypto.envelope import DOMAIN, SIG_LEN, Reason, Rejection
-from mossnode.protocols.crdt import Replica, WriteRefused, authorize, nest_task, replica
+from mossnode.protocols.crdt import Replica, WriteRefused, authorize, entry, nest_task, replica
 from mossnode.protocols.crdt.authorize import Accepted, Admitted, check_update, references
 from mossnode.protocols.crdt.document import content, state_digest
 from mossnode.protocols.crdt.entry import open_signed, parse_body, read_entry
@@ -110,6 +110,72 @@ def test_read_entry_agrees_on_mutated_entries(seed: int, which: int, sign: bool)
     data = _signed(_mutate(rng, data[SIG_LEN:])) if sign else _mutate(rng, data)
     got = read_entry(data, swarm_id=SWARM, now_ms=NOW)
     assert got is None or got == _reference_open(data)
+
+
+def _payloads() -> list[bytes]:
+    """Payloads in the canonical layout, with the encodings it must tell apart."""
+    out = [data[SIG_LEN:] for data in _ODD]
+    rep = Replica(A, SWARM, policy_for([A, B]))
+    out += [
+        e.data[SIG_LEN:]
+        for e in (rep.create_task(f"u{i}", NOW, title="x")[1] for i in range(3))
+        if e
+    ]
+    fields = cbor2.loads(out[0])
+    body = fields[6]
+    for i, value in [
+        (4, 23),
+        (4, 24),
+        (4, 255),
+        (4, 256),
+        (4, 2**32),
+        (4, 2**64 - 1),
+        (5, 0),
+        (5, 2**64 - 1),
+    ]:
+        changed = list(fields)
+        changed[i] = value
+        out.append(cbor2.dumps(changed, canonical=True))
+    for key, value in [
+        ("d", []), ("d", [[c, 1] for c in range(30)]), ("d", [[2**64 - 1, 2**64 - 1]]), ("p", 2**40),
+        ("u", b""), ("u", b"x" * 23), ("u", b"x" * 24), ("u", b"x" * 300), ("u", b"x" * 70000),
+        ("h", b"\x01" * 32), ("h", b"\x01" * 31),
+    ]:  # fmt: skip
+        changed = list(fields)
+        changed[6] = {**body, key: value}
+        out.append(cbor2.dumps(changed, canonical=True))
+    return out
+
+
+_PAYLOADS = _payloads()
+
+
+def test_canonical_reading_agrees_with_cbor2() -> None:
+    prefix = entry._prefix(SWARM)
+    canonical = 0
+    for payload in _PAYLOADS:
+        got = entry._read_canonical(payload, prefix) if payload.startswith(prefix) else None
+        if got is not None:
+            canonical += 1
+            assert got == entry._read_cbor(payload, SWARM)
+    assert canonical >= 20
+    rep = Replica(B, SWARM, policy_for([A, B]))
+    for i in range(3):  # the layout every node writes takes it
+        written = rep.create_task(f"w{i}", NOW, title="x")[1]
+        assert written is not None
+        assert entry._read_canonical(written.data[SIG_LEN:], prefix) is not None
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1), which=st.integers(0, len(_PAYLOADS) - 1))
+def test_canonical_reading_agrees_on_mutated_payloads(seed: int, which: int) -> None:
+    payload = _mutate(random.Random(seed), _PAYLOADS[which])
+    prefix = entry._prefix(SWARM)
+    got = entry._read_canonical(payload, prefix) if payload.startswith(prefix) else None
+    assert got is None or got == entry._read_cbor(payload, SWARM)
+    signed = _signed(payload)
+    fast = read_entry(signed, swarm_id=SWARM, now_ms=NOW)
+    assert fast is None or fast == _reference_open(signed)
 
 
 # -- the decoder ------------------------------------------------------------------------------

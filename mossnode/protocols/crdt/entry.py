@@ -176,10 +176,47 @@ def read_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rej
     every malformed input: :func:`open_signed` and :func:`parse_body` then decide and word it.
 
     Every check of both is here, in exact-type form, so what this returns is what they return.
+    The payload is read by :func:`_read_canonical` when it has the canonical layout every
+    node writes, else by ``cbor2``.
     """
     if type(data) is not bytes or not SIG_LEN < len(data) <= MAX_ENTRY_BYTES:
         return None
     payload = data[SIG_LEN:]
+    prefix = _PREFIXES.get(swarm_id)
+    if prefix is None:
+        prefix = _prefix(swarm_id)
+    fields = _read_canonical(payload, prefix) if payload.startswith(prefix) else None
+    if fields is None:
+        fields = _read_cbor(payload, swarm_id)
+        if fields is None:
+            return None
+    sender, seq, ts, update, deps, policy_seq, prev = fields
+    if abs(ts - now_ms) > NO_SKEW_LIMIT or len(prev) != (0 if seq == 1 else DIGEST_LEN):
+        return None
+    if not signature_valid(data[:SIG_LEN], STATE_UPDATE, payload, sender):
+        return bad_signature(STATE_UPDATE)
+    return StateEntry(
+        _peer_id(sender),
+        sender,
+        seq,
+        update,
+        deps,
+        policy_seq,
+        prev,
+        ts,
+        data,
+        hashlib.sha256(data).digest(),
+    )
+
+
+# (sender, seq, timestamp, update, deps, policy seq, previous digest) of a payload whose
+# version, swarm and type are those of a state entry of this swarm, each field of its type
+_Fields = tuple[bytes, int, int, bytes, dict[int, int], int, bytes]
+
+
+def _read_cbor(payload: bytes, swarm_id: bytes) -> _Fields | None:
+    """The payload's fields, read by ``cbor2`` and checked in exact-type form; None if it is
+    not a state entry of ``swarm_id`` of the right shape."""
     try:
         fields = cbor2.loads(payload)
     except Exception:
@@ -199,7 +236,6 @@ def read_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rej
         or type(seq) is not int
         or seq < 1
         or type(ts) is not int
-        or abs(ts - now_ms) > NO_SKEW_LIMIT
         or type(b) is not dict
         or len(b) != 4
     ):
@@ -213,26 +249,102 @@ def read_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rej
         or type(policy_seq) is not int
         or policy_seq < 0
         or type(prev) is not bytes
-        or len(prev) != (0 if seq == 1 else DIGEST_LEN)
     ):
         return None
     deps = _deps(pairs)
     if deps is None:
         return None
-    if not signature_valid(data[:SIG_LEN], type_, payload, sender):
-        return bad_signature(type_)
-    return StateEntry(
-        _peer_id(sender),
-        sender,
-        seq,
-        update,
-        deps,
-        policy_seq,
-        prev,
-        ts,
-        data,
-        hashlib.sha256(data).digest(),
+    return sender, seq, ts, update, deps, policy_seq, prev
+
+
+# The canonical payload, as ``seal`` writes it: [1, swarm id, "state.update", sender, seq,
+# timestamp, {"d": [[client, clock], ...], "h": prev, "p": policy seq, "u": update}], map keys
+# in canonical order. Everything up to the sender's 32 bytes is the same for every entry of a
+# swarm (the prefix); the rest is read by hand below, and anything else in it (another
+# encoding, a negative or non-integer number, trailing bytes, ...) is left to ``cbor2``.
+_PREFIXES: dict[bytes, bytes] = {}
+
+
+def _prefix(swarm_id: bytes) -> bytes:
+    if len(_PREFIXES) > 64:
+        _PREFIXES.clear()
+    prefix = _PREFIXES[swarm_id] = (
+        b"\x87\x01" + cbor2.dumps(swarm_id) + cbor2.dumps(STATE_UPDATE) + b"\x58\x20"
     )
+    return prefix
+
+
+def _arg(buf: bytes, pos: int, info: int) -> tuple[int, int]:
+    """The argument of the CBOR head at ``pos`` whose additional information is ``info``, and
+    the position after the head; -1 for an indefinite length or a reserved value."""
+    if info < 24:
+        return info, pos + 1
+    if info > 27:
+        return -1, pos
+    end = pos + 1 + (1 << (info - 24))
+    if end > len(buf):
+        return -1, pos
+    return int.from_bytes(buf[pos + 1 : end], "big"), end
+
+
+def _uint(buf: bytes, pos: int) -> tuple[int, int]:
+    """The CBOR unsigned integer at ``pos`` and the position after it; -1 if there is none."""
+    b = buf[pos]
+    if b < 24:
+        return b, pos + 1
+    return _arg(buf, pos, b) if b < 28 else (-1, pos)
+
+
+def _read_canonical(payload: bytes, prefix: bytes) -> _Fields | None:
+    """:func:`_read_cbor`'s result for a payload that starts with ``prefix`` and has the
+    canonical layout (None otherwise): what ``cbor2`` decodes those bytes to."""
+    try:
+        at = len(prefix)
+        sender = payload[at : at + 32]
+        seq, at = _uint(payload, at + 32)
+        ts, at = _uint(payload, at)
+        if seq < 1 or ts < 0 or payload[at : at + 3] != b"\xa4ad":  # {"d": ...
+            return None
+        n = payload[at + 3] - 0x80  # an array of fewer than 24 pairs
+        at += 4
+        if not 0 <= n < 24:
+            return None
+        deps: dict[int, int] = {}
+        last = -1
+        for _ in range(n):
+            if payload[at] != 0x82:
+                return None
+            client, at = _uint(payload, at + 1)
+            clock, at = _uint(payload, at)
+            if client <= last or clock < 1:  # sorted, each in range (a uint is below 2^64)
+                return None
+            deps[client] = clock
+            last = client
+        if payload[at : at + 2] != b"ah":
+            return None
+        head = payload[at + 2]
+        if head == 0x40:
+            prev = b""
+            at += 3
+        elif head == 0x58 and payload[at + 3] == DIGEST_LEN:
+            prev = payload[at + 4 : at + 4 + DIGEST_LEN]
+            at += 4 + DIGEST_LEN
+        else:
+            return None
+        if payload[at : at + 2] != b"ap":
+            return None
+        policy_seq, at = _uint(payload, at + 2)
+        if policy_seq < 0 or payload[at : at + 2] != b"au":
+            return None
+        head = payload[at + 2]
+        if head >> 5 != 2:  # a byte string
+            return None
+        size, at = _arg(payload, at + 2, head & 0x1F)
+    except IndexError:
+        return None
+    if size < 0 or at + size != len(payload):
+        return None
+    return sender, seq, ts, payload[at:], deps, policy_seq, prev
 
 
 def entry_digest(raw: bytes) -> bytes:
