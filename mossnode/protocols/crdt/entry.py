@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -182,10 +183,7 @@ def read_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rej
     if type(data) is not bytes or not SIG_LEN < len(data) <= MAX_ENTRY_BYTES:
         return None
     payload = data[SIG_LEN:]
-    prefix = _PREFIXES.get(swarm_id)
-    if prefix is None:
-        prefix = _prefix(swarm_id)
-    fields = _read_canonical(payload, prefix) if payload.startswith(prefix) else None
+    fields = _read_canonical(payload, swarm_id)
     if fields is None:
         fields = _read_cbor(payload, swarm_id)
         if fields is None:
@@ -260,91 +258,70 @@ def _read_cbor(payload: bytes, swarm_id: bytes) -> _Fields | None:
 # The canonical payload, as ``seal`` writes it: [1, swarm id, "state.update", sender, seq,
 # timestamp, {"d": [[client, clock], ...], "h": prev, "p": policy seq, "u": update}], map keys
 # in canonical order. Everything up to the sender's 32 bytes is the same for every entry of a
-# swarm (the prefix); the rest is read by hand below, and anything else in it (another
-# encoding, a negative or non-integer number, trailing bytes, ...) is left to ``cbor2``.
-_PREFIXES: dict[bytes, bytes] = {}
+# swarm; the rest is matched by one regular expression per swarm (in C), and anything else
+# (another encoding, a negative or non-integer number, 24 or more dependencies, trailing
+# bytes, ...) is left to ``cbor2``. A CBOR unsigned integer is a head byte below 24, or one
+# of 24-27 followed by 1, 2, 4 or 8 big-endian bytes: read whole as one big-endian number,
+# masking off the head (_MASK) leaves its value.
+_RX_UINT = rb"(?:[\x00-\x17]|\x18.|\x19.{2}|\x1a.{4}|\x1b.{8})"
+_RX_FIELDS = (
+    rb"(.{32})(%(u)s)(%(u)s)\xa4ad([\x80-\x97])((?:\x82%(u)s%(u)s)*)"
+    rb"ah(\x40|\x58\x20.{32})ap(%(u)s)au([\x40-\x57]|\x58.|\x59.{2}|\x5a.{4})"
+) % {b"u": _RX_UINT}
+_PAIR = re.compile(rb"\x82(%(u)s)(%(u)s)" % {b"u": _RX_UINT}, re.DOTALL)
+_MASK = (0, 0xFF, 0xFF, 0xFFFF, 0, 0xFFFFFFFF, 0, 0, 0, (1 << 64) - 1)
+_LAYOUTS: dict[bytes, Any] = {}  # swarm id -> the compiled layout's match
 
 
-def _prefix(swarm_id: bytes) -> bytes:
-    if len(_PREFIXES) > 64:
-        _PREFIXES.clear()
-    prefix = _PREFIXES[swarm_id] = (
-        b"\x87\x01" + cbor2.dumps(swarm_id) + cbor2.dumps(STATE_UPDATE) + b"\x58\x20"
-    )
-    return prefix
+def _layout(swarm_id: bytes) -> Any:
+    if len(_LAYOUTS) > 64:
+        _LAYOUTS.clear()
+    prefix = b"\x87\x01" + cbor2.dumps(swarm_id) + cbor2.dumps(STATE_UPDATE) + b"\x58\x20"
+    match = _LAYOUTS[swarm_id] = re.compile(re.escape(prefix) + _RX_FIELDS, re.DOTALL).match
+    return match
 
 
-def _arg(buf: bytes, pos: int, info: int) -> tuple[int, int]:
-    """The argument of the CBOR head at ``pos`` whose additional information is ``info``, and
-    the position after the head; -1 for an indefinite length or a reserved value."""
-    if info < 24:
-        return info, pos + 1
-    if info > 27:
-        return -1, pos
-    end = pos + 1 + (1 << (info - 24))
-    if end > len(buf):
-        return -1, pos
-    return int.from_bytes(buf[pos + 1 : end], "big"), end
-
-
-def _uint(buf: bytes, pos: int) -> tuple[int, int]:
-    """The CBOR unsigned integer at ``pos`` and the position after it; -1 if there is none."""
-    b = buf[pos]
-    if b < 24:
-        return b, pos + 1
-    return _arg(buf, pos, b) if b < 28 else (-1, pos)
-
-
-def _read_canonical(payload: bytes, prefix: bytes) -> _Fields | None:
-    """:func:`_read_cbor`'s result for a payload that starts with ``prefix`` and has the
-    canonical layout (None otherwise): what ``cbor2`` decodes those bytes to."""
-    try:
-        at = len(prefix)
-        sender = payload[at : at + 32]
-        seq, at = _uint(payload, at + 32)
-        ts, at = _uint(payload, at)
-        if seq < 1 or ts < 0 or payload[at : at + 3] != b"\xa4ad":  # {"d": ...
-            return None
-        n = payload[at + 3] - 0x80  # an array of fewer than 24 pairs
-        at += 4
-        if not 0 <= n < 24:
-            return None
-        deps: dict[int, int] = {}
+def _read_canonical(payload: bytes, swarm_id: bytes) -> _Fields | None:
+    """:func:`_read_cbor`'s result for a payload in the canonical layout (None otherwise):
+    what ``cbor2`` decodes those bytes to."""
+    match = _LAYOUTS.get(swarm_id)
+    if match is None:
+        match = _layout(swarm_id)
+    m = match(payload)
+    if m is None:
+        return None
+    sender, g_seq, g_ts, count, pairs, h, g_p, head = m.groups()
+    at = m.end()
+    # a byte string's head: its length less 0x40 inline, else in the bytes after it
+    length = head[0] - 0x40 if len(head) == 1 else int.from_bytes(head, "big") & _MASK[len(head)]
+    seq = int.from_bytes(g_seq, "big") & _MASK[len(g_seq)]
+    if at + length != len(payload) or seq < 1:
+        return None
+    deps: dict[int, int] = {}
+    if pairs:
         last = -1
-        for _ in range(n):
-            if payload[at] != 0x82:
-                return None
-            client, at = _uint(payload, at + 1)
-            clock, at = _uint(payload, at)
-            if client <= last or clock < 1:  # sorted, each in range (a uint is below 2^64)
+        found = _PAIR.findall(pairs)
+        if len(found) != count[0] - 0x80:
+            return None
+        mask = _MASK
+        for g_client, g_clock in found:
+            client = int.from_bytes(g_client, "big") & mask[len(g_client)]
+            clock = int.from_bytes(g_clock, "big") & mask[len(g_clock)]
+            if client <= last or clock < 1:  # sorted, in range (a uint is below 2^64)
                 return None
             deps[client] = clock
             last = client
-        if payload[at : at + 2] != b"ah":
-            return None
-        head = payload[at + 2]
-        if head == 0x40:
-            prev = b""
-            at += 3
-        elif head == 0x58 and payload[at + 3] == DIGEST_LEN:
-            prev = payload[at + 4 : at + 4 + DIGEST_LEN]
-            at += 4 + DIGEST_LEN
-        else:
-            return None
-        if payload[at : at + 2] != b"ap":
-            return None
-        policy_seq, at = _uint(payload, at + 2)
-        if policy_seq < 0 or payload[at : at + 2] != b"au":
-            return None
-        head = payload[at + 2]
-        if head >> 5 != 2:  # a byte string
-            return None
-        size, at = _arg(payload, at + 2, head & 0x1F)
-    except IndexError:
+    elif count != b"\x80":
         return None
-    if size < 0 or at + size != len(payload):
-        return None
-    return sender, seq, ts, payload[at:], deps, policy_seq, prev
+    return (
+        sender,
+        seq,
+        int.from_bytes(g_ts, "big") & _MASK[len(g_ts)],
+        payload[at:],
+        deps,
+        int.from_bytes(g_p, "big") & _MASK[len(g_p)],
+        h[2:],
+    )
 
 
 def entry_digest(raw: bytes) -> bytes:
