@@ -342,6 +342,13 @@ class Differential:
         once = [(*container, key) for container, key in fast.once]
         assert len(once) == len(set(once)) and set(once) == set(ref.once_paths)
         assert fast.end_clock == ref.end_clock
+        # the second line takes a write observed at one of these paths as allowed: the rows
+        # must say so too
+        for path in fast.paths():
+            assert (
+                judge(kw["author"], path, Op.WRITE, None, kw["policy"], kw["policy_seq"])[1] is None
+            )
+        assert fast.paths() == {loc.path for _, _, loc in ref.runs if not loc.gone}
         self.counts["fast accepts"] += 1
         return fast
 

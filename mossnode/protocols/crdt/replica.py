@@ -643,7 +643,8 @@ class Replica:
                 self._observer_failed.clear()
                 self._restore_doc()
                 return Rejection(Reason.MALFORMED, f"Yrs refused the update: {exc!r}")
-            observed = check_events(author, events, policy, policy_seq, grants)
+            written = verdict.paths() if type(verdict) is Accepted else ()
+            observed = check_events(author, events, policy, policy_seq, grants, written)
             if observed is not None:
                 self._restore_doc()
                 return observed
