@@ -23,7 +23,15 @@ from pycrdt import Array, Doc, Map
 from test_crdt_support import NOW, SWARM, Sim, TablePolicy, forge, ident, policy_for
 
 from mossnode.crypto.envelope import DOMAIN, SIG_LEN, Reason, Rejection
-from mossnode.protocols.crdt import Replica, WriteRefused, authorize, entry, nest_task, replica
+from mossnode.protocols.crdt import (
+    Replica,
+    WriteRefused,
+    authorize,
+    entry,
+    locations,
+    nest_task,
+    replica,
+)
 from mossnode.protocols.crdt.authorize import Accepted, Admitted, check_update, references
 from mossnode.protocols.crdt.document import content, state_digest
 from mossnode.protocols.crdt.entry import open_signed, parse_body, read_entry
@@ -678,6 +686,42 @@ def test_compact_index_answers_as_the_plain_one() -> None:
             assert _distinct(again.overlapping(client, lo, hi)) == expected
     rows = sum(len(starts) for starts, _, _ in plain.runs.values())
     assert len(chunked) < rows and len(compact) < rows
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_index_rows_of_the_common_case_are_the_general_rows(seed: int) -> None:
+    """``add_spans`` writes each span as a row of its own when no two neighbours could share
+    one: the same rows, tables and answers as the general (merging) way."""
+
+    def build(general: bool) -> LocationIndex:
+        rng = random.Random(seed)
+        index = LocationIndex()
+        conts = [index.root("tasks"), index.root("history")]
+        clocks = dict.fromkeys((1, 2), 0)
+        for _ in range(rng.randint(1, 40)):
+            client = rng.choice([1, 2])
+            spans = []
+            for _ in range(rng.randint(1, 4)):
+                if rng.random() < 0.3:
+                    parent = (client, rng.randrange(50))
+                    conts.append(index.container(parent, ("tasks", f"t{parent[1] % 7}")))
+                cont, kind = rng.choice(conts), rng.choice(list(Content)[:5])
+                if kind is Content.GC:
+                    cont = index.gone
+                key = None if kind is Content.GC else rng.choice(["a", "b", None])
+                start = clocks[client] + rng.choice([0, 0, 0, 1])
+                clocks[client] = end = start + rng.choice([1, 1, 2])
+                spans.append((start, end, (cont, key, kind)))
+            if general:
+                runs = index._clients.setdefault(client, locations._Runs())
+                index._add_merging(runs, spans)
+            else:
+                index.add_spans(client, spans)
+        return index
+
+    fast, general = build(False), build(True)
+    assert fast.dump() == general.dump()
 
 
 def _distinct(locs: Iterator[Loc]) -> list[Loc]:
