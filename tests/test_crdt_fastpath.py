@@ -292,9 +292,9 @@ _LEAVES = st.one_of(
 _VALUES = st.recursive(
     _LEAVES,
     lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=130), inner, max_size=5)
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=130), inner, max_size=18)
     ),
-    max_leaves=14,
+    max_leaves=24,
 )
 
 

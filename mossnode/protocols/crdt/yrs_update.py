@@ -272,17 +272,22 @@ def _uint(buf: bytes, pos: int) -> tuple[int, int]:
 # length is one byte; ASCII is valid UTF-8), an empty array or object. A length byte cannot be
 # read by a regex, so each string length is a branch of its own (the engine tests a branch's
 # first byte before entering it). Lib0 gives every value exactly one reading, so a match is
-# the reading the walk below would make; the walk takes whatever does not match. Compiled on
-# first use (about 50 ms), not at import.
+# the reading the walk below would make; the walk takes whatever does not match. A run of n
+# values (an object's n pairs) is tried as one match first. Compiled on first use, not at
+# import.
 _RX_SCALAR = (
     rb"[\x78\x79\x7e\x7f]|[\x7a\x7b][\x00-\xff]{8}|\x7c[\x00-\xff]{4}"
     rb"|\x7d[\x80-\xff]{0,9}[\x00-\x7f]"
 )
 Match = Callable[[bytes, int, int], "re.Match[bytes] | None"]
-_SIMPLE: list[Match] = []  # [value, pair] matchers, once compiled
+_SIMPLE: list[bytes] = []  # [value, pair] patterns, once built
+_RUNS: dict[tuple[int, bool], Match] = {}  # (n, keyed) -> matcher of n simple values (pairs)
+_MAX_RUN = 16  # longer runs are matched a value (pair) at a time
 
 
-def _simple_matchers() -> list[Match]:
+def _run_matcher(n: int, keyed: bool) -> Match:
+    """The matcher of ``n`` simple values (``keyed``: pairs) in a row. ``{n}`` repeats one
+    copy of the pattern, so each count costs one compilation (about 30 ms), on first use."""
     if not _SIMPLE:
         # a one-byte length n < 128, then n ASCII bytes: a key, or the body of a string
         text = (
@@ -291,10 +296,9 @@ def _simple_matchers() -> list[Match]:
             + b")"
         )
         value = rb"(?:" + _RX_SCALAR + rb"|\x77" + text + rb"|\x75\x00|\x76\x00)"
-        _SIMPLE.extend(
-            [re.compile(value, re.DOTALL).match, re.compile(text + value, re.DOTALL).match]
-        )
-    return _SIMPLE
+        _SIMPLE.extend([value, text + value])
+    match = _RUNS[(n, keyed)] = re.compile(b"(?:%s){%d}" % (_SIMPLE[keyed], n), re.DOTALL).match
+    return match
 
 
 def _skip_values(buf: bytes, pos: int, end: int, n: int, depth: int, keyed: bool) -> int:
@@ -305,7 +309,11 @@ def _skip_values(buf: bytes, pos: int, end: int, n: int, depth: int, keyed: bool
     empty arrays inline; only containers take a call."""
     if n and depth > _MAX_ANY_DEPTH:
         raise _Unhandled
-    simple = (_SIMPLE or _simple_matchers())[keyed]
+    if 1 < n <= _MAX_RUN:  # all of them simple: one match
+        found = (_RUNS.get((n, keyed)) or _run_matcher(n, keyed))(buf, pos, end)
+        if found is not None:
+            return found.end()
+    simple = _RUNS.get((1, keyed)) or _run_matcher(1, keyed)
     for _ in range(n):
         found = simple(buf, pos, end)
         if found is not None:
