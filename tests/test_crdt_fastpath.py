@@ -23,7 +23,15 @@ from pycrdt import Array, Doc, Map
 from test_crdt_support import NOW, SWARM, Sim, TablePolicy, forge, ident, policy_for
 
 from mossnode.crypto.envelope import DOMAIN, SIG_LEN, Reason, Rejection
-from mossnode.protocols.crdt import Replica, WriteRefused, authorize, nest_task, replica
+from mossnode.protocols.crdt import (
+    Replica,
+    WriteRefused,
+    authorize,
+    entry,
+    locations,
+    nest_task,
+    replica,
+)
 from mossnode.protocols.crdt.authorize import Accepted, Admitted, check_update, references
 from mossnode.protocols.crdt.document import content, state_digest
 from mossnode.protocols.crdt.entry import open_signed, parse_body, read_entry
@@ -110,6 +118,70 @@ def test_read_entry_agrees_on_mutated_entries(seed: int, which: int, sign: bool)
     data = _signed(_mutate(rng, data[SIG_LEN:])) if sign else _mutate(rng, data)
     got = read_entry(data, swarm_id=SWARM, now_ms=NOW)
     assert got is None or got == _reference_open(data)
+
+
+def _payloads() -> list[bytes]:
+    """Payloads in the canonical layout, with the encodings it must tell apart."""
+    out = [data[SIG_LEN:] for data in _ODD]
+    rep = Replica(A, SWARM, policy_for([A, B]))
+    out += [
+        e.data[SIG_LEN:]
+        for e in (rep.create_task(f"u{i}", NOW, title="x")[1] for i in range(3))
+        if e
+    ]
+    fields = cbor2.loads(out[0])
+    body = fields[6]
+    for i, value in [
+        (4, 23),
+        (4, 24),
+        (4, 255),
+        (4, 256),
+        (4, 2**32),
+        (4, 2**64 - 1),
+        (5, 0),
+        (5, 2**64 - 1),
+    ]:
+        changed = list(fields)
+        changed[i] = value
+        out.append(cbor2.dumps(changed, canonical=True))
+    for key, value in [
+        ("d", []), ("d", [[c, 1] for c in range(30)]), ("d", [[2**64 - 1, 2**64 - 1]]), ("p", 2**40),
+        ("u", b""), ("u", b"x" * 23), ("u", b"x" * 24), ("u", b"x" * 300), ("u", b"x" * 70000),
+        ("h", b"\x01" * 32), ("h", b"\x01" * 31),
+    ]:  # fmt: skip
+        changed = list(fields)
+        changed[6] = {**body, key: value}
+        out.append(cbor2.dumps(changed, canonical=True))
+    return out
+
+
+_PAYLOADS = _payloads()
+
+
+def test_canonical_reading_agrees_with_cbor2() -> None:
+    canonical = 0
+    for payload in _PAYLOADS:
+        got = entry._read_canonical(payload, SWARM)
+        if got is not None:
+            canonical += 1
+            assert got == entry._read_cbor(payload, SWARM)
+    assert canonical >= 20
+    rep = Replica(B, SWARM, policy_for([A, B]))
+    for i in range(3):  # the layout every node writes takes it
+        written = rep.create_task(f"w{i}", NOW, title="x")[1]
+        assert written is not None
+        assert entry._read_canonical(written.data[SIG_LEN:], SWARM) is not None
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1), which=st.integers(0, len(_PAYLOADS) - 1))
+def test_canonical_reading_agrees_on_mutated_payloads(seed: int, which: int) -> None:
+    payload = _mutate(random.Random(seed), _PAYLOADS[which])
+    got = entry._read_canonical(payload, SWARM)
+    assert got is None or got == entry._read_cbor(payload, SWARM)
+    signed = _signed(payload)
+    fast = read_entry(signed, swarm_id=SWARM, now_ms=NOW)
+    assert fast is None or fast == _reference_open(signed)
 
 
 # -- the decoder ------------------------------------------------------------------------------
@@ -208,6 +280,55 @@ def test_decoder_agrees_on_mutated_updates(seed: int, which: int) -> None:
         assert _decoded(lambda d, c=client: decode_raw(d, client=c), data) == expected
 
 
+_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=False),
+    st.integers(-(2**40), 2**40),
+    st.text(max_size=140),  # past 127 bytes a length takes two bytes
+    st.text(alphabet=st.characters(max_codepoint=127), max_size=130),
+    st.binary(max_size=6),
+)
+_VALUES = st.recursive(
+    _LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=130), inner, max_size=18)
+    ),
+    max_leaves=24,
+)
+
+
+def _update_holding(value: Any) -> bytes:
+    doc: Doc[Any] = Doc(client_id=77)
+    root = doc.get("tasks", type=Map)
+    ups: list[bytes] = []
+    doc.observe(lambda ev: ups.append(ev.update))
+    root["v"] = value
+    return ups[-1]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(value=_VALUES, seed=st.integers(0, 2**32 - 1))
+def test_decoder_agrees_on_any_values(value: Any, seed: int) -> None:
+    """Values the walk skips (and the regex of simple values in it), valid and mutated."""
+    data = _update_holding(value)
+    for candidate in (data, _mutate(random.Random(seed), data)):
+        expected = _decoded(decode_update, candidate)
+        assert _decoded(lambda d: decode_raw(d, client=77), candidate) == expected
+    assert _decoded(decode_update, data)[0] == "ok"
+
+
+@pytest.mark.parametrize("depth", [30, 31, 32, 33, 34])
+def test_decoder_agrees_on_deep_values(depth: int) -> None:
+    """The depth limit with simple values (and empty containers) at the bottom."""
+    for leaf in ("s", None, 1.5, [], {}, {"k": "v"}):
+        value: Any = leaf
+        for i in range(depth):
+            value = [value] if i % 2 else {"k": value}
+        data = _update_holding(value)
+        assert _decoded(lambda d: decode_raw(d, client=77), data) == _decoded(decode_update, data)
+
+
 # -- authorization ----------------------------------------------------------------------------
 
 
@@ -229,6 +350,13 @@ class Differential:
         once = [(*container, key) for container, key in fast.once]
         assert len(once) == len(set(once)) and set(once) == set(ref.once_paths)
         assert fast.end_clock == ref.end_clock
+        # the second line takes a write observed at one of these paths as allowed: the rows
+        # must say so too
+        for path in fast.paths():
+            assert (
+                judge(kw["author"], path, Op.WRITE, None, kw["policy"], kw["policy_seq"])[1] is None
+            )
+        assert fast.paths() == {loc.path for _, _, loc in ref.runs if not loc.gone}
         self.counts["fast accepts"] += 1
         return fast
 
@@ -558,6 +686,42 @@ def test_compact_index_answers_as_the_plain_one() -> None:
             assert _distinct(again.overlapping(client, lo, hi)) == expected
     rows = sum(len(starts) for starts, _, _ in plain.runs.values())
     assert len(chunked) < rows and len(compact) < rows
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_index_rows_of_the_common_case_are_the_general_rows(seed: int) -> None:
+    """``add_spans`` writes each span as a row of its own when no two neighbours could share
+    one: the same rows, tables and answers as the general (merging) way."""
+
+    def build(general: bool) -> LocationIndex:
+        rng = random.Random(seed)
+        index = LocationIndex()
+        conts = [index.root("tasks"), index.root("history")]
+        clocks = dict.fromkeys((1, 2), 0)
+        for _ in range(rng.randint(1, 40)):
+            client = rng.choice([1, 2])
+            spans = []
+            for _ in range(rng.randint(1, 4)):
+                if rng.random() < 0.3:
+                    parent = (client, rng.randrange(50))
+                    conts.append(index.container(parent, ("tasks", f"t{parent[1] % 7}")))
+                cont, kind = rng.choice(conts), rng.choice(list(Content)[:5])
+                if kind is Content.GC:
+                    cont = index.gone
+                key = None if kind is Content.GC else rng.choice(["a", "b", None])
+                start = clocks[client] + rng.choice([0, 0, 0, 1])
+                clocks[client] = end = start + rng.choice([1, 1, 2])
+                spans.append((start, end, (cont, key, kind)))
+            if general:
+                runs = index._clients.setdefault(client, locations._Runs())
+                index._add_merging(runs, spans)
+            else:
+                index.add_spans(client, spans)
+        return index
+
+    fast, general = build(False), build(True)
+    assert fast.dump() == general.dump()
 
 
 def _distinct(locs: Iterator[Loc]) -> list[Loc]:

@@ -356,12 +356,19 @@ def check_events(
     policy: Policy,
     policy_seq: int,
     may: dict[str, bool] | None = None,
+    written: Has[Path] = (),
 ) -> Rejection | None:
     """The owner rules applied to the changes pycrdt observed applying the update. ``may``
-    memoizes ``policy.may`` for this author and policy seq (see :func:`admit`)."""
+    memoizes ``policy.may`` for this author and policy seq (see :func:`admit`). ``written``:
+    paths the structural pass let this author write in this update (``Accepted.paths``); a
+    write observed at one of them is allowed by the same rows without asking them again
+    (the structural pass checked more: the content kind too)."""
     if may is None:
         may = {}
+    write = Op.WRITE
     for path, op in changes:
+        if op is write and path in written:
+            continue
         if permits(author, path, op, None, policy, policy_seq, may):
             continue
         _, refused = judge(author, path, op, None, policy, policy_seq)
@@ -393,6 +400,10 @@ class Accepted(Record):
         self.spans = spans  # new location runs of the author's client, in clock order
         self.once = once  # write-once paths written, as (container, key)
         self.end_clock = end_clock
+
+    def paths(self) -> set[Path]:
+        """The paths of the new items (each one the owner rules let the author write)."""
+        return {(*cont.path, key) for _, _, (cont, key, kind) in self.spans if kind is not _GC}
 
 
 _MISSING: Any = object()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -176,10 +177,44 @@ def read_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rej
     every malformed input: :func:`open_signed` and :func:`parse_body` then decide and word it.
 
     Every check of both is here, in exact-type form, so what this returns is what they return.
+    The payload is read by :func:`_read_canonical` when it has the canonical layout every
+    node writes, else by ``cbor2``.
     """
     if type(data) is not bytes or not SIG_LEN < len(data) <= MAX_ENTRY_BYTES:
         return None
     payload = data[SIG_LEN:]
+    fields = _read_canonical(payload, swarm_id)
+    if fields is None:
+        fields = _read_cbor(payload, swarm_id)
+        if fields is None:
+            return None
+    sender, seq, ts, update, deps, policy_seq, prev = fields
+    if abs(ts - now_ms) > NO_SKEW_LIMIT or len(prev) != (0 if seq == 1 else DIGEST_LEN):
+        return None
+    if not signature_valid(data[:SIG_LEN], STATE_UPDATE, payload, sender):
+        return bad_signature(STATE_UPDATE)
+    return StateEntry(
+        _peer_id(sender),
+        sender,
+        seq,
+        update,
+        deps,
+        policy_seq,
+        prev,
+        ts,
+        data,
+        hashlib.sha256(data).digest(),
+    )
+
+
+# (sender, seq, timestamp, update, deps, policy seq, previous digest) of a payload whose
+# version, swarm and type are those of a state entry of this swarm, each field of its type
+_Fields = tuple[bytes, int, int, bytes, dict[int, int], int, bytes]
+
+
+def _read_cbor(payload: bytes, swarm_id: bytes) -> _Fields | None:
+    """The payload's fields, read by ``cbor2`` and checked in exact-type form; None if it is
+    not a state entry of ``swarm_id`` of the right shape."""
     try:
         fields = cbor2.loads(payload)
     except Exception:
@@ -199,7 +234,6 @@ def read_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rej
         or type(seq) is not int
         or seq < 1
         or type(ts) is not int
-        or abs(ts - now_ms) > NO_SKEW_LIMIT
         or type(b) is not dict
         or len(b) != 4
     ):
@@ -213,25 +247,80 @@ def read_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rej
         or type(policy_seq) is not int
         or policy_seq < 0
         or type(prev) is not bytes
-        or len(prev) != (0 if seq == 1 else DIGEST_LEN)
     ):
         return None
     deps = _deps(pairs)
     if deps is None:
         return None
-    if not signature_valid(data[:SIG_LEN], type_, payload, sender):
-        return bad_signature(type_)
-    return StateEntry(
-        _peer_id(sender),
+    return sender, seq, ts, update, deps, policy_seq, prev
+
+
+# The canonical payload, as ``seal`` writes it: [1, swarm id, "state.update", sender, seq,
+# timestamp, {"d": [[client, clock], ...], "h": prev, "p": policy seq, "u": update}], map keys
+# in canonical order. Everything up to the sender's 32 bytes is the same for every entry of a
+# swarm; the rest is matched by one regular expression per swarm (in C), and anything else
+# (another encoding, a negative or non-integer number, 24 or more dependencies, trailing
+# bytes, ...) is left to ``cbor2``. A CBOR unsigned integer is a head byte below 24, or one
+# of 24-27 followed by 1, 2, 4 or 8 big-endian bytes: read whole as one big-endian number,
+# masking off the head (_MASK) leaves its value.
+_RX_UINT = rb"(?:[\x00-\x17]|\x18.|\x19.{2}|\x1a.{4}|\x1b.{8})"
+_RX_FIELDS = (
+    rb"(.{32})(%(u)s)(%(u)s)\xa4ad([\x80-\x97])((?:\x82%(u)s%(u)s)*)"
+    rb"ah(\x40|\x58\x20.{32})ap(%(u)s)au([\x40-\x57]|\x58.|\x59.{2}|\x5a.{4})"
+) % {b"u": _RX_UINT}
+_PAIR = re.compile(rb"\x82(%(u)s)(%(u)s)" % {b"u": _RX_UINT}, re.DOTALL)
+_MASK = (0, 0xFF, 0xFF, 0xFFFF, 0, 0xFFFFFFFF, 0, 0, 0, (1 << 64) - 1)
+_LAYOUTS: dict[bytes, Any] = {}  # swarm id -> the compiled layout's match
+
+
+def _layout(swarm_id: bytes) -> Any:
+    if len(_LAYOUTS) > 64:
+        _LAYOUTS.clear()
+    prefix = b"\x87\x01" + cbor2.dumps(swarm_id) + cbor2.dumps(STATE_UPDATE) + b"\x58\x20"
+    match = _LAYOUTS[swarm_id] = re.compile(re.escape(prefix) + _RX_FIELDS, re.DOTALL).match
+    return match
+
+
+def _read_canonical(payload: bytes, swarm_id: bytes) -> _Fields | None:
+    """:func:`_read_cbor`'s result for a payload in the canonical layout (None otherwise):
+    what ``cbor2`` decodes those bytes to."""
+    match = _LAYOUTS.get(swarm_id)
+    if match is None:
+        match = _layout(swarm_id)
+    m = match(payload)
+    if m is None:
+        return None
+    sender, g_seq, g_ts, count, pairs, h, g_p, head = m.groups()
+    at = m.end()
+    # a byte string's head: its length less 0x40 inline, else in the bytes after it
+    length = head[0] - 0x40 if len(head) == 1 else int.from_bytes(head, "big") & _MASK[len(head)]
+    seq = int.from_bytes(g_seq, "big") & _MASK[len(g_seq)]
+    if at + length != len(payload) or seq < 1:
+        return None
+    deps: dict[int, int] = {}
+    if pairs:
+        last = -1
+        found = _PAIR.findall(pairs)
+        if len(found) != count[0] - 0x80:
+            return None
+        mask = _MASK
+        for g_client, g_clock in found:
+            client = int.from_bytes(g_client, "big") & mask[len(g_client)]
+            clock = int.from_bytes(g_clock, "big") & mask[len(g_clock)]
+            if client <= last or clock < 1:  # sorted, in range (a uint is below 2^64)
+                return None
+            deps[client] = clock
+            last = client
+    elif count != b"\x80":
+        return None
+    return (
         sender,
         seq,
-        update,
+        int.from_bytes(g_ts, "big") & _MASK[len(g_ts)],
+        payload[at:],
         deps,
-        policy_seq,
-        prev,
-        ts,
-        data,
-        hashlib.sha256(data).digest(),
+        int.from_bytes(g_p, "big") & _MASK[len(g_p)],
+        h[2:],
     )
 
 

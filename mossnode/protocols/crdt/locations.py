@@ -62,6 +62,7 @@ class Container:
 Place = tuple[Container, str | None, Content]
 
 KINDS: tuple[Content, ...] = tuple(Content)  # content kind codes in the index
+_KIND_CODE: dict[Content, int] = {kind: code for code, kind in enumerate(KINDS)}
 
 
 class _Runs:
@@ -167,6 +168,34 @@ class LocationIndex:
             runs = self._clients[client] = _Runs()
         starts, ends, packed = runs.starts, runs.ends, runs.packed
         last = ends[-1] if ends else 0
+        # The common case first: no span shares a row with the one before it (nor the first
+        # with the index's last row), as when an update writes into different containers.
+        # Each span is then a row of its own, exactly as below.
+        if ends:
+            word = packed[-1]
+            prev: Container | None = self._conts[word & _LOW32]
+            prev_kind: Content | None = KINDS[word >> _KIND_SHIFT]
+        else:
+            prev = prev_kind = None
+        for start, end, (cont, _, kind) in spans:
+            if (cont is prev and kind is prev_kind) or start < last or end <= start:
+                self._add_merging(runs, spans)
+                return
+            prev, prev_kind, last = cont, kind, end
+        key_ids = self._key_ids
+        for start, end, (cont, key, kind) in spans:
+            number = cont.number if cont.number >= 0 else self._register(cont)
+            kid = key_ids.get(key)
+            if kid is None:
+                kid = self._key(key)
+            starts.append(start)
+            ends.append(end)
+            packed.append(number | kid << _KEY_SHIFT | _KIND_CODE[kind] << _KIND_SHIFT)
+
+    def _add_merging(self, runs: _Runs, spans: list[tuple[int, int, Place]]) -> None:
+        """:meth:`add_spans` in general: rows merged where they can be."""
+        starts, ends, packed = runs.starts, runs.ends, runs.packed
+        last = ends[-1] if ends else 0
         # the row being built: [start, end) in cont, of kind, under keys (one per clock, or
         # a single key for all); `extends` when it is the index's last row, grown
         p_start = p_end = -1
@@ -220,7 +249,7 @@ class LocationIndex:
         assert cont is not None and kind is not None
         number = cont.number if cont.number >= 0 else self._register(cont)
         kid = self._key(keys[0] if single else tuple(keys))
-        word = number | kid << _KEY_SHIFT | KINDS.index(kind) << _KIND_SHIFT
+        word = number | kid << _KEY_SHIFT | _KIND_CODE[kind] << _KIND_SHIFT
         if extends:
             runs.ends[-1] = end
             runs.packed[-1] = word

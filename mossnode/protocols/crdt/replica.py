@@ -304,8 +304,12 @@ class Replica:
         self._grants.clear()
         out = Outcome()
         pending = self._pending
-        for data in batch:
-            author = self._accept(data, now_ms, out)
+        # Every signature first, then the rest entry by entry: opening an entry depends on its
+        # bytes alone, and the verifications in a row keep the curve code and tables in the
+        # caches (interleaved with the rest of the path, each one cost about 1.3 raw ones).
+        opened_all = [self._open(data, now_ms) for data in batch]
+        for opened in opened_all:
+            author = self._accept(opened, out)
             if author is None and not pending:
                 continue  # refused, or applied at once (_accept): nothing else waits
             if author is not None and len(pending) == 1 and author in pending:
@@ -380,9 +384,9 @@ class Replica:
         out.refused.append(Refusal(author, seq, rejection))
         return rejection
 
-    def _accept(self, data: bytes, now_ms: int, out: Outcome) -> str | None:
-        """Verify ``data`` and hold it; returns its author if it is now held (waiting)."""
-        opened = self._open(data, now_ms)
+    def _accept(self, opened: StateEntry | _Poison | Rejection, out: Outcome) -> str | None:
+        """Take an entry as :meth:`_open` verified it, and hold it; returns its author if it
+        is now held (waiting)."""
         if isinstance(opened, Rejection):
             self._refuse(out, None, None, opened.reason, opened.detail)
             return None
@@ -643,7 +647,8 @@ class Replica:
                 self._observer_failed.clear()
                 self._restore_doc()
                 return Rejection(Reason.MALFORMED, f"Yrs refused the update: {exc!r}")
-            observed = check_events(author, events, policy, policy_seq, grants)
+            written = verdict.paths() if type(verdict) is Accepted else ()
+            observed = check_events(author, events, policy, policy_seq, grants, written)
             if observed is not None:
                 self._restore_doc()
                 return observed

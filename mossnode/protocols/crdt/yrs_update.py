@@ -10,6 +10,8 @@ which ranges it deletes. Content is only measured and classified, never interpre
 from __future__ import annotations
 
 import enum
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -264,14 +266,59 @@ def _uint(buf: bytes, pos: int) -> tuple[int, int]:
     raise _Unhandled
 
 
+# Simple ``Any`` values as one regular expression, so the common ones are skipped by the
+# regex engine (in C) instead of a byte at a time here: a scalar (null, undefined, booleans,
+# floats, int64, a varint of at most 10 bytes), an ASCII string shorter than 128 bytes (its
+# length is one byte; ASCII is valid UTF-8), an empty array or object. A length byte cannot be
+# read by a regex, so each string length is a branch of its own (the engine tests a branch's
+# first byte before entering it). Lib0 gives every value exactly one reading, so a match is
+# the reading the walk below would make; the walk takes whatever does not match. A run of n
+# values (an object's n pairs) is tried as one match first. Compiled on first use, not at
+# import.
+_RX_SCALAR = (
+    rb"[\x78\x79\x7e\x7f]|[\x7a\x7b][\x00-\xff]{8}|\x7c[\x00-\xff]{4}"
+    rb"|\x7d[\x80-\xff]{0,9}[\x00-\x7f]"
+)
+Match = Callable[[bytes, int, int], "re.Match[bytes] | None"]
+_SIMPLE: list[bytes] = []  # [value, pair] patterns, once built
+_RUNS: dict[tuple[int, bool], Match] = {}  # (n, keyed) -> matcher of n simple values (pairs)
+_MAX_RUN = 16  # longer runs are matched a value (pair) at a time
+
+
+def _run_matcher(n: int, keyed: bool) -> Match:
+    """The matcher of ``n`` simple values (``keyed``: pairs) in a row. ``{n}`` repeats one
+    copy of the pattern, so each count costs one compilation (about 30 ms), on first use."""
+    if not _SIMPLE:
+        # a one-byte length n < 128, then n ASCII bytes: a key, or the body of a string
+        text = (
+            b"(?:"
+            + b"|".join(re.escape(bytes([n])) + b"[\\x00-\\x7f]{%d}" % n for n in range(128))
+            + b")"
+        )
+        value = rb"(?:" + _RX_SCALAR + rb"|\x77" + text + rb"|\x75\x00|\x76\x00)"
+        _SIMPLE.extend([value, text + value])
+    match = _RUNS[(n, keyed)] = re.compile(b"(?:%s){%d}" % (_SIMPLE[keyed], n), re.DOTALL).match
+    return match
+
+
 def _skip_values(buf: bytes, pos: int, end: int, n: int, depth: int, keyed: bool) -> int:
     """Skip ``n`` lib0 ``Any`` values at nesting ``depth`` (each after a string key if
     ``keyed``: an object's pairs), validating them as :meth:`Reader.any` does; the next
-    position. The common values are read inline: short strings, null, booleans, numbers, empty
-    arrays; only the others (and containers) take a call."""
+    position. Simple values (and pairs) are matched by a regex (they hold no container, so
+    their depth is this one), the others read here: short strings, null, booleans, numbers,
+    empty arrays inline; only containers take a call."""
     if n and depth > _MAX_ANY_DEPTH:
         raise _Unhandled
+    if 1 < n <= _MAX_RUN:  # all of them simple: one match
+        found = (_RUNS.get((n, keyed)) or _run_matcher(n, keyed))(buf, pos, end)
+        if found is not None:
+            return found.end()
+    simple = _RUNS.get((1, keyed)) or _run_matcher(1, keyed)
     for _ in range(n):
+        found = simple(buf, pos, end)
+        if found is not None:
+            pos = found.end()
+            continue
         if keyed:
             k = buf[pos]
             if k < 0x80:
