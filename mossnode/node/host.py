@@ -147,12 +147,8 @@ class _Wire:
             or self.tcp.write_lock.locked()
         ):
             return False
-        sealed = self.noise.encrypt(data)
-        packet = len(sealed).to_bytes(2, "big") + sealed
         try:
-            sent = self.sock.send(packet)
-        except BlockingIOError:
-            sent = 0
+            packet, sent = self._send_sealed(data)
         except OSError as exc:  # the connection is gone; its reader tears it down
             log.debug("TCP write failed: %s", exc)
             self.broken = True
@@ -161,6 +157,16 @@ class _Wire:
             self.pending = packet[sent:]
             trio.lowlevel.spawn_system_task(self._flush, mux_lock)
         return True
+
+    def _send_sealed(self, data: bytes) -> tuple[bytes, int]:
+        """``data`` as one Noise packet, and how much of it the socket took without waiting
+        (other socket errors propagate)."""
+        sealed = self.noise.encrypt(data)
+        packet = len(sealed).to_bytes(2, "big") + sealed
+        try:
+            return packet, self.sock.send(packet)
+        except BlockingIOError:
+            return packet, 0
 
     async def _flush(self, mux_lock: trio.Lock) -> None:
         try:
@@ -190,12 +196,8 @@ class _Wire:
         try:
             tcp.write_lock.acquire_nowait()
             try:
-                sealed = self.noise.encrypt(data)
-                packet = len(sealed).to_bytes(2, "big") + sealed
                 try:
-                    sent = self.sock.send(packet)
-                except BlockingIOError:
-                    sent = 0
+                    packet, sent = self._send_sealed(data)
                 except OSError as exc:
                     raise ConnectionClosedError(
                         f"TCP write failed: {exc}", transport="tcp"

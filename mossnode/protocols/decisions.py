@@ -1067,6 +1067,18 @@ class ConsensusCore:
         out.discard(self.me)
         return out
 
+    def _route(self, out: Output, pids: Iterable[str], data: bytes) -> None:
+        """One message to ``pids``: to itself through the local queue, to others as sends
+        (free while nothing of this output waits to be persisted)."""
+        free = not out.records and out.client_state is None
+        for pid in pids:
+            if pid == self.my_pid:
+                self._local.append(data)
+            else:
+                out.sends.append((pid, data))
+                if free:
+                    out.free_sends += 1
+
     def _run(self, source: str, effects: list[Effect]) -> None:
         out = self._out
         for eff in effects:
@@ -1081,23 +1093,9 @@ class ConsensusCore:
                     if eff.to is None
                     else [eff.to]
                 )
-                free = not out.records and out.client_state is None
-                for pid in pids:
-                    if pid == self.my_pid:
-                        self._local.append(eff.data)
-                    else:
-                        out.sends.append((pid, eff.data))
-                        if free:
-                            out.free_sends += 1
+                self._route(out, pids, eff.data)
             elif isinstance(eff, SendAll):
-                free = not out.records and out.client_state is None
-                for pid in eff.to:
-                    if pid == self.my_pid:
-                        self._local.append(eff.data)
-                    else:
-                        out.sends.append((pid, eff.data))
-                        if free:
-                            out.free_sends += 1
+                self._route(out, eff.to, eff.data)
             elif isinstance(eff, SetTimer):
                 out.timers.append((source, eff.name, eff.at_ms))
             elif isinstance(eff, Decided):
