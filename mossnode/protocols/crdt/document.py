@@ -208,78 +208,175 @@ def task_entries(
             }
 
 
-class ContentDigest:
-    """:func:`state_digest`, kept up to date per top-level key.
+class _Pairs:
+    """Encoded ``key: value`` pairs of one map, and its keys in canonical order."""
 
-    The canonical CBOR of the content is a map of roots, each a map of keys; this keeps every
-    ``key: value`` pair encoded, and the keys of each root in canonical order, re-encodes only
-    the keys the replica saw change (deep observer events, :meth:`touch`), places new keys by
-    binary search, and hashes the pairs in order. Equal to :func:`state_digest` by construction
-    (tests compare the two on random histories); a digest of a large document costs a hash pass
-    instead of converting it all to Python and sorting it.
-    """
+    __slots__ = ("order", "pairs")
 
     def __init__(self) -> None:
-        self._pairs: dict[str, dict[str, bytes]] | None = None  # key -> encoded key + value
-        self._sorted: dict[str, list[tuple[int, bytes, str]]] = {}  # (len, encoded key, key)
-        self._dirty: dict[str, set[str]] = {name: set() for name in ROOTS}
+        self.pairs: dict[str, bytes] = {}  # key -> encoded key + encoded value
+        self.order: list[tuple[int, bytes, str]] = []  # (len, encoded key, key), sorted
+
+    def put(self, key: str, encoded_value: bytes) -> None:
+        enc_key = _text(key)
+        if key not in self.pairs:
+            bisect.insort(self.order, (len(enc_key), enc_key, key))
+        self.pairs[key] = enc_key + encoded_value
+
+    def drop(self, key: str) -> None:
+        if self.pairs.pop(key, None) is not None:
+            enc_key = _text(key)
+            del self.order[bisect.bisect_left(self.order, (len(enc_key), enc_key, key))]
+
+    def fill(self, items: list[tuple[str, bytes]]) -> None:
+        """Put many pairs: one sort instead of an insertion each."""
+        for key, encoded_value in items:
+            enc_key = _text(key)
+            if key not in self.pairs:
+                self.order.append((len(enc_key), enc_key, key))
+            self.pairs[key] = enc_key + encoded_value
+        self.order.sort()
+
+    def encoded(self) -> bytes:
+        """The canonical CBOR of the map."""
+        pairs = self.pairs
+        return _map_header(len(pairs)) + b"".join([pairs[k] for _, _, k in self.order])
+
+
+class ContentDigest:
+    """:func:`state_digest`, kept up to date per top-level key, and per key of the maps below
+    them (a task's ``core``, ``bids/<node>``, ``log/<node>``...).
+
+    The canonical CBOR of the content is a map of roots, each a map of keys; this keeps every
+    ``key: value`` pair encoded, with the keys of each root in canonical order, re-encodes only
+    what the replica saw change (deep observer events, :meth:`touch`), and hashes the pairs in
+    order. A change inside a map-valued key (a bid written into a task) re-encodes that entry
+    of the map, not the whole task: the encoded entries of the ``MAX_SPLIT`` most recently
+    changed such maps are kept (the tasks in flight; finished ones keep only their encoded
+    pair). Equal to :func:`state_digest` by construction (tests compare the two on random
+    histories); a digest of a large document costs a hash pass instead of converting it all to
+    Python and sorting it.
+    """
+
+    MAX_SPLIT = 4096
+
+    def __init__(self) -> None:
+        self._roots: dict[str, _Pairs] | None = None
+        # root -> key -> the entries of its map value that changed (None: the whole value)
+        self._dirty: dict[str, dict[str, set[str] | None]] = {name: {} for name in ROOTS}
+        self._split: dict[tuple[str, str], _Pairs] = {}  # (root, key) -> its map's entries (LRU)
         self._digest: bytes | None = None
 
     def reset(self) -> None:
         """Forget everything (the document was replaced)."""
-        self._pairs = None
-        self._sorted = {}
+        self._roots = None
+        self._split = {}
         self._digest = None
         for keys in self._dirty.values():
             keys.clear()
 
-    def touch(self, name: str, key: str) -> None:
+    def touch(self, name: str, key: str, sub: str | None = None) -> None:
+        """``name/key`` changed; only its entry ``sub`` if given (a key of its map value)."""
         self._digest = None
-        if self._pairs is not None:
-            self._dirty[name].add(key)
+        if self._roots is None:
+            return
+        dirty = self._dirty[name]
+        if sub is None:
+            dirty[key] = None
+        elif key not in dirty:
+            dirty[key] = {sub}
+        else:
+            subs = dirty[key]
+            if subs is not None:
+                subs.add(sub)
 
     def digest(self, doc: Doc[Map[Any]]) -> bytes:
         if self._digest is not None:
             return self._digest
-        if self._pairs is None:
-            self._pairs = {name: {} for name in ROOTS}
-            self._sorted = {name: [] for name in ROOTS}
+        if self._roots is None:
+            self._roots = {name: _Pairs() for name in ROOTS}
             for name in ROOTS:
-                self._dirty[name] = set(root(doc, name).keys())
+                self._dirty[name] = dict.fromkeys(root(doc, name).keys())
         with doc.transaction() as txn:
             for name in ROOTS:
                 dirty = self._dirty[name]
-                if not dirty:
-                    continue
-                pairs, order = self._pairs[name], self._sorted[name]
-                top = root(doc, name)
-                has = _has(top, txn)
-                added = []
-                for key in dirty:
-                    if has(key):
-                        enc_key = _text(str(key))
-                        if key not in pairs:
-                            added.append((len(enc_key), enc_key, key))
-                        pairs[key] = enc_key + canonical(_value(top, key, txn))
-                    elif key in pairs:
-                        del pairs[key]
-                        enc_key = _text(str(key))
-                        del order[bisect.bisect_left(order, (len(enc_key), enc_key, key))]
-                if len(added) > len(order) // 8:  # many new keys: one sort beats insertions
-                    order.extend(added)
-                    order.sort()
-                else:
-                    for place in added:
-                        bisect.insort(order, place)
-                dirty.clear()
+                if dirty:
+                    self._refresh(name, root(doc, name), txn, dirty)
+                    dirty.clear()
         h = hashlib.sha256(b"mossnode/v1/state\0")
         h.update(_map_header(len(ROOTS)))
         for enc_name, name in sorted(
             ((canonical(n), n) for n in ROOTS), key=lambda p: _order(p[0])
         ):
-            pairs = self._pairs[name]
             h.update(enc_name)
-            h.update(_map_header(len(pairs)))
-            h.update(b"".join([pairs[key] for _, _, key in self._sorted[name]]))
+            h.update(self._roots[name].encoded())
         self._digest = h.digest()
         return self._digest
+
+    def _refresh(
+        self, name: str, top: Map[Any], txn: Any, dirty: dict[str, set[str] | None]
+    ) -> None:
+        assert self._roots is not None
+        pairs, split = self._roots[name], self._split
+        has = _has(top, txn)
+        fresh: list[tuple[str, bytes]] = []
+        for key, subs in dirty.items():
+            if not has(key):
+                pairs.drop(key)
+                split.pop((name, key), None)
+                continue
+            entries = split.pop((name, key), None)
+            encoded = None if entries is None else self._update(top, key, txn, entries, subs)
+            if encoded is None:
+                entries, encoded = self._encode(top, key, txn)
+            if entries is not None:
+                split[(name, key)] = entries  # the most recently changed last
+            if key in pairs.pairs:
+                pairs.put(key, encoded)
+            else:
+                fresh.append((key, encoded))
+        if len(fresh) > len(pairs.order) // 8:  # many new keys: one sort beats insertions
+            pairs.fill(fresh)
+        else:
+            for key, encoded in fresh:
+                pairs.put(key, encoded)
+        while len(split) > self.MAX_SPLIT:
+            del split[next(iter(split))]
+
+    @staticmethod
+    def _update(
+        top: Map[Any], key: str, txn: Any, entries: _Pairs, subs: set[str] | None
+    ) -> bytes | None:
+        """Re-encode the entries ``subs`` of the map at ``key``, or None if the value must be
+        encoded whole (all of it changed, or it is no longer a map)."""
+        if subs is None:
+            return None
+        try:
+            t = txn._txn
+            raw = top.integrated.get(t, key)
+            if type(raw) is not _RawMap:
+                return None
+            m: Any = raw
+            for sub in subs:
+                if m.has(t, sub):
+                    entries.put(sub, canonical(_raw_py(m.get(t, sub), t)))
+                else:
+                    entries.drop(sub)
+        except Exception:  # pycrdt internals moved: the public, slower way
+            return None
+        return entries.encoded()
+
+    @staticmethod
+    def _encode(top: Map[Any], key: str, txn: Any) -> tuple[_Pairs | None, bytes]:
+        """The value at ``key`` encoded, and its entries if it is a map."""
+        try:
+            t = txn._txn
+            raw = top.integrated.get(t, key)
+            if type(raw) is _RawMap:
+                m: Any = raw
+                entries = _Pairs()
+                entries.fill([(str(k), canonical(_raw_py(m.get(t, k), t))) for k in m.keys(t)])
+                return entries, entries.encoded()
+        except Exception:  # pycrdt internals moved: the public, slower way
+            pass
+        return None, canonical(_value(top, key, txn))

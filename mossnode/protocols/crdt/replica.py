@@ -709,9 +709,9 @@ class Replica:
                     changes = event_changes(name, evs)
                     events.extend(changes)
                     for path, _ in changes:
-                        key = path[1] if len(path) > 1 else None
-                        if key is not None:
-                            touch(name, key)
+                        n = len(path)
+                        if n > 1 and path[1] is not None:
+                            touch(name, path[1], path[2] if n > 2 else None)
                 except Exception as exc:  # judged as Yrs refusing the update
                     failed.append(exc)
 
