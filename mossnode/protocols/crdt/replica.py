@@ -181,6 +181,7 @@ class Replica:
         # policy.may answers per (author, policy seq), shared by the updates of one call
         # (receive_batch, drain, write): the policy does not change during one
         self._grants: dict[tuple[str, int], dict[str, bool]] = {}
+        self._latest = 0  # policy.latest_seq(), read once per call that applies (_ready)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -302,6 +303,7 @@ class Replica:
 
     def receive_batch(self, batch: Iterable[bytes], now_ms: int) -> Outcome:
         self._grants.clear()
+        self._latest = self.policy.latest_seq()
         out = Outcome()
         pending = self._pending
         # Every signature first, then the rest entry by entry: opening an entry depends on its
@@ -325,6 +327,7 @@ class Replica:
     def drain(self, now_ms: int = 0) -> Outcome:
         """Retry waiting entries; call when the decided log advanced (new policy seqs)."""
         self._grants.clear()
+        self._latest = self.policy.latest_seq()
         out = Outcome()
         self._drain(out)
         return self._finish(out, now_ms)
@@ -484,7 +487,7 @@ class Replica:
 
     def _ready(self, item: _Waiting) -> bool:
         """Is the policy ``item`` cites decided, and does the document hold what it refers to?"""
-        if item.entry.policy_seq > self.policy.latest_seq():
+        if item.entry.policy_seq > self._latest:
             return False
         sv = self._sv
         for c, k in item.needs.items():  # usually one: the author's own items
@@ -593,16 +596,18 @@ class Replica:
             return self.blocked[author].rejection
         if policy_seq < st.policy_seq:
             return Rejection(Reason.MALFORMED, "policy seq went backwards")
-        if not policy.is_member(author, policy_seq):
-            return Rejection(Reason.NOT_MEMBER, f"not a member at policy {policy_seq}")
+        # an author's grants are kept only once it is found a member at that policy seq, so
+        # within one call (the policy does not change) their presence answers is_member
+        grants = self._grants.get((author, policy_seq))
+        if grants is None:
+            if not policy.is_member(author, policy_seq):
+                return Rejection(Reason.NOT_MEMBER, f"not a member at policy {policy_seq}")
+            grants = self._grants[(author, policy_seq)] = {}
         floor = policy.floor(author, e.seq)
         if policy_seq < floor:
             detail = f"cites policy {policy_seq}, below its cut-off floor {floor}"
             return Rejection(Reason.NOT_MEMBER, detail)
         start = self._sv.get(st.client, 0)
-        grants = self._grants.get((author, policy_seq))
-        if grants is None:
-            grants = self._grants[(author, policy_seq)] = {}
         verdict: Accepted | Admitted | Rejection | None = admit(
             w.update,
             author=e.author,
@@ -647,11 +652,12 @@ class Replica:
                 self._observer_failed.clear()
                 self._restore_doc()
                 return Rejection(Reason.MALFORMED, f"Yrs refused the update: {exc!r}")
-            written = verdict.paths() if type(verdict) is Accepted else ()
-            observed = check_events(author, events, policy, policy_seq, grants, written)
-            if observed is not None:
-                self._restore_doc()
-                return observed
+            if type(verdict) is not Accepted or not verdict.covers(events):
+                written = verdict.paths() if type(verdict) is Accepted else ()
+                observed = check_events(author, events, policy, policy_seq, grants, written)
+                if observed is not None:
+                    self._restore_doc()
+                    return observed
         else:
             events = local_events
             observed = check_events(author, events, policy, policy_seq, grants)

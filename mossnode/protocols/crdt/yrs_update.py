@@ -548,7 +548,18 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
                         length, pos = uint(buf, pos)
                     if length > end - pos:
                         raise unhandled
-                    pos = skip_values(buf, pos, end, length, 0, False)
+                    n = buf[pos + 1] if length == 1 and buf[pos] == 118 else 0
+                    if 0 < n <= _MAX_RUN:
+                        # one object of up to _MAX_RUN simple pairs (a task's core, a lease):
+                        # what _skip_values -> _skip_any -> _skip_values would match, at once
+                        found = (_RUNS.get((n, True)) or _run_matcher(n, True))(buf, pos + 2, end)
+                        pos = (
+                            found.end()
+                            if found is not None
+                            else skip_values(buf, pos, end, 1, 0, False)
+                        )
+                    else:
+                        pos = skip_values(buf, pos, end, length, 0, False)
                     kind = value_kind
                 elif ref == 7:  # ContentType
                     type_ref = buf[pos]
