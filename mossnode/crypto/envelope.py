@@ -212,7 +212,7 @@ def signature_valid(sig: bytes, type_: str, payload: bytes, sender: bytes) -> bo
     if _sign_open is not None and len(sig) == SIG_LEN and len(sender) == _KEY_LEN:
         # libsodium's crypto_sign_open itself, as PyNaCl's binding calls it, without the
         # message buffer it allocates and copies out (nothing here reads the message)
-        signed = sig + DOMAIN + type_.encode() + b"\0" + payload
+        signed = b"".join((sig, DOMAIN, type_.encode(), b"\0", payload))  # one copy
         return bool(_sign_open(_NULL, _NULL, signed, len(signed), sender) == 0)
     try:
         nacl.bindings.crypto_sign_open(sig + _signed_bytes(type_, payload), sender)

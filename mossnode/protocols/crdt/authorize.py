@@ -614,6 +614,8 @@ def admit(
     clock = start
     limit = start + max_span
     write, delete = Op.WRITE, Op.DELETE
+    seen_id: ID | None = None  # the latest origin looked up, and its place
+    seen_place: Place | None = None
 
     def lookup(ref: ID) -> Place | None:  # _Fast.lookup, inlined for the clock in hand
         c, k = ref
@@ -635,6 +637,7 @@ def admit(
             left = lookup(origin) if origin is not None else None
             if origin is not None and left is None:
                 return None
+            seen_id, seen_place = origin, left
             rite = lookup(right) if right is not None else None
             if right is not None and rite is None:
                 return None
@@ -711,7 +714,9 @@ def admit(
             for lo, hi in ranges:
                 if c == client and hi <= start:  # only earlier items: none of this update's
                     if hi - lo == 1:  # one item: its place, as index.places would yield it
-                        one = find(c, lo)
+                        # a replaced value is usually the new one's origin, just looked up
+                        # (an earlier item of the author's, so by find as well)
+                        one = seen_place if seen_id == (c, lo) else find(c, lo)
                         found = [] if one is None else [one]
                     else:
                         found = list(index.places(c, lo, hi))

@@ -449,6 +449,9 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
         clock = buf[pos]
         if clock < 0x80:
             pos += 1
+        elif buf[pos + 1] < 0x80:  # two bytes (_uint's second case)
+            clock = (clock & 0x7F) | buf[pos + 1] << 7
+            pos += 2
         else:
             clock, pos = uint(buf, pos)
         first = clock
@@ -479,6 +482,9 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
                     k = buf[pos]
                     if k < 0x80:
                         pos += 1
+                    elif buf[pos + 1] < 0x80:  # two bytes (_uint's second case)
+                        k = (k & 0x7F) | buf[pos + 1] << 7
+                        pos += 2
                     else:
                         k, pos = uint(buf, pos)
                     origin = (c, k)
@@ -492,6 +498,9 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
                     k = buf[pos]
                     if k < 0x80:
                         pos += 1
+                    elif buf[pos + 1] < 0x80:  # two bytes (_uint's second case)
+                        k = (k & 0x7F) | buf[pos + 1] << 7
+                        pos += 2
                     else:
                         k, pos = uint(buf, pos)
                     right = (c, k)
@@ -525,6 +534,9 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
                         k = buf[pos]
                         if k < 0x80:
                             pos += 1
+                        elif buf[pos + 1] < 0x80:  # two bytes (_uint's second case)
+                            k = (k & 0x7F) | buf[pos + 1] << 7
+                            pos += 2
                         else:
                             k, pos = uint(buf, pos)
                         parent = last_parent_id = (c, k)
@@ -611,8 +623,22 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
         if n_ranges * 2 > end - pos:
             raise unhandled
         for _ in range(n_ranges):
-            clock, pos = uint(buf, pos)
-            length, pos = uint(buf, pos)
+            clock = buf[pos]
+            if clock < 0x80:
+                pos += 1
+            elif buf[pos + 1] < 0x80:  # two bytes (_uint's second case)
+                clock = (clock & 0x7F) | buf[pos + 1] << 7
+                pos += 2
+            else:
+                clock, pos = uint(buf, pos)
+            length = buf[pos]
+            if length < 0x80:
+                pos += 1
+            elif buf[pos + 1] < 0x80:  # two bytes (_uint's second case)
+                length = (length & 0x7F) | buf[pos + 1] << 7
+                pos += 2
+            else:
+                length, pos = uint(buf, pos)
             if length < 1:
                 raise unhandled
             deletes.append((client, clock, length))
