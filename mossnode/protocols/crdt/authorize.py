@@ -329,10 +329,12 @@ def event_changes(root: str, events: Iterable[Any]) -> list[tuple[Path, Op]]:
     for event in events:
         kind = type(event)
         path = event.path
-        if path:
-            base: Path = (root, *[seg if isinstance(seg, str) else ELEMENT for seg in path])
+        if not path:
+            base: Path = (root,)
+        elif len(path) == 1 and type(path[0]) is str:  # a task's map: no comprehension
+            base = (root, path[0])
         else:
-            base = (root,)
+            base = (root, *[seg if isinstance(seg, str) else ELEMENT for seg in path])
         # a map event has keys and no delta, an array event a delta and no keys
         keys = None if kind is _ArrayEvent else getattr(event, "keys", None)
         if isinstance(keys, dict):

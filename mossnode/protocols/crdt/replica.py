@@ -670,23 +670,25 @@ class Replica:
         return None
 
     def _commit(self, st: _Author, e: StateEntry, verdict: Accepted | Admitted) -> None:
-        index = self._index
-        if isinstance(verdict, Accepted):
-            if verdict.spans:
-                index.add_spans(st.client, verdict.spans)
+        if type(verdict) is Accepted:
+            spans = verdict.spans
+            if spans:
+                self._index.add_spans(st.client, spans)
+                self._sv[st.client] = verdict.end_clock
             if verdict.once:
                 self._written.add_children(verdict.once)
-            moved = bool(verdict.spans)
         else:
+            assert isinstance(verdict, Admitted)
+            index = self._index
             for start, end, loc in verdict.runs:
                 index.add(st.client, start, end, loc)
             self._written.update(verdict.once_paths)
-            moved = bool(verdict.runs)
-        if moved:
-            self._sv[st.client] = verdict.end_clock
+            if verdict.runs:
+                self._sv[st.client] = verdict.end_clock
         self._record(st, e.author, e.raw, e.digest)
         st.policy_seq = e.policy_seq
-        st.at = max(st.at, e.timestamp)
+        if e.timestamp > st.at:
+            st.at = e.timestamp
 
     def _record(self, st: _Author, author: str, raw: bytes, digest: bytes) -> None:
         st.seq += 1
