@@ -36,7 +36,7 @@ from mossnode.protocols.crdt.authorize import Accepted, Admitted, check_update, 
 from mossnode.protocols.crdt.document import content, state_digest
 from mossnode.protocols.crdt.entry import open_signed, parse_body, read_entry
 from mossnode.protocols.crdt.lib0 import DecodeError
-from mossnode.protocols.crdt.locations import GONE, Loc, LocationIndex, WrittenSet
+from mossnode.protocols.crdt.locations import GONE, Container, Loc, LocationIndex, WrittenSet
 from mossnode.protocols.crdt.rules import Op, judge, permits
 from mossnode.protocols.crdt.yrs_update import Content, decode_raw, decode_update
 
@@ -316,6 +316,22 @@ def test_decoder_agrees_on_any_values(value: Any, seed: int) -> None:
         expected = _decoded(decode_update, candidate)
         assert _decoded(lambda d: decode_raw(d, client=77), candidate) == expected
     assert _decoded(decode_update, data)[0] == "ok"
+
+
+@pytest.mark.parametrize("pairs", [1, 2, 12, 16, 17])
+def test_decoder_agrees_on_one_object_every_byte_changed(pairs: int) -> None:
+    """The one-object shortcut of ContentAny (a task's core, a lease): every byte of the
+    update replaced, cut short or followed by a byte, with simple and non-simple values."""
+    for tail in ("s", 1.5, [1], {"k": None}, "\u00e9"):
+        value = {f"k{i}": (tail if i == pairs - 1 else i) for i in range(pairs)}
+        data = _update_holding(value)
+        candidates = [data[:n] for n in range(len(data))] + [data + b"\x00"]
+        for pos in range(len(data)):
+            for byte in (0x00, 0x01, 0x10, 0x11, 0x75, 0x76, 0x77, 0x7F, 0x80, 0xFF):
+                candidates.append(data[:pos] + bytes([byte]) + data[pos + 1 :])
+        for candidate in candidates:
+            expected = _decoded(decode_update, candidate)
+            assert _decoded(lambda d: decode_raw(d, client=77), candidate) == expected
 
 
 @pytest.mark.parametrize("depth", [30, 31, 32, 33, 34])
@@ -790,6 +806,8 @@ def test_a_change_the_second_line_refuses_is_undone(monkeypatch: pytest.MonkeyPa
         "check_events",
         lambda *a: authorize.Rejection(Reason.FORBIDDEN, "observed: test"),
     )
+    # the changes are all writes the structural pass admitted: let them reach check_events
+    monkeypatch.setattr(authorize.Accepted, "covers", lambda self, changes: False)
     out = rep.receive(entries[4], NOW)
     assert [r.rejection.detail for r in out.refused] == ["observed: test"]
     assert rep.digest() == before and rep.vector() == vector
@@ -950,3 +968,29 @@ def test_container_rule_lookup_allows_only_what_judge_allows(
     assert (rule is not None) == (expected[1] is None)
     if rule is not None:
         assert rule is expected[0]
+
+
+def test_covers_is_membership_in_paths() -> None:
+    """``Accepted.covers`` (the replica's shortcut past check_events) answers exactly
+    "every change is a write at one of ``paths()``", on random spans and changes."""
+    rng = random.Random(7)
+    roots = [Container(("tasks",), None), Container(("history",), None)]
+    nested = [Container(("tasks", "a:t"), (1, 0)), Container(("tasks", "b:t"), (1, 1))]
+    keys: list[str | None] = ["a:t", "b:t", "core", "claims/x", None]
+    kinds = [Content.MAP, Content.VALUE, Content.GC, Content.ARRAY]
+    for _ in range(3000):
+        spans = [
+            (i, i + 1, (rng.choice(roots + nested), rng.choice(keys), rng.choice(kinds)))
+            for i in range(rng.randint(0, 3))
+        ]
+        verdict = Accepted(spans, [], len(spans))
+        changes = [
+            (
+                (*rng.choice(roots + nested).path, rng.choice(keys)),
+                rng.choice([Op.WRITE, Op.WRITE, Op.DELETE]),
+            )
+            for _ in range(rng.randint(0, 3))
+        ]
+        paths = verdict.paths()
+        expected = all(op is Op.WRITE and path in paths for path, op in changes)
+        assert verdict.covers(changes) == expected

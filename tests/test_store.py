@@ -49,6 +49,20 @@ def test_everything_survives_close_and_reopen(tmp_path: Path) -> None:
         assert snap is not None and snap.data == b"snap" and snap.vector == {"a": 2, "b": 1}
 
 
+@pytest.mark.parametrize("count", [0, 1, 63, 64, 65, 200])
+def test_entries_keep_their_order_and_repeats_are_ignored(tmp_path: Path, count: int) -> None:
+    """Entries go in by statements of many rows and a tail of single rows: stored in the
+    order given, a repeat (within one commit or of an earlier one) ignored, bytes-like data
+    stored as bytes."""
+    rows = [(f"a{i % 3}", i // 3 + 1, b"x%d" % i) for i in range(count)]
+    with Store(tmp_path / "state.db") as store:
+        store.commit(entries=rows[: count // 2])
+        again = [(a, s, bytearray(b"other")) for a, s, _ in rows[: count // 3]]
+        store.commit(entries=iter([*again, *rows[count // 2 :], *rows[count // 4 :]]))
+        assert list(store.entries(batch=7)) == rows
+        assert store.entry_count() == count
+
+
 def test_a_failed_commit_stores_nothing(tmp_path: Path) -> None:
     with Store(tmp_path / "s.db") as store:
         store.append_decided(1, "k", b"p", b"c")

@@ -72,6 +72,25 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+_INSERT_ENTRY = "INSERT OR IGNORE INTO entries(author, seq, data) VALUES (?, ?, ?)"
+_ROWS_PER_INSERT = 64
+_INSERT_ENTRIES = "INSERT OR IGNORE INTO entries(author, seq, data) VALUES " + ",".join(
+    ["(?, ?, ?)"] * _ROWS_PER_INSERT
+)
+
+
+def _insert_entries(db: sqlite3.Connection, entries: Iterable[tuple[str, int, bytes]]) -> None:
+    """Entries in order, each ignored if stored already: by whole statements of
+    ``_ROWS_PER_INSERT`` rows (one cached statement), the rest one row at a time. A statement
+    of many rows costs SQLite and the binding about a quarter less per row than one per row."""
+    rows = [(a, s, bytes(d)) for a, s, d in entries]
+    whole = len(rows) - len(rows) % _ROWS_PER_INSERT
+    for i in range(0, whole, _ROWS_PER_INSERT):
+        db.execute(_INSERT_ENTRIES, [v for row in rows[i : i + _ROWS_PER_INSERT] for v in row])
+    if whole < len(rows):
+        db.executemany(_INSERT_ENTRY, rows[whole:])
+
+
 class StoreError(Exception):
     """The database cannot be used as it is; the message names the file and the cause."""
 
@@ -215,10 +234,7 @@ class Store:
                 db.execute("BEGIN IMMEDIATE")
                 for author, first in (retract or {}).items():
                     db.execute("DELETE FROM entries WHERE author=? AND seq>=?", (author, first))
-                db.executemany(
-                    "INSERT OR IGNORE INTO entries(author, seq, data) VALUES (?, ?, ?)",
-                    ((a, s, bytes(d)) for a, s, d in entries),
-                )
+                _insert_entries(db, entries)
                 db.executemany(
                     "INSERT INTO decided(seq, kind, payload, cert) VALUES (?, ?, ?, ?)",
                     ((d.seq, d.kind, d.payload, d.cert) for d in decided),

@@ -32,6 +32,7 @@ from mossnode.record import Record
 
 from .locations import GONE, Container, Loc, LocationIndex, Place, WrittenSet
 from .rules import (
+    _PREFIXES,
     _SPECIAL,
     MEMBER,
     Op,
@@ -39,13 +40,11 @@ from .rules import (
     Resolved,
     Rule,
     judge,
-    owner_seg,
     permits,
     resolve,
     shape,
-    shape_seg,
 )
-from .schema import ELEMENT, ROOTS, Path, render
+from .schema import ELEMENT, KEY_SEP, ROOTS, Path, render, task_creator
 from .yrs_update import ID, Content, Item, RawUpdate, Update, raw_of
 
 Run = tuple[int, int, Loc]
@@ -330,10 +329,12 @@ def event_changes(root: str, events: Iterable[Any]) -> list[tuple[Path, Op]]:
     for event in events:
         kind = type(event)
         path = event.path
-        if path:
-            base: Path = (root, *[seg if isinstance(seg, str) else ELEMENT for seg in path])
+        if not path:
+            base: Path = (root,)
+        elif len(path) == 1 and type(path[0]) is str:  # a task's map: no comprehension
+            base = (root, path[0])
         else:
-            base = (root,)
+            base = (root, *[seg if isinstance(seg, str) else ELEMENT for seg in path])
         # a map event has keys and no delta, an array event a delta and no keys
         keys = None if kind is _ArrayEvent else getattr(event, "keys", None)
         if isinstance(keys, dict):
@@ -404,6 +405,21 @@ class Accepted(Record):
     def paths(self) -> set[Path]:
         """The paths of the new items (each one the owner rules let the author write)."""
         return {(*cont.path, key) for _, _, (cont, key, kind) in self.spans if kind is not _GC}
+
+    def covers(self, changes: Iterable[tuple[Path, Op]]) -> bool:
+        """Is every change a write at one of :meth:`paths`? Then :func:`check_events` has
+        nothing to ask of the rules; tested without building the set (an update has few)."""
+        spans = self.spans
+        for path, op in changes:
+            if op is not Op.WRITE:
+                return False
+            key = path[-1]
+            for _, _, (cont, k, kind) in spans:
+                if k == key and kind is not _GC and cont.path == path[:-1]:
+                    break
+            else:
+                return False
+        return True
 
 
 _MISSING: Any = object()
@@ -488,37 +504,7 @@ class _Fast:
     ) -> Rule | None:
         """The row that lets the author ``op`` (writing ``kind``) at ``cont.path + (key,)``,
         or None if :func:`rules.judge` would refuse."""
-        table = cont.rules
-        if table is None:
-            table = _table(cont)
-        kshape = key if key is None or key in _SPECIAL else shape_seg(key)
-        res: Resolved | None = table.get(kshape, _MISSING)
-        if res is _MISSING:
-            res = table[kshape] = resolve((*shape(cont.path), kshape))
-        if res is None:
-            return None
-        path = cont.path
-        at = res.owner_at
-        if owner_seg(res, key if at == len(path) else path[at]) != self.author:
-            return None
-        rule = res.rule
-        if op is Op.WRITE:
-            if kind not in res.kinds:
-                return None
-            permission = rule.write
-        else:
-            permission = rule.delete
-        if permission is None:
-            return None
-        if permission != MEMBER:
-            ok = self.may.get(permission)
-            if ok is None:
-                ok = self.may[permission] = self.policy.may(
-                    self.author, permission, self.policy_seq
-                )
-            if not ok:
-                return None
-        return rule
+        return _allowed(self.author, self.policy, self.policy_seq, self.may, cont, key, op, kind)
 
     def ancestors_deleted(
         self, cont: Container, deleted: dict[int, list[tuple[int, int]]]
@@ -538,6 +524,60 @@ class _Fast:
                 return None
             parent = found[0].parent
         return None
+
+
+def _allowed(
+    author: str,
+    policy: Policy,
+    policy_seq: int,
+    may: dict[str, bool],
+    cont: Container,
+    key: str | None,
+    op: Op,
+    kind: Content | None,
+) -> Rule | None:
+    """:meth:`_Fast.allowed`, as a function: :func:`admit` calls it for every item, and needs
+    no :class:`_Fast` unless the update deletes."""
+    table = cont.rules
+    if table is None:
+        table = _table(cont)
+    # rules.shape_seg and rules.owner_seg, inlined (two calls an item)
+    if key is None or key in _SPECIAL:
+        kshape = key
+    else:
+        i = key.find(KEY_SEP)
+        kshape = key[: i + 1] if i > 0 and key[: i + 1] in _PREFIXES else ""
+    res: Resolved | None = table.get(kshape, _MISSING)
+    if res is _MISSING:
+        res = table[kshape] = resolve((*shape(cont.path), kshape))
+    if res is None:
+        return None
+    path = cont.path
+    at = res.owner_at
+    seg = key if at == len(path) else path[at]
+    if seg is None:
+        return None
+    if res.creator:
+        if task_creator(seg) != author:
+            return None
+    elif (seg[res.strip :] if res.strip else seg) != author:
+        return None
+    rule = res.rule
+    if op is Op.WRITE:
+        if kind not in res.kinds:
+            return None
+        permission = rule.write
+    else:
+        permission = rule.delete
+    if permission is None:
+        return None
+    if permission != MEMBER:
+        ok = may.get(permission)
+        if ok is None:
+            ok = may[permission] = policy.may(author, permission, policy_seq)
+        if not ok:
+            return None
+    return rule
 
 
 def admit(
@@ -560,10 +600,10 @@ def admit(
     items = update.items
     if items and deps.get(client, 0) != start:
         return None
-    f = _Fast(author, client, start, deps, index, policy, policy_seq, {} if may is None else may)
-    allowed = f.allowed
-    own_starts = f.own_starts
-    own_places = f.own_places
+    if may is None:
+        may = {}
+    own_starts: list[int] = []
+    own_places: list[Place] = []
     find = index.place
     spans: list[Span] = []
     once: list[tuple[Path, str | None]] = []
@@ -575,7 +615,9 @@ def admit(
     new_conts: dict[ID, Container] = {}
     clock = start
     limit = start + max_span
-    write = Op.WRITE
+    write, delete = Op.WRITE, Op.DELETE
+    seen_id: ID | None = None  # the latest origin looked up, and its place
+    seen_place: Place | None = None
 
     def lookup(ref: ID) -> Place | None:  # _Fast.lookup, inlined for the clock in hand
         c, k = ref
@@ -597,6 +639,7 @@ def admit(
             left = lookup(origin) if origin is not None else None
             if origin is not None and left is None:
                 return None
+            seen_id, seen_place = origin, left
             rite = lookup(right) if right is not None else None
             if right is not None and rite is None:
                 return None
@@ -647,7 +690,7 @@ def admit(
                 place = (last_cont, sub, kind)
         if place[2] is not _GC:
             cont, key, _ = place
-            rule = f.allowed(cont, key, write, kind)
+            rule = _allowed(author, policy, policy_seq, may, cont, key, write, kind)
             if rule is None:
                 return None
             if rule.once:
@@ -660,7 +703,6 @@ def admit(
         spans.append((k, clock, place))
         own_starts.append(k)
         own_places.append(place)
-    f.clock = clock
     dels = update.deletes
     if dels:
         if len(dels) == 1:  # the common case (a value replaced): nothing to merge
@@ -674,7 +716,9 @@ def admit(
             for lo, hi in ranges:
                 if c == client and hi <= start:  # only earlier items: none of this update's
                     if hi - lo == 1:  # one item: its place, as index.places would yield it
-                        one = find(c, lo)
+                        # a replaced value is usually the new one's origin, just looked up
+                        # (an earlier item of the author's, so by find as well)
+                        one = seen_place if seen_id == (c, lo) else find(c, lo)
                         found = [] if one is None else [one]
                     else:
                         found = list(index.places(c, lo, hi))
@@ -690,9 +734,26 @@ def admit(
                 for cont, key, kind in found:
                     if kind is _GC:
                         continue
-                    under = f.ancestors_deleted(cont, deleted)
-                    if under is None:
+                    # _Fast.ancestors_deleted, inlined (with lookup at the final clock)
+                    up = cont.parent
+                    for _ in range(64):
+                        if up is None:
+                            break
+                        ranges_up = deleted.get(up[0])
+                        if ranges_up:
+                            i = bisect.bisect_right(ranges_up, (up[1], _INF)) - 1
+                            if i >= 0 and up[1] < ranges_up[i][1]:
+                                break  # under a deleted container: nothing to ask
+                        above = lookup(up)
+                        if above is None:
+                            return None
+                        up = above[0].parent
+                    else:
                         return None
-                    if not under and allowed(cont, key, Op.DELETE, None) is None:
+                    if (
+                        up is None
+                        and _allowed(author, policy, policy_seq, may, cont, key, delete, None)
+                        is None
+                    ):
                         return None
     return Accepted(spans, once, clock)

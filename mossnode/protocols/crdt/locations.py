@@ -62,7 +62,8 @@ class Container:
 Place = tuple[Container, str | None, Content]
 
 KINDS: tuple[Content, ...] = tuple(Content)  # content kind codes in the index
-_KIND_CODE: dict[Content, int] = {kind: code for code, kind in enumerate(KINDS)}
+# a kind's code is its position in KINDS, found by ``KINDS.index`` (identity tests in C):
+# a dict keyed by the kinds would hash them, and Enum hashing is a Python-level call
 
 
 class _Runs:
@@ -190,7 +191,7 @@ class LocationIndex:
                 kid = self._key(key)
             starts.append(start)
             ends.append(end)
-            packed.append(number | kid << _KEY_SHIFT | _KIND_CODE[kind] << _KIND_SHIFT)
+            packed.append(number | kid << _KEY_SHIFT | KINDS.index(kind) << _KIND_SHIFT)
 
     def _add_merging(self, runs: _Runs, spans: list[tuple[int, int, Place]]) -> None:
         """:meth:`add_spans` in general: rows merged where they can be."""
@@ -249,7 +250,7 @@ class LocationIndex:
         assert cont is not None and kind is not None
         number = cont.number if cont.number >= 0 else self._register(cont)
         kid = self._key(keys[0] if single else tuple(keys))
-        word = number | kid << _KEY_SHIFT | _KIND_CODE[kind] << _KIND_SHIFT
+        word = number | kid << _KEY_SHIFT | KINDS.index(kind) << _KIND_SHIFT
         if extends:
             runs.ends[-1] = end
             runs.packed[-1] = word
@@ -284,7 +285,13 @@ class LocationIndex:
         i = bisect.bisect_right(starts, clock) - 1
         if i < 0 or clock >= runs.ends[i]:
             return None
-        return self._unpack(runs.packed[i], clock - starts[i])
+        word = runs.packed[i]  # _unpack, inlined: the fast path asks this for every reference
+        key = self._keys[(word >> _KEY_SHIFT) & _LOW28]
+        return (
+            self._conts[word & _LOW32],
+            key[clock - starts[i]] if isinstance(key, tuple) else key,
+            KINDS[word >> _KIND_SHIFT],
+        )
 
     def places(self, client: int, start: int, end: int) -> Iterator[Place]:
         """Places of ``client``'s items overlapping clocks ``[start, end)``, in clock order

@@ -181,6 +181,7 @@ class Replica:
         # policy.may answers per (author, policy seq), shared by the updates of one call
         # (receive_batch, drain, write): the policy does not change during one
         self._grants: dict[tuple[str, int], dict[str, bool]] = {}
+        self._latest = 0  # policy.latest_seq(), read once per call that applies (_ready)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -302,12 +303,17 @@ class Replica:
 
     def receive_batch(self, batch: Iterable[bytes], now_ms: int) -> Outcome:
         self._grants.clear()
+        self._latest = self.policy.latest_seq()
         out = Outcome()
         pending = self._pending
         # Every signature first, then the rest entry by entry: opening an entry depends on its
         # bytes alone, and the verifications in a row keep the curve code and tables in the
         # caches (interleaved with the rest of the path, each one cost about 1.3 raw ones).
-        opened_all = [self._open(data, now_ms) for data in batch]
+        sid = self.swarm_id
+        opened_all: list[StateEntry | _Poison | Rejection] = []
+        for data in batch:  # _open, with its common case inline
+            fast = read_entry(data, swarm_id=sid, now_ms=now_ms)
+            opened_all.append(fast if fast is not None else self._open_slow(data, now_ms))
         for opened in opened_all:
             author = self._accept(opened, out)
             if author is None and not pending:
@@ -325,6 +331,7 @@ class Replica:
     def drain(self, now_ms: int = 0) -> Outcome:
         """Retry waiting entries; call when the decided log advanced (new policy seqs)."""
         self._grants.clear()
+        self._latest = self.policy.latest_seq()
         out = Outcome()
         self._drain(out)
         return self._finish(out, now_ms)
@@ -346,8 +353,10 @@ class Replica:
         """Signature and body. A signed entry that fails here, or in :meth:`_prepare`, is its
         author's fault (poison), not a forgery: it blocks the author when its turn comes."""
         fast = read_entry(data, swarm_id=self.swarm_id, now_ms=now_ms)
-        if fast is not None:
-            return fast
+        return fast if fast is not None else self._open_slow(data, now_ms)
+
+    def _open_slow(self, data: bytes, now_ms: int) -> StateEntry | _Poison | Rejection:
+        """:meth:`_open` for what :func:`read_entry` leaves to the reference code."""
         env = open_signed(data, swarm_id=self.swarm_id, now_ms=now_ms)
         if isinstance(env, Rejection):
             return env
@@ -484,7 +493,7 @@ class Replica:
 
     def _ready(self, item: _Waiting) -> bool:
         """Is the policy ``item`` cites decided, and does the document hold what it refers to?"""
-        if item.entry.policy_seq > self.policy.latest_seq():
+        if item.entry.policy_seq > self._latest:
             return False
         sv = self._sv
         for c, k in item.needs.items():  # usually one: the author's own items
@@ -593,16 +602,18 @@ class Replica:
             return self.blocked[author].rejection
         if policy_seq < st.policy_seq:
             return Rejection(Reason.MALFORMED, "policy seq went backwards")
-        if not policy.is_member(author, policy_seq):
-            return Rejection(Reason.NOT_MEMBER, f"not a member at policy {policy_seq}")
+        # an author's grants are kept only once it is found a member at that policy seq, so
+        # within one call (the policy does not change) their presence answers is_member
+        grants = self._grants.get((author, policy_seq))
+        if grants is None:
+            if not policy.is_member(author, policy_seq):
+                return Rejection(Reason.NOT_MEMBER, f"not a member at policy {policy_seq}")
+            grants = self._grants[(author, policy_seq)] = {}
         floor = policy.floor(author, e.seq)
         if policy_seq < floor:
             detail = f"cites policy {policy_seq}, below its cut-off floor {floor}"
             return Rejection(Reason.NOT_MEMBER, detail)
         start = self._sv.get(st.client, 0)
-        grants = self._grants.get((author, policy_seq))
-        if grants is None:
-            grants = self._grants[(author, policy_seq)] = {}
         verdict: Accepted | Admitted | Rejection | None = admit(
             w.update,
             author=e.author,
@@ -647,11 +658,12 @@ class Replica:
                 self._observer_failed.clear()
                 self._restore_doc()
                 return Rejection(Reason.MALFORMED, f"Yrs refused the update: {exc!r}")
-            written = verdict.paths() if type(verdict) is Accepted else ()
-            observed = check_events(author, events, policy, policy_seq, grants, written)
-            if observed is not None:
-                self._restore_doc()
-                return observed
+            if type(verdict) is not Accepted or not verdict.covers(events):
+                written = verdict.paths() if type(verdict) is Accepted else ()
+                observed = check_events(author, events, policy, policy_seq, grants, written)
+                if observed is not None:
+                    self._restore_doc()
+                    return observed
         else:
             events = local_events
             observed = check_events(author, events, policy, policy_seq, grants)
@@ -664,23 +676,25 @@ class Replica:
         return None
 
     def _commit(self, st: _Author, e: StateEntry, verdict: Accepted | Admitted) -> None:
-        index = self._index
-        if isinstance(verdict, Accepted):
-            if verdict.spans:
-                index.add_spans(st.client, verdict.spans)
+        if type(verdict) is Accepted:
+            spans = verdict.spans
+            if spans:
+                self._index.add_spans(st.client, spans)
+                self._sv[st.client] = verdict.end_clock
             if verdict.once:
                 self._written.add_children(verdict.once)
-            moved = bool(verdict.spans)
         else:
+            assert isinstance(verdict, Admitted)
+            index = self._index
             for start, end, loc in verdict.runs:
                 index.add(st.client, start, end, loc)
             self._written.update(verdict.once_paths)
-            moved = bool(verdict.runs)
-        if moved:
-            self._sv[st.client] = verdict.end_clock
+            if verdict.runs:
+                self._sv[st.client] = verdict.end_clock
         self._record(st, e.author, e.raw, e.digest)
         st.policy_seq = e.policy_seq
-        st.at = max(st.at, e.timestamp)
+        if e.timestamp > st.at:
+            st.at = e.timestamp
 
     def _record(self, st: _Author, author: str, raw: bytes, digest: bytes) -> None:
         st.seq += 1

@@ -449,6 +449,9 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
         clock = buf[pos]
         if clock < 0x80:
             pos += 1
+        elif buf[pos + 1] < 0x80:  # two bytes (_uint's second case)
+            clock = (clock & 0x7F) | buf[pos + 1] << 7
+            pos += 2
         else:
             clock, pos = uint(buf, pos)
         first = clock
@@ -479,6 +482,9 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
                     k = buf[pos]
                     if k < 0x80:
                         pos += 1
+                    elif buf[pos + 1] < 0x80:  # two bytes (_uint's second case)
+                        k = (k & 0x7F) | buf[pos + 1] << 7
+                        pos += 2
                     else:
                         k, pos = uint(buf, pos)
                     origin = (c, k)
@@ -492,6 +498,9 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
                     k = buf[pos]
                     if k < 0x80:
                         pos += 1
+                    elif buf[pos + 1] < 0x80:  # two bytes (_uint's second case)
+                        k = (k & 0x7F) | buf[pos + 1] << 7
+                        pos += 2
                     else:
                         k, pos = uint(buf, pos)
                     right = (c, k)
@@ -525,6 +534,9 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
                         k = buf[pos]
                         if k < 0x80:
                             pos += 1
+                        elif buf[pos + 1] < 0x80:  # two bytes (_uint's second case)
+                            k = (k & 0x7F) | buf[pos + 1] << 7
+                            pos += 2
                         else:
                             k, pos = uint(buf, pos)
                         parent = last_parent_id = (c, k)
@@ -548,7 +560,18 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
                         length, pos = uint(buf, pos)
                     if length > end - pos:
                         raise unhandled
-                    pos = skip_values(buf, pos, end, length, 0, False)
+                    n = buf[pos + 1] if length == 1 and buf[pos] == 118 else 0
+                    if 0 < n <= _MAX_RUN:
+                        # one object of up to _MAX_RUN simple pairs (a task's core, a lease):
+                        # what _skip_values -> _skip_any -> _skip_values would match, at once
+                        found = (_RUNS.get((n, True)) or _run_matcher(n, True))(buf, pos + 2, end)
+                        pos = (
+                            found.end()
+                            if found is not None
+                            else skip_values(buf, pos, end, 1, 0, False)
+                        )
+                    else:
+                        pos = skip_values(buf, pos, end, length, 0, False)
                     kind = value_kind
                 elif ref == 7:  # ContentType
                     type_ref = buf[pos]
@@ -600,8 +623,22 @@ def _decode_fast(buf: bytes, max_items: int, hint: bytes, hint_value: int) -> Ra
         if n_ranges * 2 > end - pos:
             raise unhandled
         for _ in range(n_ranges):
-            clock, pos = uint(buf, pos)
-            length, pos = uint(buf, pos)
+            clock = buf[pos]
+            if clock < 0x80:
+                pos += 1
+            elif buf[pos + 1] < 0x80:  # two bytes (_uint's second case)
+                clock = (clock & 0x7F) | buf[pos + 1] << 7
+                pos += 2
+            else:
+                clock, pos = uint(buf, pos)
+            length = buf[pos]
+            if length < 0x80:
+                pos += 1
+            elif buf[pos + 1] < 0x80:  # two bytes (_uint's second case)
+                length = (length & 0x7F) | buf[pos + 1] << 7
+                pos += 2
+            else:
+                length, pos = uint(buf, pos)
             if length < 1:
                 raise unhandled
             deletes.append((client, clock, length))
