@@ -164,13 +164,15 @@ def reread(
     if got is None:
         return None, None
     raw = {**raw, **{kind: dict(raw.get(kind) or {}) for kind in kinds}}
+    nodes: dict[str, list[str]] = {}
     for key in keys:
         kind, _, node = key.partition(KEY_SEP)
+        nodes.setdefault(kind, []).append(node)
         if key in got:
             raw[kind][node] = got[key]
         else:
             raw[kind].pop(node, None)
-    return raw, before.with_entries(raw, kinds)
+    return raw, before.with_entries(raw, kinds, nodes)
 
 
 class TaskService:

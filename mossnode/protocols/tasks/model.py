@@ -17,7 +17,7 @@ import enum
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import field, replace
+from dataclasses import field
 from typing import Any
 
 from mossnode.record import value
@@ -372,12 +372,55 @@ class Task:
             **{kind: parse(raw.get(kind)) for kind, parse in _SUB_PARSERS.items()},
         )
 
-    def with_entries(self, raw: Mapping[str, Any], kinds: Iterable[str]) -> Task:
+    def with_entries(
+        self,
+        raw: Mapping[str, Any],
+        kinds: Iterable[str],
+        nodes: Mapping[str, Iterable[str]] | None = None,
+    ) -> Task:
         """This task with the per-node maps ``kinds`` (``bids``, ..., ``log``) parsed again
         from ``raw``: ``from_raw(self.id, raw)`` when only those changed since this task was
-        parsed. A reader that knows which entries changed re-parses those, not the task."""
-        parts: dict[str, Any] = {kind: _SUB_PARSERS[kind](raw.get(kind)) for kind in kinds}
-        return replace(self, **parts)
+        parsed. A reader that knows which entries changed re-parses those, not the task.
+        ``nodes`` (kind -> the nodes whose entries changed) narrows it further: a kind found
+        there re-parses those nodes' entries and keeps the others' (a peer's bid is then one
+        entry parsed, not every bid of the task again)."""
+        parts: dict[str, Mapping[str, Any]] = {
+            "bids": self.bids,
+            "claims": self.claims,
+            "leases": self.leases,
+            "progress": self.progress,
+            "results": self.results,
+            "reviews": self.reviews,
+            "log": self.log,
+        }
+        for kind in kinds:
+            some = nodes.get(kind) if nodes is not None else None
+            if some is None:
+                parts[kind] = _SUB_PARSERS[kind](raw.get(kind))
+            else:
+                parts[kind] = _entries_of(parts[kind], raw.get(kind), some, _NODE_PARSERS[kind])
+        # not dataclasses.replace: it costs several times this plain call, once per change
+        return Task(
+            self.id,
+            self.title,
+            self.creator,
+            self.created_at,
+            self.spec,
+            self.input,
+            self.parent,
+            self.deps,
+            self.capabilities,
+            self.role,
+            self.priority,
+            self.contract,
+            parts["bids"],
+            parts["claims"],
+            parts["leases"],
+            parts["progress"],
+            parts["results"],
+            parts["reviews"],
+            parts["log"],
+        )
 
     def records(self, kinds: Iterable[str] | None = None) -> list[tuple[str, LogRecord]]:
         """Log records as (author node, record), optionally of some kinds, in a fixed order
@@ -418,7 +461,51 @@ _SUB_PARSERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "reviews": lambda raw: _entries(raw, ReviewEntry.from_raw),
     "log": _logs,
 }
-SUB_KINDS = frozenset(_SUB_PARSERS)  # the per-node maps of a task
+SUB_KINDS = frozenset(_SUB_PARSERS)
+
+
+def _log_of(raw: Any) -> tuple[LogRecord, ...] | None:
+    """One node's log as :func:`_logs` keeps it (None: not a list, left out)."""
+    if not isinstance(raw, list | tuple):
+        return None
+    return tuple(r for r in raw if isinstance(r, Mapping))
+
+
+# one node's entry of each per-node map (None: malformed or absent, left out)
+_NODE_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "bids": BidEntry.from_raw,
+    "claims": ClaimEntry.from_raw,
+    "leases": LeaseEntry.from_raw,
+    "progress": ProgressEntry.from_raw,
+    "results": ResultEntry.from_raw,
+    "reviews": ReviewEntry.from_raw,
+    "log": _log_of,
+}
+
+
+def _entries_of(
+    old: Mapping[str, Any], raw: Any, nodes: Iterable[str], parse: Callable[[Any], Any]
+) -> Mapping[str, Any]:
+    """``old`` (one per-node map as parsed from an earlier ``raw``) with the entries of
+    ``nodes`` parsed again from ``raw``: what a full parse gives, nodes in sorted order
+    included, when only those entries changed."""
+    if not isinstance(raw, Mapping):
+        return {}
+    out = dict(old)
+    added = False
+    for node in nodes:
+        entry = parse(raw[node]) if node in raw else None
+        if entry is None:
+            out.pop(node, None)
+        else:
+            added = added or node not in out
+            out[node] = entry
+    if added:
+        keys = list(out)
+        if any(a > b for a, b in itertools.pairwise(keys)):
+            out = {k: out[k] for k in sorted(keys)}
+    return out  # the per-node maps of a task
+
 
 TaskView = Mapping[str, Task]
 
