@@ -680,20 +680,26 @@ def _attempts(
     hist = _History(task)
     # a bid or claim for a later attempt means its author saw this one closed; this is what
     # makes closure monotonic after a partition heals. Exclusive tasks take no bids, and marks
-    # beyond the attempt cap are noise.
+    # beyond the attempt cap are noise. Only marks of attempt 2 on can close an attempt (the
+    # first attempt's, almost all of them, are skipped at once).
     later: dict[int, int] = {}
     if not c.exclusive:
-        marks = [(b.attempt, b.at) for b in task.bids.values()]
-        marks += [(cl.attempt, cl.at) for a in hist.attempts() for cl in hist.claims(a).values()]
-        for attempt, at in marks:
-            if attempt <= cap:
-                later[attempt] = min(at, later.get(attempt, at))
+        for b in task.bids.values():
+            if 1 < b.attempt <= cap:
+                later[b.attempt] = min(b.at, later.get(b.attempt, b.at))
+        for a in hist.attempts():
+            if 1 < a <= cap:
+                for cl in hist.claims(a).values():
+                    later[a] = min(cl.at, later.get(a, cl.at))
     outcomes: list[Outcome] = []
     faults = 0
     eligible: int | None = None
     j = 1
     while True:
-        sup = min((at for a, at in later.items() if a > j), default=None)
+        sup: int | None = None  # the earliest mark of a later attempt
+        for a, at in later.items():
+            if a > j and (sup is None or at < sup):
+                sup = at
         one = _one(task, j, ctx, excl_node, sup, rel, reassigns.get(j), hist)
         if one.accepted is not None:
             acc = one.accepted
@@ -741,7 +747,7 @@ def _attempts(
                 rework=one.rework,
                 faults=faults,
                 outcomes=tuple(outcomes),
-                reasons=tuple(o.describe() for o in outcomes),
+                reasons=tuple([o.describe() for o in outcomes]) if outcomes else (),
                 wake_at=min(wakes) if wakes else None,
                 ready=given.ready,
                 paused=given.paused,

@@ -400,7 +400,7 @@ class Task:
             else:
                 parts[kind] = _entries_of(parts[kind], raw.get(kind), some, _NODE_PARSERS[kind])
         # not dataclasses.replace: it costs several times this plain call, once per change
-        return Task(
+        task = Task(
             self.id,
             self.title,
             self.creator,
@@ -421,6 +421,9 @@ class Task:
             parts["reviews"],
             parts["log"],
         )
+        if task.log is self.log:  # the same log: its index holds (most changes are entries)
+            task._records = self._records
+        return task
 
     def records(self, kinds: Iterable[str] | None = None) -> list[tuple[str, LogRecord]]:
         """Log records as (author node, record), optionally of some kinds, in a fixed order
@@ -435,9 +438,10 @@ class Task:
                 for rec in self.log[node]:
                     index.setdefault(_kind(rec), []).append((node, rec))
             self._records = index
-        wanted = set(index) if kinds is None else {k for k in kinds if k in index}
-        if len(wanted) <= 1:
-            return index[wanted.pop()] if wanted else []
+        found = list(index) if kinds is None else [k for k in kinds if k in index]
+        if len(found) <= 1:
+            return index[found[0]] if found else []
+        wanted = set(found)
         # several kinds present (control records): a pass over the log keeps its order
         return [
             (node, rec)

@@ -29,6 +29,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from hashlib import blake2b
 from typing import Any
 
 from mossnode.record import value
@@ -52,7 +53,7 @@ from .effects import (
     Submit,
 )
 from .lifecycle import Cache, Status, derive_all, inputs_from_dependencies
-from .model import HELD, TERMINAL, State, Task, TaskView
+from .model import HELD, TERMINAL, State, Task, TaskView, View, changed_since
 from .params import Params
 from .reputation import Reputation
 from .review import independent
@@ -104,7 +105,7 @@ class Scheduler:
     _proposed: dict[str, int] = field(default_factory=dict)
     _cache: Cache = field(default_factory=Cache)
     _ordered: tuple[TaskView | None, frozenset[str], list[str]] = (None, frozenset(), [])
-    _keys: dict[str, tuple[Task, tuple[float, int, bytes]]] = field(default_factory=dict)
+    _keys: dict[str, tuple[float, int, bytes]] = field(default_factory=dict)
 
     def depth(self, capacity: int) -> int:
         """What an agent of ``capacity`` may take on: running, waiting and undecided bids."""
@@ -507,24 +508,34 @@ class Scheduler:
         The hash spreads the nodes: were every node to bid on the same few oldest tasks first,
         each task would collect a bid from every node while the others waited for a window, and
         the swarm would run only one node's capacity at a time. Older buckets still go first.
+
+        Keys are kept per task id and checked again only for the tasks the view says changed
+        and the newly live ones (a tick's view differs from the last in a few tasks, and a
+        task's priority and age almost never change): the sort then compares stored keys.
         """
-        if self._ordered[0] is not view or self._ordered[1] != live:
-            keys = self._keys
-            if len(keys) > 4 * len(live) + 1024:
-                keys.clear()
-            me = self.me.encode()[-64:]
-
-            def key(t: str) -> tuple[float, int, bytes]:
-                task = view[t]
-                known = keys.get(t)
-                if known is not None and known[0] is task:  # keyed once per task object
-                    return known[1]
-                h = hashlib.blake2b(t.encode(), key=me, digest_size=8).digest()
-                k = (-task.priority, task.created_at // SPREAD_MS, h)
-                keys[t] = (task, k)
-                return k
-
-            self._ordered = (view, frozenset(live), sorted(live, key=key))
+        last, last_live, order = self._ordered
+        frozen = frozenset(live)
+        if last is view and last_live == frozen:
+            return order
+        keys = self._keys
+        touched = changed_since(view, last.serial) if isinstance(last, View) else None
+        if len(keys) > 4 * len(frozen) + 1024:
+            keys.clear()
+            touched = None
+        check: Collection[str] = (
+            frozen
+            if touched is None
+            else [*(t for t in touched if t in frozen), *(frozen - last_live)]
+        )
+        me = self.me.encode()[-64:]
+        for t in check:
+            task = view[t]
+            k = keys.get(t)
+            prio, bucket = -task.priority, task.created_at // SPREAD_MS
+            if k is None or k[0] != prio or k[1] != bucket:
+                h = k[2] if k is not None else blake2b(t.encode(), key=me, digest_size=8).digest()
+                keys[t] = (prio, bucket, h)
+        self._ordered = (view, frozen, sorted(live, key=keys.__getitem__))
         return self._ordered[2]
 
     def _lost(self, s: Status | None, run: Run, now: int) -> str | None:
