@@ -25,6 +25,7 @@ stop bids, dispatches and new reviews; leases of running work are still renewed.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
@@ -522,12 +523,12 @@ class Scheduler:
         if len(keys) > 4 * len(frozen) + 1024:
             keys.clear()
             touched = None
+        joined = frozen - last_live
         check: Collection[str] = (
-            frozen
-            if touched is None
-            else [*(t for t in touched if t in frozen), *(frozen - last_live)]
+            frozen if touched is None else [*(t for t in touched if t in frozen), *joined]
         )
         me = self.me.encode()[-64:]
+        moved = set(joined)  # tasks placed afresh: new in the live set, or (re)keyed
         for t in check:
             task = view[t]
             k = keys.get(t)
@@ -535,8 +536,18 @@ class Scheduler:
             if k is None or k[0] != prio or k[1] != bucket:
                 h = k[2] if k is not None else blake2b(t.encode(), key=me, digest_size=8).digest()
                 keys[t] = (prio, bucket, h)
-        self._ordered = (view, frozen, sorted(live, key=keys.__getitem__))
-        return self._ordered[2]
+                moved.add(t)
+        if touched is None or len(moved) > 64:
+            new = sorted(live, key=keys.__getitem__)
+        else:
+            # keys are unique (the hash), so the order is one: keep the last one, minus the
+            # tasks that left or moved, and insert the moved ones where they belong
+            gone = last_live - frozen
+            new = [t for t in order if t not in gone and t not in moved] if gone or moved else order
+            for t in moved:
+                bisect.insort(new, t, key=keys.__getitem__)
+        self._ordered = (view, frozen, new)
+        return new
 
     def _lost(self, s: Status | None, run: Run, now: int) -> str | None:
         if s is None:
