@@ -11,6 +11,7 @@ the node id. Scores are rounded to 6 decimals when bid, so all replicas compare 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 
@@ -64,8 +65,11 @@ def bid_score(reputation: float, active: int, capacity: int, load: float) -> flo
     return round(W_REPUTATION * rep + W_FREE * free + W_IDLE * idle, 6)
 
 
+@functools.lru_cache(maxsize=4096)
 def tiebreak(task_id: str, attempt: int, node: str) -> str:
-    """A per-task, per-attempt pseudo-random order of nodes that no node can choose for itself."""
+    """A per-task, per-attempt pseudo-random order of nodes that no node can choose for itself.
+    Cached: a pure function, asked again at each derivation of a decided window whose bids
+    tie (equal scores are common: idle agents on equally loaded hosts)."""
     return hashlib.sha256(f"{task_id}\0{attempt}\0{node}".encode()).hexdigest()
 
 

@@ -58,9 +58,12 @@ def may_control(
 
 def controls(view: TaskView, task: Task, authority: Authority | None) -> list[Control]:
     """The task's valid control records, earliest first (ties by node)."""
+    recs = task.records(VERBS)
+    if not recs:
+        return []  # most tasks: nobody controlled them
     out: list[Control] = []
     allowed: dict[tuple[str, str], bool] = {}
-    for node, rec in task.records(VERBS):
+    for node, rec in recs:
         verb = str(rec.get("kind"))
         at = as_int(rec.get("at"))
         if at is None:

@@ -438,7 +438,13 @@ class Task:
                 for rec in self.log[node]:
                     index.setdefault(_kind(rec), []).append((node, rec))
             self._records = index
-        found = list(index) if kinds is None else [k for k in kinds if k in index]
+        if kinds is None:
+            found = list(index)
+        else:
+            found = []
+            for k in kinds:  # a loop, not a comprehension: asked three times a derivation
+                if k in index:
+                    found.append(k)
         if len(found) <= 1:
             return index[found[0]] if found else []
         wanted = set(found)
