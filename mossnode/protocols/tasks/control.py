@@ -83,7 +83,10 @@ def controls(view: TaskView, task: Task, authority: Authority | None) -> list[Co
 def releases(task: Task) -> dict[tuple[str, int], int]:
     """``{(node, attempt): at}`` of release records (validated against the holder later)."""
     out: dict[tuple[str, int], int] = {}
-    for node, rec in task.records((RELEASE,)):
+    recs = task.records((RELEASE,))
+    if not recs:
+        return out
+    for node, rec in recs:
         at, attempt = as_int(rec.get("at")), as_int(rec.get("attempt"))
         if at is not None and attempt is not None:
             key = (node, attempt)

@@ -896,7 +896,7 @@ def _one(
                 + (f": {reassign.reason}" if reassign.reason else ""),
             )
         )
-    stop = min((t for t, *_ in cands), default=None)  # the attempt was given up at this time
+    stop = min([c[0] for c in cands]) if cands else None  # the attempt was given up then
 
     rnd, start = 1, claim.at
     in_review = False
