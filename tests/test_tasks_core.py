@@ -58,7 +58,7 @@ from mossnode.protocols.tasks import (
 from mossnode.protocols.tasks.allocation import Window, best, rank_key, window
 from mossnode.protocols.tasks.effects import Effect
 from mossnode.protocols.tasks.lifecycle import Cache
-from mossnode.protocols.tasks.model import BidEntry, Task
+from mossnode.protocols.tasks.model import BidEntry, Task, changed_since
 from mossnode.protocols.tasks.recurring import duplicates
 from mossnode.protocols.tasks.scheduler import SPREAD_MS
 
@@ -1175,3 +1175,43 @@ def test_the_kept_priority_order_matches_a_fresh_sort() -> None:
             for t in live
         }
         assert sched._order(view, live) == sorted(live, key=keys.__getitem__), step
+
+
+def test_a_view_knows_what_changed_since_a_few_views_back() -> None:
+    """Views built between two derivations (the API refreshes the view to answer a call)
+    keep the link to the last derived one: each view names a superset of the tasks that
+    differ from each of its last few ancestors, and a cached derivation that skipped views
+    still equals a fresh one."""
+    rng = random.Random(3)
+    doc = Doc()
+    views = [build_view(doc.tasks)]
+    cache = Cache()
+    linked = 0
+    for step in range(200):
+        touched: set[str] = set()
+        for _ in range(rng.randint(0, 3)):
+            tid = f"A:t{rng.randint(0, 40)}"
+            if rng.random() < 0.1:
+                doc.tasks.pop(tid, None)
+            else:
+                doc.tasks[tid] = {
+                    "title": tid,
+                    "creator": "A",
+                    "created_at": step,
+                    "capabilities": ["py"],
+                    "deps": [f"A:t{rng.randint(0, 40)}"] if rng.random() < 0.2 else [],
+                    **{k: {} for k in ENTRY_KINDS},
+                    "log": {},
+                }
+            touched.add(tid)
+        new = build_view(doc.tasks, views[-1], touched)
+        views.append(new)
+        assert changed_since(new, views[-2].serial) == touched
+        for old in views[-12:-1]:
+            got = changed_since(new, old.serial)
+            if got is not None:
+                linked += 1
+                assert {t for t in old.keys() | new.keys() if old.get(t) is not new.get(t)} <= got
+        if rng.random() < 0.3:
+            assert derive_all(new, step, params=P, cache=cache) == derive_all(new, step, params=P)
+    assert linked > 1_000

@@ -524,24 +524,46 @@ _serials = itertools.count(1)
 
 class View(dict[str, Task]):
     """A task view that knows which tasks may differ from the view it was built from
-    (``base``, that view's ``serial``): a derivation that last saw the base visits those
-    instead of comparing every task of a long history. Treat it as immutable: the next
-    view is a new object."""
+    (``base``, that view's ``serial``) and from a few views before that (``since``): a
+    derivation that last saw one of them visits those instead of comparing every task of a
+    long history. Treat it as immutable: the next view is a new object."""
 
-    __slots__ = ("base", "serial", "touched")
+    __slots__ = ("base", "serial", "since", "touched")
 
-    def __init__(self, tasks: Mapping[str, Task], base: int = 0, touched: Iterable[str] = ()):
+    def __init__(
+        self,
+        tasks: Mapping[str, Task],
+        base: int = 0,
+        touched: Iterable[str] = (),
+        since: Mapping[int, frozenset[str]] | None = None,
+    ):
         super().__init__(tasks)
         self.serial = next(_serials)
         self.base = base  # 0: unknown
         self.touched = frozenset(touched)
+        # earlier views (serial -> the tasks that may differ from it), newest first. A view
+        # built between two derivations (the API refreshes it to answer a call) used to break
+        # the link, and the next derivation compared every task of the history.
+        self.since: dict[int, frozenset[str]] = {base: self.touched} if base else {}
+        if base and since:
+            most = max(64, len(tasks) // 8)  # past that, a pass over the view is as cheap
+            for serial, older in since.items():
+                if len(self.since) >= _CHAIN:
+                    break
+                both = older | self.touched
+                if len(both) > most:
+                    break
+                self.since[serial] = both
+
+
+_CHAIN = 8  # earlier views a view knows its differences from
 
 
 def changed_since(view: TaskView, serial: int) -> frozenset[str] | None:
     """The tasks of ``view`` that may differ from the view numbered ``serial`` (those removed
     included), or None if ``view`` cannot tell."""
-    if isinstance(view, View) and serial and view.base == serial:
-        return view.touched
+    if isinstance(view, View) and serial:
+        return view.since.get(serial)
     return None
 
 
@@ -567,7 +589,10 @@ def build_view(
                 out[tid] = task
         return View(out)
     touched = set(changed)
-    view = View(previous, previous.serial if isinstance(previous, View) else 0, touched)
+    if isinstance(previous, View):
+        view = View(previous, previous.serial, touched, previous.since)
+    else:
+        view = View(previous, 0, touched)
     for tid in touched:
         task = parsed.get(tid) if parsed else None
         if task is None:
