@@ -300,7 +300,7 @@ LogRecord = Mapping[str, Any]
 
 def _logs(raw: Any) -> dict[str, tuple[LogRecord, ...]]:
     out: dict[str, tuple[LogRecord, ...]] = {}
-    if isinstance(raw, Mapping):
+    if raw and isinstance(raw, Mapping):  # empty, as in every new task: nothing to sort
         for node in sorted(k for k in raw if isinstance(k, str)):
             recs = raw[node]
             if isinstance(recs, list | tuple):
@@ -310,7 +310,7 @@ def _logs(raw: Any) -> dict[str, tuple[LogRecord, ...]]:
 
 def _entries(raw: Any, parse: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    if isinstance(raw, Mapping):
+    if raw and isinstance(raw, Mapping):  # empty, as in every new task: nothing to sort
         for node in sorted(k for k in raw if isinstance(k, str)):
             entry = parse(raw[node])
             if entry is not None:
