@@ -138,7 +138,11 @@ def test_with_entries_of_named_nodes_equals_a_fresh_parse(seed: int) -> None:
         "progress": lambda: {"attempt": 1, "round": 1, "at": 3},
         "results": lambda: {"attempt": 1, "round": 1, "agent": "a", "ok": True, "at": 4},
         "reviews": lambda: {"attempt": 1, "agent": "r", "score": 4, "verdict": "done", "at": 5},
-        "log": lambda: [{"kind": "claim", "at": rng.randint(1, 9)}, "junk"][: rng.randint(0, 2)],
+        "log": lambda: [
+            {"kind": rng.choice(("claim", "release", "pause")), "at": rng.randint(1, 9)},
+            {"kind": "claim", "attempt": rng.randint(1, 2), "agent": "a", "at": rng.randint(1, 9)},
+            "junk",
+        ][: rng.randint(0, 3)],
     }
     raw: dict[str, Any] = {"title": "t", "creator": "A", "created_at": 1}
     raw.update({k: {} for k in T.SUB_KINDS})
@@ -164,6 +168,12 @@ def test_with_entries_of_named_nodes_equals_a_fresh_parse(seed: int) -> None:
         assert task == fresh, step
         for kind in T.SUB_KINDS:
             assert list(getattr(task, kind)) == list(getattr(fresh, kind)), step
+        # what derivations keep with a task object (the log's index, bid windows) and hand
+        # on to the next one while that part is unchanged gives what a fresh parse gives
+        for kinds in (("claim",), ("release",), ("cancel", "pause", "resume", "reassign")):
+            assert task.records(kinds) == fresh.records(kinds), step
+        for now in (3, 60, 10_000):
+            assert T.derive_all({"A:t": task}, now) == T.derive_all({"A:t": fresh}, now), step
 
 
 def test_a_local_write_names_the_paths_a_peer_sees_it_change() -> None:

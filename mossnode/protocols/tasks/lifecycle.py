@@ -634,6 +634,20 @@ class _History:
         return self._results.get((node, attempt))
 
 
+def _window(task: Task, attempt: int, settle_ms: int) -> Window | None:
+    """:func:`.allocation.window` of the task's bids, kept with them: the task objects that
+    follow a claim, a progress report or a result keep the bids object, and its windows."""
+    memo = task._by_bids
+    if memo is None:
+        memo = task._by_bids = {}
+    key = ("window", attempt, settle_ms)
+    if key in memo:
+        w: Window | None = memo[key]
+        return w
+    w = memo[key] = window(task.bids, attempt, settle_ms)
+    return w
+
+
 def _claim_score(node: str, claim: ClaimEntry, w: Window | None) -> float:
     """A claimant's bid score (tie-break among claims made at the same time)."""
     if claim.score is not None:
@@ -807,7 +821,7 @@ def _one(
             assignee = excl_node
             claimed = excl_node in claims
     else:
-        w = window(task.bids, j, p.settle_ms)
+        w = _window(task, j, p.settle_ms)
         if len(claims) == 1:
             assignee = next(iter(claims))
             claimed = True

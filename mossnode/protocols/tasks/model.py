@@ -345,6 +345,13 @@ class Task:
     _records: dict[str | None, list[tuple[str, LogRecord]]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    # records() answers per tuple of kinds (a derivation asks the same three every time)
+    _picked: dict[tuple[str, ...], list[tuple[str, LogRecord]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    # what derivations computed from ``bids`` alone (bid windows), shared with the next task
+    # object while its bids are the same object: see :func:`.lifecycle._window`
+    _by_bids: dict[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_raw(cls, tid: str, raw: Any) -> Task | None:
@@ -422,13 +429,26 @@ class Task:
             parts["log"],
         )
         if task.log is self.log:  # the same log: its index holds (most changes are entries)
-            task._records = self._records
+            task._records, task._picked = self._records, self._picked
+        if task.bids is self.bids:
+            task._by_bids = self._by_bids
         return task
 
     def records(self, kinds: Iterable[str] | None = None) -> list[tuple[str, LogRecord]]:
         """Log records as (author node, record), optionally of some kinds, in a fixed order
         (by node, then as the node appended them). Records whose kind is not a string match
         no kind. The list may be shared: do not change it."""
+        if type(kinds) is tuple:
+            picked = self._picked
+            if picked is None:
+                picked = self._picked = {}
+            got = picked.get(kinds)
+            if got is None:
+                got = picked[kinds] = self._pick(kinds)
+            return got
+        return self._pick(kinds)
+
+    def _pick(self, kinds: Iterable[str] | None) -> list[tuple[str, LogRecord]]:
         index = self._records
         if index is None:
             # one pass over the log per task object, not one per call: a derivation asks
@@ -436,7 +456,10 @@ class Task:
             index = {}
             for node in sorted(self.log):
                 for rec in self.log[node]:
-                    index.setdefault(_kind(rec), []).append((node, rec))
+                    kind = rec.get("kind")
+                    index.setdefault(kind if isinstance(kind, str) else None, []).append(
+                        (node, rec)
+                    )
             self._records = index
         if kinds is None:
             found = list(index)
