@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
 import random
 from typing import Any
@@ -54,10 +55,12 @@ from mossnode.protocols.tasks import (
     winner,
     writes,
 )
+from mossnode.protocols.tasks.allocation import Window, best, rank_key, window
 from mossnode.protocols.tasks.effects import Effect
 from mossnode.protocols.tasks.lifecycle import Cache
-from mossnode.protocols.tasks.model import BidEntry, Task
+from mossnode.protocols.tasks.model import BidEntry, Task, changed_since
 from mossnode.protocols.tasks.recurring import duplicates
+from mossnode.protocols.tasks.scheduler import SPREAD_MS
 
 P = Params(
     settle_ms=100, lease_ms=1_000, claim_timeout_ms=500, backoff_base_ms=200, backoff_max_ms=1_000
@@ -1106,3 +1109,109 @@ def test_hostile_task_maps_never_break_the_scheduler_or_reputation() -> None:
         tally = Tally()
         tally.update(view, sched.statuses)
         assert tally.reputation().leaderboard() == leaderboard(view, sched.statuses)
+
+
+# -- shortcuts on hot paths give what the plain rules give -------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_winner_and_window_shortcuts_match_the_plain_rules(seed: int) -> None:
+    """``best`` hashes only the nodes tied at the top score and ``window`` drops late bids in
+    place: across random bids (ties, late bids, several attempts) they give what ranking every
+    node by ``rank_key`` and filtering afresh give."""
+    rng = random.Random(seed)
+    for _ in range(500):
+        bids = {
+            n: BidEntry(
+                rng.randint(1, 2), "a", rng.choice((0.5, 0.5, 0.7, 0.25)), rng.randint(0, 9)
+            )
+            for n in rng.sample("ABCDEFG", rng.randint(0, 6))
+        }
+        among = [n for n in "ABCDEFGH" if rng.random() < 0.8]
+        nodes = [n for n in among if n in bids]
+        plain = min(nodes, key=lambda n: rank_key("T:x", 1, n, bids[n])) if nodes else None
+        assert best("T:x", 1, bids, among) == plain
+        for attempt in (1, 2):
+            mine = {n: b for n, b in bids.items() if b.attempt == attempt}
+            w = window(bids, attempt, 3)
+            if not mine:
+                assert w is None
+                continue
+            opened = min(b.at for b in mine.values())
+            counted = {n: b for n, b in mine.items() if b.at <= opened + 3}
+            assert w == Window(attempt, opened, opened + 3, opened + 6, counted)
+            assert list(w.bids) == list(counted)
+
+
+def test_the_kept_priority_order_matches_a_fresh_sort() -> None:
+    """The scheduler re-keys only the tasks a view changed and the newly live ones: through
+    random changes (priorities, new tasks, tasks leaving and rejoining the live set, views
+    that cannot say what changed) its order equals a fresh sort by the documented key."""
+    rng = random.Random(5)
+    doc = Doc()
+    sched = Scheduler("B", params=P)
+    view = build_view(doc.tasks)
+    for step in range(200):
+        touched: set[str] = set()
+        for _ in range(rng.randint(0, 3)):
+            tid = f"A:t{rng.randint(0, 30)}"
+            doc.tasks[tid] = {
+                "title": tid,
+                "creator": "A",
+                "created_at": rng.choice((0, 500, 1_500, 9_000)),
+                "priority": float(rng.choice((0, 0, 1, 2))),
+                **{k: {} for k in ENTRY_KINDS},
+                "log": {},
+            }
+            touched.add(tid)
+        view = build_view(doc.tasks) if step % 17 == 0 else build_view(doc.tasks, view, touched)
+        live = {t for t in view if rng.random() < 0.8}
+        keys = {
+            t: (
+                -view[t].priority,
+                view[t].created_at // SPREAD_MS,
+                hashlib.blake2b(t.encode(), key=b"B", digest_size=8).digest(),
+            )
+            for t in live
+        }
+        assert sched._order(view, live) == sorted(live, key=keys.__getitem__), step
+
+
+def test_a_view_knows_what_changed_since_a_few_views_back() -> None:
+    """Views built between two derivations (the API refreshes the view to answer a call)
+    keep the link to the last derived one: each view names a superset of the tasks that
+    differ from each of its last few ancestors, and a cached derivation that skipped views
+    still equals a fresh one."""
+    rng = random.Random(3)
+    doc = Doc()
+    views = [build_view(doc.tasks)]
+    cache = Cache()
+    linked = 0
+    for step in range(200):
+        touched: set[str] = set()
+        for _ in range(rng.randint(0, 3)):
+            tid = f"A:t{rng.randint(0, 40)}"
+            if rng.random() < 0.1:
+                doc.tasks.pop(tid, None)
+            else:
+                doc.tasks[tid] = {
+                    "title": tid,
+                    "creator": "A",
+                    "created_at": step,
+                    "capabilities": ["py"],
+                    "deps": [f"A:t{rng.randint(0, 40)}"] if rng.random() < 0.2 else [],
+                    **{k: {} for k in ENTRY_KINDS},
+                    "log": {},
+                }
+            touched.add(tid)
+        new = build_view(doc.tasks, views[-1], touched)
+        views.append(new)
+        assert changed_since(new, views[-2].serial) == touched
+        for old in views[-12:-1]:
+            got = changed_since(new, old.serial)
+            if got is not None:
+                linked += 1
+                assert {t for t in old.keys() | new.keys() if old.get(t) is not new.get(t)} <= got
+        if rng.random() < 0.3:
+            assert derive_all(new, step, params=P, cache=cache) == derive_all(new, step, params=P)
+    assert linked > 1_000

@@ -157,20 +157,27 @@ def reread(
     When only per-node entries changed (a bid, a lease, a result), reads and parses those
     into the task as it was: ``(raw, task)``. Otherwise reads the whole task: ``(raw, None)``,
     for the caller to parse. ``raw`` None: there is no such task."""
-    kinds = {k.partition(KEY_SEP)[0] for k in keys or ()}
-    if keys is None or raw is None or before is None or not kinds <= T.SUB_KINDS:
+    if keys is None or raw is None or before is None:
+        return replica.task(tid), None
+    nodes: dict[str, list[tuple[str, str]]] = {}  # kind -> (key, node) changed
+    for key in keys:
+        kind, _, node = key.partition(KEY_SEP)
+        nodes.setdefault(kind, []).append((key, node))
+    if not nodes.keys() <= T.SUB_KINDS:
         return replica.task(tid), None
     got = replica.task_entries(tid, sorted(keys))
     if got is None:
         return None, None
-    raw = {**raw, **{kind: dict(raw.get(kind) or {}) for kind in kinds}}
-    for key in keys:
-        kind, _, node = key.partition(KEY_SEP)
-        if key in got:
-            raw[kind][node] = got[key]
-        else:
-            raw[kind].pop(node, None)
-    return raw, before.with_entries(raw, kinds)
+    raw = dict(raw)
+    for kind, changed in nodes.items():
+        entries = raw[kind] = dict(raw.get(kind) or {})
+        for key, node in changed:
+            if key in got:
+                entries[node] = got[key]
+            else:
+                entries.pop(node, None)
+    names = {kind: [node for _, node in changed] for kind, changed in nodes.items()}
+    return raw, before.with_entries(raw, nodes, names)
 
 
 class TaskService:

@@ -11,6 +11,7 @@ the node id. Scores are rounded to 6 decimals when bid, so all replicas compare 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 
@@ -64,8 +65,11 @@ def bid_score(reputation: float, active: int, capacity: int, load: float) -> flo
     return round(W_REPUTATION * rep + W_FREE * free + W_IDLE * idle, 6)
 
 
+@functools.lru_cache(maxsize=4096)
 def tiebreak(task_id: str, attempt: int, node: str) -> str:
-    """A per-task, per-attempt pseudo-random order of nodes that no node can choose for itself."""
+    """A per-task, per-attempt pseudo-random order of nodes that no node can choose for itself.
+    Cached: a pure function, asked again at each derivation of a decided window whose bids
+    tie (equal scores are common: idle agents on equally loaded hosts)."""
     return hashlib.sha256(f"{task_id}\0{attempt}\0{node}".encode()).hexdigest()
 
 
@@ -78,9 +82,15 @@ def best(
 ) -> str | None:
     """The best-ranked node among ``among`` (all must have a bid in ``bids``)."""
     nodes = [n for n in among if n in bids]
-    if not nodes:
-        return None
-    return min(nodes, key=lambda n: rank_key(task_id, attempt, n, bids[n]))
+    if len(nodes) <= 1:
+        return nodes[0] if nodes else None
+    # the score decides unless it ties: hash only the nodes tied at the top (a hash each
+    # was most of a derivation's cost once a window was decided)
+    top = max(bids[n].score for n in nodes)
+    tied = [n for n in nodes if bids[n].score == top]
+    if len(tied) == 1:
+        return tied[0]
+    return min(tied, key=lambda n: rank_key(task_id, attempt, n, bids[n]))
 
 
 @value
@@ -99,10 +109,12 @@ def window(bids: Mapping[str, BidEntry], attempt: int, settle_ms: int) -> Window
     mine = {n: b for n, b in bids.items() if b.attempt == attempt}
     if not mine:
         return None
-    opened = min(b.at for b in mine.values())
+    opened = min([b.at for b in mine.values()])
     closes = opened + settle_ms
-    counted = {n: b for n, b in mine.items() if b.at <= closes}
-    return Window(attempt, opened, closes, closes + settle_ms, counted)
+    late = [n for n, b in mine.items() if b.at > closes]
+    for n in late:  # usually none: every bid came within the window
+        del mine[n]
+    return Window(attempt, opened, closes, closes + settle_ms, mine)
 
 
 def winner(

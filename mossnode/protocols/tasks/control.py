@@ -58,9 +58,12 @@ def may_control(
 
 def controls(view: TaskView, task: Task, authority: Authority | None) -> list[Control]:
     """The task's valid control records, earliest first (ties by node)."""
+    recs = task.records(VERBS)
+    if not recs:
+        return []  # most tasks: nobody controlled them
     out: list[Control] = []
     allowed: dict[tuple[str, str], bool] = {}
-    for node, rec in task.records(VERBS):
+    for node, rec in recs:
         verb = str(rec.get("kind"))
         at = as_int(rec.get("at"))
         if at is None:
@@ -80,7 +83,10 @@ def controls(view: TaskView, task: Task, authority: Authority | None) -> list[Co
 def releases(task: Task) -> dict[tuple[str, int], int]:
     """``{(node, attempt): at}`` of release records (validated against the holder later)."""
     out: dict[tuple[str, int], int] = {}
-    for node, rec in task.records((RELEASE,)):
+    recs = task.records((RELEASE,))
+    if not recs:
+        return out
+    for node, rec in recs:
         at, attempt = as_int(rec.get("at")), as_int(rec.get("attempt"))
         if at is not None and attempt is not None:
             key = (node, attempt)

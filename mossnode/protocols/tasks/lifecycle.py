@@ -634,6 +634,20 @@ class _History:
         return self._results.get((node, attempt))
 
 
+def _window(task: Task, attempt: int, settle_ms: int) -> Window | None:
+    """:func:`.allocation.window` of the task's bids, kept with them: the task objects that
+    follow a claim, a progress report or a result keep the bids object, and its windows."""
+    memo = task._by_bids
+    if memo is None:
+        memo = task._by_bids = {}
+    key = ("window", attempt, settle_ms)
+    if key in memo:
+        w: Window | None = memo[key]
+        return w
+    w = memo[key] = window(task.bids, attempt, settle_ms)
+    return w
+
+
 def _claim_score(node: str, claim: ClaimEntry, w: Window | None) -> float:
     """A claimant's bid score (tie-break among claims made at the same time)."""
     if claim.score is not None:
@@ -680,20 +694,26 @@ def _attempts(
     hist = _History(task)
     # a bid or claim for a later attempt means its author saw this one closed; this is what
     # makes closure monotonic after a partition heals. Exclusive tasks take no bids, and marks
-    # beyond the attempt cap are noise.
+    # beyond the attempt cap are noise. Only marks of attempt 2 on can close an attempt (the
+    # first attempt's, almost all of them, are skipped at once).
     later: dict[int, int] = {}
     if not c.exclusive:
-        marks = [(b.attempt, b.at) for b in task.bids.values()]
-        marks += [(cl.attempt, cl.at) for a in hist.attempts() for cl in hist.claims(a).values()]
-        for attempt, at in marks:
-            if attempt <= cap:
-                later[attempt] = min(at, later.get(attempt, at))
+        for b in task.bids.values():
+            if 1 < b.attempt <= cap:
+                later[b.attempt] = min(b.at, later.get(b.attempt, b.at))
+        for a in hist.attempts():
+            if 1 < a <= cap:
+                for cl in hist.claims(a).values():
+                    later[a] = min(cl.at, later.get(a, cl.at))
     outcomes: list[Outcome] = []
     faults = 0
     eligible: int | None = None
     j = 1
     while True:
-        sup = min((at for a, at in later.items() if a > j), default=None)
+        sup: int | None = None  # the earliest mark of a later attempt
+        for a, at in later.items():
+            if a > j and (sup is None or at < sup):
+                sup = at
         one = _one(task, j, ctx, excl_node, sup, rel, reassigns.get(j), hist)
         if one.accepted is not None:
             acc = one.accepted
@@ -741,7 +761,7 @@ def _attempts(
                 rework=one.rework,
                 faults=faults,
                 outcomes=tuple(outcomes),
-                reasons=tuple(o.describe() for o in outcomes),
+                reasons=tuple([o.describe() for o in outcomes]) if outcomes else (),
                 wake_at=min(wakes) if wakes else None,
                 ready=given.ready,
                 paused=given.paused,
@@ -801,7 +821,7 @@ def _one(
             assignee = excl_node
             claimed = excl_node in claims
     else:
-        w = window(task.bids, j, p.settle_ms)
+        w = _window(task, j, p.settle_ms)
         if len(claims) == 1:
             assignee = next(iter(claims))
             claimed = True
@@ -890,7 +910,7 @@ def _one(
                 + (f": {reassign.reason}" if reassign.reason else ""),
             )
         )
-    stop = min((t for t, *_ in cands), default=None)  # the attempt was given up at this time
+    stop = min([c[0] for c in cands]) if cands else None  # the attempt was given up then
 
     rnd, start = 1, claim.at
     in_review = False

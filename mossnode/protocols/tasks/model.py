@@ -17,7 +17,7 @@ import enum
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import field, replace
+from dataclasses import field
 from typing import Any
 
 from mossnode.record import value
@@ -300,7 +300,7 @@ LogRecord = Mapping[str, Any]
 
 def _logs(raw: Any) -> dict[str, tuple[LogRecord, ...]]:
     out: dict[str, tuple[LogRecord, ...]] = {}
-    if isinstance(raw, Mapping):
+    if raw and isinstance(raw, Mapping):  # empty, as in every new task: nothing to sort
         for node in sorted(k for k in raw if isinstance(k, str)):
             recs = raw[node]
             if isinstance(recs, list | tuple):
@@ -310,7 +310,7 @@ def _logs(raw: Any) -> dict[str, tuple[LogRecord, ...]]:
 
 def _entries(raw: Any, parse: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    if isinstance(raw, Mapping):
+    if raw and isinstance(raw, Mapping):  # empty, as in every new task: nothing to sort
         for node in sorted(k for k in raw if isinstance(k, str)):
             entry = parse(raw[node])
             if entry is not None:
@@ -345,6 +345,13 @@ class Task:
     _records: dict[str | None, list[tuple[str, LogRecord]]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    # records() answers per tuple of kinds (a derivation asks the same three every time)
+    _picked: dict[tuple[str, ...], list[tuple[str, LogRecord]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    # what derivations computed from ``bids`` alone (bid windows), shared with the next task
+    # object while its bids are the same object: see :func:`.lifecycle._window`
+    _by_bids: dict[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_raw(cls, tid: str, raw: Any) -> Task | None:
@@ -372,17 +379,76 @@ class Task:
             **{kind: parse(raw.get(kind)) for kind, parse in _SUB_PARSERS.items()},
         )
 
-    def with_entries(self, raw: Mapping[str, Any], kinds: Iterable[str]) -> Task:
+    def with_entries(
+        self,
+        raw: Mapping[str, Any],
+        kinds: Iterable[str],
+        nodes: Mapping[str, Iterable[str]] | None = None,
+    ) -> Task:
         """This task with the per-node maps ``kinds`` (``bids``, ..., ``log``) parsed again
         from ``raw``: ``from_raw(self.id, raw)`` when only those changed since this task was
-        parsed. A reader that knows which entries changed re-parses those, not the task."""
-        parts: dict[str, Any] = {kind: _SUB_PARSERS[kind](raw.get(kind)) for kind in kinds}
-        return replace(self, **parts)
+        parsed. A reader that knows which entries changed re-parses those, not the task.
+        ``nodes`` (kind -> the nodes whose entries changed) narrows it further: a kind found
+        there re-parses those nodes' entries and keeps the others' (a peer's bid is then one
+        entry parsed, not every bid of the task again)."""
+        parts: dict[str, Mapping[str, Any]] = {
+            "bids": self.bids,
+            "claims": self.claims,
+            "leases": self.leases,
+            "progress": self.progress,
+            "results": self.results,
+            "reviews": self.reviews,
+            "log": self.log,
+        }
+        for kind in kinds:
+            some = nodes.get(kind) if nodes is not None else None
+            if some is None:
+                parts[kind] = _SUB_PARSERS[kind](raw.get(kind))
+            else:
+                parts[kind] = _entries_of(parts[kind], raw.get(kind), some, _NODE_PARSERS[kind])
+        # not dataclasses.replace: it costs several times this plain call, once per change
+        task = Task(
+            self.id,
+            self.title,
+            self.creator,
+            self.created_at,
+            self.spec,
+            self.input,
+            self.parent,
+            self.deps,
+            self.capabilities,
+            self.role,
+            self.priority,
+            self.contract,
+            parts["bids"],
+            parts["claims"],
+            parts["leases"],
+            parts["progress"],
+            parts["results"],
+            parts["reviews"],
+            parts["log"],
+        )
+        if task.log is self.log:  # the same log: its index holds (most changes are entries)
+            task._records, task._picked = self._records, self._picked
+        if task.bids is self.bids:
+            task._by_bids = self._by_bids
+        return task
 
     def records(self, kinds: Iterable[str] | None = None) -> list[tuple[str, LogRecord]]:
         """Log records as (author node, record), optionally of some kinds, in a fixed order
         (by node, then as the node appended them). Records whose kind is not a string match
         no kind. The list may be shared: do not change it."""
+        if type(kinds) is tuple:
+            picked = self._picked
+            if picked is None:
+                picked = self._picked = {}
+            got = picked.get(kinds)
+            if got is None:
+                got = picked[kinds] = self._pick(kinds)
+            return got
+        return self._pick(kinds)
+
+    def _pick(self, kinds: Iterable[str] | None) -> list[tuple[str, LogRecord]]:
         index = self._records
         if index is None:
             # one pass over the log per task object, not one per call: a derivation asks
@@ -390,11 +456,21 @@ class Task:
             index = {}
             for node in sorted(self.log):
                 for rec in self.log[node]:
-                    index.setdefault(_kind(rec), []).append((node, rec))
+                    kind = rec.get("kind")
+                    index.setdefault(kind if isinstance(kind, str) else None, []).append(
+                        (node, rec)
+                    )
             self._records = index
-        wanted = set(index) if kinds is None else {k for k in kinds if k in index}
-        if len(wanted) <= 1:
-            return index[wanted.pop()] if wanted else []
+        if kinds is None:
+            found = list(index)
+        else:
+            found = []
+            for k in kinds:  # a loop, not a comprehension: asked three times a derivation
+                if k in index:
+                    found.append(k)
+        if len(found) <= 1:
+            return index[found[0]] if found else []
+        wanted = set(found)
         # several kinds present (control records): a pass over the log keeps its order
         return [
             (node, rec)
@@ -418,7 +494,51 @@ _SUB_PARSERS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "reviews": lambda raw: _entries(raw, ReviewEntry.from_raw),
     "log": _logs,
 }
-SUB_KINDS = frozenset(_SUB_PARSERS)  # the per-node maps of a task
+SUB_KINDS = frozenset(_SUB_PARSERS)
+
+
+def _log_of(raw: Any) -> tuple[LogRecord, ...] | None:
+    """One node's log as :func:`_logs` keeps it (None: not a list, left out)."""
+    if not isinstance(raw, list | tuple):
+        return None
+    return tuple(r for r in raw if isinstance(r, Mapping))
+
+
+# one node's entry of each per-node map (None: malformed or absent, left out)
+_NODE_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "bids": BidEntry.from_raw,
+    "claims": ClaimEntry.from_raw,
+    "leases": LeaseEntry.from_raw,
+    "progress": ProgressEntry.from_raw,
+    "results": ResultEntry.from_raw,
+    "reviews": ReviewEntry.from_raw,
+    "log": _log_of,
+}
+
+
+def _entries_of(
+    old: Mapping[str, Any], raw: Any, nodes: Iterable[str], parse: Callable[[Any], Any]
+) -> Mapping[str, Any]:
+    """``old`` (one per-node map as parsed from an earlier ``raw``) with the entries of
+    ``nodes`` parsed again from ``raw``: what a full parse gives, nodes in sorted order
+    included, when only those entries changed."""
+    if not isinstance(raw, Mapping):
+        return {}
+    out = dict(old)
+    added = False
+    for node in nodes:
+        entry = parse(raw[node]) if node in raw else None
+        if entry is None:
+            out.pop(node, None)
+        else:
+            added = added or node not in out
+            out[node] = entry
+    if added:
+        keys = list(out)
+        if any(a > b for a, b in itertools.pairwise(keys)):
+            out = {k: out[k] for k in sorted(keys)}
+    return out  # the per-node maps of a task
+
 
 TaskView = Mapping[str, Task]
 
@@ -427,24 +547,46 @@ _serials = itertools.count(1)
 
 class View(dict[str, Task]):
     """A task view that knows which tasks may differ from the view it was built from
-    (``base``, that view's ``serial``): a derivation that last saw the base visits those
-    instead of comparing every task of a long history. Treat it as immutable: the next
-    view is a new object."""
+    (``base``, that view's ``serial``) and from a few views before that (``since``): a
+    derivation that last saw one of them visits those instead of comparing every task of a
+    long history. Treat it as immutable: the next view is a new object."""
 
-    __slots__ = ("base", "serial", "touched")
+    __slots__ = ("base", "serial", "since", "touched")
 
-    def __init__(self, tasks: Mapping[str, Task], base: int = 0, touched: Iterable[str] = ()):
+    def __init__(
+        self,
+        tasks: Mapping[str, Task],
+        base: int = 0,
+        touched: Iterable[str] = (),
+        since: Mapping[int, frozenset[str]] | None = None,
+    ):
         super().__init__(tasks)
         self.serial = next(_serials)
         self.base = base  # 0: unknown
         self.touched = frozenset(touched)
+        # earlier views (serial -> the tasks that may differ from it), newest first. A view
+        # built between two derivations (the API refreshes it to answer a call) used to break
+        # the link, and the next derivation compared every task of the history.
+        self.since: dict[int, frozenset[str]] = {base: self.touched} if base else {}
+        if base and since:
+            most = max(64, len(tasks) // 8)  # past that, a pass over the view is as cheap
+            for serial, older in since.items():
+                if len(self.since) >= _CHAIN:
+                    break
+                both = older | self.touched
+                if len(both) > most:
+                    break
+                self.since[serial] = both
+
+
+_CHAIN = 8  # earlier views a view knows its differences from
 
 
 def changed_since(view: TaskView, serial: int) -> frozenset[str] | None:
     """The tasks of ``view`` that may differ from the view numbered ``serial`` (those removed
     included), or None if ``view`` cannot tell."""
-    if isinstance(view, View) and serial and view.base == serial:
-        return view.touched
+    if isinstance(view, View) and serial:
+        return view.since.get(serial)
     return None
 
 
@@ -470,7 +612,10 @@ def build_view(
                 out[tid] = task
         return View(out)
     touched = set(changed)
-    view = View(previous, previous.serial if isinstance(previous, View) else 0, touched)
+    if isinstance(previous, View):
+        view = View(previous, previous.serial, touched, previous.since)
+    else:
+        view = View(previous, 0, touched)
     for tid in touched:
         task = parsed.get(tid) if parsed else None
         if task is None:

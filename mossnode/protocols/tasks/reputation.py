@@ -129,6 +129,8 @@ def _fold(
     """Add (``sign`` -1: take away) one task's attempts' outcomes and independent reviews to
     ``table``. ``refs`` counts the additions each row holds; a row at zero leaves the table,
     as if the task had never been folded in."""
+    if not st.outcomes and not task.reviews:
+        return  # nothing to count yet (most updates: a task not decided or not done)
     caps = task.capabilities or (ANY,)
 
     def bump(node: str, agent: str) -> list[Stats]:

@@ -25,10 +25,12 @@ stop bids, dispatches and new reviews; leases of running work are still renewed.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from hashlib import blake2b
 from typing import Any
 
 from mossnode.record import value
@@ -52,7 +54,7 @@ from .effects import (
     Submit,
 )
 from .lifecycle import Cache, Status, derive_all, inputs_from_dependencies
-from .model import HELD, TERMINAL, State, Task, TaskView
+from .model import HELD, TERMINAL, State, Task, TaskView, View, changed_since
 from .params import Params
 from .reputation import Reputation
 from .review import independent
@@ -104,7 +106,7 @@ class Scheduler:
     _proposed: dict[str, int] = field(default_factory=dict)
     _cache: Cache = field(default_factory=Cache)
     _ordered: tuple[TaskView | None, frozenset[str], list[str]] = (None, frozenset(), [])
-    _keys: dict[str, tuple[Task, tuple[float, int, bytes]]] = field(default_factory=dict)
+    _keys: dict[str, tuple[float, int, bytes]] = field(default_factory=dict)
 
     def depth(self, capacity: int) -> int:
         """What an agent of ``capacity`` may take on: running, waiting and undecided bids."""
@@ -507,25 +509,45 @@ class Scheduler:
         The hash spreads the nodes: were every node to bid on the same few oldest tasks first,
         each task would collect a bid from every node while the others waited for a window, and
         the swarm would run only one node's capacity at a time. Older buckets still go first.
+
+        Keys are kept per task id and checked again only for the tasks the view says changed
+        and the newly live ones (a tick's view differs from the last in a few tasks, and a
+        task's priority and age almost never change): the sort then compares stored keys.
         """
-        if self._ordered[0] is not view or self._ordered[1] != live:
-            keys = self._keys
-            if len(keys) > 4 * len(live) + 1024:
-                keys.clear()
-            me = self.me.encode()[-64:]
-
-            def key(t: str) -> tuple[float, int, bytes]:
-                task = view[t]
-                known = keys.get(t)
-                if known is not None and known[0] is task:  # keyed once per task object
-                    return known[1]
-                h = hashlib.blake2b(t.encode(), key=me, digest_size=8).digest()
-                k = (-task.priority, task.created_at // SPREAD_MS, h)
-                keys[t] = (task, k)
-                return k
-
-            self._ordered = (view, frozenset(live), sorted(live, key=key))
-        return self._ordered[2]
+        last, last_live, order = self._ordered
+        frozen = frozenset(live)
+        if last is view and last_live == frozen:
+            return order
+        keys = self._keys
+        touched = changed_since(view, last.serial) if isinstance(last, View) else None
+        if len(keys) > 4 * len(frozen) + 1024:
+            keys.clear()
+            touched = None
+        joined = frozen - last_live
+        check: Collection[str] = (
+            frozen if touched is None else [*(t for t in touched if t in frozen), *joined]
+        )
+        me = self.me.encode()[-64:]
+        moved = set(joined)  # tasks placed afresh: new in the live set, or (re)keyed
+        for t in check:
+            task = view[t]
+            k = keys.get(t)
+            prio, bucket = -task.priority, task.created_at // SPREAD_MS
+            if k is None or k[0] != prio or k[1] != bucket:
+                h = k[2] if k is not None else blake2b(t.encode(), key=me, digest_size=8).digest()
+                keys[t] = (prio, bucket, h)
+                moved.add(t)
+        if touched is None or len(moved) > 64:
+            new = sorted(live, key=keys.__getitem__)
+        else:
+            # keys are unique (the hash), so the order is one: keep the last one, minus the
+            # tasks that left or moved, and insert the moved ones where they belong
+            gone = last_live - frozen
+            new = [t for t in order if t not in gone and t not in moved] if gone or moved else order
+            for t in moved:
+                bisect.insort(new, t, key=keys.__getitem__)
+        self._ordered = (view, frozen, new)
+        return new
 
     def _lost(self, s: Status | None, run: Run, now: int) -> str | None:
         if s is None:
