@@ -106,8 +106,10 @@ def throughput(n_tasks: int) -> None:
         watch = UnixApi(c.nodes[0].api.socket_path)
         progress: list[tuple[float, int]] = []  # (seconds since the start, tasks done)
 
-        def all_done() -> bool:  # counts from status: no row per task on every poll
-            done = watch.get("/v1/status")["tasks"].get("done", 0)
+        def all_done() -> bool:
+            # the task counts from the metrics, as a monitor would poll them: no row per task,
+            # and not the state digest that /v1/status computes on every call
+            done = _metric(watch.text("/v1/metrics"), 'mossnode_tasks{state="done"}')
             progress.append((time.monotonic() - t0, done))
             return done >= n_tasks
 
@@ -141,6 +143,13 @@ def throughput(n_tasks: int) -> None:
         f"(each applied by all {NODES} nodes); gossip messages published: {bundles} = "
         f"{bundles / n_tasks:.2f} per task"
     )
+
+
+def _metric(text: str, name: str) -> int:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return int(float(line.split()[-1]))
+    return 0
 
 
 def _middle_rate(progress: list[tuple[float, int]], n: int) -> float:

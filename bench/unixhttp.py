@@ -33,18 +33,25 @@ class UnixApi:
     def __init__(self, socket_path: Path) -> None:
         self._conn = _UnixConnection(socket_path)
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None) -> bytes:
         data = None if body is None else json.dumps(body).encode()
         headers = {} if data is None else {"Content-Type": "application/json"}
         self._conn.request(method, path, data, headers)
         resp = self._conn.getresponse()
-        out = json.loads(resp.read())
+        out = resp.read()
         if resp.status >= 400:
-            raise RuntimeError(f"{method} {path}: {resp.status} {out}")
+            raise RuntimeError(f"{method} {path}: {resp.status} {out.decode(errors='replace')}")
         return out
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        return json.loads(self._call(method, path, body))
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
+
+    def text(self, path: str) -> str:
+        """A non-JSON answer (``/v1/metrics``)."""
+        return self._call("GET", path, None).decode()
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         return self.request("POST", path, body)
