@@ -164,3 +164,30 @@ def test_writes_in_separate_passes_make_separate_entries(tmp_path: Path) -> None
             return stored(store)
 
     assert trio.run(main) == [(A.peer_id, 1), (A.peer_id, 2), (A.peer_id, 3)]
+
+
+def test_own_entries_are_read_as_opening_them_would() -> None:
+    """Replica.write takes its own entry's fields from what it signed rather than opening the
+    bytes again (no second verification): the same entry as opening them gives."""
+    rep = Replica(A, SWARM, policy_for([A, B]))
+    seen: list[Any] = []
+    prepare = rep._prepare
+    rep._prepare = lambda parsed: seen.append(parsed) or prepare(parsed)  # type: ignore[method-assign]
+    now = 1_700_000_000_000
+    tid, _ = rep.create_task("t", now, title="t", capabilities=["echo"])
+    for kind in ("bids", "claims", "leases", "results"):
+        rep.write(lambda w, kind=kind: w.put(tid, kind, {"attempt": 1, "kind": kind}), now + 1)
+    rep.write(lambda w: w.append_log(tid, {"k": "done"}), now + 2)
+    assert len(seen) == 6 and [e.seq for e in seen] == list(range(1, 7))
+    for entry in seen:
+        assert rep._open(entry.raw, now) == entry
+
+
+def test_an_own_entry_too_large_is_refused_as_before() -> None:
+    rep = Replica(A, SWARM, policy_for([A, B]))
+    now = 1_700_000_000_000
+    tid, _ = rep.create_task("t", now, title="t")
+    before = rep.task(tid)
+    with pytest.raises(WriteRefused, match=r"large|size|bytes"):
+        rep.write(lambda w: w.put(tid, "results", "x" * 300_000), now)
+    assert rep.task(tid) == before and rep.entry_count() == 1
