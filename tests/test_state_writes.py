@@ -191,3 +191,32 @@ def test_an_own_entry_too_large_is_refused_as_before() -> None:
     with pytest.raises(WriteRefused, match=r"large|size|bytes"):
         rep.write(lambda w: w.put(tid, "results", "x" * 300_000), now)
     assert rep.task(tid) == before and rep.entry_count() == 1
+
+
+def test_a_writer_holding_the_roots_writes_what_a_plain_one_does() -> None:
+    """Writer(roots=...) keeps the root maps it is given or looked up (pycrdt builds them anew
+    at each doc[name]): the same updates as a Writer that looks every root up."""
+    from mossnode.protocols.crdt.document import new_doc
+    from mossnode.protocols.crdt.schema import TASKS
+    from mossnode.protocols.crdt.writes import Writer
+
+    def script(w: Writer) -> None:
+        tid = w.create_task("t", title="t", capabilities=["echo"])
+        for kind in ("bids", "claims", "results"):
+            w.put(tid, kind, {"attempt": 1, "kind": kind})
+        w.append_log(tid, {"k": "done"})
+        w.append_log(tid, {"k": "again"})
+        w.remove(tid, "claims")
+        w.put_agent("cat", {"roles": ["executor"]})
+        w.append_history({"k": "h"})
+
+    updates = []
+    for cached in (False, True):
+        doc = new_doc(7)
+        got: list[bytes] = []
+        sub = doc.observe(lambda ev, got=got: got.append(ev.update))
+        with doc.transaction():
+            script(Writer(doc, "me", 5, roots={TASKS: doc[TASKS]} if cached else None))
+        doc.unobserve(sub)
+        updates.append((got, doc.get_update()))
+    assert updates[0] == updates[1]

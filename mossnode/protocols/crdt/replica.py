@@ -260,7 +260,7 @@ class Replica:
         sub = doc.observe(lambda ev: captured.append(ev.update))
         try:
             with doc.transaction():
-                result = fn(Writer(doc, self.me, now_ms))
+                result = fn(Writer(doc, self.me, now_ms, roots={TASKS: self._tasks_root}))
             if self._observer_failed:
                 raise self._observer_failed.pop()
         except BaseException:

@@ -20,13 +20,21 @@ from .schema import AGENTS, CORE, CORE_FIELDS, HISTORY, LOG, NODE_ENTRIES, TASKS
 class Writer:
     """Write access for one local transaction by node ``me`` at time ``now_ms``."""
 
-    def __init__(self, doc: Doc[Map[Any]], me: str, now_ms: int) -> None:
+    def __init__(
+        self, doc: Doc[Map[Any]], me: str, now_ms: int, *, roots: dict[str, Map[Any]] | None = None
+    ) -> None:
+        """``roots``: root maps of ``doc`` the caller already holds (kept and added to)."""
         self._doc = doc
         self.me = me
         self.now_ms = now_ms
+        self._roots = {} if roots is None else roots
 
     def _root(self, name: str) -> Map[Any]:
-        return self._doc[name]
+        # pycrdt builds every root anew at each doc[name]: a root is looked up once
+        root = self._roots.get(name)
+        if root is None:
+            root = self._roots[name] = self._doc[name]
+        return root
 
     def _task(self, tid: str) -> Map[Any]:
         task = self._root(TASKS).get(tid)
