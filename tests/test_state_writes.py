@@ -195,7 +195,8 @@ def test_an_own_entry_too_large_is_refused_as_before() -> None:
 
 def test_a_writer_holding_the_roots_writes_what_a_plain_one_does() -> None:
     """Writer(roots=...) keeps the root maps it is given or looked up (pycrdt builds them anew
-    at each doc[name]): the same updates as a Writer that looks every root up."""
+    at each doc[name]), and puts a plain value on pycrdt's Rust map: the same document as a
+    Writer that looks every root up and puts through Map.__setitem__."""
     from mossnode.protocols.crdt.document import new_doc
     from mossnode.protocols.crdt.schema import ROOTS, TASKS
     from mossnode.protocols.crdt.writes import Writer
@@ -213,8 +214,13 @@ def test_a_writer_holding_the_roots_writes_what_a_plain_one_does() -> None:
     contents = []
     for cached in (False, True):
         doc = new_doc(7)
+        writer = Writer(doc, "me", 5, roots={TASKS: doc[TASKS]} if cached else None)
+        if not cached:  # and put as Map.__setitem__ does it, not on the Rust map
+            writer._raw_task = lambda tid: None  # type: ignore[method-assign]
         with doc.transaction():
-            script(Writer(doc, "me", 5, roots={TASKS: doc[TASKS]} if cached else None))
+            script(writer)
+            with pytest.raises(KeyError):
+                writer.put("me:none", "bids", 1)
         # (Yrs encodes a JSON object's keys in hash order: the contents are compared)
         contents.append(({name: doc[name].to_py() for name in ROOTS}, doc.get_state()))
     assert contents[0] == contents[1] and contents[0][0]["tasks"]
