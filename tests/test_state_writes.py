@@ -164,3 +164,63 @@ def test_writes_in_separate_passes_make_separate_entries(tmp_path: Path) -> None
             return stored(store)
 
     assert trio.run(main) == [(A.peer_id, 1), (A.peer_id, 2), (A.peer_id, 3)]
+
+
+def test_own_entries_are_read_as_opening_them_would() -> None:
+    """Replica.write takes its own entry's fields from what it signed rather than opening the
+    bytes again (no second verification): the same entry as opening them gives."""
+    rep = Replica(A, SWARM, policy_for([A, B]))
+    seen: list[Any] = []
+    prepare = rep._prepare
+    rep._prepare = lambda parsed: seen.append(parsed) or prepare(parsed)  # type: ignore[method-assign]
+    now = 1_700_000_000_000
+    tid, _ = rep.create_task("t", now, title="t", capabilities=["echo"])
+    for kind in ("bids", "claims", "leases", "results"):
+        rep.write(lambda w, kind=kind: w.put(tid, kind, {"attempt": 1, "kind": kind}), now + 1)
+    rep.write(lambda w: w.append_log(tid, {"k": "done"}), now + 2)
+    assert len(seen) == 6 and [e.seq for e in seen] == list(range(1, 7))
+    for entry in seen:
+        assert rep._open(entry.raw, now) == entry
+
+
+def test_an_own_entry_too_large_is_refused_as_before() -> None:
+    rep = Replica(A, SWARM, policy_for([A, B]))
+    now = 1_700_000_000_000
+    tid, _ = rep.create_task("t", now, title="t")
+    before = rep.task(tid)
+    with pytest.raises(WriteRefused, match=r"large|size|bytes"):
+        rep.write(lambda w: w.put(tid, "results", "x" * 300_000), now)
+    assert rep.task(tid) == before and rep.entry_count() == 1
+
+
+def test_a_writer_holding_the_roots_writes_what_a_plain_one_does() -> None:
+    """Writer(roots=...) keeps the root maps it is given or looked up (pycrdt builds them anew
+    at each doc[name]), and puts a plain value on pycrdt's Rust map: the same document as a
+    Writer that looks every root up and puts through Map.__setitem__."""
+    from mossnode.protocols.crdt.document import new_doc
+    from mossnode.protocols.crdt.schema import ROOTS, TASKS
+    from mossnode.protocols.crdt.writes import Writer
+
+    def script(w: Writer) -> None:
+        tid = w.create_task("t", title="t", capabilities=["echo"])
+        for kind in ("bids", "claims", "results"):
+            w.put(tid, kind, {"attempt": 1, "kind": kind})
+        w.append_log(tid, {"k": "done"})
+        w.append_log(tid, {"k": "again"})
+        w.remove(tid, "claims")
+        w.put_agent("cat", {"roles": ["executor"]})
+        w.append_history({"k": "h"})
+
+    contents = []
+    for cached in (False, True):
+        doc = new_doc(7)
+        writer = Writer(doc, "me", 5, roots={TASKS: doc[TASKS]} if cached else None)
+        if not cached:  # and put as Map.__setitem__ does it, not on the Rust map
+            writer._raw_task = lambda tid: None  # type: ignore[method-assign]
+        with doc.transaction():
+            script(writer)
+            with pytest.raises(KeyError):
+                writer.put("me:none", "bids", 1)
+        # (Yrs encodes a JSON object's keys in hash order: the contents are compared)
+        contents.append(({name: doc[name].to_py() for name in ROOTS}, doc.get_state()))
+    assert contents[0] == contents[1] and contents[0][0]["tasks"]

@@ -43,6 +43,7 @@ def test_the_view_read_entry_by_entry_equals_a_fresh_parse(tmp_path: Path, seed:
     def counted(tid: str, keys: list[str]) -> dict[str, Any] | None:
         nonlocal partial
         partial += 1
+        assert reader.doc._txn is not None  # the refresh's one transaction, shared by its reads
         return task_entries(tid, keys)
 
     reader.task_entries = counted  # type: ignore[method-assign]

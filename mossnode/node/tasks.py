@@ -301,10 +301,13 @@ class TaskService:
                 del self._raw[gone]
                 dirty[gone] = None
         parsed: dict[str, T.Task] = {}
-        for tid, keys in dirty.items():
-            task = self._reread(tid, keys)
-            if task is not None:
-                parsed[tid] = task
+        # One pycrdt transaction for all the re-reads: each read's own nests in it, and the
+        # reads commit (empty) once, not once per task.
+        with self.shared.replica.doc.transaction():
+            for tid, keys in dirty.items():
+                task = self._reread(tid, keys)
+                if task is not None:
+                    parsed[tid] = task
         changed = set(dirty)
         if changed or not self.view:
             full = not self.view

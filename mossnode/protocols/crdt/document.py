@@ -106,7 +106,7 @@ def _order(encoded_key: bytes) -> tuple[int, bytes]:
     return (len(encoded_key), encoded_key)
 
 
-_RawMap: type = _pycrdt.Map  # what Map.integrated is
+RAW_MAP: type = _pycrdt.Map  # what Map.integrated is
 _RawArray: type = _pycrdt.Array
 _RAW_OTHER = frozenset(
     getattr(_pycrdt, name)
@@ -125,7 +125,7 @@ def _raw_py(value: Any, txn: Any) -> Any:
     kind = type(value)
     if kind in _LEAVES:
         return value
-    if kind is _RawMap:
+    if kind is RAW_MAP:
         get = value.get
         return {str(k): _raw_py(get(txn, k), txn) for k in value.keys(txn)}
     if kind is dict:
@@ -177,7 +177,7 @@ def task_of(doc: Doc[Map[Any]], tasks: Map[Any], tid: str) -> dict[str, Any] | N
         try:
             top, t = tasks.integrated, txn._txn
             raw = top.get(t, tid) if top.has(t, tid) else None
-            return nest_task(_raw_py(raw, t)) if type(raw) is _RawMap else None
+            return nest_task(_raw_py(raw, t)) if type(raw) is RAW_MAP else None
         except Exception:  # pycrdt internals moved: the public, slower way
             task = tasks.get(tid)
             return nest_task(plain(task.to_py())) if isinstance(task, Map) else None
@@ -193,7 +193,7 @@ def task_entries(
         try:
             top, t = tasks.integrated, txn._txn
             raw: Any = top.get(t, tid) if top.has(t, tid) else None
-            if type(raw) is not _RawMap:
+            if type(raw) is not RAW_MAP:
                 return None
             m: Any = raw  # (mypy narrows ``raw`` to object above)
             return {k: _raw_py(m.get(t, k), t) for k in keys if m.has(t, k)}
@@ -354,7 +354,7 @@ class ContentDigest:
         try:
             t = txn._txn
             raw = top.integrated.get(t, key)
-            if type(raw) is not _RawMap:
+            if type(raw) is not RAW_MAP:
                 return None
             m: Any = raw
             for sub in subs:
@@ -372,7 +372,7 @@ class ContentDigest:
         try:
             t = txn._txn
             raw = top.integrated.get(t, key)
-            if type(raw) is _RawMap:
+            if type(raw) is RAW_MAP:
                 m: Any = raw
                 entries = _Pairs()
                 entries.fill([(str(k), canonical(_raw_py(m.get(t, k), t))) for k in m.keys(t)])

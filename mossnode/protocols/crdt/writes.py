@@ -13,20 +13,30 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pycrdt import Array, Doc, Map
+from pycrdt._base import BaseDoc, BaseType
 
+from .document import RAW_MAP
 from .schema import AGENTS, CORE, CORE_FIELDS, HISTORY, LOG, NODE_ENTRIES, TASKS, node_key, task_id
 
 
 class Writer:
     """Write access for one local transaction by node ``me`` at time ``now_ms``."""
 
-    def __init__(self, doc: Doc[Map[Any]], me: str, now_ms: int) -> None:
+    def __init__(
+        self, doc: Doc[Map[Any]], me: str, now_ms: int, *, roots: dict[str, Map[Any]] | None = None
+    ) -> None:
+        """``roots``: root maps of ``doc`` the caller already holds (kept and added to)."""
         self._doc = doc
         self.me = me
         self.now_ms = now_ms
+        self._roots = {} if roots is None else roots
 
     def _root(self, name: str) -> Map[Any]:
-        return self._doc[name]
+        # pycrdt builds every root anew at each doc[name]: a root is looked up once
+        root = self._roots.get(name)
+        if root is None:
+            root = self._roots[name] = self._doc[name]
+        return root
 
     def _task(self, tid: str) -> Map[Any]:
         task = self._root(TASKS).get(tid)
@@ -92,7 +102,26 @@ class Writer:
         """Set this node's entry ``tasks/<tid>/<kind>/<me>`` (kind: claims, bids, ...): one key."""
         if kind not in NODE_ENTRIES:
             raise ValueError(f"{kind!r} is not one of {NODE_ENTRIES}")
-        self._task(tid)[node_key(kind, self.me)] = value
+        key = node_key(kind, self.me)
+        raw = None if isinstance(value, (BaseType, BaseDoc)) else self._raw_task(tid)
+        if raw is None:  # a shared type to integrate, or the public way (and its errors)
+            self._task(tid)[key] = value
+        else:  # what Map.__setitem__ does for a plain value, without its wrappers
+            raw[0].insert(raw[1], key, value)
+
+    def _raw_task(self, tid: str) -> tuple[Any, Any] | None:
+        """pycrdt's Rust map of task ``tid`` and the open Rust transaction (as
+        :mod:`.document` reads them), or None if either is not there as expected."""
+        txn = self._doc._txn
+        t = txn._txn if txn is not None else None
+        if t is None:
+            return None
+        try:
+            tasks = self._root(TASKS).integrated
+            raw = tasks.get(t, tid) if tasks.has(t, tid) else None
+        except Exception:  # pycrdt internals moved
+            return None
+        return (raw, t) if type(raw) is RAW_MAP else None
 
     def remove(self, tid: str, kind: str) -> None:
         """Delete this node's own entry under ``kind`` (no-op if absent)."""
