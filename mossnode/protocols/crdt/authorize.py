@@ -292,22 +292,21 @@ def references(update: Update | RawUpdate, client: int) -> dict[int, int]:
     deleted ranges), not counting the author's own new items. Exactly what
     :func:`check_update` will look up, so a replica never judges with part of it missing."""
     raw = update if isinstance(update, RawUpdate) else raw_of(update)
-    lo: int | None = None
-    hi: int | None = None
+    lo = hi = -1  # the author's own clocks in this update, [lo, hi); none while lo < 0
     for c, first, end in raw.runs:
         if c == client:
-            if lo is None or first < lo:
+            if lo < 0 or first < lo:
                 lo = first
-            if hi is None or end > hi:
+            if end > hi:
                 hi = end
     needs: dict[int, int] = {}
     for c, k in raw.refs:
-        if c == client and lo is not None and hi is not None and lo <= k < hi:
+        if c == client and lo <= k < hi:
             continue
         if k + 1 > needs.get(c, 0):
             needs[c] = k + 1
     for c, k, n in raw.deletes:
-        if c == client and lo is not None:
+        if c == client and lo >= 0:
             if k < lo:
                 end = min(k + n, lo)
                 if end > needs.get(c, 0):

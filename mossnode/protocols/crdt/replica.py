@@ -700,7 +700,9 @@ class Replica:
         self._applied(e.update)
         self._commit(st, e, verdict)
         out.applied.append(Entry(author, e.seq, e.raw))
-        out.changed += [path for path, _ in events]
+        changed = out.changed
+        for path, _ in events:  # one or two: a loop here, not a comprehension's frame
+            changed.append(path)
         return None
 
     def _commit(self, st: _Author, e: StateEntry, verdict: Accepted | Admitted) -> None:

@@ -664,7 +664,7 @@ def decode_raw(data: bytes, *, client: int = 0, max_items: int = 100_000) -> Raw
     """:func:`decode_update`'s result with plain-tuple items, fast; raises the reference's
     :class:`DecodeError` for anything the reference refuses. ``client`` (the author's client
     id, if known) only speeds up reading it."""
-    hint = _hint(client) if client else b""
+    hint = (_HINTS.get(client) or _hint(client)) if client else b""
     try:
         return _decode_fast(data, max_items, hint, client)
     except Exception:  # anything at all: the reference decides
