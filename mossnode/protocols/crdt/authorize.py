@@ -39,6 +39,7 @@ from .rules import (
     Policy,
     Resolved,
     Rule,
+    granted,
     judge,
     permits,
     resolve,
@@ -570,12 +571,8 @@ def _allowed(
         permission = rule.delete
     if permission is None:
         return None
-    if permission != MEMBER:
-        ok = may.get(permission)
-        if ok is None:
-            ok = may[permission] = policy.may(author, permission, policy_seq)
-        if not ok:
-            return None
+    if permission != MEMBER and not granted(author, permission, policy, policy_seq, may):
+        return None
     return rule
 
 

@@ -170,7 +170,9 @@ def open_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rej
     return env if isinstance(env, Rejection) else parse_body(env)
 
 
-def read_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rejection | None:
+def read_entry(
+    data: bytes, *, swarm_id: bytes, now_ms: int, signed_here: bool = False
+) -> StateEntry | Rejection | None:
     """:func:`open_entry` for the common case, in one pass: a well-formed state entry of this
     swarm comes back verified and decoded (or refused for its signature), without the generic
     envelope (its plain-body walk and :class:`Envelope`). None for anything else, including
@@ -178,7 +180,8 @@ def read_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rej
 
     Every check of both is here, in exact-type form, so what this returns is what they return.
     The payload is read by :func:`_read_canonical` when it has the canonical layout every
-    node writes, else by ``cbor2``.
+    node writes, else by ``cbor2``. ``signed_here``: the caller made the signature itself a
+    moment ago (a replica's own write), so every check but the signature's is made.
     """
     if type(data) is not bytes or not SIG_LEN < len(data) <= MAX_ENTRY_BYTES:
         return None
@@ -191,7 +194,7 @@ def read_entry(data: bytes, *, swarm_id: bytes, now_ms: int) -> StateEntry | Rej
     sender, seq, ts, update, deps, policy_seq, prev = fields
     if abs(ts - now_ms) > NO_SKEW_LIMIT or len(prev) != (0 if seq == 1 else DIGEST_LEN):
         return None
-    if not signature_valid(data[:SIG_LEN], STATE_UPDATE, payload, sender):
+    if not signed_here and not signature_valid(data[:SIG_LEN], STATE_UPDATE, payload, sender):
         return bad_signature(STATE_UPDATE)
     return StateEntry(
         _peer_id(sender),

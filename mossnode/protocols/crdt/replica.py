@@ -23,7 +23,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import cbor2
 from pycrdt import Doc, Map, Subscription
@@ -49,14 +49,10 @@ from .authorize import (
 from .clients import client_id_for
 from .document import ContentDigest, apply_update, fast_content, new_doc, task_entries, task_of
 from .entry import (
-    DIGEST_LEN,
-    MAX_DEPS,
-    MAX_ENTRY_BYTES,
     MAX_SPAN,
     STATE_UPDATE,
     StateEntry,
     body,
-    entry_digest,
     open_signed,
     parse_body,
     read_entry,
@@ -275,39 +271,18 @@ class Replica:
         if len(updates) != 1:
             self._restore_doc()
             raise WriteRefused(Rejection(Reason.MALFORMED, "write spanned several transactions"))
-        seq, policy_seq, update = st.seq + 1, self.policy.latest_seq(), updates[0]
-        signed = body(update, self._sv, policy_seq, st.head)
         raw = seal(
             self.identity,
             swarm_id=self.swarm_id,
             type=STATE_UPDATE,
-            seq=seq,
+            seq=st.seq + 1,
             timestamp=now_ms,
-            body=signed,
+            body=body(updates[0], self._sv, self.policy.latest_seq(), st.head),
         )
-        # The signature was made here from these fields: opening the bytes again would only
-        # verify it (a third of a write's CPU) and parse back the same fields. What else opening
-        # checks of an entry this node seals is its size, dependency count and chain link; an
-        # entry outside those goes the common way, and is refused as any other would be.
-        deps = dict(cast(list[tuple[int, int]], signed["d"]))
-        parsed = (
-            StateEntry(
-                self.me,
-                self.identity.public_key,
-                seq,
-                update,
-                deps,
-                policy_seq,
-                st.head,
-                now_ms,
-                raw,
-                entry_digest(raw),
-            )
-            if len(raw) <= MAX_ENTRY_BYTES
-            and len(deps) <= MAX_DEPS
-            and len(st.head) == (0 if seq == 1 else DIGEST_LEN)
-            else self._open(raw, now_ms)
-        )
+        # The signature was made here a moment ago: verifying it again was a third of a
+        # write's CPU. Every other check of opening is made.
+        fast = read_entry(raw, swarm_id=self.swarm_id, now_ms=now_ms, signed_here=True)
+        parsed = fast if isinstance(fast, StateEntry) else self._open(raw, now_ms)
         opened = self._prepare(parsed) if isinstance(parsed, StateEntry) else parsed
         if not isinstance(opened, _Waiting):
             self._restore_doc()

@@ -294,10 +294,17 @@ def permits(
     permission = res.rule.write if op is Op.WRITE else res.rule.delete
     if permission is None:
         return False
-    if permission != MEMBER:
-        ok = may.get(permission)
-        if ok is None:
-            ok = may[permission] = policy.may(author, permission, policy_seq)
-        if not ok:
-            return False
+    if permission != MEMBER and not granted(author, permission, policy, policy_seq, may):
+        return False
     return not (op is Op.WRITE and content is not None and content not in res.kinds)
+
+
+def granted(
+    author: str, permission: str, policy: Policy, policy_seq: int, may: dict[str, bool]
+) -> bool:
+    """``policy.may(author, permission, policy_seq)``, memoized in ``may`` (one author and
+    policy seq per dict): the rules ask it for every item an update writes."""
+    ok = may.get(permission)
+    if ok is None:
+        ok = may[permission] = policy.may(author, permission, policy_seq)
+    return ok
