@@ -49,6 +49,11 @@ def test_api_errors(node) -> None:
     assert r.status_code == 400
     r = c.post("/v1/join", json={"addr": "/ip4/1.2.3.4", "invite": "moss1AAAA"})
     assert r.status_code == 400
+    # more concurrency than the scheduler would ever use: refused, not registered
+    agent = {"name": "wide", "roles": ["executor"], "backend": "exec:true", "max_concurrency": 9}
+    r = c.post("/v1/agents", json=agent)
+    assert r.status_code == 400 and "1..8" in r.json()["error"]["message"]
+    assert all(a["name"] != "wide" for a in c.get("/v1/agents").json())
     doc = c.get("/v1/openapi.json").json()
     assert "/v1/status" in doc["paths"]
     assert node.status()["decided_height"] == 0

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocols.roles import BUILTIN_ROLES
+from ..protocols.tasks import Limits
 
 AGENTS_FILE = "agents.json"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -107,8 +108,13 @@ class AgentRegistry:
         if bad:
             raise AgentError(f"bad capability name(s): {', '.join(bad)}")
         parse_backend(backend)
-        if not 1 <= max_concurrency <= 64:
-            raise AgentError("max_concurrency must be 1..64")
+        most = Limits().max_concurrent_per_agent
+        if not 1 <= max_concurrency <= most:
+            # more would be accepted here and silently never used by the scheduler
+            raise AgentError(
+                f"max_concurrency must be 1..{most} (the swarm runs at most {most} tasks "
+                "per agent at once; register another agent for more)"
+            )
         token = "mnt_" + secrets.token_urlsafe(32)
         agent = Agent(
             name,
