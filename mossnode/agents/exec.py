@@ -20,6 +20,10 @@ runs share one at a time (another process on the same workdir is kept out by a f
 slot), a run never sees another's files, and nothing accumulates (a directory per task id did);
 a ``mkdir`` per run cost 0.3 ms of CPU, emptying an empty slot is one ``scandir``. A slot the
 command moved or that cannot be emptied is dropped, never reused.
+
+The command's path is looked up once per PATH (``shutil.which`` stats every PATH entry) and
+re-checked each run with one ``stat``, so a command removed since still fails before anything
+runs; it is looked up again every ``WHICH_TTL_S``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -58,6 +63,7 @@ LAUNCHER = (
 MAX_STDOUT = 16 << 20
 STDERR_TAIL = 4096
 SLOT_PREFIX = "slot."  # a "." never occurs in the per-task directory names of older versions
+WHICH_TTL_S = 10.0
 
 
 @dataclass
@@ -68,6 +74,11 @@ class ExecLimits:
     open_files: int = 256
 
 
+@functools.lru_cache(maxsize=256)
+def _split(command: str) -> tuple[str, ...]:
+    return tuple(shlex.split(command))  # the daemon makes a backend per run
+
+
 class ExecBackend:
     def __init__(
         self,
@@ -76,7 +87,7 @@ class ExecBackend:
         limits: ExecLimits | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        self.argv = shlex.split(command)
+        self.argv = list(_split(command))
         if not self.argv:
             raise ValueError("exec backend needs a command")
         self.workdir = workdir
@@ -94,13 +105,9 @@ class ExecBackend:
         """The command behind the rlimit launcher. Looked up as the exec would (a path with a
         slash from ``cwd``, a bare name on the agent's PATH): FileNotFoundError if it is not
         an executable file, said before anything runs, as a failed exec said it."""
-        cmd = self.argv[0]
-        if os.sep in cmd:
-            found = cmd if shutil.which(str(cwd / cmd)) is not None else None
-        else:
-            found = shutil.which(cmd, path=env.get("PATH", os.defpath))
+        found = _find(self.argv[0], str(cwd), env.get("PATH", os.defpath))
         if found is None:
-            raise FileNotFoundError(f"no executable file {cmd!r} (PATH {env.get('PATH')})")
+            raise FileNotFoundError(f"no executable file {self.argv[0]!r} (PATH {env.get('PATH')})")
         lim = self.limits
         return [
             SHELL,
@@ -220,6 +227,33 @@ def _kill_tree(pgid: int) -> None:
     """SIGKILL the command's whole session (it is its own process group leader)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+# --- command lookup -------------------------------------------------------------------------
+
+_found: dict[tuple[str, str], tuple[str, float]] = {}
+
+
+def _find(cmd: str, cwd: str, path: str) -> str | None:
+    """What the launcher execs for ``cmd``, None if that is not an executable file."""
+    if os.sep in cmd:
+        return cmd if _executable(os.path.join(cwd, cmd)) else None
+    hit = _found.get((cmd, path))
+    now = time.monotonic()
+    if hit is not None and now - hit[1] < WHICH_TTL_S and _executable(hit[0]):
+        return hit[0]
+    found = shutil.which(cmd, path=path)
+    if found is not None:
+        _found[cmd, path] = (found, now)
+    return found
+
+
+def _executable(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK)
 
 
 # --- working directories ----------------------------------------------------------------------
