@@ -1,8 +1,9 @@
-"""The exec backend's working directories (reused, emptied slots), command lookup cache and
-the fallback without epoll/pidfd."""
+"""The exec backend's working directories (reused, emptied slots), command lookup cache, and
+its pipes and exit wait with and without pidfds."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -11,7 +12,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from mossnode.agents import exec as ex
 from mossnode.agents.exec import ExecBackend, ExecLimits
 
 # Leaves files, a read-only subtree and a symlink out of its directory behind, and reports
@@ -173,10 +173,14 @@ async def test_removed_command_is_reported_before_running(tmp_path: Path) -> Non
     assert not out.ok and "cannot start" in out.error and "moss-test-agent" in out.error
 
 
-async def test_fallback_without_epoll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without epoll/pidfd: progress, a payload larger than the pipe, a command that never
-    reads stdin, a timeout."""
-    monkeypatch.setattr(ex, "_EPOLL", False)
+async def test_without_pidfds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No pidfds (old kernel, seccomp): the exit is awaited in a thread; progress, a payload
+    larger than the pipe, a command that never reads stdin, a timeout."""
+
+    def refused(pid: int) -> int:
+        raise OSError(errno.ENOSYS, "pidfd_open")
+
+    monkeypatch.setattr(os, "pidfd_open", refused)
     await _payload_progress_and_no_reader(tmp_path)
 
 

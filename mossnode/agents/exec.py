@@ -28,10 +28,9 @@ runs; it is looked up again every ``WHICH_TTL_S``.
 ``Popen`` runs on the event loop, not in a worker thread: with ``vfork`` it returns once the
 launcher is exec'd (the loop waits about 0.25 ms, mostly the child's time), where the thread
 hand-off and ``trio.Process`` cost the daemon CPU. The task JSON is written at once when the pipe
-takes it (64 KiB), and stdout, stderr and the exit (a pidfd) are waited on through one ``epoll``
-set by the run's own task rather than three more trio tasks: together 0.75 ms of the daemon's CPU
-less per run. With the slots and the lookup, the daemon's share of a run went from 1.7 ms to 0.7.
-Without ``epoll`` or pidfds the same is done with a task per pipe and a thread for the exit.
+takes it (64 KiB); the pipes are read as raw non-blocking fds and the exit is awaited on a pidfd
+(a thread without pidfds). With the slots and the lookup, the daemon's share of a run went from
+about 1.7 ms of CPU to 0.75 (micro benchmark medians).
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ import functools
 import json
 import logging
 import os
-import select
 import shlex
 import shutil
 import signal
@@ -75,7 +73,6 @@ STDERR_TAIL = 4096
 SLOT_PREFIX = "slot."  # a "." never occurs in the per-task directory names of older versions
 WHICH_TTL_S = 10.0
 CHUNK = 65536
-_EPOLL = hasattr(select, "epoll") and hasattr(os, "pidfd_open")
 
 
 @dataclass
@@ -212,9 +209,8 @@ class _Child:
         for fd in (self.in_w, self.out_r, self.err_r):
             os.set_blocking(fd, False)
         self.pidfd = -1
-        if _EPOLL:
-            with contextlib.suppress(OSError):  # no pidfds (old kernel, seccomp): the fallback
-                self.pidfd = os.pidfd_open(self.proc.pid)
+        with contextlib.suppress(OSError, AttributeError):  # no pidfds (old kernel, seccomp)
+            self.pidfd = os.pidfd_open(self.proc.pid)
         self.rest = memoryview(payload)
         self.stdout = bytearray()
         self.stderr = bytearray()
@@ -250,37 +246,7 @@ class _Child:
 
     async def communicate(self, progress: ProgressFn) -> None:
         """Feed stdin, read stdout and stderr to their ends and wait for the exit."""
-        if self.pidfd < 0:
-            await self._communicate_tasks(progress)
-            return
-        with select.epoll() as ep:
-            ep.register(self.out_r, select.EPOLLIN)
-            ep.register(self.err_r, select.EPOLLIN)
-            ep.register(self.pidfd, select.EPOLLIN)
-            waiting = {self.out_r, self.err_r, self.pidfd}
-            if self.in_w >= 0:
-                ep.register(self.in_w, select.EPOLLOUT)
-                waiting.add(self.in_w)
-            while waiting:
-                await trio.lowlevel.wait_readable(ep.fileno())
-                for fd, events in ep.poll(0, 4):
-                    if fd == self.pidfd:
-                        done = True  # exited; reaped after the kill (see run)
-                    elif fd == self.in_w:
-                        done = self.feed()
-                    else:
-                        data, done = _read(fd, events & select.EPOLLHUP != 0)
-                        if data and fd == self.out_r:
-                            self.on_out(data)
-                        elif data:
-                            await self.on_err(data, progress)
-                    if done:
-                        ep.unregister(fd)
-                        waiting.discard(fd)
-                        if fd == self.in_w:
-                            self._close_stdin()
 
-    async def _communicate_tasks(self, progress: ProgressFn) -> None:
         async def feed() -> None:
             while not self.feed():
                 await trio.lowlevel.wait_writable(self.in_w)
@@ -289,7 +255,7 @@ class _Child:
         async def read_err() -> None:
             while True:
                 await trio.lowlevel.wait_readable(self.err_r)
-                data, done = _read(self.err_r, False)
+                data, done = _read(self.err_r)
                 if done:
                     return
                 await self.on_err(data, progress)
@@ -300,21 +266,27 @@ class _Child:
             nursery.start_soon(read_err)
             while True:
                 await trio.lowlevel.wait_readable(self.out_r)
-                data, done = _read(self.out_r, False)
+                data, done = _read(self.out_r)
                 if done:
                     break
                 self.on_out(data)
+            await self.exited()
+
+    async def exited(self) -> None:
+        """Until the command has exited (not reaped: see run): its pidfd, else a thread."""
+        if self.pidfd >= 0:
+            await trio.lowlevel.wait_readable(self.pidfd)
+        else:
             # (mypy mistakes the keyword for one of the TypeVarTuple arguments)
             await trio.to_thread.run_sync(self._wait, abandon_on_cancel=True)  # type: ignore[call-arg]
 
     async def reap(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        if self.pidfd >= 0:
-            await trio.lowlevel.wait_readable(self.pidfd)
-            self.proc.wait()
-        else:
-            await trio.to_thread.run_sync(self._wait)
+        if self.proc.poll() is None:
+            if self.pidfd >= 0:
+                await trio.lowlevel.wait_readable(self.pidfd)
+                self.proc.wait()
+            else:
+                await trio.to_thread.run_sync(self._wait)
 
     def _wait(self) -> int:
         return self.proc.wait()
@@ -326,21 +298,13 @@ class _Child:
         self.in_w = self.out_r = self.err_r = self.pidfd = -1
 
 
-def _read(fd: int, hup: bool) -> tuple[bytes, bool]:
-    """What the pipe holds, and whether that is its end. With ``hup`` (no writer left) all of
-    it up to the end at once, else one read."""
+def _read(fd: int) -> tuple[bytes, bool]:
+    """One read of what the pipe holds, and whether that is its end."""
     try:
         data = os.read(fd, CHUNK)
     except BlockingIOError:
         return b"", False
-    if not data:
-        return data, True
-    if not hup:
-        return data, False
-    parts = [data]
-    while chunk := os.read(fd, CHUNK):
-        parts.append(chunk)
-    return b"".join(parts), True
+    return data, not data
 
 
 async def _maybe_progress(line: bytes, progress: ProgressFn) -> None:
