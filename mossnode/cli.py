@@ -629,7 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--backend", required=True, help="exec:COMMAND, openclaw:AGENT_ID or api (pulls its work)"
     )
-    sp.add_argument("--max-concurrency", type=int, default=1)
+    sp.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=1,
+        help="tasks it runs at once (1..8, the swarm's limit)",
+    )
     aadd("list", cmd_agent_list, "list this host's agents")
     for verb, fn, help_ in (
         ("show", cmd_agent_show, "show one agent"),
