@@ -83,7 +83,14 @@ def error(status: int, code: str, message: str, details: Any = None) -> JSONResp
     return JSONResponse({"error": err}, status_code=status)
 
 
+BODY = "mossnode.body"  # scope key: the request's parsed body (the guard checks it, the handler reads it)
+
+
 async def json_body(request: Request) -> dict[str, Any]:
+    """The request's body as a JSON object (400 otherwise), parsed once per request."""
+    parsed: dict[str, Any] | None = request.scope.get(BODY)
+    if parsed is not None:
+        return parsed
     raw = await request.body()
     try:
         body = json.loads(raw or b"{}")
@@ -93,6 +100,7 @@ async def json_body(request: Request) -> dict[str, Any]:
         raise ApiError(400, "bad_json", "request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "request body must be a JSON object")
+    request.scope[BODY] = body
     return body
 
 
