@@ -48,7 +48,7 @@ print(json.dumps({"sum": t["input"]["a"] + t["input"]["b"], "cwd": __import__("o
     out = await ExecBackend(cmd, tmp_path / "work").run(TASK, progress)
     assert out.ok, out.error
     assert out.output["sum"] == 5
-    assert out.output["cwd"] == str(tmp_path / "work" / "slot.0")
+    assert out.output["cwd"] == str(tmp_path / "work" / "t1")
     assert seen == [(0.5, "halfway")]
 
 
@@ -106,7 +106,7 @@ print(json.dumps({"lim": lim, "leader": os.getsid(0) == os.getpid() == os.getpgi
         "CORE": [0, 0],
     }
     assert out.output["leader"] is True
-    assert out.output["cwd"] == str(tmp_path / "w" / "slot.0")
+    assert out.output["cwd"] == str(tmp_path / "w" / "t1")
 
 
 async def test_command_with_arguments_and_relative_name(tmp_path: Path) -> None:

@@ -14,12 +14,10 @@ session), not by a ``preexec_fn``: a ``preexec_fn`` makes CPython ``fork()`` the
 and run Python in the child, about 20 ms of CPU per task for a daemon of 200 MB, where the
 launcher lets it ``vfork()`` (about 2 ms, the launcher's exec included).
 
-Working directories are slots, ``<workdir>/slot.<n>``: a run takes a free one (made on demand, so
-there are as many as runs ever overlapped), the slot is emptied after the run and reused. No two
-runs share one at a time (another process on the same workdir is kept out by a flock held on each
-slot), a run never sees another's files, and nothing accumulates (a directory per task id did);
-a ``mkdir`` per run cost 0.3 ms of CPU, emptying an empty slot is one ``scandir``. A slot the
-command moved or that cannot be emptied is dropped, never reused.
+Working directory: ``<workdir>/<task id>``, made on the first run of that task and kept (an
+earlier version reused slots emptied after each run; removing a tree a hostile command shaped,
+with FIFOs, hard links, mounts and deep nesting in it, safely needs an fd-based walk that is not
+written yet).
 
 The command's path is looked up once per PATH (``shutil.which`` stats every PATH entry) and
 re-checked each run with one ``stat``, so a command removed since still fails before anything
@@ -29,18 +27,15 @@ runs; it is looked up again every ``WHICH_TTL_S``.
 launcher is exec'd (the loop waits about 0.25 ms, mostly the child's time), where the thread
 hand-off and ``trio.Process`` cost the daemon CPU. The task JSON is written at once when the pipe
 takes it (64 KiB); the pipes are read as raw non-blocking fds and the exit is awaited on a pidfd
-(a thread without pidfds). With the slots and the lookup, the daemon's share of a run went from
-about 1.7 ms of CPU to 0.75 (micro benchmark medians).
+(a thread without pidfds). With the lookup, the daemon's share of a run went from about 2.0 ms of
+CPU to 1.2-1.5 (micro benchmark, alternating runs).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import functools
 import json
-import logging
 import os
 import shlex
 import shutil
@@ -56,8 +51,6 @@ import trio
 
 from .base import Outcome, ProgressFn
 
-log = logging.getLogger(__name__)
-
 SAFE_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 SHELL = "/bin/sh"
 # Sets the limits given as $1..$4, then replaces itself with the command ("$@" after them).
@@ -70,7 +63,7 @@ LAUNCHER = (
 )
 MAX_STDOUT = 16 << 20
 STDERR_TAIL = 4096
-SLOT_PREFIX = "slot."  # a "." never occurs in the per-task directory names of older versions
+MAX_PROGRESS_LINE = 4096
 WHICH_TTL_S = 10.0
 CHUNK = 65536
 
@@ -136,20 +129,13 @@ class ExecBackend:
         payload = json.dumps(
             {k: task.get(k) for k in ("id", "title", "spec", "input", "inputs_from_dependencies")}
         ).encode()
-        slots = _slots_of(self.workdir)
-        slot = await slots.acquire()
-        try:
-            return await self._run_in(slot.path, task_id, payload, progress)
-        finally:
-            await slots.release(slot)
-
-    async def _run_in(
-        self, workdir: str, task_id: str, payload: bytes, progress: ProgressFn
-    ) -> Outcome:
+        safe_id = "".join(c if c.isalnum() or c in "-_" else "_" for c in task_id)[:64]
+        workdir = self.workdir / safe_id
+        workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         started = time.monotonic()
-        env = self._env(task_id, workdir)
+        env = self._env(task_id, str(workdir))
         try:
-            child = _Child(self._launch_argv(workdir, env), workdir, env, payload)
+            child = _Child(self._launch_argv(str(workdir), env), str(workdir), env, payload)
         except OSError as exc:
             return Outcome(False, error=f"cannot start {self.argv[0]}: {exc}")
         timed_out = False
@@ -170,7 +156,7 @@ class ExecBackend:
             )
         rc = child.proc.returncode or 0
         if rc != 0:
-            how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+            how = f"killed by {_signal_name(-rc)}" if rc < 0 else f"exit status {rc}"
             return Outcome(False, error=f"{how}; stderr: {tail}", duration_s=took)
         try:
             output = json.loads(bytes(child.stdout))
@@ -185,10 +171,11 @@ class _Child:
     """One spawned command and the daemon's ends of its pipes (raw non-blocking fds)."""
 
     def __init__(self, argv: list[str], cwd: str, env: dict[str, str], payload: bytes) -> None:
-        in_r, self.in_w = os.pipe()
-        self.out_r, out_w = os.pipe()
-        self.err_r, err_w = os.pipe()
+        pipes: list[tuple[int, int]] = []
         try:
+            for _ in range(3):
+                pipes.append(os.pipe())  # EMFILE on the second: the first is closed below
+            (in_r, self.in_w), (self.out_r, out_w), (self.err_r, err_w) = pipes
             # No preexec_fn (see the module docstring): CPython then spawns with vfork().
             self.proc = subprocess.Popen(
                 argv,
@@ -200,12 +187,12 @@ class _Child:
                 start_new_session=True,
             )
         except BaseException:
-            for fd in (self.in_w, self.out_r, self.err_r):
-                os.close(fd)
+            for r, w in pipes:
+                os.close(r)
+                os.close(w)
             raise
-        finally:
-            for fd in (in_r, out_w, err_w):
-                os.close(fd)
+        for fd in (in_r, out_w, err_w):  # the child's ends
+            os.close(fd)
         for fd in (self.in_w, self.out_r, self.err_r):
             os.set_blocking(fd, False)
         self.pidfd = -1
@@ -240,7 +227,10 @@ class _Child:
         self.stderr += data
         del self.stderr[: -STDERR_TAIL * 4]
         self.pending += data
-        *lines, self.pending = self.pending.split(b"\n")
+        *lines, rest = self.pending.split(b"\n")
+        # a progress line is short: a stream without newlines (a \r progress bar) is not kept
+        # whole, or each chunk would re-split all of it
+        self.pending = rest[-MAX_PROGRESS_LINE:]
         for line in lines:
             await _maybe_progress(line, progress)
 
@@ -273,12 +263,19 @@ class _Child:
             await self.exited()
 
     async def exited(self) -> None:
-        """Until the command has exited (not reaped: see run): its pidfd, else a thread."""
+        """Until the command has exited, not reaped (the group is killed after it, see run):
+        its pidfd, else waitid(WNOWAIT) in a thread."""
         if self.pidfd >= 0:
             await trio.lowlevel.wait_readable(self.pidfd)
         else:
-            # (mypy mistakes the keyword for one of the TypeVarTuple arguments)
-            await trio.to_thread.run_sync(self._wait, abandon_on_cancel=True)  # type: ignore[call-arg]
+            await trio.to_thread.run_sync(
+                os.waitid,
+                os.P_PID,
+                self.proc.pid,
+                os.WEXITED | os.WNOWAIT,
+                # (mypy mistakes the keyword for one of the TypeVarTuple arguments)
+                abandon_on_cancel=True,  # type: ignore[call-arg]
+            )
 
     async def reap(self) -> None:
         if self.proc.poll() is None:
@@ -317,6 +314,13 @@ async def _maybe_progress(line: bytes, progress: ProgressFn) -> None:
         await progress(frac, parts[2] if len(parts) > 2 else "")
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a real-time signal: no name
+        return f"signal {signum}"
+
+
 def _kill_tree(pgid: int) -> None:
     """SIGKILL the command's whole session (it is its own process group leader)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -348,144 +352,3 @@ def _executable(path: str) -> bool:
     except OSError:
         return False
     return stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK)
-
-
-# --- working directories ----------------------------------------------------------------------
-
-_pools: dict[str, _Slots] = {}
-
-
-def _slots_of(workdir: Path) -> _Slots:
-    key = str(workdir)
-    pool = _pools.get(key)
-    if pool is None:
-        pool = _pools[key] = _Slots(workdir)
-    return pool
-
-
-class _Slot:
-    """A working directory, and an fd on it holding a flock for as long as the process lives."""
-
-    def __init__(self, path: str, fd: int) -> None:
-        self.path = path
-        self.fd = fd
-        st = os.fstat(fd)
-        self.ident = (st.st_dev, st.st_ino)
-
-    def intact(self) -> bool:
-        """Still the directory that was made (the command cannot have moved it)."""
-        try:
-            st = os.lstat(self.path)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self.ident
-
-    def is_empty(self) -> bool:
-        if stat.S_IMODE(os.fstat(self.fd).st_mode) != 0o700:  # the command may chmod it
-            os.fchmod(self.fd, 0o700)
-        with os.scandir(self.fd) as entries:
-            return next(entries, None) is None
-
-    def empty(self) -> None:
-        _empty_dir(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)  # drops the flock
-
-
-class _Slots:
-    """The working directories of one ``workdir``: a run takes a free slot or makes one, and gives
-    it back emptied (see the module docstring)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.free: list[_Slot] = []
-        self.next = 0
-
-    async def acquire(self) -> _Slot:
-        while self.free:
-            slot = self.free.pop()
-            if slot.intact():
-                return slot
-            log.warning("working directory %s was moved; not reused", slot.path)
-            slot.close()
-        for _ in range(100):
-            made = self._make()
-            if made is not None:
-                try:
-                    if not made.is_empty():  # left by a run of an earlier process
-                        await trio.to_thread.run_sync(made.empty)
-                except OSError as exc:
-                    log.warning("cannot empty working directory %s: %s", made.path, exc)
-                    made.close()
-                    continue
-                except BaseException:
-                    made.close()
-                    raise
-                return made
-        raise OSError(f"no usable working directory under {self.root}")
-
-    def _make(self) -> _Slot | None:
-        path = str(self.root / f"{SLOT_PREFIX}{self.next}")
-        self.next += 1
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o700)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # not ours: leave it, skip the name
-                return None
-            raise
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another process's (or another pool's) slot
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        return _Slot(path, fd)
-
-    async def release(self, slot: _Slot) -> None:
-        try:
-            if not slot.is_empty():
-                with trio.CancelScope(shield=True):  # may be large: not on the event loop
-                    await trio.to_thread.run_sync(slot.empty)
-        except OSError as exc:
-            log.warning("cannot empty working directory %s: %s; not reused", slot.path, exc)
-            slot.close()
-            return
-        self.free.append(slot)
-
-
-def _empty_dir(dfd: int) -> None:
-    """Remove everything in the directory open as ``dfd`` (never following a symlink), making
-    directories the command made unwritable or unreadable writable again first if need be."""
-    with os.scandir(dfd) as it:
-        entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-    for name, is_dir in entries:
-        if not is_dir:
-            os.unlink(name, dir_fd=dfd)
-            continue
-        try:
-            shutil.rmtree(name, dir_fd=dfd)
-        except OSError:
-            _unlock(name, dfd)
-            shutil.rmtree(name, dir_fd=dfd)
-
-
-def _unlock(name: str, dfd: int) -> None:
-    with contextlib.suppress(OSError, ValueError, NotImplementedError):
-        os.chmod(name, 0o700, dir_fd=dfd, follow_symlinks=False)
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
-    except OSError:
-        return
-    try:
-        with os.scandir(fd) as it:
-            subdirs = [e.name for e in it if e.is_dir(follow_symlinks=False)]
-        for sub in subdirs:
-            _unlock(sub, fd)
-    finally:
-        os.close(fd)
