@@ -14,10 +14,8 @@ session), not by a ``preexec_fn``: a ``preexec_fn`` makes CPython ``fork()`` the
 and run Python in the child, about 20 ms of CPU per task for a daemon of 200 MB, where the
 launcher lets it ``vfork()`` (about 2 ms, the launcher's exec included).
 
-Working directory: ``<workdir>/<task id>``, made on the first run of that task and kept (an
-earlier version reused slots emptied after each run; removing a tree a hostile command shaped,
-with FIFOs, hard links, mounts and deep nesting in it, safely needs an fd-based walk that is not
-written yet).
+Working directory: ``<workdir>/<task id>``, made for the run and removed after it in the
+background (see :mod:`.workdirs`: the command shaped that tree), so nothing piles up.
 
 The command's path is looked up once per PATH (``shutil.which`` stats every PATH entry) and
 re-checked each run with one ``stat``, so a command removed since still fails before anything
@@ -27,8 +25,8 @@ runs; it is looked up again every ``WHICH_TTL_S``.
 launcher is exec'd (the loop waits about 0.25 ms, mostly the child's time), where the thread
 hand-off and ``trio.Process`` cost the daemon CPU. The task JSON is written at once when the pipe
 takes it (64 KiB); the pipes are read as raw non-blocking fds and the exit is awaited on a pidfd
-(a thread without pidfds). With the lookup, the daemon's share of a run went from about 2.0 ms of
-CPU to 1.2-1.5 (micro benchmark, alternating runs).
+(a thread without pidfds). With the lookup, the daemon's share of a run went from about 1.9 ms of
+CPU to 1.1-1.3 (micro benchmark, alternating runs), the directory's removal included.
 """
 
 from __future__ import annotations
@@ -50,6 +48,7 @@ from typing import Any
 import trio
 
 from .base import Outcome, ProgressFn
+from .workdirs import remove_later
 
 SAFE_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 SHELL = "/bin/sh"
@@ -132,10 +131,18 @@ class ExecBackend:
         safe_id = "".join(c if c.isalnum() or c in "-_" else "_" for c in task_id)[:64]
         workdir = self.workdir / safe_id
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        started = time.monotonic()
-        env = self._env(task_id, str(workdir))
         try:
-            child = _Child(self._launch_argv(str(workdir), env), str(workdir), env, payload)
+            return await self._run_in(str(workdir), task_id, payload, progress)
+        finally:
+            remove_later(str(workdir), os.stat(self.workdir).st_dev)
+
+    async def _run_in(
+        self, workdir: str, task_id: str, payload: bytes, progress: ProgressFn
+    ) -> Outcome:
+        started = time.monotonic()
+        env = self._env(task_id, workdir)
+        try:
+            child = _Child(self._launch_argv(workdir, env), workdir, env, payload)
         except OSError as exc:
             return Outcome(False, error=f"cannot start {self.argv[0]}: {exc}")
         timed_out = False
