@@ -14,8 +14,10 @@ session), not by a ``preexec_fn``: a ``preexec_fn`` makes CPython ``fork()`` the
 and run Python in the child, about 20 ms of CPU per task for a daemon of 200 MB, where the
 launcher lets it ``vfork()`` (about 2 ms, the launcher's exec included).
 
-Working directory: ``<workdir>/<task id>``, made for the run and removed after it in the
-background (see :mod:`.workdirs`: the command shaped that tree), so nothing piles up.
+Working directory: ``<workdir>/<task id>``, made on the first run of that task and kept. Removing
+a tree the command shaped (FIFOs, hard links, deep nesting, FUSE or bind mounts inside) safely
+needs ``openat2`` with ``RESOLVE_NO_XDEV`` and a fresh directory per run; two attempts with
+``shutil.rmtree`` and with an fd-based walk were reviewed and taken out (docs/tasks.md).
 
 The command's path is looked up once per PATH (``shutil.which`` stats every PATH entry) and
 re-checked each run with one ``stat``, so a command removed since still fails before anything
@@ -25,8 +27,8 @@ runs; it is looked up again every ``WHICH_TTL_S``.
 launcher is exec'd (the loop waits about 0.25 ms, mostly the child's time), where the thread
 hand-off and ``trio.Process`` cost the daemon CPU. The task JSON is written at once when the pipe
 takes it (64 KiB); the pipes are read as raw non-blocking fds and the exit is awaited on a pidfd
-(a thread without pidfds). With the lookup, the daemon's share of a run went from about 1.9 ms of
-CPU to 1.1-1.3 (micro benchmark, alternating runs), the directory's removal included.
+(a thread without pidfds). With the lookup, the daemon's share of a run went from about 2.0 ms of
+CPU to 1.2-1.5 (micro benchmark, alternating runs).
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ from typing import Any
 import trio
 
 from .base import Outcome, ProgressFn
-from .workdirs import remove_later
 
 SAFE_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 SHELL = "/bin/sh"
@@ -131,18 +132,10 @@ class ExecBackend:
         safe_id = "".join(c if c.isalnum() or c in "-_" else "_" for c in task_id)[:64]
         workdir = self.workdir / safe_id
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            return await self._run_in(str(workdir), task_id, payload, progress)
-        finally:
-            remove_later(str(workdir), os.stat(self.workdir).st_dev)
-
-    async def _run_in(
-        self, workdir: str, task_id: str, payload: bytes, progress: ProgressFn
-    ) -> Outcome:
         started = time.monotonic()
-        env = self._env(task_id, workdir)
+        env = self._env(task_id, str(workdir))
         try:
-            child = _Child(self._launch_argv(workdir, env), workdir, env, payload)
+            child = _Child(self._launch_argv(str(workdir), env), str(workdir), env, payload)
         except OSError as exc:
             return Outcome(False, error=f"cannot start {self.argv[0]}: {exc}")
         timed_out = False
