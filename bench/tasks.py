@@ -4,8 +4,9 @@ Throughput: N tasks (200, then 1,000) submitted concurrently through the 4 nodes
 (``CALLERS`` submitters per node, each making one call at a time, through a lean client so that
 the load is the daemons' own); each is bid on, assigned, run by a trivial exec agent (`cat`:
 echoes the task JSON; ``AGENTS`` of them per node, 8 runs at once each, the swarm's limit per
-agent) and submitted; the clock stops when every task is done on the submitting side. Printed too: the rate over the middle half (from a quarter to three quarters done, the
-pipeline full), the create calls' latency, the daemons' CPU per task. Takeover: a sleeping task's
+agent) and submitted; the clock stops when every task is done on the submitting side. Printed
+too: the rate over the middle half (from a quarter to three quarters done, the pipeline full),
+the create calls' latency, the daemons' CPU per task. Takeover: a sleeping task's
 assignee is killed (SIGKILL); the time until another node has claimed it and runs it, against
 lease + 2 s. History: one node's scheduler step (sans-IO) with 100,000 finished tasks in its
 view, against a full pass over them: a step must cost the changes, not the history. In flight:

@@ -132,10 +132,11 @@ class ExecBackend:
         safe_id = "".join(c if c.isalnum() or c in "-_" else "_" for c in task_id)[:64]
         workdir = self.workdir / safe_id
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cwd = str(workdir)
         started = time.monotonic()
-        env = self._env(task_id, str(workdir))
+        env = self._env(task_id, cwd)
         try:
-            child = _Child(self._launch_argv(str(workdir), env), str(workdir), env, payload)
+            child = _Child(self._launch_argv(cwd, env), cwd, env, payload)
         except OSError as exc:
             return Outcome(False, error=f"cannot start {self.argv[0]}: {exc}")
         timed_out = False

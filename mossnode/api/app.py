@@ -83,7 +83,8 @@ def error(status: int, code: str, message: str, details: Any = None) -> JSONResp
     return JSONResponse({"error": err}, status_code=status)
 
 
-BODY = "mossnode.body"  # scope key: the request's parsed body (the guard checks it, the handler reads it)
+# scope key: the request's parsed body (the guard checks it, then the handler reads it)
+BODY = "mossnode.body"
 
 
 async def json_body(request: Request) -> dict[str, Any]:

@@ -444,88 +444,6 @@ def _table(cont: Container) -> dict[str | None, Resolved | None]:
     return table
 
 
-class _Fast:
-    __slots__ = (
-        "author",
-        "client",
-        "clock",
-        "deps",
-        "index",
-        "may",
-        "own_places",
-        "own_starts",
-        "policy",
-        "policy_seq",
-        "start",
-    )
-
-    def __init__(
-        self,
-        author: str,
-        client: int,
-        start: int,
-        deps: Mapping[int, int],
-        index: LocationIndex,
-        policy: Policy,
-        policy_seq: int,
-        may: dict[str, bool],
-    ) -> None:
-        self.author = author
-        self.client = client
-        self.start = start
-        self.clock = start
-        self.deps = deps
-        self.index = index
-        self.policy = policy
-        self.policy_seq = policy_seq
-        self.own_starts: list[int] = []
-        self.own_places: list[Place] = []
-        self.may = may
-
-    def lookup(self, ref: ID) -> Place | None:
-        """:meth:`_Check.lookup`, or None where that refuses."""
-        c, k = ref
-        if c == self.client:
-            if self.start <= k < self.clock:
-                starts = self.own_starts
-                i = len(starts) - 1
-                if starts[i] > k:  # not the latest item: search
-                    i = bisect.bisect_right(starts, k) - 1
-                return self.own_places[i]
-            if k < self.start:
-                return self.index.place(c, k)
-            return None
-        if k < self.deps.get(c, 0):
-            return self.index.place(c, k)
-        return None
-
-    def allowed(
-        self, cont: Container, key: str | None, op: Op, kind: Content | None
-    ) -> Rule | None:
-        """The row that lets the author ``op`` (writing ``kind``) at ``cont.path + (key,)``,
-        or None if :func:`rules.judge` would refuse."""
-        return _allowed(self.author, self.policy, self.policy_seq, self.may, cont, key, op, kind)
-
-    def ancestors_deleted(
-        self, cont: Container, deleted: dict[int, list[tuple[int, int]]]
-    ) -> bool | None:
-        """:meth:`_Check._under_deleted` for a place in ``cont``; None where that refuses."""
-        parent = cont.parent
-        for _ in range(64):
-            if parent is None:
-                return False
-            ranges = deleted.get(parent[0])
-            if ranges:
-                i = bisect.bisect_right(ranges, (parent[1], _INF)) - 1
-                if i >= 0 and parent[1] < ranges[i][1]:
-                    return True
-            found = self.lookup(parent)
-            if found is None:
-                return None
-            parent = found[0].parent
-        return None
-
-
 def _allowed(
     author: str,
     policy: Policy,
@@ -536,8 +454,8 @@ def _allowed(
     op: Op,
     kind: Content | None,
 ) -> Rule | None:
-    """:meth:`_Fast.allowed`, as a function: :func:`admit` calls it for every item, and needs
-    no :class:`_Fast` unless the update deletes."""
+    """The row that lets ``author`` ``op`` (writing ``kind``) at ``cont.path + (key,)``, or
+    None if :func:`rules.judge` would refuse; ``may`` memoizes the policy's answers."""
     table = cont.rules
     if table is None:
         table = _table(cont)
@@ -615,7 +533,7 @@ def admit(
     seen_id: ID | None = None  # the latest origin looked up, and its place
     seen_place: Place | None = None
 
-    def lookup(ref: ID) -> Place | None:  # _Fast.lookup, inlined for the clock in hand
+    def lookup(ref: ID) -> Place | None:  # _Check.lookup, or None where that refuses
         c, k = ref
         if c == client:
             if start <= k < clock:
@@ -730,7 +648,8 @@ def admit(
                 for cont, key, kind in found:
                     if kind is _GC:
                         continue
-                    # _Fast.ancestors_deleted, inlined (with lookup at the final clock)
+                    # _Check._under_deleted for this place (lookup at the final clock); a
+                    # chain that does not end, or a lookup that fails, refuses
                     up = cont.parent
                     for _ in range(64):
                         if up is None:
