@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,19 @@ def test_dag_across_four_nodes(cluster_factory) -> None:
     sock = httpx.HTTPTransport(uds=str(c.nodes[0].state_dir / "api.sock"))
     metrics = httpx.Client(transport=sock, base_url="http://x").get("/v1/metrics").text
     assert 'mossnode_tasks{state="done"} 4' in metrics.splitlines()
+
+    # the runs' working directories, scratch files and all, are gone (the sweeper's rm)
+    def leftovers() -> list[str]:
+        found = []
+        for node in c.nodes:
+            work = node.state_dir / "work"
+            for agent in work.iterdir() if work.exists() else ():
+                found += [p.name for p in agent.iterdir() if p.name != ".trash"]
+                found += os.listdir(agent / ".trash") if (agent / ".trash").exists() else []
+        return found
+
+    assert sum((node.state_dir / "work").exists() for node in c.nodes) >= 1
+    wait_for(lambda: not leftovers(), 20, "the working directories to be removed")
 
 
 def test_takeover_after_kill9(cluster_factory) -> None:

@@ -14,10 +14,8 @@ session), not by a ``preexec_fn``: a ``preexec_fn`` makes CPython ``fork()`` the
 and run Python in the child, about 20 ms of CPU per task for a daemon of 200 MB, where the
 launcher lets it ``vfork()`` (about 2 ms, the launcher's exec included).
 
-Working directory: ``<workdir>/<task id>``, made on the first run of that task and kept. Removing
-a tree the command shaped (FIFOs, hard links, deep nesting, FUSE or bind mounts inside) safely
-needs ``openat2`` with ``RESOLVE_NO_XDEV`` and a fresh directory per run; two attempts with
-``shutil.rmtree`` and with an fd-based walk were reviewed and taken out (docs/tasks.md).
+Working directory: a fresh ``<workdir>/<task id>.<random>`` per run (HOME and TMPDIR too),
+removed when the run ends: at once if empty, else by the daemon's sweeper (``workdirs``).
 
 The command's path is looked up once per PATH (``shutil.which`` stats every PATH entry) and
 re-checked each run with one ``stat``, so a command removed since still fails before anything
@@ -50,6 +48,7 @@ from typing import Any
 import trio
 
 from .base import Outcome, ProgressFn
+from .workdirs import discard, fresh
 
 SAFE_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 SHELL = "/bin/sh"
@@ -129,9 +128,19 @@ class ExecBackend:
         payload = json.dumps(
             {k: task.get(k) for k in ("id", "title", "spec", "input", "inputs_from_dependencies")}
         ).encode()
-        safe_id = "".join(c if c.isalnum() or c in "-_" else "_" for c in task_id)[:64]
-        workdir = self.workdir / safe_id
-        workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        safe_id = "".join(c if c.isalnum() or c in "-_" else "_" for c in task_id)[:64] or "task"
+        try:
+            workdir = fresh(self.workdir, safe_id)
+        except OSError as exc:
+            return Outcome(False, error=f"cannot make a working directory: {exc}")
+        try:
+            return await self._run_in(workdir, task_id, payload, progress)
+        finally:
+            discard(workdir)
+
+    async def _run_in(
+        self, workdir: Path, task_id: str, payload: bytes, progress: ProgressFn
+    ) -> Outcome:
         cwd = str(workdir)
         started = time.monotonic()
         env = self._env(task_id, cwd)

@@ -29,6 +29,7 @@ import trio
 
 from ..agents.base import Backend, Outcome
 from ..agents.exec import ExecBackend
+from ..agents.workdirs import TRASH, Sweeper
 from ..crypto.sealed import Randomness, SealedError
 from ..protocols import tasks as T
 from ..protocols.crdt import Replica, Writer, WriteRefused
@@ -56,6 +57,7 @@ TICK_SPACING_S = 0.2
 # until the next full-spacing tick capped a node at its capacity / TICK_SPACING_S runs per second
 # (4 nodes x 8 slots / 0.2 s: the 4-node swarm topped out near 140 tasks/s, with CPU to spare).
 FINISH_SPACING_S = 0.05
+SWEEP_INTERVAL_S = 5.0  # how often the agents' .trash directories are emptied (workdirs)
 SYNC_FIRST_S = 30.0  # longest the scheduler waits for the first anti-entropy round
 PULL_BACKENDS = frozenset({"api", "openclaw"})  # agents that fetch their work over the API
 # Refusal codes of the pure task rules, as HTTP statuses for the API.
@@ -218,6 +220,7 @@ class TaskService:
         self._runs: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self.workdir = daemon.state_dir / "work"
+        self.sweeper = Sweeper()
         self.events: list[dict[str, Any]] = []  # activity feed (bounded)
         self._last_states: dict[str, str] = {}
         # Plain copies of the tasks, refreshed only where the document changed.
@@ -236,6 +239,20 @@ class TaskService:
     async def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         nursery.start_soon(self._loop)
+        nursery.start_soon(self._sweep_loop)
+
+    async def _sweep_loop(self) -> None:
+        """Empty the exec agents' ``.trash`` directories (runs' non-empty working directories),
+        at start-up (a crash's leftovers) and every SWEEP_INTERVAL_S."""
+        sweeper = self.sweeper
+        while True:
+            try:
+                agents = sorted(os.listdir(self.workdir))
+            except OSError:
+                agents = []
+            for name in agents:
+                await sweeper.sweep(self.workdir / name / TRASH)
+            await trio.sleep(SWEEP_INTERVAL_S)
 
     def poke(self) -> None:
         self._wake.set()
