@@ -48,7 +48,7 @@ from typing import Any
 import trio
 
 from .base import Outcome, ProgressFn
-from .workdirs import discard, fresh
+from .workdirs import TRASHED, discard, fresh
 
 SAFE_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 SHELL = "/bin/sh"
@@ -94,6 +94,7 @@ class ExecBackend:
         self.workdir = workdir
         self.limits = limits or ExecLimits()
         self.extra_env = env or {}
+        self.trashed = False  # the last run left files: its directory awaits the sweeper
 
     def _env(self, task_id: str, workdir: str) -> dict[str, str]:
         env = {k: os.environ[k] for k in SAFE_ENV if k in os.environ}
@@ -136,7 +137,7 @@ class ExecBackend:
         try:
             return await self._run_in(workdir, task_id, payload, progress)
         finally:
-            discard(workdir)
+            self.trashed = discard(workdir) == TRASHED
 
     async def _run_in(
         self, workdir: Path, task_id: str, payload: bytes, progress: ProgressFn

@@ -1,38 +1,76 @@
 """Per-run working directories of the exec backend, and their removal.
 
 Each run gets a fresh directory (``mkdtemp``: unique, mode 0700), so no two runs ever share one,
-whether they are re-runs of one task or tasks whose sanitised ids collide. When the run ends its
-directory is removed at once if it is empty (one ``rmdir``, the common case); otherwise it is
-renamed into the agent's ``.trash`` directory, which a sweeper empties later.
+whether they are re-runs of one task or tasks whose sanitised ids collide. When the run ends it
+is removed at once if it is empty (one ``rmdir``, the common case); otherwise it is renamed into
+the agent's ``.trash`` under a random name, which a sweeper process empties later (``sweep``).
 
-The sweeper never walks the tree in the daemon. A tree the command shaped can hold FIFOs, hard
-links, symlinks to anywhere, any depth, and mounts (FUSE, whose server may never answer; bind
-mounts, which share the device). It runs GNU ``rm -rf --one-file-system`` in a child process
-under a deadline: ``rm`` unlinks what it finds (it opens only directories, never follows a
-symlink, never chmods), walks any depth with ``openat``, and a hung one is killed, not a daemon
-thread. Before that, every entry with a mount point beneath it (``/proc/self/mountinfo``) is
-left alone and reported once: only root can mount there, and emptying a bind mount would empty
-its source. What ``rm`` could not remove stays in ``.trash`` and is retried at the next sweep.
+The daemon never walks a tree the command shaped (FIFOs, hard links, symlinks to anywhere, any
+depth, FUSE or bind mounts) and never resolves a path through it: the agent directory and its
+``.trash`` are opened from the trusted ``<state>/work`` with ``openat2`` refusing symlinks and
+mount crossings, and the rmdir and rename go through those descriptors. Emptying ``.trash`` is
+the sweeper child's job, under a deadline (the daemon kills its process group when it expires).
+
+The command runs as the daemon's uid, so it could remove these files itself: what this guards
+against is the daemon being the one that follows a link or a mount a run left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import json
 import logging
 import os
-import re
+import secrets
+import shutil
+import signal
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
 log = logging.getLogger(__name__)
 
 TRASH = ".trash"
-RM = ("rm", "-rf", "--one-file-system", "--")
+REMOVED, TRASHED, LEFT = "removed", "trashed", "left"  # what discard did
 SWEEP_TIMEOUT_S = 60.0
-MOUNTINFO = "/proc/self/mountinfo"
-_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+# openat2(2): resolve without symlinks, without crossing a mount, without leaving the start
+_SYS_OPENAT2 = 437  # the same number on every architecture (the unified syscall table)
+_RESOLVE = 0x01 | 0x04 | 0x08  # RESOLVE_NO_XDEV | RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_openat2_works = True
+
+
+def open_dir(dir_fd: int, name: str) -> int:
+    """The directory ``name`` directly beneath ``dir_fd``: never through a symlink, and (with
+    openat2, Linux 5.6+) never across a mount point, so a mount hung by its server is refused
+    before it is touched. OSError otherwise."""
+    global _openat2_works
+    if "/" in name or name in ("", ".", ".."):
+        raise OSError(errno.EINVAL, f"not a plain name: {name!r}")
+    if _openat2_works:
+        how = _OpenHow(_DIR_FLAGS, 0, _RESOLVE)
+        fd = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(name), ctypes.byref(how), 24)
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp filter without it
+            raise OSError(err, f"{os.strerror(err)}: {name!r}")
+        _openat2_works = False
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
 
 
 def fresh(parent: Path, name: str) -> Path:
@@ -41,101 +79,113 @@ def fresh(parent: Path, name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=name + ".", dir=parent))
 
 
-def discard(run_dir: Path) -> bool:
-    """Remove an empty ``run_dir``, or move it into its parent's ``.trash`` for the sweeper;
-    False if it could do neither (the directory stays where it is; the reason is logged)."""
+def discard(run_dir: Path) -> str:
+    """Remove an empty ``run_dir`` (``<work>/<agent>/<run>``), or move it into the agent's
+    ``.trash`` for the sweeper: REMOVED, TRASHED, or LEFT if it could do neither (it stays
+    where it is; the reason is logged)."""
+    agent_dir = run_dir.parent
     try:
-        os.rmdir(run_dir)
-        return True
-    except FileNotFoundError:
-        return True
-    except OSError:
-        pass  # not empty (or the command made it unremovable): the sweeper's
-    trash = run_dir.parent / TRASH
-    try:
-        trash.mkdir(mode=0o700, exist_ok=True)
-        os.rename(run_dir, trash / run_dir.name)  # never follows a symlink put in its place
-        return True
-    except OSError as exc:  # a mount point (EBUSY), a replaced parent, ...
+        work = os.open(agent_dir.parent, _DIR_FLAGS)
+    except OSError as exc:
         log.warning("working directory %s left in place: %s", run_dir, exc)
-        return False
+        return LEFT
+    agent = trash = -1
+    try:
+        agent = open_dir(work, agent_dir.name)
+        try:
+            os.rmdir(run_dir.name, dir_fd=agent)
+            return REMOVED
+        except FileNotFoundError:
+            return REMOVED
+        except OSError:
+            pass  # not empty, or made unremovable by the command: the sweeper's
+        trash = open_trash(agent)
+        # a random name: the command cannot have made one there to make the rename fail
+        target = f"{run_dir.name}.{secrets.token_hex(4)}"
+        os.rename(run_dir.name, target, src_dir_fd=agent, dst_dir_fd=trash)
+        return TRASHED
+    except OSError as exc:  # a mount point (EBUSY, EXDEV), a symlink put in place, ...
+        log.warning("working directory %s left in place: %s", run_dir, exc)
+        return LEFT
+    finally:
+        for fd in (trash, agent, work):
+            if fd >= 0:
+                os.close(fd)
 
 
-def _unescape(path: str) -> str:
-    """A mountinfo path field: space, tab, newline and backslash are written as octal escapes."""
-    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), path) if "\\" in path else path
+def open_trash(agent: int) -> int:
+    """The agent's ``.trash`` (made if missing), opened as :func:`open_dir` opens."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(TRASH, 0o700, dir_fd=agent)
+    return open_dir(agent, TRASH)
 
 
-def mount_points(mountinfo: str) -> list[str]:
-    """The mount points listed in the text of a ``/proc/<pid>/mountinfo``."""
-    points = []
-    for line in mountinfo.splitlines():
-        parts = line.split(" ")
-        if len(parts) > 4:
-            points.append(_unescape(parts[4]))
-    return points
-
-
-def holding_mounts(trash: Path, names: list[str], points: list[str]) -> set[str]:
-    """Which of the entries ``names`` of ``trash`` are, or have beneath them, a mount point."""
-    root = os.path.realpath(trash)
-    held = set()
-    for point in points:
-        if point.startswith(root + "/"):
-            held.add(point[len(root) + 1 :].split("/", 1)[0])
-    return held & set(names)
+def _kill_group(process: trio.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the sweeper leads its session: rm goes too
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 @dataclass
 class Sweeper:
-    """Empties ``.trash`` directories with ``rm`` in a child process, one sweep at a time."""
+    """Runs the sweeper process (``python -m mossnode.agents.sweep``) over one agent directory
+    at a time, killing its whole process group (``rm`` included) after ``timeout_s``. A root
+    daemon runs it in a private mount namespace (``unshare``): mounts made after it starts,
+    by a process that escaped its run's kill, never appear where it checks and removes."""
 
     timeout_s: float = SWEEP_TIMEOUT_S
     removed: int = 0
     failed: int = 0
     _reported: set[str] = field(default_factory=set)
 
-    async def sweep(self, trash: Path) -> int:
-        """Remove what ``trash`` holds (except entries with mounts beneath); the number of
-        entries removed. Never raises for what it finds there."""
-        try:
-            names = sorted(os.listdir(trash))
-        except OSError:
-            return 0
-        if not names:
-            return 0
-        try:
-            with open(MOUNTINFO, errors="surrogateescape") as f:
-                points = mount_points(f.read())
-        except OSError as exc:  # no /proc: nothing is removed blind
-            self._report(str(trash), f"cannot read {MOUNTINFO} ({exc}); not emptied")
-            return 0
-        held = holding_mounts(trash, names, points)
-        for name in held:
-            self._report(str(trash / name), "a mount point is beneath it; not removed")
-        todo = [str(trash / n) for n in names if n not in held]
-        if not todo:
-            return 0
-        err = b""
+    def command(self, work: Path, agent: str, adopt_before: float | None) -> list[str]:
+        argv = [sys.executable, "-m", "mossnode.agents.sweep", str(work), agent]
+        if adopt_before is not None:
+            argv += ["--adopt-before", repr(adopt_before)]
+        unshare = shutil.which("unshare") if os.geteuid() == 0 else None
+        if unshare:
+            argv = [unshare, "--mount", "--propagation", "private", *argv]
+        return argv
+
+    async def sweep(self, work: Path, agent: str, adopt_before: float | None = None) -> bool:
+        """Empty ``<work>/<agent>/.trash`` (first moving into it the run directories last
+        modified before ``adopt_before``, a crashed daemon's). False if something is left to
+        retry (entries with a mount beneath stay for good, said once). Never raises."""
+        argv = self.command(work, agent, adopt_before)
+
+        async def kill(process: trio.Process) -> None:
+            _kill_group(process)
+
+        where = f"{work / agent}"
+        report: dict[str, Any] = {}
         with trio.move_on_after(self.timeout_s) as scope:
             try:
                 done = await trio.run_process(
-                    [*RM, *todo], check=False, capture_stdout=True, capture_stderr=True
+                    argv,
+                    check=False,
+                    capture_stdout=True,
+                    start_new_session=True,
+                    deliver_cancel=kill,
                 )
-                err = done.stderr
-            except OSError as exc:  # no rm
-                self._report(str(trash), f"cannot run rm: {exc}")
-                return 0
-        left = [p for p in todo if os.path.lexists(p)]
-        gone = len(todo) - len(left)
-        self.removed += gone
-        if left:
+            except OSError as exc:
+                self._report(where, f"cannot run the sweeper: {exc}")
+                return False
+            try:
+                report = json.loads(done.stdout.decode().splitlines()[-1])
+            except (ValueError, IndexError, UnicodeDecodeError):
+                report = {"error": f"the sweeper exited {done.returncode} without a report"}
+        if scope.cancelled_caught:
+            report = {"error": f"timed out after {self.timeout_s:g} s"}
+        removed = int(report.get("removed") or 0)
+        self.removed += removed
+        for name in report.get("held") or ():
+            self._report(f"{where}/{TRASH}/{name}", "a mount point is beneath it; not removed")
+        error, left = report.get("error"), report.get("left")
+        if error or left:
             self.failed += 1
-            why = "timed out" if scope.cancelled_caught else err.decode(errors="replace")[-500:]
-            self._report(
-                str(trash), f"{len(left)} entries not removed ({why.strip()}); retried later"
-            )
-        return gone
+            why = error or f"{report.get('left_count')} entries left ({report.get('why')})"
+            self._report(where, f"not emptied: {why}; retried at the next sweep")
+            return False
+        return True
 
     def _report(self, what: str, message: str) -> None:
         if what in self._reported:
@@ -143,4 +193,4 @@ class Sweeper:
         if len(self._reported) > 4096:
             self._reported.clear()
         self._reported.add(what)
-        log.warning("%s: %s", what, message)
+        log.warning("%s: %s", what, message.strip())

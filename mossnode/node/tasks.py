@@ -29,7 +29,7 @@ import trio
 
 from ..agents.base import Backend, Outcome
 from ..agents.exec import ExecBackend
-from ..agents.workdirs import TRASH, Sweeper
+from ..agents.workdirs import Sweeper
 from ..crypto.sealed import Randomness, SealedError
 from ..protocols import tasks as T
 from ..protocols.crdt import Replica, Writer, WriteRefused
@@ -57,7 +57,7 @@ TICK_SPACING_S = 0.2
 # until the next full-spacing tick capped a node at its capacity / TICK_SPACING_S runs per second
 # (4 nodes x 8 slots / 0.2 s: the 4-node swarm topped out near 140 tasks/s, with CPU to spare).
 FINISH_SPACING_S = 0.05
-SWEEP_INTERVAL_S = 5.0  # how often the agents' .trash directories are emptied (workdirs)
+SWEEP_INTERVAL_S = 5.0  # at most this often a run's leftover files are removed (workdirs)
 SYNC_FIRST_S = 30.0  # longest the scheduler waits for the first anti-entropy round
 PULL_BACKENDS = frozenset({"api", "openclaw"})  # agents that fetch their work over the API
 # Refusal codes of the pure task rules, as HTTP statuses for the API.
@@ -221,6 +221,9 @@ class TaskService:
         self._nursery: trio.Nursery | None = None
         self.workdir = daemon.state_dir / "work"
         self.sweeper = Sweeper()
+        self._sweep_agents: set[str] = set()  # agents whose .trash has something to remove
+        self._sweep_wanted = trio.Event()
+        self._started_wall = time.time()  # run directories older than this are a past daemon's
         self.events: list[dict[str, Any]] = []  # activity feed (bounded)
         self._last_states: dict[str, str] = {}
         # Plain copies of the tasks, refreshed only where the document changed.
@@ -242,17 +245,25 @@ class TaskService:
         nursery.start_soon(self._sweep_loop)
 
     async def _sweep_loop(self) -> None:
-        """Empty the exec agents' ``.trash`` directories (runs' non-empty working directories),
-        at start-up (a crash's leftovers) and every SWEEP_INTERVAL_S."""
-        sweeper = self.sweeper
+        """Empty the exec agents' ``.trash`` directories (runs' non-empty working directories):
+        each agent's once at start-up, taking in a crashed daemon's run directories, then
+        those runs left files in, at most once per SWEEP_INTERVAL_S (one sweeper process
+        per agent and sweep); what a sweep could not remove is retried at the next."""
+        try:
+            agents = {p.name for p in os.scandir(self.workdir) if p.is_dir(follow_symlinks=False)}
+        except OSError:
+            agents = set()
+        adopt: float | None = self._started_wall
         while True:
-            try:
-                agents = sorted(os.listdir(self.workdir))
-            except OSError:
-                agents = []
-            for name in agents:
-                await sweeper.sweep(self.workdir / name / TRASH)
+            for name in sorted(agents):
+                if not await self.sweeper.sweep(self.workdir, name, adopt):
+                    self._sweep_agents.add(name)
+            adopt = None
             await trio.sleep(SWEEP_INTERVAL_S)
+            if not self._sweep_agents:
+                await self._sweep_wanted.wait()
+            self._sweep_wanted = trio.Event()
+            agents, self._sweep_agents = self._sweep_agents, set()
 
     def poke(self) -> None:
         self._wake.set()
@@ -620,7 +631,13 @@ class TaskService:
             with scope:
                 log.info("%s %s on agent %s", "reviewing" if review else "running", tid, agent.name)
                 payload = self.open_payload(tid, payload, review)
-                outcome = await self._backend(agent).run(payload, progress)
+                backend = self._backend(agent)
+                try:
+                    outcome = await backend.run(payload, progress)
+                finally:
+                    if isinstance(backend, ExecBackend) and backend.trashed:
+                        self._sweep_agents.add(agent.name)
+                        self._sweep_wanted.set()
         except Exception as exc:
             outcome = Outcome(False, error=f"backend failed: {exc}")
         finally:
