@@ -19,6 +19,20 @@ from mossnode.agents import workdirs as W
 from mossnode.agents.exec import ExecBackend
 
 
+@pytest.fixture
+def wfd():
+    """Opens a work directory as the daemon does (workdirs.open_work); closed after the test."""
+    fds: list[int] = []
+
+    def open_(path: Path) -> int:
+        fds.append(W.open_work(path))
+        return fds[-1]
+
+    yield open_
+    for fd in fds:
+        os.close(fd)
+
+
 def test_fresh_directories_are_private_and_never_shared(tmp_path: Path) -> None:
     a, b = W.fresh(tmp_path / "agent", "t1"), W.fresh(tmp_path / "agent", "t1")
     assert a != b and a.parent == b.parent == tmp_path / "agent"
@@ -43,7 +57,7 @@ def victim(tmp_path: Path) -> Path:
     return outside
 
 
-def test_a_symlinked_trash_or_agent_directory_is_not_followed(tmp_path: Path) -> None:
+def test_a_symlinked_trash_or_agent_directory_is_not_followed(wfd, tmp_path: Path) -> None:
     """A command can replace ``.trash`` (or its agent's directory) with a symlink: the daemon
     then moves nothing there, and the sweeper removes nothing there."""
     outside = victim(tmp_path)
@@ -52,13 +66,13 @@ def test_a_symlinked_trash_or_agent_directory_is_not_followed(tmp_path: Path) ->
     (tmp_path / "a" / W.TRASH).symlink_to(outside)
     assert W.discard(run) == W.LEFT and run.exists()
     with pytest.raises(OSError):
-        S.sweep(str(tmp_path), "a", None)
+        S.sweep(wfd(tmp_path), "a", None)
     assert os.listdir(outside) == ["keep.txt"]
     os.rename(tmp_path / "a", tmp_path / "real")
     (tmp_path / "a").symlink_to(tmp_path / "real")
     assert W.discard(tmp_path / "a" / run.name) == W.LEFT
     with pytest.raises(OSError):
-        S.sweep(str(tmp_path), "a", None)
+        S.sweep(wfd(tmp_path), "a", None)
 
 
 def hostile_tree(root: Path, outside: Path) -> None:
@@ -83,39 +97,39 @@ def hostile_tree(root: Path, outside: Path) -> None:
     locked.chmod(0o500)
 
 
-async def test_sweeper_removes_a_hostile_tree_and_nothing_outside(tmp_path: Path) -> None:
+async def test_sweeper_removes_a_hostile_tree_and_nothing_outside(wfd, tmp_path: Path) -> None:
     outside = victim(tmp_path)
     run = W.fresh(tmp_path / "agent", "t1")
     hostile_tree(run, outside)
     assert W.discard(run) == W.TRASHED
     sweeper = W.Sweeper()
-    emptied = await sweeper.sweep(tmp_path, "agent")
+    emptied = await sweeper.sweep(wfd(tmp_path), "agent")
     if os.geteuid() != 0:  # only root removes what sits in a directory without write access
         assert not emptied and sweeper.failed == 1
         [moved] = os.listdir(tmp_path / "agent" / W.TRASH)
         (tmp_path / "agent" / W.TRASH / moved / "locked").chmod(0o700)
-        emptied = await sweeper.sweep(tmp_path, "agent")
+        emptied = await sweeper.sweep(wfd(tmp_path), "agent")
     assert emptied and sweeper.removed == 1
     assert os.listdir(tmp_path / "agent" / W.TRASH) == []
     assert (outside / "keep.txt").read_text() == "precious"
     assert stat.S_IMODE((outside / "keep.txt").stat().st_mode) == 0o644
 
 
-async def test_more_entries_than_one_argument_list_holds(tmp_path: Path) -> None:
+async def test_more_entries_than_one_argument_list_holds(wfd, tmp_path: Path) -> None:
     trash = tmp_path / "agent" / W.TRASH
     trash.mkdir(parents=True)
     for i in range(3 * S.BATCH + 7):
         (trash / f"t{i:05d}.{'x' * 60}").mkdir()
-    assert await W.Sweeper().sweep(tmp_path, "agent")
+    assert await W.Sweeper().sweep(wfd(tmp_path), "agent")
     assert os.listdir(trash) == []
 
 
-async def test_a_crashed_daemons_run_directories_are_taken_in(tmp_path: Path) -> None:
+async def test_a_crashed_daemons_run_directories_are_taken_in(wfd, tmp_path: Path) -> None:
     old, new = W.fresh(tmp_path / "agent", "old"), W.fresh(tmp_path / "agent", "new")
     (old / "f").write_text("x")
     (new / "f").write_text("x")
     os.utime(old, (time.time() - 3600, time.time() - 3600))
-    assert await W.Sweeper().sweep(tmp_path, "agent", adopt_before=time.time() - 60)
+    assert await W.Sweeper().sweep(wfd(tmp_path), "agent", adopt_before=time.time() - 60)
     assert sorted(os.listdir(tmp_path / "agent")) == [W.TRASH, new.name]  # a live run's stays
 
 
@@ -130,7 +144,9 @@ def test_mount_points_are_read_unescaped() -> None:
     assert S.holding_mounts("/w/.trash/t1.ab/fuse", ["x"], points) is None
 
 
-def test_entries_holding_a_mount_are_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_entries_holding_a_mount_are_left(
+    wfd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An entry with a mount point beneath it (a FUSE server that may hang, a bind mount whose
     source would be emptied) is never handed to rm; the others are removed. (The sweeper's own
     code, in process, to point it at a mount table of the test's making.)"""
@@ -144,20 +160,20 @@ def test_entries_holding_a_mount_are_left(tmp_path: Path, monkeypatch: pytest.Mo
     info = tmp_path / "mountinfo"
     info.write_text(f"40 1 0:50 / {trash}/{names['held']}/mnt rw - fuse.hung hung rw\n")
     monkeypatch.setattr(S, "MOUNTINFO", str(info))
-    assert S.sweep(str(tmp_path), "agent", None) == {"removed": 1, "held": [names["held"]]}
+    assert S.sweep(wfd(tmp_path), "agent", None) == {"removed": 1, "held": [names["held"]]}
     assert os.listdir(agent / W.TRASH) == [names["held"]]
     info.write_text(f"40 1 0:50 / {trash} rw - fuse.hung hung rw\n")
-    assert "is a mount point" in S.sweep(str(tmp_path), "agent", None)["error"]
+    assert "is a mount point" in S.sweep(wfd(tmp_path), "agent", None)["error"]
 
 
 async def test_a_hung_sweep_is_killed_with_its_children(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    wfd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     pidfile = tmp_path / "rm.pid"
     hung = ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"]
     monkeypatch.setattr(W.Sweeper, "command", lambda self, *a: hung)
     sweeper = W.Sweeper(timeout_s=0.5)
-    assert not await sweeper.sweep(tmp_path, "agent")
+    assert not await sweeper.sweep(wfd(tmp_path), "agent")
     assert sweeper.failed == 1 and "timed out" in caplog.text
     child = int(pidfile.read_text())
     with trio.fail_after(5):
@@ -172,7 +188,7 @@ def _state(pid: int) -> str:
         return "Z"
 
 
-async def test_a_run_leaves_nothing_behind(tmp_path: Path) -> None:
+async def test_a_run_leaves_nothing_behind(wfd, tmp_path: Path) -> None:
     """What the command wrote goes to the trash with its directory; a re-run of the same task
     starts in a new, empty one."""
     cmd = script(
@@ -187,7 +203,7 @@ async def test_a_run_leaves_nothing_behind(tmp_path: Path) -> None:
     assert first.ok and second.ok, (first.error, second.error)
     assert first.output["cwd"] != second.output["cwd"] and second.output["seen"] == []
     assert sorted(os.listdir(tmp_path / "w")) == [W.TRASH]
-    assert await W.Sweeper().sweep(tmp_path, "w")
+    assert await W.Sweeper().sweep(wfd(tmp_path), "w")
     assert os.listdir(tmp_path / "w" / W.TRASH) == []
 
 
@@ -195,3 +211,34 @@ async def test_a_run_whose_directory_cannot_be_made(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
     out = await ExecBackend(f"{sys.executable} -c pass", tmp_path / "file").run(TASK, nothing)
     assert not out.ok and "cannot make a working directory" in out.error
+
+
+async def test_a_replaced_work_directory_is_not_followed(wfd, tmp_path: Path) -> None:
+    """``<state>/work`` is a run's ``../..``: a command can swap it for a symlink to anything.
+    The daemon holds it open from start-up, so the sweep stays in the real one."""
+    outside = victim(tmp_path)
+    old = outside / "agent" / "t1.abc"
+    old.mkdir(parents=True)
+    (old / "f").write_text("x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    work = tmp_path / "work"
+    fd = wfd(work)
+    os.rename(work, tmp_path / "was")
+    work.symlink_to(outside)
+    assert not await W.Sweeper().sweep(fd, "agent", adopt_before=time.time())
+    assert (old / "f").read_text() == "x" and (outside / "keep.txt").exists()
+
+
+def test_without_openat2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Older kernels (or a seccomp filter): O_NOFOLLOW, then the mount ids compared."""
+    monkeypatch.setattr(W, "_openat2_works", False)
+    run = W.fresh(tmp_path / "a", "t1")
+    (run / "f").write_text("x")
+    assert W.discard(run) == W.TRASHED
+    (tmp_path / "a" / "link").symlink_to(tmp_path)
+    parent = os.open(tmp_path / "a", os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError):
+            W.open_dir(parent, "link")
+    finally:
+        os.close(parent)

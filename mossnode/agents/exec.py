@@ -87,6 +87,7 @@ class ExecBackend:
         workdir: Path,
         limits: ExecLimits | None = None,
         env: dict[str, str] | None = None,
+        work_fd: int | None = None,
     ) -> None:
         self.argv = list(_split(command))
         if not self.argv:
@@ -94,6 +95,7 @@ class ExecBackend:
         self.workdir = workdir
         self.limits = limits or ExecLimits()
         self.extra_env = env or {}
+        self.work_fd = work_fd  # the daemon's descriptor of workdir's parent (open_work)
         self.trashed = False  # the last run left files: its directory awaits the sweeper
 
     def _env(self, task_id: str, workdir: str) -> dict[str, str]:
@@ -137,7 +139,7 @@ class ExecBackend:
         try:
             return await self._run_in(workdir, task_id, payload, progress)
         finally:
-            self.trashed = discard(workdir) == TRASHED
+            self.trashed = discard(workdir, self.work_fd) == TRASHED
 
     async def _run_in(
         self, workdir: Path, task_id: str, payload: bytes, progress: ProgressFn

@@ -1,12 +1,13 @@
 """The sweeper process: empties one exec agent's ``.trash`` (see ``workdirs``).
 
-    python -m mossnode.agents.sweep <work dir> <agent> [--adopt-before <unix time>]
+    python -P -m mossnode.agents.sweep <work fd> <agent> [--adopt-before <unix time>]
 
 Run by the daemon in its own session, under a deadline; prints one JSON line, ``{"removed": n,
 "held": [names], "left": [up to 20 names], "left_count": n, "why": rm's last error, "error":
 text}``.
 
-It opens ``<agent>`` and ``.trash`` from ``<work dir>`` without following symlinks or crossing
+``<work fd>``: the daemon's descriptor of ``<state>/work``, inherited. It opens ``<agent>`` and
+``.trash`` from it without following symlinks or crossing
 mounts, skips every entry with a mount point beneath it (``/proc/self/mountinfo``; a root daemon
 runs this in a private mount namespace, so the list cannot change under it), and hands the rest
 to GNU ``rm -rf --one-file-system`` with ``.trash`` as its working directory (held by descriptor)
@@ -102,8 +103,7 @@ def remove(trash: int, names: list[str]) -> str:
     return why
 
 
-def sweep(work: str, agent_name: str, adopt_before: float | None) -> dict[str, object]:
-    work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+def sweep(work_fd: int, agent_name: str, adopt_before: float | None) -> dict[str, object]:
     agent = open_dir(work_fd, agent_name)
     trash = open_trash(agent)
     if adopt_before is not None:
@@ -145,7 +145,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     try:
-        report = sweep(args[0], args[1], adopt_before)
+        report = sweep(int(args[0]), args[1], adopt_before)
     except OSError as exc:
         report = {"removed": 0, "error": str(exc)}
     print(json.dumps(report))

@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -70,7 +71,16 @@ def open_dir(dir_fd: int, name: str) -> int:
         if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp filter without it
             raise OSError(err, f"{os.strerror(err)}: {name!r}")
         _openat2_works = False
-    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    if _mount_id(fd) != _mount_id(dir_fd):  # what RESOLVE_NO_XDEV refuses, checked after
+        os.close(fd)
+        raise OSError(errno.EXDEV, f"a mount point: {name!r}")
+    return fd
+
+
+def _mount_id(fd: int) -> str | None:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return next((line.split()[1] for line in f if line.startswith("mnt_id:")), None)
 
 
 def fresh(parent: Path, name: str) -> Path:
@@ -79,13 +89,20 @@ def fresh(parent: Path, name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=name + ".", dir=parent))
 
 
-def discard(run_dir: Path) -> str:
+def open_work(work: Path) -> int:
+    """``<state>/work`` (made if missing), opened once by the daemon and kept: a run can
+    rename or replace the path (it is the run's ``../..``), not what the descriptor holds."""
+    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return os.open(work, _DIR_FLAGS)
+
+
+def discard(run_dir: Path, work_fd: int | None = None) -> str:
     """Remove an empty ``run_dir`` (``<work>/<agent>/<run>``), or move it into the agent's
     ``.trash`` for the sweeper: REMOVED, TRASHED, or LEFT if it could do neither (it stays
-    where it is; the reason is logged)."""
+    where it is; the reason is logged). ``work_fd``: the daemon's :func:`open_work`."""
     agent_dir = run_dir.parent
     try:
-        work = os.open(agent_dir.parent, _DIR_FLAGS)
+        work = os.dup(work_fd) if work_fd is not None else os.open(agent_dir.parent, _DIR_FLAGS)
     except OSError as exc:
         log.warning("working directory %s left in place: %s", run_dir, exc)
         return LEFT
@@ -120,6 +137,21 @@ def open_trash(agent: int) -> int:
     return open_dir(agent, TRASH)
 
 
+def _private_mounts_work() -> list[str]:
+    """``unshare``'s prefix for a private mount namespace, if this process may make one (root
+    with CAP_SYS_ADMIN); else none: a daemon that cannot, has commands that cannot mount
+    into its namespace either (FUSE aside, which the sweeper's deadline bounds)."""
+    unshare = shutil.which("unshare") if os.geteuid() == 0 else None
+    if unshare is None:
+        return []
+    prefix = [unshare, "--mount", "--propagation", "private"]
+    try:
+        ok = subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    return prefix if ok else []
+
+
 def _kill_group(process: trio.Process) -> None:
     with contextlib.suppress(ProcessLookupError):  # the sweeper leads its session: rm goes too
         os.killpg(process.pid, signal.SIGKILL)
@@ -136,54 +168,60 @@ class Sweeper:
     removed: int = 0
     failed: int = 0
     _reported: set[str] = field(default_factory=set)
+    _unshare: list[str] | None = None  # the private-namespace prefix, once found to work
 
-    def command(self, work: Path, agent: str, adopt_before: float | None) -> list[str]:
-        argv = [sys.executable, "-m", "mossnode.agents.sweep", str(work), agent]
+    def command(self, work_fd: int, agent: str, adopt_before: float | None) -> list[str]:
+        argv = [sys.executable, "-P", "-m", "mossnode.agents.sweep", str(work_fd), agent]
         if adopt_before is not None:
             argv += ["--adopt-before", repr(adopt_before)]
-        unshare = shutil.which("unshare") if os.geteuid() == 0 else None
-        if unshare:
-            argv = [unshare, "--mount", "--propagation", "private", *argv]
-        return argv
+        if self._unshare is None:
+            self._unshare = _private_mounts_work()
+        return [*self._unshare, *argv]
 
-    async def sweep(self, work: Path, agent: str, adopt_before: float | None = None) -> bool:
-        """Empty ``<work>/<agent>/.trash`` (first moving into it the run directories last
-        modified before ``adopt_before``, a crashed daemon's). False if something is left to
-        retry (entries with a mount beneath stay for good, said once). Never raises."""
-        argv = self.command(work, agent, adopt_before)
+    async def sweep(self, work_fd: int, agent: str, adopt_before: float | None = None) -> bool:
+        """Empty ``<work>/<agent>/.trash`` (``work_fd``: :func:`open_work`), first moving into
+        it the run directories last modified before ``adopt_before`` (a crashed daemon's).
+        False if something is left to retry (entries with a mount beneath stay for good,
+        said once). Never raises."""
+        argv = self.command(work_fd, agent, adopt_before)
 
         async def kill(process: trio.Process) -> None:
             _kill_group(process)
 
-        where = f"{work / agent}"
-        report: dict[str, Any] = {}
+        where = f"work/{agent}"
+        report: Any = None
         with trio.move_on_after(self.timeout_s) as scope:
             try:
                 done = await trio.run_process(
                     argv,
                     check=False,
                     capture_stdout=True,
+                    pass_fds=(work_fd,),
                     start_new_session=True,
                     deliver_cancel=kill,
                 )
             except OSError as exc:
                 self._report(where, f"cannot run the sweeper: {exc}")
                 return False
-            try:
+            with contextlib.suppress(Exception):
                 report = json.loads(done.stdout.decode().splitlines()[-1])
-            except (ValueError, IndexError, UnicodeDecodeError):
+            if not isinstance(report, dict):
                 report = {"error": f"the sweeper exited {done.returncode} without a report"}
         if scope.cancelled_caught:
             report = {"error": f"timed out after {self.timeout_s:g} s"}
-        removed = int(report.get("removed") or 0)
+        try:
+            removed = int(report.get("removed") or 0)
+            held = [str(n) for n in report.get("held") or ()]
+        except (TypeError, ValueError):
+            removed, held = 0, []
         self.removed += removed
-        for name in report.get("held") or ():
+        for name in held:
             self._report(f"{where}/{TRASH}/{name}", "a mount point is beneath it; not removed")
         error, left = report.get("error"), report.get("left")
         if error or left:
             self.failed += 1
             why = error or f"{report.get('left_count')} entries left ({report.get('why')})"
-            self._report(where, f"not emptied: {why}; retried at the next sweep")
+            self._report(where, f"not emptied: {why}; retried later")
             return False
         return True
 

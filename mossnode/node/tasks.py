@@ -29,7 +29,7 @@ import trio
 
 from ..agents.base import Backend, Outcome
 from ..agents.exec import ExecBackend
-from ..agents.workdirs import Sweeper
+from ..agents.workdirs import Sweeper, open_work
 from ..crypto.sealed import Randomness, SealedError
 from ..protocols import tasks as T
 from ..protocols.crdt import Replica, Writer, WriteRefused
@@ -58,6 +58,7 @@ TICK_SPACING_S = 0.2
 # (4 nodes x 8 slots / 0.2 s: the 4-node swarm topped out near 140 tasks/s, with CPU to spare).
 FINISH_SPACING_S = 0.05
 SWEEP_INTERVAL_S = 5.0  # at most this often a run's leftover files are removed (workdirs)
+SWEEP_BACKOFF_S = 300.0  # the longest wait before retrying what a sweep could not remove
 SYNC_FIRST_S = 30.0  # longest the scheduler waits for the first anti-entropy round
 PULL_BACKENDS = frozenset({"api", "openclaw"})  # agents that fetch their work over the API
 # Refusal codes of the pure task rules, as HTTP statuses for the API.
@@ -223,7 +224,7 @@ class TaskService:
         self.sweeper = Sweeper()
         self._sweep_agents: set[str] = set()  # agents whose .trash has something to remove
         self._sweep_wanted = trio.Event()
-        self._started_wall = time.time()  # run directories older than this are a past daemon's
+        self._work_fd: int | None = None  # <state>/work, held open (workdirs.open_work)
         self.events: list[dict[str, Any]] = []  # activity feed (bounded)
         self._last_states: dict[str, str] = {}
         # Plain copies of the tasks, refreshed only where the document changed.
@@ -241,29 +242,46 @@ class TaskService:
 
     async def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        # A crashed daemon's run directories are taken in before any run of this one starts.
+        try:
+            self._work_fd = open_work(self.workdir)
+        except OSError as exc:
+            log.warning(
+                "%s cannot be opened (%s): run directories are not removed", self.workdir, exc
+            )
+        else:
+            for name in self._agent_dirs():
+                if not await self.sweeper.sweep(self._work_fd, name, adopt_before=time.time()):
+                    self._sweep_agents.add(name)
+            nursery.start_soon(self._sweep_loop)
         nursery.start_soon(self._loop)
-        nursery.start_soon(self._sweep_loop)
+
+    def _agent_dirs(self) -> list[str]:
+        try:
+            return sorted(
+                e.name for e in os.scandir(self._work_fd) if e.is_dir(follow_symlinks=False)
+            )
+        except OSError:
+            return []
 
     async def _sweep_loop(self) -> None:
-        """Empty the exec agents' ``.trash`` directories (runs' non-empty working directories):
-        each agent's once at start-up, taking in a crashed daemon's run directories, then
-        those runs left files in, at most once per SWEEP_INTERVAL_S (one sweeper process
-        per agent and sweep); what a sweep could not remove is retried at the next."""
-        try:
-            agents = {p.name for p in os.scandir(self.workdir) if p.is_dir(follow_symlinks=False)}
-        except OSError:
-            agents = set()
-        adopt: float | None = self._started_wall
+        """Empty the ``.trash`` of agents whose runs left files (their working directories), at
+        most once per SWEEP_INTERVAL_S: one sweeper process per agent and sweep. What a sweep
+        could not remove is retried, waiting twice as long each time (up to SWEEP_BACKOFF_S)."""
+        assert self._work_fd is not None
+        wait = SWEEP_INTERVAL_S
         while True:
-            for name in sorted(agents):
-                if not await self.sweeper.sweep(self.workdir, name, adopt):
-                    self._sweep_agents.add(name)
-            adopt = None
-            await trio.sleep(SWEEP_INTERVAL_S)
+            await trio.sleep(wait)
             if not self._sweep_agents:
                 await self._sweep_wanted.wait()
             self._sweep_wanted = trio.Event()
             agents, self._sweep_agents = self._sweep_agents, set()
+            failed = False
+            for name in sorted(agents):
+                if not await self.sweeper.sweep(self._work_fd, name):
+                    self._sweep_agents.add(name)
+                    failed = True
+            wait = min(wait * 2, SWEEP_BACKOFF_S) if failed else SWEEP_INTERVAL_S
 
     def poke(self) -> None:
         self._wake.set()
@@ -590,7 +608,7 @@ class TaskService:
     def _backend(self, agent: Agent) -> Backend:
         kind, _, arg = agent.backend.partition(":")
         if kind == "exec":
-            return ExecBackend(arg, Path(self.workdir) / agent.name)
+            return ExecBackend(arg, Path(self.workdir) / agent.name, work_fd=self._work_fd)
         raise ValueError(f"backend {kind} is not available")
 
     def _start(self, tid: str, agent_name: str, payload: dict[str, Any], review: bool) -> None:
