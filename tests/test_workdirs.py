@@ -39,6 +39,19 @@ def test_fresh_directories_are_private_and_never_shared(tmp_path: Path) -> None:
     assert stat.S_IMODE(a.stat().st_mode) == 0o700
 
 
+def test_fresh_through_the_held_work_directory(wfd, tmp_path: Path) -> None:
+    fd = wfd(tmp_path / "work")
+    run = W.fresh(tmp_path / "work" / "agent", "t1", fd)
+    assert run.parent == tmp_path / "work" / "agent" and run.name.startswith("t1.")
+    assert stat.S_IMODE(run.stat().st_mode) == 0o700 and os.listdir(run) == []
+    assert W.discard(run, fd) == W.REMOVED
+    os.rename(tmp_path / "work" / "agent", tmp_path / "real")
+    (tmp_path / "work" / "agent").symlink_to(tmp_path / "real")  # a run's ../ replaced
+    with pytest.raises(OSError):
+        W.fresh(tmp_path / "work" / "agent", "t2", fd)
+    assert os.listdir(tmp_path / "real") == []
+
+
 def test_discard_removes_empty_and_moves_the_rest(tmp_path: Path) -> None:
     empty, full = W.fresh(tmp_path / "a", "e"), W.fresh(tmp_path / "a", "f")
     (full / "out.txt").write_text("x")

@@ -15,7 +15,7 @@ and run Python in the child, about 20 ms of CPU per task for a daemon of 200 MB,
 launcher lets it ``vfork()`` (about 2 ms, the launcher's exec included).
 
 Working directory: a fresh ``<workdir>/<task id>.<random>`` per run (HOME and TMPDIR too),
-removed when the run ends: at once if empty, else by the daemon's sweeper (``workdirs``).
+removed when the run ends: at once if empty, else by the sweeper process (``workdirs``).
 
 The command's path is looked up once per PATH (``shutil.which`` stats every PATH entry) and
 re-checked each run with one ``stat``, so a command removed since still fails before anything
@@ -133,7 +133,7 @@ class ExecBackend:
         ).encode()
         safe_id = "".join(c if c.isalnum() or c in "-_" else "_" for c in task_id)[:64] or "task"
         try:
-            workdir = fresh(self.workdir, safe_id)
+            workdir = fresh(self.workdir, safe_id, self.work_fd)
         except OSError as exc:
             return Outcome(False, error=f"cannot make a working directory: {exc}")
         try:

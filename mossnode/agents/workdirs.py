@@ -83,10 +83,24 @@ def _mount_id(fd: int) -> str | None:
         return next((line.split()[1] for line in f if line.startswith("mnt_id:")), None)
 
 
-def fresh(parent: Path, name: str) -> Path:
-    """A new, empty directory for one run, named ``<name>.<random>`` under ``parent``."""
-    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Path(tempfile.mkdtemp(prefix=name + ".", dir=parent))
+def fresh(parent: Path, name: str, work_fd: int | None = None) -> Path:
+    """A new, empty directory (mode 0700) for one run: ``<parent>/<name>.<random>``. With
+    ``work_fd`` (the daemon's :func:`open_work`, ``parent``'s parent) it is made through
+    descriptors, refusing a ``parent`` that a run replaced with a symlink or a mount."""
+    if work_fd is None:
+        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return Path(tempfile.mkdtemp(prefix=name + ".", dir=parent))
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(parent.name, 0o700, dir_fd=work_fd)
+    agent = open_dir(work_fd, parent.name)
+    try:
+        while True:
+            run = f"{name}.{secrets.token_hex(4)}"
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(run, 0o700, dir_fd=agent)
+                return parent / run
+    finally:
+        os.close(agent)
 
 
 def open_work(work: Path) -> int:
