@@ -14,6 +14,7 @@ import pytest
 import trio
 from test_exec_backend import TASK, nothing, script
 
+from mossnode.agents import dirfd as D
 from mossnode.agents import sweep as S
 from mossnode.agents import workdirs as W
 from mossnode.agents.exec import ExecBackend
@@ -244,7 +245,7 @@ async def test_a_replaced_work_directory_is_not_followed(wfd, tmp_path: Path) ->
 
 def test_without_openat2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Older kernels (or a seccomp filter): O_NOFOLLOW, then the mount ids compared."""
-    monkeypatch.setattr(W, "_openat2_works", False)
+    monkeypatch.setattr(D, "_openat2_works", False)
     run = W.fresh(tmp_path / "a", "t1")
     (run / "f").write_text("x")
     assert W.discard(run) == W.TRASHED

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-from .workdirs import TRASH, open_dir, open_trash
+from .dirfd import TRASH, open_dir, open_trash
 
 RM = ("rm", "-rf", "--one-file-system", "--")
 RM_PATHS = ("/usr/bin/rm", "/bin/rm")  # never the PATH, which the command may write to

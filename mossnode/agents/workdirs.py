@@ -18,8 +18,6 @@ against is the daemon being the one that follows a link or a mount a run left be
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import json
 import logging
 import os
@@ -35,52 +33,12 @@ from typing import Any
 
 import trio
 
+from .dirfd import DIR_FLAGS, TRASH, open_dir, open_trash
+
 log = logging.getLogger(__name__)
 
-TRASH = ".trash"
 REMOVED, TRASHED, LEFT = "removed", "trashed", "left"  # what discard did
 SWEEP_TIMEOUT_S = 60.0
-
-# openat2(2): resolve without symlinks, without crossing a mount, without leaving the start
-_SYS_OPENAT2 = 437  # the same number on every architecture (the unified syscall table)
-_RESOLVE = 0x01 | 0x04 | 0x08  # RESOLVE_NO_XDEV | RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_openat2_works = True
-
-
-def open_dir(dir_fd: int, name: str) -> int:
-    """The directory ``name`` directly beneath ``dir_fd``: never through a symlink, and (with
-    openat2, Linux 5.6+) never across a mount point, so a mount hung by its server is refused
-    before it is touched. OSError otherwise."""
-    global _openat2_works
-    if "/" in name or name in ("", ".", ".."):
-        raise OSError(errno.EINVAL, f"not a plain name: {name!r}")
-    if _openat2_works:
-        how = _OpenHow(_DIR_FLAGS, 0, _RESOLVE)
-        fd = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(name), ctypes.byref(how), 24)
-        if fd >= 0:
-            return int(fd)
-        err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp filter without it
-            raise OSError(err, f"{os.strerror(err)}: {name!r}")
-        _openat2_works = False
-    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    if _mount_id(fd) != _mount_id(dir_fd):  # what RESOLVE_NO_XDEV refuses, checked after
-        os.close(fd)
-        raise OSError(errno.EXDEV, f"a mount point: {name!r}")
-    return fd
-
-
-def _mount_id(fd: int) -> str | None:
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        return next((line.split()[1] for line in f if line.startswith("mnt_id:")), None)
 
 
 def fresh(parent: Path, name: str, work_fd: int | None = None) -> Path:
@@ -107,7 +65,7 @@ def open_work(work: Path) -> int:
     """``<state>/work`` (made if missing), opened once by the daemon and kept: a run can
     rename or replace the path (it is the run's ``../..``), not what the descriptor holds."""
     work.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return os.open(work, _DIR_FLAGS)
+    return os.open(work, DIR_FLAGS)
 
 
 def discard(run_dir: Path, work_fd: int | None = None) -> str:
@@ -116,7 +74,7 @@ def discard(run_dir: Path, work_fd: int | None = None) -> str:
     where it is; the reason is logged). ``work_fd``: the daemon's :func:`open_work`."""
     agent_dir = run_dir.parent
     try:
-        work = os.dup(work_fd) if work_fd is not None else os.open(agent_dir.parent, _DIR_FLAGS)
+        work = os.dup(work_fd) if work_fd is not None else os.open(agent_dir.parent, DIR_FLAGS)
     except OSError as exc:
         log.warning("working directory %s left in place: %s", run_dir, exc)
         return LEFT
@@ -142,13 +100,6 @@ def discard(run_dir: Path, work_fd: int | None = None) -> str:
         for fd in (trash, agent, work):
             if fd >= 0:
                 os.close(fd)
-
-
-def open_trash(agent: int) -> int:
-    """The agent's ``.trash`` (made if missing), opened as :func:`open_dir` opens."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(TRASH, 0o700, dir_fd=agent)
-    return open_dir(agent, TRASH)
 
 
 def _private_mounts_work() -> list[str]:
