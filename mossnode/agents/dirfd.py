@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import secrets
 
 TRASH = ".trash"
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -58,3 +59,37 @@ def open_trash(agent: int) -> int:
     with contextlib.suppress(FileExistsError):
         os.mkdir(TRASH, 0o700, dir_fd=agent)
     return open_dir(agent, TRASH)
+
+
+def to_trash(agent: int, name: str, trash: int) -> None:
+    """Rename ``name`` (beneath ``agent``) into ``trash`` under a random suffix: the command
+    cannot have made that name there to make the rename fail; a rename never follows a
+    symlink put in place, nor moves a mount point."""
+    os.rename(name, f"{name}.{secrets.token_hex(4)}", src_dir_fd=agent, dst_dir_fd=trash)
+
+
+def has_leftovers(work: int, agent_name: str) -> bool:
+    """Does the agent directory hold anything but an empty ``.trash`` (a sweep's work)?
+    Descriptor reads only, nothing stat'ed: safe on the event loop. True if it cannot tell
+    (the sweeper then says why)."""
+    try:
+        return _has_leftovers(work, agent_name)
+    except OSError:
+        return True
+
+
+def _has_leftovers(work: int, agent_name: str) -> bool:
+    agent = open_dir(work, agent_name)
+    try:
+        names = os.listdir(agent)
+        if any(n != TRASH for n in names):
+            return True
+        if not names:
+            return False
+        trash = open_dir(agent, TRASH)
+        try:
+            return bool(os.listdir(trash))
+        finally:
+            os.close(trash)
+    finally:
+        os.close(agent)

@@ -23,14 +23,13 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
 import tempfile
 
-from .dirfd import TRASH, open_dir, open_trash
+from .dirfd import TRASH, open_dir, open_trash, to_trash
 
-RM = ("rm", "-rf", "--one-file-system", "--")
+RM_ARGS = ("-rf", "--one-file-system", "--")
 RM_PATHS = ("/usr/bin/rm", "/bin/rm")  # never the PATH, which the command may write to
 BATCH = 512  # names per rm (a run directory's name is under 80 bytes)
 MOUNTINFO = "/proc/self/mountinfo"
@@ -70,9 +69,8 @@ def adopt(agent: int, trash: int, before: float) -> None:
         if entry.name == TRASH or not entry.is_dir(follow_symlinks=False):
             continue
         if entry.stat(follow_symlinks=False).st_mtime < before:
-            target = f"{entry.name}.{secrets.token_hex(4)}"
             with contextlib.suppress(OSError):  # a mount point, gone meanwhile: left alone
-                os.rename(entry.name, target, src_dir_fd=agent, dst_dir_fd=trash)
+                to_trash(agent, entry.name, trash)
 
 
 def rm_binary() -> str | None:
@@ -88,7 +86,7 @@ def remove(trash: int, names: list[str]) -> str:
     with tempfile.TemporaryFile() as errors:
         for i in range(0, len(names), BATCH):
             subprocess.run(
-                [binary, *RM[1:], *(f"./{n}" for n in names[i : i + BATCH])],
+                [binary, *RM_ARGS, *(f"./{n}" for n in names[i : i + BATCH])],
                 cwd=f"/proc/self/fd/{trash}",  # the child's copy of the descriptor
                 pass_fds=(trash,),
                 stdin=subprocess.DEVNULL,

@@ -1,6 +1,6 @@
 """Per-run working directories of the exec backend, and their removal.
 
-Each run gets a fresh directory (``mkdtemp``: unique, mode 0700), so no two runs ever share one,
+Each run gets a fresh directory (a random name, mode 0700), so no two runs ever share one,
 whether they are re-runs of one task or tasks whose sanitised ids collide. When the run ends it
 is removed at once if it is empty (one ``rmdir``, the common case); otherwise it is renamed into
 the agent's ``.trash`` under a random name, which a sweeper process empties later (``sweep``).
@@ -24,16 +24,15 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from .dirfd import DIR_FLAGS, TRASH, open_dir, open_trash
+from .dirfd import DIR_FLAGS, TRASH, open_dir, open_trash, to_trash
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +40,25 @@ REMOVED, TRASHED, LEFT = "removed", "trashed", "left"  # what discard did
 SWEEP_TIMEOUT_S = 60.0
 
 
+@contextlib.contextmanager
+def _work(agent_dir: Path, work_fd: int | None) -> Iterator[int]:
+    """A descriptor of ``agent_dir``'s parent: a copy of the daemon's :func:`open_work`, or
+    (``work_fd`` None, an ExecBackend used on its own) one opened for the call."""
+    fd = os.dup(work_fd) if work_fd is not None else open_work(agent_dir.parent)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def fresh(parent: Path, name: str, work_fd: int | None = None) -> Path:
-    """A new, empty directory (mode 0700) for one run: ``<parent>/<name>.<random>``. With
-    ``work_fd`` (the daemon's :func:`open_work`, ``parent``'s parent) it is made through
-    descriptors, refusing a ``parent`` that a run replaced with a symlink or a mount."""
-    if work_fd is None:
-        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return Path(tempfile.mkdtemp(prefix=name + ".", dir=parent))
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(parent.name, 0o700, dir_fd=work_fd)
-    agent = open_dir(work_fd, parent.name)
+    """A new, empty directory (mode 0700) for one run: ``<parent>/<name>.<random>``, made
+    through descriptors (see :func:`_work`): a ``parent`` that a run replaced with a symlink
+    or a mount is refused."""
+    with _work(parent, work_fd) as work:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(parent.name, 0o700, dir_fd=work)
+        agent = open_dir(work, parent.name)
     try:
         while True:
             run = f"{name}.{secrets.token_hex(4)}"
@@ -71,16 +79,11 @@ def open_work(work: Path) -> int:
 def discard(run_dir: Path, work_fd: int | None = None) -> str:
     """Remove an empty ``run_dir`` (``<work>/<agent>/<run>``), or move it into the agent's
     ``.trash`` for the sweeper: REMOVED, TRASHED, or LEFT if it could do neither (it stays
-    where it is; the reason is logged). ``work_fd``: the daemon's :func:`open_work`."""
-    agent_dir = run_dir.parent
-    try:
-        work = os.dup(work_fd) if work_fd is not None else os.open(agent_dir.parent, DIR_FLAGS)
-    except OSError as exc:
-        log.warning("working directory %s left in place: %s", run_dir, exc)
-        return LEFT
+    where it is; the reason is logged). ``work_fd``: see :func:`_work`."""
     agent = trash = -1
     try:
-        agent = open_dir(work, agent_dir.name)
+        with _work(run_dir.parent, work_fd) as work:
+            agent = open_dir(work, run_dir.parent.name)
         try:
             os.rmdir(run_dir.name, dir_fd=agent)
             return REMOVED
@@ -89,20 +92,18 @@ def discard(run_dir: Path, work_fd: int | None = None) -> str:
         except OSError:
             pass  # not empty, or made unremovable by the command: the sweeper's
         trash = open_trash(agent)
-        # a random name: the command cannot have made one there to make the rename fail
-        target = f"{run_dir.name}.{secrets.token_hex(4)}"
-        os.rename(run_dir.name, target, src_dir_fd=agent, dst_dir_fd=trash)
+        to_trash(agent, run_dir.name, trash)
         return TRASHED
     except OSError as exc:  # a mount point (EBUSY, EXDEV), a symlink put in place, ...
         log.warning("working directory %s left in place: %s", run_dir, exc)
         return LEFT
     finally:
-        for fd in (trash, agent, work):
+        for fd in (trash, agent):
             if fd >= 0:
                 os.close(fd)
 
 
-def _private_mounts_work() -> list[str]:
+async def _private_mounts_work() -> list[str]:
     """``unshare``'s prefix for a private mount namespace, if this process may make one (root
     with CAP_SYS_ADMIN); else none: a daemon that cannot, has commands that cannot mount
     into its namespace either (FUSE aside, which the sweeper's deadline bounds)."""
@@ -111,13 +112,15 @@ def _private_mounts_work() -> list[str]:
         return []
     prefix = [unshare, "--mount", "--propagation", "private"]
     try:
-        ok = subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
+        with trio.fail_after(10):
+            done = await trio.run_process([*prefix, "true"], check=False, capture_stderr=True)
+        ok = done.returncode == 0
+    except (OSError, trio.TooSlowError):
         ok = False
     return prefix if ok else []
 
 
-def _kill_group(process: trio.Process) -> None:
+async def _kill_group(process: trio.Process) -> None:
     with contextlib.suppress(ProcessLookupError):  # the sweeper leads its session: rm goes too
         os.killpg(process.pid, signal.SIGKILL)
 
@@ -139,20 +142,16 @@ class Sweeper:
         argv = [sys.executable, "-P", "-m", "mossnode.agents.sweep", str(work_fd), agent]
         if adopt_before is not None:
             argv += ["--adopt-before", repr(adopt_before)]
-        if self._unshare is None:
-            self._unshare = _private_mounts_work()
-        return [*self._unshare, *argv]
+        return [*(self._unshare or ()), *argv]
 
     async def sweep(self, work_fd: int, agent: str, adopt_before: float | None = None) -> bool:
         """Empty ``<work>/<agent>/.trash`` (``work_fd``: :func:`open_work`), first moving into
         it the run directories last modified before ``adopt_before`` (a crashed daemon's).
         False if something is left to retry (entries with a mount beneath stay for good,
         said once). Never raises."""
+        if self._unshare is None:  # found out once, on the first sweep
+            self._unshare = await _private_mounts_work()
         argv = self.command(work_fd, agent, adopt_before)
-
-        async def kill(process: trio.Process) -> None:
-            _kill_group(process)
-
         where = f"work/{agent}"
         report: Any = None
         with trio.move_on_after(self.timeout_s) as scope:
@@ -163,7 +162,7 @@ class Sweeper:
                     capture_stdout=True,
                     pass_fds=(work_fd,),
                     start_new_session=True,
-                    deliver_cancel=kill,
+                    deliver_cancel=_kill_group,
                 )
             except OSError as exc:
                 self._report(where, f"cannot run the sweeper: {exc}")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..agents.base import Backend, Outcome
+from ..agents.dirfd import has_leftovers
 from ..agents.exec import ExecBackend
 from ..agents.workdirs import Sweeper, open_work
 from ..crypto.sealed import Randomness, SealedError
@@ -250,8 +251,10 @@ class TaskService:
                 "%s cannot be opened (%s): run directories are not removed", self.workdir, exc
             )
         else:
-            for name in self._agent_dirs():
-                if not await self.sweeper.sweep(self._work_fd, name, adopt_before=time.time()):
+            for name in self._agent_dirs():  # a sweeper process only where there is work
+                if has_leftovers(self._work_fd, name) and not await self.sweeper.sweep(
+                    self._work_fd, name, adopt_before=time.time()
+                ):
                     self._sweep_agents.add(name)
             nursery.start_soon(self._sweep_loop)
         nursery.start_soon(self._loop)
