@@ -155,38 +155,37 @@ def paths_of(ws: Iterable[Write], me: str) -> list[tuple[Any, ...]]:
 
 
 def reread(
-    replica: Replica,
-    tid: str,
-    raw: dict[str, Any] | None,
-    before: T.Task | None,
-    keys: set[str] | None,
-) -> tuple[dict[str, Any] | None, T.Task | None]:
-    """Task ``tid`` as the replica now holds it, given ``raw`` and ``before`` (its plain copy
-    and its parse as of the last read) and the ``keys`` of its map changed since (None: any).
-    When only per-node entries changed (a bid, a lease, a result), reads and parses those
-    into the task as it was: ``(raw, task)``. Otherwise reads the whole task: ``(raw, None)``,
-    for the caller to parse. ``raw`` None: there is no such task."""
-    if keys is None or raw is None or before is None:
-        return replica.task(tid), None
+    replica: Replica, tid: str, before: T.Task | None, keys: set[str] | None
+) -> tuple[bool, T.Task | None]:
+    """Task ``tid`` as the replica now holds it, given ``before`` (its parse as of the last read)
+    and the ``keys`` of its map changed since (None: any): ``(exists, task)``, ``task`` None
+    where there is no such task or it does not parse. When only per-node entries changed (a
+    bid, a lease, a result), reads and parses those into the task as it was; otherwise reads
+    and parses the whole task. No plain copy of a task outlives the read: the parsed task is
+    the node's only copy besides the document (a copy per task grew a daemon by about 6 KB a
+    task, for good)."""
+    if keys is None or before is None:
+        return _parse(tid, replica.task(tid))
     nodes: dict[str, list[tuple[str, str]]] = {}  # kind -> (key, node) changed
     for key in keys:
         kind, _, node = key.partition(KEY_SEP)
         nodes.setdefault(kind, []).append((key, node))
     if not nodes.keys() <= T.SUB_KINDS:
-        return replica.task(tid), None
+        return _parse(tid, replica.task(tid))
     got = replica.task_entries(tid, sorted(keys))
     if got is None:
-        return None, None
-    raw = dict(raw)
-    for kind, changed in nodes.items():
-        entries = raw[kind] = dict(raw.get(kind) or {})
-        for key, node in changed:
-            if key in got:
-                entries[node] = got[key]
-            else:
-                entries.pop(node, None)
+        return False, None
+    # the changed entries only (a deleted one absent): with_entries keeps the others' parses
+    fresh = {
+        kind: {node: got[key] for key, node in changed if key in got}
+        for kind, changed in nodes.items()
+    }
     names = {kind: [node for _, node in changed] for kind, changed in nodes.items()}
-    return raw, before.with_entries(raw, nodes, names)
+    return True, before.with_entries(fresh, nodes, names)
+
+
+def _parse(tid: str, raw: dict[str, Any] | None) -> tuple[bool, T.Task | None]:
+    return raw is not None, None if raw is None else T.Task.from_raw(tid, raw)
 
 
 async def pause_before_tick(last: float, ended: Sequence[T.Finished], finish: trio.Event) -> None:
@@ -228,8 +227,8 @@ class TaskService:
         self._work_fd: int | None = None  # <state>/work, held open (workdirs.open_work)
         self.events: list[dict[str, Any]] = []  # activity feed (bounded)
         self._last_states: dict[str, str] = {}
-        # Plain copies of the tasks, refreshed only where the document changed.
-        self._raw: dict[str, dict[str, Any]] = {}
+        # the tasks the document held at the last refresh (those that parse are in the view)
+        self._known: set[str] = set()
         # task -> keys of its map changed since the last refresh (None: re-read all of it)
         self._dirty: dict[str, set[str] | None] = {}
         self._rescan = True
@@ -361,38 +360,40 @@ class TaskService:
 
     def _update_view(self) -> None:
         dirty, self._dirty = self._dirty, {}
+        known = self._known
         if self._rescan:
             self._rescan = False
+            # "changed anywhere": every task is read again, those gone included
             ids = set(self.shared.replica.doc["tasks"].keys())  # pycrdt: a pass over roots
-            for tid in ids - self._raw.keys():
+            for tid in ids | known:
                 dirty[tid] = None
-            for gone in self._raw.keys() - ids:
-                del self._raw[gone]
-                dirty[gone] = None
         parsed: dict[str, T.Task] = {}
+        view = self.view
         # One pycrdt transaction for all the re-reads: each read's own nests in it, and the
         # reads commit (empty) once, not once per task.
         with self.shared.replica.doc.transaction():
             for tid, keys in dirty.items():
-                task = self._reread(tid, keys)
+                exists, task = reread(self.shared.replica, tid, view.get(tid), keys)
+                if exists:
+                    known.add(tid)
+                else:
+                    known.discard(tid)
                 if task is not None:
                     parsed[tid] = task
         changed = set(dirty)
-        if changed or not self.view:
-            full = not self.view
-            self.view = T.build_view(self._raw, None if full else self.view, changed, parsed)
+        if changed or not view:
+            full = not view
+            # the same view build_view makes of plain copies, from the parses: a fresh view
+            # in id order, or the last one with the changed tasks replaced or dropped
+            self.view = (
+                T.View({tid: parsed[tid] for tid in sorted(parsed)})
+                if full
+                else T.build_view({}, view, changed, parsed)
+            )
             if full:
                 self._retold = None
             elif self._retold is not None:
                 self._retold |= changed
-
-    def _reread(self, tid: str, keys: set[str] | None) -> T.Task | None:
-        raw, task = reread(self.shared.replica, tid, self._raw.get(tid), self.view.get(tid), keys)
-        if raw is None:
-            self._raw.pop(tid, None)
-        else:
-            self._raw[tid] = raw
-        return task
 
     # --- inputs to the pure scheduler -----------------------------------------------------
 

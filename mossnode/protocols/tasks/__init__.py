@@ -28,7 +28,7 @@ from .effects import (
     writes,
 )
 from .lifecycle import Accepted, Outcome, Status, derive, derive_all, inputs_from_dependencies
-from .model import SUB_KINDS, TERMINAL, Contract, State, Task, TaskView, build_view
+from .model import SUB_KINDS, TERMINAL, Contract, State, Task, TaskView, View, build_view
 from .params import Params
 from .recurring import Schedule, due, period_suffix
 from .reputation import Reputation, Tally, leaderboard, reputation
@@ -77,6 +77,7 @@ __all__ = [
     "Tally",
     "Task",
     "TaskView",
+    "View",
     "Violation",
     "Write",
     "bid_score",
