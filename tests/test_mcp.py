@@ -95,3 +95,35 @@ def test_agent_permissions_apply(node) -> None:
     assert res["isError"] and "task.create" in res["content"][0]["text"]
     out = session(node, "ghost", [call(1, "whoami")])
     assert out[0]["result"]["isError"]
+
+
+CALL = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"%s","arguments":%s}}'
+HOSTILE = {
+    "after 1e400": CALL % ("read_messages", '{"after":1e400}'),
+    "limit Infinity": CALL % ("read_messages", '{"limit":Infinity}'),
+    "task id with NUL": CALL % ("show_task", '{"id":"a\\u0000b"}'),
+    "task id not a string": CALL % ("cancel_task", '{"id":[1]}'),
+    "nested too deep": '{"jsonrpc":"2.0","id":1,"method":"ping","params":'
+    + "[" * 100_000
+    + "]" * 100_000
+    + "}",
+}
+
+
+@pytest.mark.parametrize("label", list(HOSTILE))
+def test_a_hostile_line_is_answered_and_the_server_goes_on(tmp_path, label) -> None:
+    """No daemon: each of these fails before or at the client, and must not end the server."""
+    import io
+
+    from mossnode.api.client import ApiClient
+    from mossnode.api.mcp import McpServer
+
+    sock = tmp_path / "api.sock"
+    sock.touch()  # the client only checks it exists before building the URL
+    server = McpServer(ApiClient(sock, timeout=1, as_agent="a"), "a")
+    out = io.StringIO()
+    server.serve(io.StringIO(HOSTILE[label] + '\n{"jsonrpc":"2.0","id":2,"method":"ping"}\n'), out)
+    answers = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [a["id"] for a in answers] in ([1, 2], [None, 2]), answers
+    first = answers[0]
+    assert "error" in first or first["result"].get("isError"), first

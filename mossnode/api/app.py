@@ -76,6 +76,16 @@ def header(request: Request, name: bytes) -> str | None:
     return None
 
 
+def decimal(raw: str) -> int | None:
+    """A non-negative id written in ASCII digits that fits 64 bits, else None. ``str.isdigit``
+    alone lets through other scripts' digits ("²", which ``int`` refuses) and numbers too long
+    for ``int`` to read."""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 20):
+        return None
+    value = int(raw)
+    return value if value < 1 << 64 else None
+
+
 def error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
     err: dict[str, Any] = {"code": code, "message": message}
     if details is not None:
@@ -521,10 +531,10 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
         return await decision("remove", {"public_key": member_key(request)}, {})
 
     def vote_id(request: Request) -> int:
-        raw = request.path_params["id"]
-        if not raw.isdigit() or int(raw) < 1:
+        seq = decimal(request.path_params["id"])
+        if seq is None or seq < 1:
             raise ApiError(400, "bad_field", "a vote id is the seq of its decision (>= 1)")
-        return int(raw)
+        return seq
 
     def timeout_field(body: dict[str, Any]) -> float:
         timeout = float(field(body, "timeout_s", float, 30.0))
@@ -655,9 +665,9 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
         raw = request.query_params.get("since") or header(request, b"last-event-id")
         since: int | None = None
         if raw:
-            if not raw.strip().isdigit():
+            since = decimal(raw.strip())
+            if since is None:
                 raise ApiError(400, "bad_field", "since / Last-Event-ID must be an event id")
-            since = int(raw)
         types: list[str] | None = None
         if request.query_params.get("types"):
             types = [t.strip() for t in request.query_params["types"].split(",") if t.strip()]

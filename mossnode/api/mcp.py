@@ -10,6 +10,7 @@ process binds it with ``X-Mossnode-Agent``, or the agent's own token comes from
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from typing import IO, Any
 
 from .. import __version__
 from .client import ApiClient, ClientError
+
+log = logging.getLogger("mossnode.mcp")
 
 PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 
@@ -56,7 +59,7 @@ def _quoted(name: str) -> str:
 def _task_post(client: Any, args: dict[str, Any], verb: str) -> Any:
     """``POST /v1/tasks/{id}/<verb>`` with the tool's arguments other than the task id."""
     return client.post(
-        f"/v1/tasks/{args['id']}/{verb}", {k: v for k, v in args.items() if k != "id"}
+        f"/v1/tasks/{_quoted(args['id'])}/{verb}", {k: v for k, v in args.items() if k != "id"}
     )
 
 
@@ -106,7 +109,7 @@ TOOLS = [
         "show_task",
         "One task with its state, result, reviews and log.",
         _obj({"id": STR}, ["id"]),
-        lambda c, a: c.get(f"/v1/tasks/{a['id']}"),
+        lambda c, a: c.get(f"/v1/tasks/{_quoted(a['id'])}"),
     ),
     Tool(
         "submit_task",
@@ -130,7 +133,9 @@ TOOLS = [
         "cancel_task",
         "Cancel a task and its subtree (creator or supervisor).",
         _obj({"id": STR, "reason": STR}, ["id"]),
-        lambda c, a: c.post(f"/v1/tasks/{a['id']}/cancel", {"reason": a.get("reason", "")}),
+        lambda c, a: c.post(
+            f"/v1/tasks/{_quoted(a['id'])}/cancel", {"reason": a.get("reason", "")}
+        ),
     ),
     Tool(
         "my_work",
@@ -144,7 +149,7 @@ TOOLS = [
         "Bid for a ready task yourself (your node also bids for you on its own); the best bid "
         "wins, and won work then appears in my_work.",
         _obj({"id": STR}, ["id"]),
-        lambda c, a: c.post(f"/v1/tasks/{a['id']}/claim", {}),
+        lambda c, a: c.post(f"/v1/tasks/{_quoted(a['id'])}/claim", {}),
     ),
     Tool(
         "report_progress",
@@ -314,7 +319,7 @@ class McpServer:
                 if tool.cursor and isinstance(answer, dict):
                     self.cursor = int(answer.get("next", self.cursor))
                 return _result(mid, _text(json.dumps(answer, indent=1)))
-            except (ClientError, ValueError, TypeError) as exc:
+            except (ClientError, ValueError, TypeError, OverflowError) as exc:
                 return _result(mid, _text(str(exc), error=True))
         return _error(mid, -32601, f"method not found: {method}")
 
@@ -324,10 +329,15 @@ class McpServer:
                 continue
             try:
                 msg = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep
                 resp: dict[str, Any] | None = _error(None, -32700, "parse error")
             else:
-                resp = self.handle(msg)
+                try:
+                    resp = self.handle(msg)
+                except Exception as exc:  # one request's failure must not end the server
+                    log.exception("MCP request failed")
+                    mid = msg.get("id") if isinstance(msg, dict) else None
+                    resp = _error(mid, -32603, f"internal error: {type(exc).__name__}")
             if resp is not None:
                 out.write(json.dumps(resp) + "\n")
                 out.flush()

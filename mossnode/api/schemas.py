@@ -44,7 +44,7 @@ POSITIVE: Schema = {"type": "integer", "minimum": 1, "maximum": 2**53}
 INVITE = obj(
     {
         "roles": strings(1, 16),
-        "ttl_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 30 * 86400},
+        "ttl_s": {"type": "number", "minimum": 1, "maximum": 30 * 86400},
     },
     ("roles",),
 )

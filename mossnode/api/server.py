@@ -11,6 +11,7 @@ Each request's scope carries ``scope["extensions"]["peer_cred"] = {"pid", "uid",
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import struct
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import trio
 
@@ -39,8 +41,12 @@ ASGIApp = Callable[
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 1 << 20
-IDLE_TIMEOUT = 60.0
+IDLE_TIMEOUT = 60.0  # a kept-alive connection may wait this long for its next request
+REQUEST_TIMEOUT = 10.0  # once a request has begun, its head and body must be in by then
 MAX_CONNECTIONS = 512
+# No single uid may hold more than this many: a local user trickling bytes over many
+# connections (slowloris) could otherwise lock the operator out of its own daemon.
+MAX_PER_UID = MAX_CONNECTIONS // 4
 REASONS = {
     200: "OK",
     201: "Created",
@@ -50,6 +56,7 @@ REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     411: "Length Required",
     413: "Payload Too Large",
@@ -90,8 +97,8 @@ class _Connection:
         self.cred = cred
         self.buf = bytearray()
 
-    async def _fill(self) -> bool:
-        with trio.move_on_after(IDLE_TIMEOUT):
+    async def _fill(self, deadline: float) -> bool:
+        with trio.move_on_at(deadline):
             chunk = await self.stream.receive_some(65536)
             if chunk:
                 self.buf += chunk
@@ -106,30 +113,40 @@ class _Connection:
             while drained < MAX_BODY and (chunk := await self.stream.receive_some(65536)):
                 drained += len(chunk)
 
-    async def _read_head(self) -> bytes | None:
+    async def _read_head(self) -> tuple[bytes, float] | None:
+        """The next request's head and the deadline for the rest of it, or None when the
+        client closed or stayed idle between requests."""
+        if not self.buf and not await self._fill(trio.current_time() + IDLE_TIMEOUT):
+            return None
+        deadline = trio.current_time() + REQUEST_TIMEOUT
         while True:
             end = self.buf.find(b"\r\n\r\n")
             if end >= 0:
                 head = bytes(self.buf[:end])
                 del self.buf[: end + 4]
-                return head
+                return head, deadline
             if len(self.buf) > MAX_HEAD:
                 raise _BadRequest(431, "request head too large")
-            if not await self._fill():
-                if self.buf:
-                    raise _BadRequest(400, "connection closed mid-request")
-                return None
+            if not await self._fill(deadline):
+                raise self._incomplete(deadline)
+
+    @staticmethod
+    def _incomplete(deadline: float) -> _BadRequest:
+        if trio.current_time() >= deadline:
+            return _BadRequest(408, f"request not complete within {REQUEST_TIMEOUT:g} s")
+        return _BadRequest(400, "connection closed mid-request")
 
     async def serve(self) -> None:
         while True:
             try:
-                head = await self._read_head()
-                if head is None:
+                started = await self._read_head()
+                if started is None:
                     return
+                head, deadline = started
                 scope, length, keep = self._parse(head)
                 while len(self.buf) < length:
-                    if not await self._fill():
-                        return
+                    if not await self._fill(deadline):
+                        raise self._incomplete(deadline)
                 body = bytes(self.buf[:length])
                 del self.buf[:length]
             except _BadRequest as exc:
@@ -149,6 +166,7 @@ class _Connection:
             raise _BadRequest(400, "only HTTP/1.x is served")
         headers: list[tuple[bytes, bytes]] = []
         length = 0
+        seen_length: bytes | None = None
         keep = version == "HTTP/1.1"
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
@@ -158,12 +176,12 @@ class _Connection:
             value = value.strip()
             headers.append((name, value))
             if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    raise _BadRequest(400, "bad content-length") from None
-                if length < 0:
+                # digits only (int() would also take "+1" and "1_0"), and one value: two
+                # differing lengths leave no safe way to find where the next request starts
+                if not value.isdigit() or (seen_length is not None and value != seen_length):
                     raise _BadRequest(400, "bad content-length")
+                seen_length = value
+                length = int(value)
                 if length > MAX_BODY:
                     raise _BadRequest(413, "request body over 1 MiB")
             elif name == b"transfer-encoding":
@@ -173,7 +191,11 @@ class _Connection:
             elif name == b"connection":
                 v = value.lower()
                 keep = v != b"close" and (keep or v == b"keep-alive")
-        path, _, query = target.partition("?")
+        raw_path, _, query = target.partition("?")
+        try:  # ASGI's path is percent-decoded (raw_path is not)
+            path = unquote(raw_path, errors="strict")
+        except UnicodeDecodeError:
+            raise _BadRequest(400, "the path is not UTF-8 once percent-decoded") from None
         scope: Scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -181,7 +203,7 @@ class _Connection:
             "method": method.upper(),
             "scheme": "http",
             "path": path,
-            "raw_path": path.encode(),
+            "raw_path": raw_path.encode(),
             "query_string": query.encode(),
             "root_path": "",
             "headers": headers,
@@ -245,20 +267,38 @@ class _Connection:
         return bool(state["done"])
 
 
-async def _handle(stream: trio.SocketStream, app: ASGIApp, limiter: trio.CapacityLimiter) -> None:
+async def _handle(
+    stream: trio.SocketStream, app: ASGIApp, limiter: trio.CapacityLimiter, per_uid: dict[int, int]
+) -> None:
     async with stream:
+        try:
+            cred = peer_cred(stream.socket)
+        except OSError:
+            return
+        uid = cred["uid"]
+        if per_uid.get(uid, 0) >= MAX_PER_UID:
+            await _refuse(stream, f"too many connections from uid {uid}")
+            return
         try:
             limiter.acquire_nowait()
         except trio.WouldBlock:
-            await stream.send_all(_simple_response(503, "too many connections"))
+            await _refuse(stream, "too many connections")
             return
+        per_uid[uid] = per_uid.get(uid, 0) + 1
         try:
-            cred = peer_cred(stream.socket)
             await _Connection(stream, app, cred).serve()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
             limiter.release()
+            per_uid[uid] -= 1
+            if not per_uid[uid]:
+                del per_uid[uid]
+
+
+async def _refuse(stream: trio.SocketStream, why: str) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await stream.send_all(_simple_response(503, why))
 
 
 async def serve_api(daemon: Daemon, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -280,9 +320,10 @@ async def serve_api(daemon: Daemon, *, task_status: Any = trio.TASK_STATUS_IGNOR
     listener = trio.SocketListener(sock)
     app = build_app(daemon)
     limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+    per_uid: dict[int, int] = {}  # open connections by peer uid
     task_status.started()
     async with listener, trio.open_nursery() as nursery:
         nursery.start_soon(watch_peers, daemon, daemon.events)
         while True:
             stream = await listener.accept()
-            nursery.start_soon(_handle, stream, app, limiter)
+            nursery.start_soon(_handle, stream, app, limiter, per_uid)

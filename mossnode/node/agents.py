@@ -20,8 +20,8 @@ from ..protocols.roles import BUILTIN_ROLES
 from ..protocols.tasks import Limits
 
 AGENTS_FILE = "agents.json"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-CAP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}\Z")
+CAP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}\Z")
 
 
 class AgentError(Exception):

@@ -788,7 +788,7 @@ class Daemon:
         state = self._swarm()
         if not state.may(self.identity.public_key, "member.invite"):
             raise DaemonError("this node does not hold a role with member.invite", "forbidden", 403)
-        if ttl_s <= 0 or ttl_s > 30 * 86400:
+        if not 1 <= ttl_s <= 30 * 86400:
             raise DaemonError("ttl must be between 1 second and 30 days")
         t = now_ms()
         try:

@@ -42,7 +42,7 @@ MAX_PENDING = 1024  # direct requests waiting for a reply on this node
 MAX_TOPICS = 64  # subscriptions per agent
 FIRST_FRAME_S = 10.0  # a peer that opens a stream must send its request within this
 REPLY_HANDOFF_S = 10.0  # how long a reply call waits for its write to the requester
-CODE_RE = re.compile(r"^[a-z_]{1,40}$")
+CODE_RE = re.compile(r"^[a-z_]{1,40}\Z")
 
 
 def now_ms() -> int:

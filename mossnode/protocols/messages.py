@@ -48,11 +48,11 @@ MAX_ROLES = 32
 INBOX_CAPACITY = 256
 DEDUP_CAPACITY = 65_536
 
-AGENT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")  # as node/agents.py registers them
-TOPIC_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-ROLE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{16,128}$")  # base58
-SUFFIX_RE = re.compile(r"^[0-9a-f]{8,64}$")
+AGENT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}\Z")  # as node/agents.py registers them
+TOPIC_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
+ROLE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
+PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{16,128}\Z")  # base58
+SUFFIX_RE = re.compile(r"^[0-9a-f]{8,64}\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # lifecycle imports this module
     from .lifecycle import Status
     from .model import TaskView
 
-ROLE_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
+ROLE_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,31}\Z")
 MAX_ROLES = 16
 SEALED_DETAILS = "details sealed: confidential task"
 
