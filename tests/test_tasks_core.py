@@ -168,6 +168,71 @@ def test_unsupported_schema_keywords_are_refused_up_front() -> None:
     assert check_schema({"type": "decimal"}) is not None
 
 
+def test_a_stored_schema_outside_the_subset_rejects_every_output_and_breaks_nothing() -> None:
+    # The creator writes its own core, so it can store any schema; validate() raised on one
+    # outside the subset: the winner's scheduler on every tick, derive_all on every node.
+    doc = Doc()
+    tid = doc.create("A", "t")
+    doc.tasks[tid]["contract"]["output_schema"] = {"type": 5}
+    doc.tasks[tid]["contract"]["input_schema"] = {"minimum": "a"}
+    c = doc.view()[tid].contract
+    assert c.output_schema is False and c.input_schema is False
+    assert Contract.from_raw(c.to_raw()) == c
+    sched = Scheduler("B", params=P)
+    ag = [agent("b")]
+    for now in (1, 300, 301):
+        doc.apply("B", now, sched.tick(doc.view(), agents=ag, now_ms=now))
+    assert tid in sched.running
+    plan = sched.tick(doc.view(), agents=ag, now_ms=400, finished=[Finished(tid, {"n": 1})])
+    (sub,) = only(plan, Submit)
+    assert not sub.ok and "no value is allowed here" in str(sub.error)
+    # a result written anyway (any assignee may) is a schema fault, the same everywhere
+    doc.tasks[tid]["results"]["B"] = {
+        "attempt": 1,
+        "round": 1,
+        "agent": "b",
+        "ok": True,
+        "output": {"n": 1},
+        "at": 400,
+    }
+    st = doc.status(tid, 500)
+    assert st.outcomes[0].kind == "schema" and st.attempt == 2
+
+
+def test_check_schema_never_raises_and_a_checked_schema_never_makes_validate_raise() -> None:
+    """Seeded: junk schemas (what a creator could store) either fail check_schema or
+    validate any JSON instance without raising; Contract.from_raw keeps only the former."""
+    rng = random.Random(11)
+    atoms: list[Any] = [None, True, False, 0, -1, 2**70, 1.5, "", "a", "string", "integer"]
+    atoms += ["object", "array", [], ["number"], [["x"]], [1, "a"], {}, {"a": 1}]
+    keys = sorted(
+        {"type", "properties", "required", "additionalProperties", "items", "minItems"}
+        | {"maxItems", "enum", "const", "minimum", "maximum", "exclusiveMinimum"}
+        | {"exclusiveMaximum", "minLength", "maxLength", "title", "bogus"}
+    )
+
+    def junk(depth: int = 0) -> Any:
+        r = rng.random()
+        if depth > 3 or r < 0.4:
+            return rng.choice(atoms)
+        if r < 0.55:
+            return [junk(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(keys): junk(depth + 1) for _ in range(rng.randint(0, 4))}
+
+    instances = [None, True, 0, 3.0, -2.5, "", "abc", [], [1, "x"], {}, {"a": 1, "b": [None]}]
+    kept = 0
+    for _ in range(3_000):
+        schema = junk()
+        bad = check_schema(schema)
+        stored = Contract.from_raw({"output_schema": schema}).output_schema
+        assert stored == (None if schema is None else schema if bad is None else False)
+        if bad is None:
+            kept += 1
+            for inst in instances:
+                validate(inst, stored)
+    assert kept > 100
+
+
 # -- bad input: each refused with a clear reason, nothing changed ------------------------------
 
 
