@@ -58,7 +58,7 @@ from mossnode.protocols.tasks import (
 from mossnode.protocols.tasks.allocation import Window, best, rank_key, window
 from mossnode.protocols.tasks.effects import Effect
 from mossnode.protocols.tasks.lifecycle import Cache
-from mossnode.protocols.tasks.model import BidEntry, Task, changed_since
+from mossnode.protocols.tasks.model import MAX_ATTEMPTS, BidEntry, Task, changed_since
 from mossnode.protocols.tasks.recurring import duplicates
 from mossnode.protocols.tasks.scheduler import SPREAD_MS
 
@@ -446,6 +446,28 @@ def test_rework_limit_closes_the_attempt() -> None:
     st = doc.status(tid, 360)
     assert st.state is State.FAILED
     assert st.reasons[0] == "attempt 1 (B/b1): rework requested in round 1 of 1"
+
+
+def test_max_attempts_is_capped_and_a_far_attempt_mark_costs_nothing() -> None:
+    # A bid for attempt K made every replica walk attempts 1..K, rebuilding the reasons at
+    # each: 15 s per derivation at K = 10,000 with an unbounded max_attempts.
+    doc = Doc()
+    got = plan_create(
+        doc.view(), Draft("t", "t", contract=Contract(max_attempts=101)), creator="A", now_ms=0
+    )
+    assert isinstance(got, Refused) and got.code == "max_attempts"
+    assert "1-100" in got.reason
+    tid = doc.create("A", "t", contract=Contract(max_attempts=MAX_ATTEMPTS))
+    doc.tasks[tid]["contract"]["max_attempts"] = 10**9  # the creator rewrites its own core
+    assert doc.view()[tid].contract.max_attempts == MAX_ATTEMPTS
+    doc.tasks[tid]["bids"]["M"] = {"attempt": 10**6, "agent": "m", "score": 1.0, "at": 5}
+    st = doc.status(tid, 10)
+    assert st.state is State.PENDING and st.attempt == 1  # beyond the cap: noise
+    # a mark within the cap supersedes every attempt before it, each once
+    doc.tasks[tid]["bids"]["M"] = {"attempt": 50, "agent": "m", "score": 1.0, "at": 5}
+    st = doc.status(tid, 10)
+    assert st.attempt == 50 and len(st.reasons) == 49
+    assert all(r.endswith("superseded by a later attempt") for r in st.reasons)
 
 
 def test_winner_is_deterministic_and_waits_for_the_settle_window() -> None:

@@ -771,7 +771,6 @@ def _attempts(
         outcomes.append(o)
         if o.fault:
             faults += 1
-        reasons = tuple(x.describe() for x in outcomes)
         failed: str | None = None
         if c.exclusive:
             failed = "exclusive task runs at most once and its attempt ended"
@@ -787,7 +786,8 @@ def _attempts(
                 agent=o.agent,
                 faults=faults,
                 outcomes=tuple(outcomes),
-                reasons=(*reasons, failed),
+                # built once, at the end: per attempt it made the walk quadratic
+                reasons=(*(x.describe() for x in outcomes), failed),
                 ready=given.ready,
                 paused=given.paused,
                 pause_mark=given.pause_mark,

@@ -26,6 +26,10 @@ from .contract import check_schema
 
 Json = Any
 Schema = Mapping[str, Any]
+# Every replica walks a task's attempts one by one, up to max_attempts (+ extra_attempts), so
+# the creator's choice bounds everyone's derivation work: larger is refused at creation and
+# read as this when stored.
+MAX_ATTEMPTS = 100
 
 
 class State(enum.StrEnum):
@@ -79,7 +83,8 @@ class Contract:
 
     ``deadline_ms`` bounds each round of work (claim or rework request to submission);
     missing it, like an output that violates ``output_schema``, closes the attempt as a
-    fault (reputation penalty, task re-offered). ``max_attempts`` bounds faulty attempts.
+    fault (reputation penalty, task re-offered). ``max_attempts`` bounds faulty attempts
+    (at most :data:`MAX_ATTEMPTS`).
     ``max_rounds`` bounds review rounds within one attempt. ``exclusive`` tasks are
     assigned by consensus and run at most once. ``cost`` is charged to the task tree's
     ``budget`` (set on the root; see :mod:`.supervision`). ``confidential`` names the roles
@@ -114,7 +119,7 @@ class Contract:
             input_schema=_stored_schema(raw.get("input_schema")),
             output_schema=_stored_schema(raw.get("output_schema")),
             deadline_ms=deadline if deadline is not None and deadline > 0 else None,
-            max_attempts=max(1, attempts) if attempts is not None else 3,
+            max_attempts=min(max(1, attempts), MAX_ATTEMPTS) if attempts is not None else 3,
             review_required=raw.get("review_required") is True,
             exclusive=raw.get("exclusive") is True,
             max_rounds=max(1, rounds) if rounds is not None else 3,

@@ -22,7 +22,7 @@ from .confidential import check_roles
 from .contract import check_schema, validate
 from .effects import Control, Create
 from .lifecycle import Status
-from .model import HELD, TERMINAL, Contract, State, TaskView
+from .model import HELD, MAX_ATTEMPTS, TERMINAL, Contract, State, TaskView
 
 SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 MAX_SUFFIX = 64  # mirrors protocols/crdt/schema.py task_id()
@@ -67,6 +67,10 @@ def task_id(creator: str, suffix: str) -> str:
 
 
 def _check_contract(c: Contract) -> Refused | None:
+    if not 1 <= c.max_attempts <= MAX_ATTEMPTS:
+        return Refused(
+            "max_attempts", f"max_attempts must be 1-{MAX_ATTEMPTS} (got {c.max_attempts})"
+        )
     if c.confidential:
         bad_roles = check_roles(c.confidential)
         if bad_roles is not None:
