@@ -836,7 +836,16 @@ def _one(
         elif (
             w is not None
             and now >= w.decide_at
-            and (sup is not None or ctx.stable is None or ctx.stable(task, w))
+            and (
+                sup is not None
+                # past the claim timeout the gate no longer matters: nobody claims any more,
+                # so the window closes as no_claim of the winner among the bids held, as on a
+                # node whose gate opened and holds the same bids (a horizon that never
+                # passes the close must not stall the task on every node)
+                or now >= w.decide_at + p.claim_timeout_ms
+                or ctx.stable is None
+                or ctx.stable(task, w)
+            )
         ):
             assignee = best(task.id, j, w.bids, w.bids)
             claim_deadline = w.decide_at + p.claim_timeout_ms
