@@ -436,6 +436,39 @@ def test_review_rework_loop_follows_the_openmoss_machine() -> None:
     assert (acc.round, acc.output, acc.review.score) == (2, {"n": 2}, 5)
 
 
+def test_a_done_review_decides_whatever_order_the_reviews_and_rework_arrive_in() -> None:
+    # Two honest reviewers race on one submission: C says rework at 340, D says done at 350.
+    # The earliest review used to decide, so a node that had seen only D's review (task done,
+    # dependents run on its output) went back to rework when C's arrived.
+    base = Doc()
+    tid, b = _running_task(base, contract=Contract(review_required=True))
+    base.apply("B", 300, b.finished(base.view(), tid, now_ms=300, output={"n": 1}))
+    rework = ("C", 340, [SubmitReview(tid, 1, 1, "c-rev", 2, "rework", "again")])
+    done = ("D", 350, [SubmitReview(tid, 1, 1, "d-rev", 5, "done")])
+    # B saw only the rework: it resumes and submits round 2
+    seen_by_b = copy.deepcopy(base)
+    seen_by_b.apply(*rework)
+    plan = b.tick(seen_by_b.view(), agents=[agent("b1", "py")], now_ms=360)
+    assert [d.round for d in only(plan, Dispatch)] == [2]
+    seen_by_b.apply("B", 360, plan)
+    second = b.finished(seen_by_b.view(), tid, now_ms=400, output={"n": 2})
+    round2 = [("B", 360, list(plan.effects)), ("B", 400, list(second.effects))]
+    finals = set()
+    for order in itertools.permutations([[rework], [done], round2]):
+        doc = copy.deepcopy(base)
+        has_done = False
+        for facts in order:
+            for fact in facts:
+                doc.apply(*fact)
+                has_done = has_done or fact is done
+                st = doc.status(tid, 500)
+                if has_done:  # once done, done: with the round D accepted
+                    assert st.state is State.DONE and st.accepted.round == 1
+                    assert st.accepted.output == {"n": 1} and st.accepted.review.score == 5
+        finals.add(repr(doc.status(tid, 500)))
+    assert len(finals) == 1
+
+
 def test_rework_limit_closes_the_attempt() -> None:
     doc = Doc()
     tid, b = _running_task(
