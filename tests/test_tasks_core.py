@@ -41,6 +41,7 @@ from mossnode.protocols.tasks import (
     bid_score,
     build_view,
     check_deps_update,
+    check_raw_contract,
     check_schema,
     derive_all,
     due,
@@ -490,6 +491,10 @@ def test_max_attempts_is_capped_and_a_far_attempt_mark_costs_nothing() -> None:
     )
     assert isinstance(got, Refused) and got.code == "max_attempts"
     assert "1-100" in got.reason
+    # the daemon checks the requested contract before from_raw makes it safe
+    assert check_raw_contract({"max_attempts": 101}).code == "max_attempts"
+    assert check_raw_contract({"output_schema": {"type": 5}}).code == "schema"
+    assert check_raw_contract({"max_attempts": 100, "output_schema": SCHEMA}) is None
     tid = doc.create("A", "t", contract=Contract(max_attempts=MAX_ATTEMPTS))
     doc.tasks[tid]["contract"]["max_attempts"] = 10**9  # the creator rewrites its own core
     assert doc.view()[tid].contract.max_attempts == MAX_ATTEMPTS

@@ -83,6 +83,20 @@ def _check_contract(c: Contract) -> Refused | None:
     return None
 
 
+def check_raw_contract(raw: Mapping[str, Any]) -> Refused | None:
+    """A requested contract before :meth:`Contract.from_raw`, which reads what it cannot use
+    as a safe value (a bad schema as ``false``, max_attempts capped): a creator is told."""
+    for name in ("input_schema", "output_schema"):
+        schema = raw.get(name)
+        bad = check_schema(schema) if schema is not None else None
+        if bad is not None:
+            return Refused("schema", f"{name} {bad}")
+    attempts = raw.get("max_attempts")
+    if isinstance(attempts, int) and not isinstance(attempts, bool):
+        return _check_contract(Contract(max_attempts=attempts))
+    return None
+
+
 def plan_create(
     view: TaskView,
     draft: Draft,
