@@ -41,6 +41,7 @@ from mossnode.protocols.tasks import (
     bid_score,
     build_view,
     check_deps_update,
+    check_raw_contract,
     check_schema,
     derive_all,
     due,
@@ -58,7 +59,7 @@ from mossnode.protocols.tasks import (
 from mossnode.protocols.tasks.allocation import Window, best, rank_key, window
 from mossnode.protocols.tasks.effects import Effect
 from mossnode.protocols.tasks.lifecycle import Cache
-from mossnode.protocols.tasks.model import BidEntry, Task, changed_since
+from mossnode.protocols.tasks.model import MAX_ATTEMPTS, BidEntry, Task, changed_since
 from mossnode.protocols.tasks.recurring import duplicates
 from mossnode.protocols.tasks.scheduler import SPREAD_MS
 
@@ -166,6 +167,71 @@ def test_unsupported_schema_keywords_are_refused_up_front() -> None:
     bad = check_schema({"type": "object", "properties": {"s": {"type": "string", "pattern": "^a"}}})
     assert bad is not None and "unsupported schema keyword 'pattern'" in str(bad)
     assert check_schema({"type": "decimal"}) is not None
+
+
+def test_a_stored_schema_outside_the_subset_rejects_every_output_and_breaks_nothing() -> None:
+    # The creator writes its own core, so it can store any schema; validate() raised on one
+    # outside the subset: the winner's scheduler on every tick, derive_all on every node.
+    doc = Doc()
+    tid = doc.create("A", "t")
+    doc.tasks[tid]["contract"]["output_schema"] = {"type": 5}
+    doc.tasks[tid]["contract"]["input_schema"] = {"minimum": "a"}
+    c = doc.view()[tid].contract
+    assert c.output_schema is False and c.input_schema is False
+    assert Contract.from_raw(c.to_raw()) == c
+    sched = Scheduler("B", params=P)
+    ag = [agent("b")]
+    for now in (1, 300, 301):
+        doc.apply("B", now, sched.tick(doc.view(), agents=ag, now_ms=now))
+    assert tid in sched.running
+    plan = sched.tick(doc.view(), agents=ag, now_ms=400, finished=[Finished(tid, {"n": 1})])
+    (sub,) = only(plan, Submit)
+    assert not sub.ok and "no value is allowed here" in str(sub.error)
+    # a result written anyway (any assignee may) is a schema fault, the same everywhere
+    doc.tasks[tid]["results"]["B"] = {
+        "attempt": 1,
+        "round": 1,
+        "agent": "b",
+        "ok": True,
+        "output": {"n": 1},
+        "at": 400,
+    }
+    st = doc.status(tid, 500)
+    assert st.outcomes[0].kind == "schema" and st.attempt == 2
+
+
+def test_check_schema_never_raises_and_a_checked_schema_never_makes_validate_raise() -> None:
+    """Seeded: junk schemas (what a creator could store) either fail check_schema or
+    validate any JSON instance without raising; Contract.from_raw keeps only the former."""
+    rng = random.Random(11)
+    atoms: list[Any] = [None, True, False, 0, -1, 2**70, 1.5, "", "a", "string", "integer"]
+    atoms += ["object", "array", [], ["number"], [["x"]], [1, "a"], {}, {"a": 1}]
+    keys = sorted(
+        {"type", "properties", "required", "additionalProperties", "items", "minItems"}
+        | {"maxItems", "enum", "const", "minimum", "maximum", "exclusiveMinimum"}
+        | {"exclusiveMaximum", "minLength", "maxLength", "title", "bogus"}
+    )
+
+    def junk(depth: int = 0) -> Any:
+        r = rng.random()
+        if depth > 3 or r < 0.4:
+            return rng.choice(atoms)
+        if r < 0.55:
+            return [junk(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(keys): junk(depth + 1) for _ in range(rng.randint(0, 4))}
+
+    instances = [None, True, 0, 3.0, -2.5, "", "abc", [], [1, "x"], {}, {"a": 1, "b": [None]}]
+    kept = 0
+    for _ in range(3_000):
+        schema = junk()
+        bad = check_schema(schema)
+        stored = Contract.from_raw({"output_schema": schema}).output_schema
+        assert stored == (None if schema is None else schema if bad is None else False)
+        if bad is None:
+            kept += 1
+            for inst in instances:
+                validate(inst, stored)
+    assert kept > 100
 
 
 # -- bad input: each refused with a clear reason, nothing changed ------------------------------
@@ -371,6 +437,39 @@ def test_review_rework_loop_follows_the_openmoss_machine() -> None:
     assert (acc.round, acc.output, acc.review.score) == (2, {"n": 2}, 5)
 
 
+def test_a_done_review_decides_whatever_order_the_reviews_and_rework_arrive_in() -> None:
+    # Two honest reviewers race on one submission: C says rework at 340, D says done at 350.
+    # The earliest review used to decide, so a node that had seen only D's review (task done,
+    # dependents run on its output) went back to rework when C's arrived.
+    base = Doc()
+    tid, b = _running_task(base, contract=Contract(review_required=True))
+    base.apply("B", 300, b.finished(base.view(), tid, now_ms=300, output={"n": 1}))
+    rework = ("C", 340, [SubmitReview(tid, 1, 1, "c-rev", 2, "rework", "again")])
+    done = ("D", 350, [SubmitReview(tid, 1, 1, "d-rev", 5, "done")])
+    # B saw only the rework: it resumes and submits round 2
+    seen_by_b = copy.deepcopy(base)
+    seen_by_b.apply(*rework)
+    plan = b.tick(seen_by_b.view(), agents=[agent("b1", "py")], now_ms=360)
+    assert [d.round for d in only(plan, Dispatch)] == [2]
+    seen_by_b.apply("B", 360, plan)
+    second = b.finished(seen_by_b.view(), tid, now_ms=400, output={"n": 2})
+    round2 = [("B", 360, list(plan.effects)), ("B", 400, list(second.effects))]
+    finals = set()
+    for order in itertools.permutations([[rework], [done], round2]):
+        doc = copy.deepcopy(base)
+        has_done = False
+        for facts in order:
+            for fact in facts:
+                doc.apply(*fact)
+                has_done = has_done or fact is done
+                st = doc.status(tid, 500)
+                if has_done:  # once done, done: with the round D accepted
+                    assert st.state is State.DONE and st.accepted.round == 1
+                    assert st.accepted.output == {"n": 1} and st.accepted.review.score == 5
+        finals.add(repr(doc.status(tid, 500)))
+    assert len(finals) == 1
+
+
 def test_rework_limit_closes_the_attempt() -> None:
     doc = Doc()
     tid, b = _running_task(
@@ -381,6 +480,32 @@ def test_rework_limit_closes_the_attempt() -> None:
     st = doc.status(tid, 360)
     assert st.state is State.FAILED
     assert st.reasons[0] == "attempt 1 (B/b1): rework requested in round 1 of 1"
+
+
+def test_max_attempts_is_capped_and_a_far_attempt_mark_costs_nothing() -> None:
+    # A bid for attempt K made every replica walk attempts 1..K, rebuilding the reasons at
+    # each: 15 s per derivation at K = 10,000 with an unbounded max_attempts.
+    doc = Doc()
+    got = plan_create(
+        doc.view(), Draft("t", "t", contract=Contract(max_attempts=101)), creator="A", now_ms=0
+    )
+    assert isinstance(got, Refused) and got.code == "max_attempts"
+    assert "1-100" in got.reason
+    # the daemon checks the requested contract before from_raw makes it safe
+    assert check_raw_contract({"max_attempts": 101}).code == "max_attempts"
+    assert check_raw_contract({"output_schema": {"type": 5}}).code == "schema"
+    assert check_raw_contract({"max_attempts": 100, "output_schema": SCHEMA}) is None
+    tid = doc.create("A", "t", contract=Contract(max_attempts=MAX_ATTEMPTS))
+    doc.tasks[tid]["contract"]["max_attempts"] = 10**9  # the creator rewrites its own core
+    assert doc.view()[tid].contract.max_attempts == MAX_ATTEMPTS
+    doc.tasks[tid]["bids"]["M"] = {"attempt": 10**6, "agent": "m", "score": 1.0, "at": 5}
+    st = doc.status(tid, 10)
+    assert st.state is State.PENDING and st.attempt == 1  # beyond the cap: noise
+    # a mark within the cap supersedes every attempt before it, each once
+    doc.tasks[tid]["bids"]["M"] = {"attempt": 50, "agent": "m", "score": 1.0, "at": 5}
+    st = doc.status(tid, 10)
+    assert st.attempt == 50 and len(st.reasons) == 49
+    assert all(r.endswith("superseded by a later attempt") for r in st.reasons)
 
 
 def test_winner_is_deterministic_and_waits_for_the_settle_window() -> None:

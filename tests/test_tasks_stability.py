@@ -97,3 +97,30 @@ def test_slow_gossip_no_longer_makes_two_winners() -> None:
     assert run(gated=False) == ["B", "C"]  # the failure the gate exists for
     (one,) = run(gated=True)
     assert one in ("B", "C")
+
+
+def test_a_window_the_gate_never_opens_closes_as_no_claim_after_the_claim_timeout() -> None:
+    # A member whose heartbeats report entries it never delivers keeps its horizon before
+    # every close; the gated window used to stay pending forever, on every node.
+    doc = Doc()
+    tid = doc.create("A", "t")
+    hz = Horizons()
+    for t in range(0, 5_000, 500):
+        hz.heard("H", at=t, seq=10**9, applied=0)
+    expected = ["B", "C", "H"]
+    b = Scheduler("B", params=P, stable=stable_rule("B", lambda task: expected, hz.of))
+    c = Scheduler("C", params=P, stable=stable_rule("C", lambda task: expected, hz.of))
+    doc.apply("B", 1, b.tick(doc.view(), agents=[agent("b")], now_ms=1))
+    doc.apply("C", 2, c.tick(doc.view(), agents=[agent("c")], now_ms=2))
+    w_close = doc.status(tid, 300).window
+    assert w_close is not None
+    timeout_at = w_close.decide_at + P.claim_timeout_ms
+    plan = b.tick(doc.view(), agents=[agent("b")], now_ms=timeout_at - 1)
+    assert b.statuses[tid].state is State.PENDING and not only(plan, Claim)
+    # past the timeout: closed as the winner's no_claim, as an ungated node sees it
+    for sched, me in ((b, "b"), (c, "c")):
+        sched.tick(doc.view(), agents=[agent(me)], now_ms=timeout_at)
+        st = sched.statuses[tid]
+        assert st.attempt == 2 and st.outcomes == doc.status(tid, timeout_at).outcomes
+        (o,) = st.outcomes
+        assert (o.kind, o.node, o.at) == ("no_claim", "C", timeout_at)

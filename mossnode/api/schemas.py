@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..protocols.tasks.confidential import MAX_ROLES
-from ..protocols.tasks.model import State
+from ..protocols.tasks.model import MAX_ATTEMPTS, State
 
 Schema = dict[str, Any]
 
@@ -71,7 +71,7 @@ CONTRACT = obj(
         "input_schema": nullable({"type": "object"}),
         "output_schema": nullable({"type": "object"}),
         "deadline_ms": nullable(POSITIVE),
-        "max_attempts": nullable(POSITIVE),
+        "max_attempts": nullable({"type": "integer", "minimum": 1, "maximum": MAX_ATTEMPTS}),
         "review_required": nullable({"type": "boolean"}),
         "exclusive": nullable({"type": "boolean"}),
         "max_rounds": nullable(POSITIVE),

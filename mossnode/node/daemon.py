@@ -1125,6 +1125,9 @@ class Daemon:
         contract = dict(draft["contract"] or {})
         if draft.get("confidential"):
             contract["confidential"] = list(draft["confidential"])
+        bad = T.check_raw_contract(contract)
+        if bad is not None:
+            raise DaemonError(f"task refused ({bad.code}): {bad.reason}", bad.code)
         d = T.Draft(
             suffix=secrets.token_hex(6),
             title=draft["title"],

@@ -35,7 +35,15 @@ from .reputation import Reputation, Tally, leaderboard, reputation
 from .scheduler import Finished, Run, Scheduler
 from .stability import Horizons, Stable, stable_rule
 from .submission import plan_review, plan_submit
-from .supervision import Draft, Limits, Refused, check_deps_update, plan_control, plan_create
+from .supervision import (
+    Draft,
+    Limits,
+    Refused,
+    check_deps_update,
+    check_raw_contract,
+    plan_control,
+    plan_create,
+)
 
 __all__ = [
     "SUB_KINDS",
@@ -84,6 +92,7 @@ __all__ = [
     "build_view",
     "capable",
     "check_deps_update",
+    "check_raw_contract",
     "check_schema",
     "derive",
     "derive_all",

@@ -110,7 +110,9 @@ def _child(path: str, key: str | int) -> str:
 
 
 def check_schema(schema: Any, path: str = "$", depth: int = 0) -> Violation | None:
-    """Is ``schema`` inside the supported subset? Returns the first problem, or None."""
+    """Is ``schema`` inside the supported subset? Returns the first problem, or None.
+
+    Never raises, on any value: replicas run it on schemas read from the shared document."""
     if depth > MAX_DEPTH:
         return Violation(path, "schema nested too deeply")
     if isinstance(schema, bool):
@@ -123,13 +125,17 @@ def check_schema(schema: Any, path: str = "$", depth: int = 0) -> Violation | No
     t = schema.get("type")
     if t is not None:
         names = [t] if isinstance(t, str) else t
-        if not isinstance(names, list | tuple) or not names or not all(n in TYPES for n in names):
+        if (
+            not isinstance(names, list | tuple)
+            or not names
+            or not all(isinstance(n, str) and n in TYPES for n in names)
+        ):
             return Violation(path, f"type must be one of {sorted(TYPES)} or a list of them")
     props = schema.get("properties")
     if props is not None:
         if not isinstance(props, Mapping):
             return Violation(path, "properties must be an object")
-        for name in sorted(props):
+        for name in sorted(props, key=str):  # stored data is checked too: never raise
             bad = check_schema(props[name], _child(f"{path}.properties", str(name)), depth + 1)
             if bad:
                 return bad

@@ -595,12 +595,13 @@ class _History:
     The log's results are parsed only when an entry does not answer (an attempt that was
     retried): most derivations ask for the attempt the entries hold."""
 
-    __slots__ = ("_claims", "_results", "task")
+    __slots__ = ("_claims", "_results", "_rounds", "task")
 
     def __init__(self, task: Task) -> None:
         self.task = task
         self._claims: dict[int, dict[str, ClaimEntry]] = {}
         self._results: dict[tuple[str, int], ResultEntry] | None = None
+        self._rounds: dict[tuple[str, int, int], ResultEntry] | None = None
         for node, cl in task.claims.items():
             self._claims.setdefault(cl.attempt, {})[node] = cl
         for node, rec in task.records(("claim",)):
@@ -632,6 +633,23 @@ class _History:
                 if old is None or (r.round, r.at) >= (old.round, old.at):
                     self._results[key] = r
         return self._results.get((node, attempt))
+
+    def result_of_round(self, node: str, attempt: int, rnd: int) -> ResultEntry | None:
+        """The node's latest result for one round of an attempt (entry, else its log)."""
+        entry = self.task.results.get(node)
+        if entry is not None and (entry.attempt, entry.round) == (attempt, rnd):
+            return entry
+        if self._rounds is None:
+            self._rounds = {}
+            for author, rec in self.task.records(("result",)):
+                r = ResultEntry.from_raw(rec)
+                if r is None:
+                    continue
+                key = (author, r.attempt, r.round)
+                old = self._rounds.get(key)
+                if old is None or r.at >= old.at:
+                    self._rounds[key] = r
+        return self._rounds.get((node, attempt, rnd))
 
 
 def _window(task: Task, attempt: int, settle_ms: int) -> Window | None:
@@ -771,7 +789,6 @@ def _attempts(
         outcomes.append(o)
         if o.fault:
             faults += 1
-        reasons = tuple(x.describe() for x in outcomes)
         failed: str | None = None
         if c.exclusive:
             failed = "exclusive task runs at most once and its attempt ended"
@@ -787,7 +804,8 @@ def _attempts(
                 agent=o.agent,
                 faults=faults,
                 outcomes=tuple(outcomes),
-                reasons=(*reasons, failed),
+                # built once, at the end: per attempt it made the walk quadratic
+                reasons=(*(x.describe() for x in outcomes), failed),
                 ready=given.ready,
                 paused=given.paused,
                 pause_mark=given.pause_mark,
@@ -836,7 +854,16 @@ def _one(
         elif (
             w is not None
             and now >= w.decide_at
-            and (sup is not None or ctx.stable is None or ctx.stable(task, w))
+            and (
+                sup is not None
+                # past the claim timeout the gate no longer matters: nobody claims any more,
+                # so the window closes as no_claim of the winner among the bids held, as on a
+                # node whose gate opened and holds the same bids (a horizon that never
+                # passes the close must not stall the task on every node)
+                or now >= w.decide_at + p.claim_timeout_ms
+                or ctx.stable is None
+                or ctx.stable(task, w)
+            )
         ):
             assignee = best(task.id, j, w.bids, w.bids)
             claim_deadline = w.decide_at + p.claim_timeout_ms
@@ -896,6 +923,18 @@ def _one(
         else rel.get((assignee, j))
     )
     res = hist.result(assignee, j)
+    if res is not None and c.review_required and res.round > 1:
+        # An accepted round stays accepted (review.deciding_review): a "done" review of an
+        # earlier round that arrives after a rework round was submitted makes that earlier
+        # round's submission the one judged. Only rounds that reviews name are tried, so a
+        # far round number costs nothing.
+        named = {r.round for r in task.reviews.values() if r.attempt == j and r.round < res.round}
+        for r in sorted(named):
+            dr = deciding_review(task, j, r, assignee, agent, p.same_node_review)
+            earlier = hist.result_of_round(assignee, j, r)
+            if dr is not None and dr[1].verdict == "done" and earlier is not None:
+                res = earlier
+                break
     dl = c.deadline_ms
     cands = []
     if released_at is not None:

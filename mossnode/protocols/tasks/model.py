@@ -22,8 +22,14 @@ from typing import Any
 
 from mossnode.record import value
 
+from .contract import check_schema
+
 Json = Any
 Schema = Mapping[str, Any]
+# Every replica walks a task's attempts one by one, up to max_attempts (+ extra_attempts), so
+# the creator's choice bounds everyone's derivation work: larger is refused at creation and
+# read as this when stored.
+MAX_ATTEMPTS = 100
 
 
 class State(enum.StrEnum):
@@ -77,16 +83,20 @@ class Contract:
 
     ``deadline_ms`` bounds each round of work (claim or rework request to submission);
     missing it, like an output that violates ``output_schema``, closes the attempt as a
-    fault (reputation penalty, task re-offered). ``max_attempts`` bounds faulty attempts.
+    fault (reputation penalty, task re-offered). ``max_attempts`` bounds faulty attempts
+    (at most :data:`MAX_ATTEMPTS`).
     ``max_rounds`` bounds review rounds within one attempt. ``exclusive`` tasks are
     assigned by consensus and run at most once. ``cost`` is charged to the task tree's
     ``budget`` (set on the root; see :mod:`.supervision`). ``confidential`` names the roles
     that may read the task's input and outputs, which are then stored sealed (see
     :mod:`.confidential`); empty for an ordinary task.
+
+    A stored schema outside the supported subset (see :func:`_stored_schema`) reads as
+    ``False``, the schema no value satisfies.
     """
 
-    input_schema: Schema | None = None
-    output_schema: Schema | None = None
+    input_schema: Schema | bool | None = None
+    output_schema: Schema | bool | None = None
     deadline_ms: int | None = None
     max_attempts: int = 3
     review_required: bool = False
@@ -100,18 +110,16 @@ class Contract:
     def from_raw(cls, raw: Any) -> Contract:
         if not isinstance(raw, Mapping):
             return cls()
-        ins = raw.get("input_schema")
-        outs = raw.get("output_schema")
         deadline = as_int(raw.get("deadline_ms"))
         attempts = as_int(raw.get("max_attempts"))
         rounds = as_int(raw.get("max_rounds"))
         cost = as_float(raw.get("cost"))
         budget = as_float(raw.get("budget"))
         return cls(
-            input_schema=ins if isinstance(ins, Mapping) else None,
-            output_schema=outs if isinstance(outs, Mapping) else None,
+            input_schema=_stored_schema(raw.get("input_schema")),
+            output_schema=_stored_schema(raw.get("output_schema")),
             deadline_ms=deadline if deadline is not None and deadline > 0 else None,
-            max_attempts=max(1, attempts) if attempts is not None else 3,
+            max_attempts=min(max(1, attempts), MAX_ATTEMPTS) if attempts is not None else 3,
             review_required=raw.get("review_required") is True,
             exclusive=raw.get("exclusive") is True,
             max_rounds=max(1, rounds) if rounds is not None else 3,
@@ -122,8 +130,8 @@ class Contract:
 
     def to_raw(self) -> dict[str, Any]:
         raw: dict[str, Any] = {
-            "input_schema": dict(self.input_schema) if self.input_schema is not None else None,
-            "output_schema": dict(self.output_schema) if self.output_schema is not None else None,
+            "input_schema": _schema_raw(self.input_schema),
+            "output_schema": _schema_raw(self.output_schema),
             "deadline_ms": self.deadline_ms,
             "max_attempts": self.max_attempts,
             "review_required": self.review_required,
@@ -135,6 +143,20 @@ class Contract:
         if self.confidential:  # only then: ordinary tasks keep their stored form
             raw["confidential"] = list(self.confidential)
         return raw
+
+
+def _stored_schema(raw: Any) -> Schema | bool | None:
+    """A schema as stored by the creator. Only the honest writer runs ``check_schema`` before
+    writing, and ``validate`` assumes a checked schema (it may raise on others), so a schema
+    that fails the check becomes ``False``: every output is then a schema fault, the same on
+    every replica, instead of an exception in every derivation."""
+    if raw is None:
+        return None
+    return raw if check_schema(raw) is None else False
+
+
+def _schema_raw(schema: Schema | bool | None) -> Any:
+    return dict(schema) if isinstance(schema, Mapping) else schema
 
 
 # -- per-node entries: each is the value at tasks/<id>/<kind>/<node>, written only by <node> ----

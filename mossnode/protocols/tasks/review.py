@@ -3,8 +3,11 @@
 OpenMOSS parity without its holes: a review scores 1-5 and says ``done`` or ``rework``; it is
 independent (another node, and never the assignee agent itself); and when the contract requires
 review, nothing else can move a submission to done. Several reviewers may review the same
-submission (partitions, slow gossip): the earliest valid review by (at, node) decides, the others
-still count for reputation.
+submission (partitions, slow gossip): a valid ``done`` review decides it (the earliest by
+(at, node) if several), else the earliest valid ``rework``; the others still count for
+reputation. Done wins so that the decision is monotone: a node that saw one ``done`` review
+derived the task done and its dependents ran on that output, and an earlier ``rework`` that
+arrives later must not take that back.
 """
 
 from __future__ import annotations
@@ -57,5 +60,10 @@ def deciding_review(
     assignee_agent: str | None,
     same_node_review: bool = False,
 ) -> tuple[str, ReviewEntry] | None:
+    """The review that decides submission (attempt, round): the earliest valid ``done``,
+    else the earliest valid review (a rework). See the module docstring for why."""
     found = reviews_of(task, attempt, rnd, assignee_node, assignee_agent, same_node_review)
+    for nr in found:
+        if nr[1].verdict == "done":
+            return nr
     return found[0] if found else None

@@ -22,7 +22,7 @@ from .confidential import check_roles
 from .contract import check_schema, validate
 from .effects import Control, Create
 from .lifecycle import Status
-from .model import HELD, TERMINAL, Contract, State, TaskView
+from .model import HELD, MAX_ATTEMPTS, TERMINAL, Contract, State, TaskView
 
 SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 MAX_SUFFIX = 64  # mirrors protocols/crdt/schema.py task_id()
@@ -67,6 +67,10 @@ def task_id(creator: str, suffix: str) -> str:
 
 
 def _check_contract(c: Contract) -> Refused | None:
+    if not 1 <= c.max_attempts <= MAX_ATTEMPTS:
+        return Refused(
+            "max_attempts", f"max_attempts must be 1-{MAX_ATTEMPTS} (got {c.max_attempts})"
+        )
     if c.confidential:
         bad_roles = check_roles(c.confidential)
         if bad_roles is not None:
@@ -76,6 +80,20 @@ def _check_contract(c: Contract) -> Refused | None:
             bad = check_schema(schema)
             if bad is not None:
                 return Refused("schema", f"{name} {bad}")
+    return None
+
+
+def check_raw_contract(raw: Mapping[str, Any]) -> Refused | None:
+    """A requested contract before :meth:`Contract.from_raw`, which reads what it cannot use
+    as a safe value (a bad schema as ``false``, max_attempts capped): a creator is told."""
+    for name in ("input_schema", "output_schema"):
+        schema = raw.get(name)
+        bad = check_schema(schema) if schema is not None else None
+        if bad is not None:
+            return Refused("schema", f"{name} {bad}")
+    attempts = raw.get("max_attempts")
+    if isinstance(attempts, int) and not isinstance(attempts, bool):
+        return _check_contract(Contract(max_attempts=attempts))
     return None
 
 
