@@ -1340,3 +1340,44 @@ def test_a_view_knows_what_changed_since_a_few_views_back() -> None:
         if rng.random() < 0.3:
             assert derive_all(new, step, params=P, cache=cache) == derive_all(new, step, params=P)
     assert linked > 1_000
+
+
+def test_a_role_change_makes_a_running_node_derive_as_a_restarted_one(tmp_path: Any) -> None:
+    """A supervisor's cancel counts while it holds task.cancel. Once the decided log revokes
+    the role, a long-running node (its derivation cache full) must derive what a node started
+    now derives from the same view: the task node service notices the changed answer and
+    derives anew."""
+    from types import SimpleNamespace
+
+    from mossnode.node.tasks import TaskService
+    from mossnode.protocols.tasks import control
+    from mossnode.protocols.tasks.effects import Control
+
+    doc = Doc()
+    tid = doc.create("A", "t", now=0)
+    doc.apply("S", 10, Control(tid, control.record("cancel", 10, "stop")))
+    view = doc.view()
+    roles = {"S": {"task.cancel"}}
+    swarm = SimpleNamespace(height=1)
+    policy = SimpleNamespace(may=lambda node, perm, seq: perm in roles.get(node, set()))
+    svc = TaskService(
+        SimpleNamespace(peer_id="X", state_dir=tmp_path, _swarm=lambda: swarm),  # type: ignore[arg-type]
+        SimpleNamespace(policy=policy),  # type: ignore[arg-type]
+    )
+    svc.sched = Scheduler("X", params=P)
+    svc.sched.tick(view, agents=[agent("x")], now_ms=20, authority=svc._authority)
+    assert svc.sched.statuses[tid].state is State.CANCELLED
+
+    roles["S"] = set()  # the decided log revokes S's supervisor role: the view is unchanged
+    swarm.height = 2
+    svc._policy_moved()
+    svc.sched.tick(view, agents=[agent("x")], now_ms=30, authority=svc._authority)
+    fresh = Scheduler("Y", params=P)
+    fresh.tick(view, agents=[agent("x")], now_ms=30, authority=svc._authority)
+    assert svc.sched.statuses[tid].state == fresh.statuses[tid].state != State.CANCELLED
+
+    swarm.height = 3  # a decision that changes no answer keeps the cache
+    cached = svc.sched.statuses[tid]
+    svc._policy_moved()
+    svc.sched.tick(view, agents=[agent("x")], now_ms=30, authority=svc._authority)
+    assert svc.sched.statuses[tid] is cached
