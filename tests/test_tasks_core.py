@@ -1381,3 +1381,37 @@ def test_a_role_change_makes_a_running_node_derive_as_a_restarted_one(tmp_path: 
     svc._policy_moved()
     svc.sched.tick(view, agents=[agent("x")], now_ms=30, authority=svc._authority)
     assert svc.sched.statuses[tid] is cached
+
+
+def test_an_exclusive_task_sent_back_for_rework_waits_for_a_busy_agent() -> None:
+    """While an exclusive task is in review its slot is free, so its agent takes other work.
+    A rework verdict that then finds the agent busy must wait for the slot: releasing the
+    attempt would fail the task ("runs at most once") though nothing ran twice."""
+    p2 = dataclasses.replace(P, review_delay_ms=0)
+    doc = Doc()
+    x = doc.create("A", "x", now=0, contract=Contract(exclusive=True, review_required=True))
+    excl = {x: "N"}
+    n, r = Scheduler("N", params=p2), Scheduler("R", params=p2)
+    agents = [agent("a", conc=1)]
+
+    def tick_n(now: int, **kw: Any) -> Plan:
+        plan = n.tick(doc.view(), agents=agents, now_ms=now, exclusive=excl, **kw)
+        doc.apply("N", now, plan)
+        return plan
+
+    assert only(tick_n(10), Dispatch)
+    tick_n(100, finished=[Finished(x, "v1")])  # submitted: in review, the slot is free
+    y = doc.create("A", "y", now=110)
+    for now in (120, 330):
+        tick_n(now)  # N bids on y, wins it, runs it
+    assert y in n.running
+    r.tick(doc.view(), agents=[agent("r", roles=("reviewer",))], now_ms=340, exclusive=excl)
+    verdict = r.review_finished(
+        doc.view(), x, now_ms=350, score=3, verdict="rework", exclusive=excl
+    )
+    doc.apply("R", 350, verdict)
+    assert not only(tick_n(360), Release)
+    assert derive_all(doc.view(), 400, params=p2, exclusive=excl)[x].state is State.REWORK
+    # y ends: the slot frees and x's rework runs, in that tick or the next
+    ended = only(tick_n(500, finished=[Finished(y, "done")]), Dispatch)
+    assert [d.task_id for d in ended + only(tick_n(600), Dispatch)] == [x]

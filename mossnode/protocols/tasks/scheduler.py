@@ -299,7 +299,10 @@ class Scheduler:
                 continue
             if running_per_agent[a.name] >= cap[a.name]:
                 limit = depth[a.name] if queueable(task) else cap[a.name]
-                if running_per_agent[a.name] + waiting[a.name] < limit:
+                # An exclusive task always waits: releasing its attempt would fail it ("runs
+                # at most once"), though nothing ran twice (a rework verdict that finds its
+                # agent busy with work taken while the task was in review, say).
+                if task.contract.exclusive or running_per_agent[a.name] + waiting[a.name] < limit:
                     waiting[a.name] += 1  # its lease is renewed above until a slot frees
                     continue
                 effects.append(
