@@ -143,6 +143,8 @@ class StateService:
         self._writes: list[_Write] = []  # local writes of this pass of the loop, not yet written
         self._queued = 0  # entries ever queued for commit
         self._stored = 0  # entries ever committed
+        # Highest own seq on disk: anti-entropy serves own entries only up to it (duty 1).
+        self._durable_own = self.replica.vector().get(self.replica.me, 0)
         self._commit_wanted = trio.Event()
         self._committed = trio.Event()
         self._to_publish: list[bytes] = []
@@ -219,9 +221,10 @@ class StateService:
             self._stored = upto
             # Own entries go out only now that they are durable, in seq order.
             me = self.replica.me
-            own = [e.data for e in batch if e.author == me]
+            own = [e for e in batch if e.author == me]
             if own:
-                self._to_publish.extend(own)
+                self._durable_own = max(self._durable_own, own[-1].seq)
+                self._to_publish.extend(e.data for e in own)
                 self._publish_wanted.set()
             done, self._committed = self._committed, trio.Event()
             done.set()
@@ -449,6 +452,7 @@ class StateService:
                 blocked,
                 max_entries=SYNC_BATCH_ENTRIES,
                 max_bytes=SYNC_BATCH_BYTES,
+                upto={self.replica.me: self._durable_own},
             ):
                 await write_frame(stream, canonical(batch))
             await write_frame(stream, canonical([]))

@@ -780,6 +780,7 @@ class Replica:
         *,
         max_entries: int = 256,
         max_bytes: int = 512 * 1024,
+        upto: Mapping[str, int] | None = None,
     ) -> Iterator[list[bytes]]:
         """Entries a peer lacks, given its :meth:`vector` (and, optionally, its :meth:`heads`
         and :meth:`blocked_seqs`), in batches, in an order that respects every author's seq
@@ -789,7 +790,12 @@ class Replica:
         of an equivocation, or the entry that blocked the author, to a peer that has reached
         the seq before the block and has not blocked that author itself; and our entry at the
         peer's head when the digests differ (a fork the peer may not know of).
+
+        ``upto``: ``{author: seq}``, nothing of that author past that seq is sent (the daemon
+        holds back its own entries until they are durable: one sent and then lost in a crash
+        would be signed again differently, an equivocation).
         """
+        limit = upto or {}
         batch: list[bytes] = []
         size = 0
 
@@ -814,7 +820,11 @@ class Replica:
         for author, digest in (peer_heads or {}).items():
             st = self._authors.get(author)
             theirs = peer_vector.get(author, 0)
-            if st is not None and 1 <= theirs <= st.seq and st.digests[theirs - 1] != digest:
+            if (
+                st is not None
+                and 1 <= theirs <= min(st.seq, limit.get(author, theirs))
+                and st.digests[theirs - 1] != digest
+            ):
                 yield from flush(st.log[theirs - 1])
         starts = [
             self._pos[a][peer_vector.get(a, 0)]
@@ -824,7 +834,11 @@ class Replica:
         for i in range(min(starts, default=len(self._order)), len(self._order)):
             author, seq = self._order[i]
             until = self.blocked.get(author)
-            if seq > peer_vector.get(author, 0) and (until is None or seq < until.seq):
+            if (
+                seq > peer_vector.get(author, 0)
+                and (until is None or seq < until.seq)
+                and seq <= limit.get(author, seq)
+            ):
                 yield from flush(self._authors[author].log[seq - 1])
         if batch:
             yield batch
