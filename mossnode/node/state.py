@@ -230,6 +230,10 @@ class StateService:
     def _queue(self, out: Outcome, changes: ChangeBatch | None = None) -> None:
         if out.applied:
             self._enqueue(out.applied)
+        if out.rolled_back:
+            # content vanished, at paths nobody observed: readers read everything again
+            self.on_change(None, True)
+        elif out.applied:
             if changes is None:
                 self.on_change(list(out.changed), True)
             else:

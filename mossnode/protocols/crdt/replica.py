@@ -973,6 +973,7 @@ class Replica:
         out = fresh.receive_batch(raws, now_ms)
         out.applied = [e for e in out.applied if (e.author, e.seq) not in known]
         keep = set(fresh._order)
+        out.rolled_back = not known <= keep
         # this node's own entries stay stored: they wait in pending, and they are what keeps
         # it from ever signing those seqs again after a restart
         out.retracted = [
