@@ -189,6 +189,7 @@ class StateService:
         self.topic = topic(state.swarm_id, "state")
         self.counters: Counter[str] = Counter()
         self._to_commit: list[Entry] = []
+        self._to_retract: dict[str, int] = {}  # {author: first seq to delete}, next commit
         self._writes: list[_Write] = []  # local writes of this pass of the loop, not yet written
         self._queued = 0  # entries ever queued for commit
         self._stored = 0  # entries ever committed
@@ -250,7 +251,14 @@ class StateService:
             self._retract(out)
 
     def _retract(self, out: Outcome) -> None:
-        self.store.commit(retract=out.retract_from())
+        """Drop retracted entries from the store, in the committer's next transaction (its
+        DELETE runs before its INSERTs). Deleting at once let the committer store them again
+        afterwards: they may still wait in ``_to_commit``, or in a commit under way."""
+        gone = {(e.author, e.seq) for e in out.retracted}
+        self._to_commit = [e for e in self._to_commit if (e.author, e.seq) not in gone]
+        for author, first in out.retract_from().items():
+            self._to_retract[author] = min(first, self._to_retract.get(author, first))
+        self._commit_wanted.set()
 
     async def _committer(self) -> None:
         """Group commit: whatever arrived since the last fsync goes in one transaction."""
@@ -258,6 +266,7 @@ class StateService:
             await self._commit_wanted.wait()
             self._commit_wanted = trio.Event()
             batch, self._to_commit = self._to_commit, []
+            retract, self._to_retract = self._to_retract, {}
             upto = self._queued
             rows = [(e.author, e.seq, e.data) for e in batch]
             snapshot = None
@@ -269,7 +278,9 @@ class StateService:
             # Large batches (catch-up, a snapshot) go to a worker thread, so the loop keeps
             # applying meanwhile.
             small = snapshot is None and len(rows) <= INLINE_COMMIT_ROWS
-            await commit_from_loop(self.store, in_place=small, entries=rows, snapshot=snapshot)
+            await commit_from_loop(
+                self.store, in_place=small, entries=rows, snapshot=snapshot, retract=retract
+            )
             self.counters["stored"] += len(rows)
             self._stored = upto
             # Own entries go out only now that they are durable, in seq order.
