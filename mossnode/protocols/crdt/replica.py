@@ -19,7 +19,6 @@ identically everywhere (see docs/state-schema.md).
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -923,7 +922,8 @@ class Replica:
         """Rebuild from the latest snapshot and the stored logs (in stored order).
 
         Fast path: entries the snapshot covers were verified before they were stored, so they
-        are only hashed and chained against the snapshot's head digests. The tail goes through
+        are only parsed (no signature check) and chained, each to its predecessor and the last
+        to the snapshot's head digest; a break raises StateError naming the entry. The tail goes through
         the full verification of :meth:`receive`.
         """
         replica = cls(identity, swarm_id, policy, limits=limits)
@@ -937,7 +937,17 @@ class Replica:
             st = replica._authors[author]
             if seq != st.seq + 1:
                 raise StateError(f"stored log of {author} is not contiguous at seq {seq}")
-            replica._record(st, author, raw, hashlib.sha256(raw).digest())
+            # Each entry names its predecessor's digest (signed): a damaged stored entry
+            # breaks the chain at the next one, the last at the snapshot's head.
+            parsed = read_entry(raw, swarm_id=swarm_id, now_ms=now_ms, signed_here=True)
+            if not isinstance(parsed, StateEntry) or (parsed.author, parsed.seq) != (author, seq):
+                raise StateError(f"stored entry {author} seq {seq} does not decode as itself")
+            if parsed.prev != st.head:
+                raise StateError(
+                    f"stored entry {author} seq {seq - 1} does not match the digest "
+                    f"seq {seq} names (one of them is damaged)"
+                )
+            replica._record(st, author, raw, parsed.digest)
         for author, (seq, head) in expect.items():
             st = replica._authors[author]
             if st.seq != seq or st.head != head:
