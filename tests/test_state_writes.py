@@ -28,6 +28,8 @@ def service(store: Store) -> Any:
     svc.store = store
     svc.counters = Counter()
     svc._to_commit, svc._queued, svc._stored = [], 0, 0
+    svc._durable_own = 0
+    svc._to_retract = {}
     svc._commit_wanted, svc._committed = trio.Event(), trio.Event()
     svc._to_publish, svc._publish_wanted = [], trio.Event()
     svc._since_snapshot = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -175,8 +176,6 @@ def test_corrupted_pages_are_refused_and_left_alone(tmp_path: Path) -> None:
 def _refused_after_sql(db: Path, sql: str, match: str) -> None:
     """Run ``sql`` on ``db`` with plain sqlite3; the store must then refuse the file with
     ``match`` in its message and leave it byte for byte as it was."""
-    import sqlite3
-
     con = sqlite3.connect(db)
     con.execute(sql)
     con.commit()
@@ -270,3 +269,30 @@ def test_exclusions_survive_restore_and_retractions_leave_the_store(tmp_path: Pa
     assert not again.receive(fork1, NOW).applied
     _, nxt = again.write(lambda w: w.append_history("after"), NOW)
     assert nxt is not None and nxt.seq == 2
+
+
+def test_a_damaged_entry_the_snapshot_covers_is_reported(tmp_path: Path) -> None:
+    """Bit rot inside a stored BLOB passes quick_check: each covered entry must chain to the
+    one before it, not only the last to the snapshot's head. The snapshot is then not used,
+    and the full verification refuses the damaged entry instead of serving it to peers."""
+    a, b = ident(0), ident(1)
+    rep = Replica(a, SWARM, policy_for([a, b]))
+    entries = [rep.create_task(f"t{i}", NOW, title=f"task {i}")[1] for i in range(3)]
+    path = tmp_path / "s.db"
+    with Store(path) as store:
+        store.commit(
+            entries=[(e.author, e.seq, e.data) for e in entries if e is not None],
+            snapshot=(rep.snapshot(), rep.vector(), NOW),
+        )
+    db = sqlite3.connect(path)
+    data = bytearray(db.execute("SELECT data FROM entries WHERE seq=2").fetchone()[0])
+    data[-5] ^= 0x01
+    db.execute("UPDATE entries SET data=? WHERE seq=2", (bytes(data),))
+    db.commit()
+    db.close()
+    with Store(path) as store:
+        restored = load_replica(store, a, SWARM, policy_for([a, b]), NOW)
+    assert restored.snapshot_id is None
+    assert restored.snapshot_problem is not None
+    assert f"{a.peer_id} seq 2" in restored.snapshot_problem
+    assert restored.replica.vector() == {a.peer_id: 1}  # nothing damaged is served

@@ -52,6 +52,9 @@ MAX_BUNDLE = 256
 SYNC_BATCH_ENTRIES = 2048
 SYNC_BATCH_BYTES = 3 << 20
 SYNC_WINDOW = 8 << 20  # a sync stream's receive window: the next frames wait in our buffers
+# One round, on either side: a peer that stalls (sends no request, reads nothing) gives up its
+# stream then, instead of holding a handler and a yamux stream for good.
+SYNC_ROUND_S = 60.0
 # While a sync stream runs, readers (the scheduler) are woken at most this often, and at its
 # end: a catch-up of many frames is not interleaved with a derivation per frame. What changed
 # reaches them at once (see ChangeBatch). A pass over a frame's new tasks costs about half of
@@ -69,6 +72,52 @@ MAX_WRITES_PER_ENTRY = 64
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _sync_batch(frame: bytes) -> list[bytes] | None:
+    """One anti-entropy frame's entries, or None if no honest peer sends it. The entry count
+    is read from the CBOR header before decoding: a 4 MiB frame of 1-byte entries would
+    decode into millions of objects and take seconds of one synchronous receive_batch."""
+    if not frame or frame[0] >> 5 != 4:  # major type 4: array
+        return None
+    info = frame[0] & 0x1F
+    if info < 24:
+        count = info
+    elif 24 <= info <= 27:
+        width = 1 << (info - 24)
+        count = int.from_bytes(frame[1 : 1 + width], "big")
+    else:  # indefinite length: canonical CBOR never has it
+        return None
+    if count > SYNC_BATCH_ENTRIES:
+        return None
+    try:
+        batch = cbor2.loads(frame)
+    except Exception:
+        return None
+    if not isinstance(batch, list) or not all(isinstance(b, bytes) for b in batch):
+        return None
+    return batch
+
+
+def _sync_request(frame: bytes) -> tuple[dict[str, int], dict[str, bytes], dict[str, int]] | None:
+    """A peer's ``summary()`` (vector, heads, blocked seqs), or None if malformed."""
+    try:
+        req = cbor2.loads(frame)
+        if not isinstance(req, dict):
+            return None
+        parts = [req.get(k, {}) for k in ("vector", "heads", "blocked")]
+        if not all(isinstance(p, dict) for p in parts):
+            return None
+        vector, heads, blocked = parts
+        if not all(
+            isinstance(a, str) and type(v) is int and v >= 0
+            for m in (vector, blocked)
+            for a, v in m.items()
+        ) or not all(isinstance(a, str) and isinstance(h, bytes) for a, h in heads.items()):
+            return None
+        return vector, heads, blocked
+    except Exception:
+        return None
 
 
 def _ignore(paths: list[tuple[Any, ...]] | None, wake: bool) -> None:
@@ -140,9 +189,12 @@ class StateService:
         self.topic = topic(state.swarm_id, "state")
         self.counters: Counter[str] = Counter()
         self._to_commit: list[Entry] = []
+        self._to_retract: dict[str, int] = {}  # {author: first seq to delete}, next commit
         self._writes: list[_Write] = []  # local writes of this pass of the loop, not yet written
         self._queued = 0  # entries ever queued for commit
         self._stored = 0  # entries ever committed
+        # Highest own seq on disk: anti-entropy serves own entries only up to it (duty 1).
+        self._durable_own = self.replica.vector().get(self.replica.me, 0)
         self._commit_wanted = trio.Event()
         self._committed = trio.Event()
         self._to_publish: list[bytes] = []
@@ -179,6 +231,10 @@ class StateService:
     def _queue(self, out: Outcome, changes: ChangeBatch | None = None) -> None:
         if out.applied:
             self._enqueue(out.applied)
+        if out.rolled_back:
+            # content vanished, at paths nobody observed: readers read everything again
+            self.on_change(None, True)
+        elif out.applied:
             if changes is None:
                 self.on_change(list(out.changed), True)
             else:
@@ -195,7 +251,14 @@ class StateService:
             self._retract(out)
 
     def _retract(self, out: Outcome) -> None:
-        self.store.commit(retract=out.retract_from())
+        """Drop retracted entries from the store, in the committer's next transaction (its
+        DELETE runs before its INSERTs). Deleting at once let the committer store them again
+        afterwards: they may still wait in ``_to_commit``, or in a commit under way."""
+        gone = {(e.author, e.seq) for e in out.retracted}
+        self._to_commit = [e for e in self._to_commit if (e.author, e.seq) not in gone]
+        for author, first in out.retract_from().items():
+            self._to_retract[author] = min(first, self._to_retract.get(author, first))
+        self._commit_wanted.set()
 
     async def _committer(self) -> None:
         """Group commit: whatever arrived since the last fsync goes in one transaction."""
@@ -203,6 +266,7 @@ class StateService:
             await self._commit_wanted.wait()
             self._commit_wanted = trio.Event()
             batch, self._to_commit = self._to_commit, []
+            retract, self._to_retract = self._to_retract, {}
             upto = self._queued
             rows = [(e.author, e.seq, e.data) for e in batch]
             snapshot = None
@@ -214,14 +278,17 @@ class StateService:
             # Large batches (catch-up, a snapshot) go to a worker thread, so the loop keeps
             # applying meanwhile.
             small = snapshot is None and len(rows) <= INLINE_COMMIT_ROWS
-            await commit_from_loop(self.store, in_place=small, entries=rows, snapshot=snapshot)
+            await commit_from_loop(
+                self.store, in_place=small, entries=rows, snapshot=snapshot, retract=retract
+            )
             self.counters["stored"] += len(rows)
             self._stored = upto
             # Own entries go out only now that they are durable, in seq order.
             me = self.replica.me
-            own = [e.data for e in batch if e.author == me]
+            own = [e for e in batch if e.author == me]
             if own:
-                self._to_publish.extend(own)
+                self._durable_own = max(self._durable_own, own[-1].seq)
+                self._to_publish.extend(e.data for e in own)
                 self._publish_wanted.set()
             done, self._committed = self._committed, trio.Event()
             done.set()
@@ -406,24 +473,25 @@ class StateService:
         got = 0
         changes = ChangeBatch(lambda paths, wake: self.on_change(paths, wake), SYNC_NOTIFY_S)
         try:
-            with trio.move_on_after(60):
+            with trio.move_on_after(SYNC_ROUND_S):
                 stream = await self.d.host.new_stream(ID.from_base58(peer), [SYNC_PROTO])
                 try:
                     await widen_receive_window(stream, SYNC_WINDOW)
                     await write_frame(stream, canonical(self.summary()))
                     while True:
-                        batch = cbor2.loads(await read_frame(stream))
-                        if not isinstance(batch, list) or not batch:
-                            break
-                        if not all(isinstance(b, bytes) for b in batch):
+                        batch = _sync_batch(await read_frame(stream))
+                        if batch is None:  # the round ends; what arrived before is kept
                             self.d.rejected["malformed"] += 1
+                            log.debug("sync from %s: malformed frame", peer)
+                            break
+                        if not batch:
+                            self.counters["sync_rounds"] += 1
                             break
                         self._queue(self.replica.receive_batch(batch, now_ms()), changes)
                         got += len(batch)
                         await trio.sleep(0)
                 finally:
                     await stream.close()
-            self.counters["sync_rounds"] += 1
             self.counters["sync_entries"] += got
         except Exception as exc:
             log.debug("sync from %s failed: %s", peer, exc)
@@ -435,27 +503,34 @@ class StateService:
 
     async def _on_sync_stream(self, stream: INetStream) -> None:
         try:
-            remote = str(stream.muxed_conn.peer_id)
-            if self.d._swarm().by_peer_id(remote) is None:
-                self.d.rejected["not_member"] += 1
-                return  # non-members learn nothing of the task state
-            req = cbor2.loads(await read_frame(stream, 4 << 20))
-            vector = {str(k): int(v) for k, v in dict(req.get("vector", {})).items()}
-            heads = {str(k): bytes(v) for k, v in dict(req.get("heads", {})).items()}
-            blocked = {str(k): int(v) for k, v in dict(req.get("blocked", {})).items()}
-            for batch in self.replica.missing_for(
-                vector,
-                heads,
-                blocked,
-                max_entries=SYNC_BATCH_ENTRIES,
-                max_bytes=SYNC_BATCH_BYTES,
-            ):
-                await write_frame(stream, canonical(batch))
-            await write_frame(stream, canonical([]))
+            with trio.move_on_after(SYNC_ROUND_S):
+                await self._serve_sync(stream)
         except Exception as exc:
             log.debug("sync stream: %s", exc)
         finally:
             await stream.close()
+
+    async def _serve_sync(self, stream: INetStream) -> None:
+        remote = str(stream.muxed_conn.peer_id)
+        if self.d._swarm().by_peer_id(remote) is None:
+            self.d.rejected["not_member"] += 1
+            return  # non-members learn nothing of the task state
+        req = _sync_request(await read_frame(stream, 4 << 20))
+        if req is None:
+            self.d.rejected["malformed"] += 1
+            log.debug("sync request from %s: malformed", remote)
+            return
+        vector, heads, blocked = req
+        for batch in self.replica.missing_for(
+            vector,
+            heads,
+            blocked,
+            max_entries=SYNC_BATCH_ENTRIES,
+            max_bytes=SYNC_BATCH_BYTES,
+            upto={self.replica.me: self._durable_own},
+        ):
+            await write_frame(stream, canonical(batch))
+        await write_frame(stream, canonical([]))
 
     # --- views ----------------------------------------------------------------------------
 

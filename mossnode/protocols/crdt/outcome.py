@@ -64,6 +64,9 @@ class Outcome:
     equivocations: list[Equivocation] = field(default_factory=list)  # persist, report
     retracted: list[Entry] = field(default_factory=list)  # only from rebuild(): drop from store
     changed: list[Path] = field(default_factory=list)  # paths observed changing, for readers
+    # A rebuild dropped entries applied before (retracted, or own ones back to waiting): what
+    # vanished is not in ``changed``, so readers must read everything again.
+    rolled_back: bool = False
 
     def retract_from(self) -> dict[str, int]:
         """``{author: first retracted seq}``, the form ``Store.commit(retract=...)`` takes."""
@@ -78,6 +81,7 @@ class Outcome:
         self.equivocations += other.equivocations
         self.retracted += other.retracted
         self.changed += other.changed
+        self.rolled_back = self.rolled_back or other.rolled_back
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ identically everywhere (see docs/state-schema.md).
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -780,6 +779,7 @@ class Replica:
         *,
         max_entries: int = 256,
         max_bytes: int = 512 * 1024,
+        upto: Mapping[str, int] | None = None,
     ) -> Iterator[list[bytes]]:
         """Entries a peer lacks, given its :meth:`vector` (and, optionally, its :meth:`heads`
         and :meth:`blocked_seqs`), in batches, in an order that respects every author's seq
@@ -789,7 +789,12 @@ class Replica:
         of an equivocation, or the entry that blocked the author, to a peer that has reached
         the seq before the block and has not blocked that author itself; and our entry at the
         peer's head when the digests differ (a fork the peer may not know of).
+
+        ``upto``: ``{author: seq}``, nothing of that author past that seq is sent (the daemon
+        holds back its own entries until they are durable: one sent and then lost in a crash
+        would be signed again differently, an equivocation).
         """
+        limit = upto or {}
         batch: list[bytes] = []
         size = 0
 
@@ -814,7 +819,11 @@ class Replica:
         for author, digest in (peer_heads or {}).items():
             st = self._authors.get(author)
             theirs = peer_vector.get(author, 0)
-            if st is not None and 1 <= theirs <= st.seq and st.digests[theirs - 1] != digest:
+            if (
+                st is not None
+                and 1 <= theirs <= min(st.seq, limit.get(author, theirs))
+                and st.digests[theirs - 1] != digest
+            ):
                 yield from flush(st.log[theirs - 1])
         starts = [
             self._pos[a][peer_vector.get(a, 0)]
@@ -824,7 +833,11 @@ class Replica:
         for i in range(min(starts, default=len(self._order)), len(self._order)):
             author, seq = self._order[i]
             until = self.blocked.get(author)
-            if seq > peer_vector.get(author, 0) and (until is None or seq < until.seq):
+            if (
+                seq > peer_vector.get(author, 0)
+                and (until is None or seq < until.seq)
+                and seq <= limit.get(author, seq)
+            ):
                 yield from flush(self._authors[author].log[seq - 1])
         if batch:
             yield batch
@@ -909,7 +922,8 @@ class Replica:
         """Rebuild from the latest snapshot and the stored logs (in stored order).
 
         Fast path: entries the snapshot covers were verified before they were stored, so they
-        are only hashed and chained against the snapshot's head digests. The tail goes through
+        are only parsed (no signature check) and chained, each to its predecessor and the last
+        to the snapshot's head digest; a break raises StateError naming the entry. The tail goes through
         the full verification of :meth:`receive`.
         """
         replica = cls(identity, swarm_id, policy, limits=limits)
@@ -923,7 +937,17 @@ class Replica:
             st = replica._authors[author]
             if seq != st.seq + 1:
                 raise StateError(f"stored log of {author} is not contiguous at seq {seq}")
-            replica._record(st, author, raw, hashlib.sha256(raw).digest())
+            # Each entry names its predecessor's digest (signed): a damaged stored entry
+            # breaks the chain at the next one, the last at the snapshot's head.
+            parsed = read_entry(raw, swarm_id=swarm_id, now_ms=now_ms, signed_here=True)
+            if not isinstance(parsed, StateEntry) or (parsed.author, parsed.seq) != (author, seq):
+                raise StateError(f"stored entry {author} seq {seq} does not decode as itself")
+            if parsed.prev != st.head:
+                raise StateError(
+                    f"stored entry {author} seq {seq - 1} does not match the digest "
+                    f"seq {seq} names (one of them is damaged)"
+                )
+            replica._record(st, author, raw, parsed.digest)
         for author, (seq, head) in expect.items():
             st = replica._authors[author]
             if st.seq != seq or st.head != head:
@@ -959,6 +983,7 @@ class Replica:
         out = fresh.receive_batch(raws, now_ms)
         out.applied = [e for e in out.applied if (e.author, e.seq) not in known]
         keep = set(fresh._order)
+        out.rolled_back = not known <= keep
         # this node's own entries stay stored: they wait in pending, and they are what keeps
         # it from ever signing those seqs again after a restart
         out.retracted = [
