@@ -132,3 +132,54 @@ async def test_a_silent_peer_does_not_hold_the_sync_handler(
             await svc._on_sync_stream(stream)
         assert not scope.cancelled_caught and stream.closed
         assert trio.current_time() - start == SYNC_ROUND_S
+
+
+class _SlowStream(FakeStream):
+    """A peer serving a catch-up one frame every ``gap`` seconds (a CPU-bound transfer)."""
+
+    def __init__(self, frames: list[bytes], gap: float) -> None:
+        super().__init__(frames)
+        self.gap = gap
+
+    async def read(self, n: int) -> bytes:
+        await trio.sleep(self.gap)
+        return await super().read(n)
+
+
+async def test_a_write_after_a_restart_waits_for_the_whole_first_round(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Duty 2: a node restored from an old backup learns its own later entries before it signs
+    again. A first round longer than a few seconds must hold the first write back until it
+    ends: signing at a timeout re-used a seq, and the node proved an equivocation on itself."""
+    members = [A, B]
+    old_a = Replica(A, SWARM, policy_for(members))
+    a1 = old_a.create_task("t1", NOW, title="one")[1]
+    a2 = old_a.create_task("t2", NOW, title="two")[1]
+    assert a1 is not None and a2 is not None
+    b = Replica(B, SWARM, policy_for(members))
+    b.receive_batch([a1.data, a2.data], NOW)
+    for i in range(40):  # B's work after A's backup was taken
+        b.create_task(f"b{i}", NOW, title=f"b{i}")
+    old_a.receive_batch([e.data for e in b.entries(2)], NOW)
+    a3 = old_a.create_task("t3", NOW, title="three")[1]  # seq 3: B holds it, the backup not
+    assert a3 is not None and b.receive(a3.data, NOW).applied
+    frames = [canonical(batch) for batch in b.missing_for({A.peer_id: 2}, max_entries=10)]
+    frames.append(canonical([]))
+    with Store(tmp_path / "a.db") as store:
+        store.commit(entries=[(e.author, e.seq, e.data) for e in (a1, a2)])  # the backup
+        daemon = FakeDaemon({A.peer_id, B.peer_id}, _SlowStream(frames, gap=1.5))
+        daemon.host.get_connected_peers = lambda: [B.peer_id]  # type: ignore[method-assign]
+        svc = service(store, A, members, daemon)
+        svc.replica, _ = Replica.restore(
+            A, SWARM, policy_for(members), snapshot=None, entries=list(store.entries()), now_ms=NOW
+        )
+        svc._synced = trio.Event()  # a fresh start: the first round has not run
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(svc._committer)
+            nursery.start_soon(svc._sync_loop)
+            await trio.sleep(0.1)
+            await svc.write(lambda w: w.create_task("t4", title="four"))  # an agent's first call
+            nursery.cancel_scope.cancel()
+    assert not svc.replica.evidence, "the node signed a seq it had already signed"
+    assert svc.replica.vector()[A.peer_id] == 4  # t3 learnt from B, then t4 signed as seq 4

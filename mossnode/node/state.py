@@ -317,7 +317,11 @@ class StateService:
 
         ``paths``: the document paths it writes (``("tasks", tid)`` or, for one key of the
         task's map, ``("tasks", tid, key)``), so readers refresh only those."""
-        await self.wait_synced(5)
+        # Duty 2: the first anti-entropy round after a start must end before this node signs,
+        # so that a node restored from an old backup learns its own later entries first and
+        # never signs those seqs again. A round ends or is cut off within SYNC_ROUND_S; a
+        # shorter wait let a slow catch-up's first write re-use a seq (an equivocation).
+        await self.wait_synced(SYNC_ROUND_S + 5)
         job = _Write(fn, paths)
         self._writes.append(job)
         if len(self._writes) == 1:
