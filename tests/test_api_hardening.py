@@ -175,6 +175,13 @@ async def _read_all(stream: trio.SocketStream) -> bytes:
     return out
 
 
+async def _prompt_request(path: Path) -> bytes:
+    """A whole request at once on a fresh connection, and the answer."""
+    stream = await trio.open_unix_socket(str(path))
+    await stream.send_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    return await _read_all(stream)
+
+
 async def test_a_request_trickled_in_is_cut_off_with_408(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -188,10 +195,7 @@ async def test_a_request_trickled_in_is_cut_off_with_408(
             await trio.sleep(0.05)
         out = await _read_all(stream)
         assert out.startswith(b"HTTP/1.1 408"), out
-        # a prompt request on a fresh connection is still served
-        quick = await trio.open_unix_socket(str(path))
-        await quick.send_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
-        assert (await _read_all(quick)).startswith(b"HTTP/1.1 200")
+        assert (await _prompt_request(path)).startswith(b"HTTP/1.1 200")  # others still served
         nursery.cancel_scope.cancel()
 
 
@@ -212,7 +216,5 @@ async def test_one_uid_cannot_take_every_connection(
         assert b"uid" in out
         await held[0].aclose()  # a slot comes back when a connection ends
         await trio.sleep(0.1)
-        again = await trio.open_unix_socket(str(path))
-        await again.send_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
-        assert (await _read_all(again)).startswith(b"HTTP/1.1 200")
+        assert (await _prompt_request(path)).startswith(b"HTTP/1.1 200")
         nursery.cancel_scope.cancel()

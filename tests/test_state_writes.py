@@ -4,16 +4,15 @@ result once the shared entry is on disk."""
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+import state_fakes as fakes
 import trio
 from test_crdt_support import SWARM, ident, policy_for
 
 from mossnode.node import state as state_mod
-from mossnode.node.state import StateService
 from mossnode.node.store import Store
 from mossnode.protocols.crdt import Replica, WriteRefused
 
@@ -23,22 +22,7 @@ A, B = ident(0), ident(1)
 def service(store: Store) -> Any:
     """A StateService around a real replica and store, without a daemon: only the local
     write path (write, the committer) is used."""
-    svc: Any = object.__new__(StateService)
-    svc.replica = Replica(A, SWARM, policy_for([A, B]))
-    svc.store = store
-    svc.counters = Counter()
-    svc._to_commit, svc._queued, svc._stored = [], 0, 0
-    svc._durable_own = 0
-    svc._to_retract = {}
-    svc._commit_wanted, svc._committed = trio.Event(), trio.Event()
-    svc._to_publish, svc._publish_wanted = [], trio.Event()
-    svc._since_snapshot = 0
-    svc._writes = []
-    svc._synced = trio.Event()
-    svc._synced.set()
-    svc.changes = []
-    svc.on_change = lambda paths, wake: svc.changes.append(paths)
-    return svc
+    return fakes.service(store, A, [A, B])
 
 
 def stored(store: Store) -> list[tuple[str, int]]:
@@ -90,7 +74,7 @@ def test_writes_of_one_pass_share_one_entry(tmp_path: Path) -> None:
     assert svc.rows == [(A.peer_id, 1)]  # one signed entry, durable
     assert all(svc.replica.task(f"{A.peer_id}:t{i}") is not None for i in range(10))
     assert svc.counters["written"] == 10 and svc.counters["entries_written"] == 1
-    (paths,) = svc.changes  # every writer's paths, in one notice
+    ((paths, _),) = svc.changes  # every writer's paths, in one notice
     assert sorted(paths) == [("tasks", f"p{i}") for i in range(10)]
 
 

@@ -112,6 +112,28 @@ class Doc:
         return derive_all(self.view(), now, params=P, **kw)[tid]
 
 
+def random_json(
+    rng: random.Random,
+    atoms: list[Any],
+    keys: list[str],
+    *,
+    max_depth: int,
+    atom: float,
+    array: float,
+    depth: int = 0,
+) -> Any:
+    """A random JSON-like value of ``atoms`` in arrays and objects keyed by ``keys``: an atom
+    with probability ``atom`` (always below ``max_depth``), else an array up to ``array``,
+    else an object."""
+    r = rng.random()
+    if depth > max_depth or r < atom:
+        return rng.choice(atoms)
+    kw = {"max_depth": max_depth, "atom": atom, "array": array, "depth": depth + 1}
+    if r < array:
+        return [random_json(rng, atoms, keys, **kw) for _ in range(rng.randint(0, 3))]
+    return {rng.choice(keys): random_json(rng, atoms, keys, **kw) for _ in range(rng.randint(0, 4))}
+
+
 def agent(
     name: str, *caps: str, roles: tuple[str, ...] = ("executor",), conc: int = 1
 ) -> LocalAgent:
@@ -212,13 +234,8 @@ def test_check_schema_never_raises_and_a_checked_schema_never_makes_validate_rai
         | {"exclusiveMaximum", "minLength", "maxLength", "title", "bogus"}
     )
 
-    def junk(depth: int = 0) -> Any:
-        r = rng.random()
-        if depth > 3 or r < 0.4:
-            return rng.choice(atoms)
-        if r < 0.55:
-            return [junk(depth + 1) for _ in range(rng.randint(0, 3))]
-        return {rng.choice(keys): junk(depth + 1) for _ in range(rng.randint(0, 4))}
+    def junk() -> Any:
+        return random_json(rng, atoms, keys, max_depth=3, atom=0.4, array=0.55)
 
     instances = [None, True, 0, 3.0, -2.5, "", "abc", [], [1, "x"], {}, {"a": 1, "b": [None]}]
     kept = 0
@@ -1189,13 +1206,8 @@ def test_hostile_task_maps_never_break_the_scheduler_or_reputation() -> None:
     keys = ["kind", "at", "attempt", "agent", "ok", "round", "score", "verdict", "output"]
     keys += ["expires_at", "released", "fraction"]
 
-    def junk(depth: int = 0) -> Any:
-        r = rng.random()
-        if depth > 2 or r < 0.6:
-            return rng.choice(atoms)
-        if r < 0.8:
-            return [junk(depth + 1) for _ in range(rng.randint(0, 3))]
-        return {rng.choice(keys): junk(depth + 1) for _ in range(rng.randint(0, 4))}
+    def junk() -> Any:
+        return random_json(rng, atoms, keys, max_depth=2, atom=0.6, array=0.8)
 
     def mutate(obj: Any, depth: int = 0) -> None:
         if isinstance(obj, dict) and obj:
