@@ -218,3 +218,20 @@ async def test_one_uid_cannot_take_every_connection(
         await trio.sleep(0.1)
         assert (await _prompt_request(path)).startswith(b"HTTP/1.1 200")
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cap", ["\u0000", "py\n", "", "-leading-dash", "x" * 64])
+def test_a_task_asks_only_for_capabilities_an_agent_could_hold(node: Node, cap: str) -> None:
+    import json
+
+    before = node.status()["state_digest"]
+    body = json.dumps({"title": "t", "capabilities": [cap]}).encode()
+    out = exchange(
+        node,
+        b"POST /v1/tasks HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        + body,
+    )
+    assert status_of(out) == 400, out[:300]
+    assert b"capabilit" in out
+    assert node.status()["state_digest"] == before

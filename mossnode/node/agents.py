@@ -18,10 +18,10 @@ from typing import Any
 
 from ..protocols.roles import BUILTIN_ROLES
 from ..protocols.tasks import Limits
+from ..protocols.tasks.supervision import CAPABILITY_RE
 
 AGENTS_FILE = "agents.json"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}\Z")
-CAP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}\Z")
 
 
 class AgentError(Exception):
@@ -104,7 +104,7 @@ class AgentRegistry:
         unknown = set(roles) - BUILTIN_ROLES
         if unknown:
             raise AgentError(f"unknown role(s): {', '.join(sorted(unknown))}")
-        bad = [c for c in capabilities if not CAP_RE.match(c)]
+        bad = [c for c in capabilities if not CAPABILITY_RE.match(c)]
         if bad:
             raise AgentError(f"bad capability name(s): {', '.join(bad)}")
         parse_backend(backend)

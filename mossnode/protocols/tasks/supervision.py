@@ -11,6 +11,7 @@ tasks an agent runs at once, and the budget of a task tree (the sum of its tasks
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import field
 from typing import Any
@@ -97,6 +98,11 @@ def check_raw_contract(raw: Mapping[str, Any]) -> Refused | None:
     return None
 
 
+# What an agent may advertise and a task may ask for: one rule for both, so a task can only
+# ask for what some agent could hold (a capability with a NUL or a newline matched nobody).
+CAPABILITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}\Z")
+
+
 def plan_create(
     view: TaskView,
     draft: Draft,
@@ -116,6 +122,12 @@ def plan_create(
         return Refused("exists", f"task {tid} exists; task ids are written once")
     if not draft.title.strip():
         return Refused("bad_title", "a task needs a title")
+    bad_caps = [c for c in draft.capabilities if not CAPABILITY_RE.match(c)]
+    if bad_caps:
+        return Refused(
+            "bad_capability",
+            f"capabilities are 1-63 of [A-Za-z0-9_.:/-], starting alphanumeric: {bad_caps[:3]!r}",
+        )
     bad = _check_contract(draft.contract)
     if bad is not None:
         return bad
