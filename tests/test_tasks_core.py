@@ -1354,14 +1354,10 @@ def test_a_view_knows_what_changed_since_a_few_views_back() -> None:
     assert linked > 1_000
 
 
-def test_a_role_change_makes_a_running_node_derive_as_a_restarted_one(tmp_path: Any) -> None:
+def test_a_role_change_makes_a_running_node_derive_as_a_restarted_one() -> None:
     """A supervisor's cancel counts while it holds task.cancel. Once the decided log revokes
     the role, a long-running node (its derivation cache full) must derive what a node started
-    now derives from the same view: the task node service notices the changed answer and
-    derives anew."""
-    from types import SimpleNamespace
-
-    from mossnode.node.tasks import TaskService
+    now derives from the same view: the cache notices the changed answer and derives anew."""
     from mossnode.protocols.tasks import control
     from mossnode.protocols.tasks.effects import Control
 
@@ -1370,29 +1366,23 @@ def test_a_role_change_makes_a_running_node_derive_as_a_restarted_one(tmp_path: 
     doc.apply("S", 10, Control(tid, control.record("cancel", 10, "stop")))
     view = doc.view()
     roles = {"S": {"task.cancel"}}
-    swarm = SimpleNamespace(height=1)
-    policy = SimpleNamespace(may=lambda node, perm, seq: perm in roles.get(node, set()))
-    svc = TaskService(
-        SimpleNamespace(peer_id="X", state_dir=tmp_path, _swarm=lambda: swarm),  # type: ignore[arg-type]
-        SimpleNamespace(policy=policy),  # type: ignore[arg-type]
-    )
-    svc.sched = Scheduler("X", params=P)
-    svc.sched.tick(view, agents=[agent("x")], now_ms=20, authority=svc._authority)
-    assert svc.sched.statuses[tid].state is State.CANCELLED
+
+    def authority(node: str, permission: str) -> bool:  # the decided log's current answer
+        return permission in roles.get(node, set())
+
+    running = Scheduler("X", params=P)
+    running.tick(view, agents=[agent("x")], now_ms=20, authority=authority)
+    assert running.statuses[tid].state is State.CANCELLED
 
     roles["S"] = set()  # the decided log revokes S's supervisor role: the view is unchanged
-    swarm.height = 2
-    svc._policy_moved()
-    svc.sched.tick(view, agents=[agent("x")], now_ms=30, authority=svc._authority)
+    running.tick(view, agents=[agent("x")], now_ms=30, authority=authority)
     fresh = Scheduler("Y", params=P)
-    fresh.tick(view, agents=[agent("x")], now_ms=30, authority=svc._authority)
-    assert svc.sched.statuses[tid].state == fresh.statuses[tid].state != State.CANCELLED
+    fresh.tick(view, agents=[agent("x")], now_ms=30, authority=authority)
+    assert running.statuses[tid].state == fresh.statuses[tid].state != State.CANCELLED
 
-    swarm.height = 3  # a decision that changes no answer keeps the cache
-    cached = svc.sched.statuses[tid]
-    svc._policy_moved()
-    svc.sched.tick(view, agents=[agent("x")], now_ms=30, authority=svc._authority)
-    assert svc.sched.statuses[tid] is cached
+    cached = running.statuses[tid]  # a decision that changes no answer keeps the cache
+    running.tick(view, agents=[agent("x")], now_ms=30, authority=authority)
+    assert running.statuses[tid] is cached
 
 
 def test_an_exclusive_task_sent_back_for_rework_waits_for_a_busy_agent() -> None:

@@ -227,8 +227,6 @@ class TaskService:
         self._work_fd: int | None = None  # <state>/work, held open (workdirs.open_work)
         self.events: list[dict[str, Any]] = []  # activity feed (bounded)
         self._last_states: dict[str, str] = {}
-        # (node, permission) -> what _authority answered: derivations depend on it
-        self._asked: dict[tuple[str, str], bool] = {}
         # the tasks the document held at the last refresh (those that parse are in the view)
         self._known: set[str] = set()
         # task -> keys of its map changed since the last refresh (None: re-read all of it)
@@ -476,21 +474,7 @@ class TaskService:
 
     def _authority(self, node: str, permission: str) -> bool:
         state = self.d._swarm()
-        ok = self.shared.policy.may(node, permission, state.height)
-        self._asked[(node, permission)] = ok
-        return ok
-
-    def _policy_moved(self) -> None:
-        """Statuses that hang on who may do what (a supervisor's cancel or pause) were derived
-        with the answers :meth:`_authority` gave then, and the derivation cache keeps a status
-        while its task is unchanged. When the decided log changes one of those answers, derive
-        every task anew, as a node started now would: the same view gives the same states."""
-        if not self._asked:
-            return
-        height, may = self.d._swarm().height, self.shared.policy.may
-        if any(may(n, p, height) != ok for (n, p), ok in self._asked.items()):
-            self._asked.clear()
-            self.sched.forget()
+        return self.shared.policy.may(node, permission, state.height)
 
     def refresh(self, now: int, statuses: bool = True) -> None:
         """Bring the view up to date with the replica and, unless ``statuses`` is false,
@@ -498,7 +482,6 @@ class TaskService:
         self._update_view()
         if not statuses:
             return
-        self._policy_moved()
         self.statuses = self.sched.derive(
             self.view, now, exclusive=self.d.exclusive, authority=self._authority
         )
@@ -556,7 +539,6 @@ class TaskService:
         now = now_ms()
         state = self.d._swarm()
         self._update_view()
-        self._policy_moved()
         rep = self._reputation()
         ended, self._ended = self._ended, []
         try:
@@ -705,7 +687,6 @@ class TaskService:
             why = C.SEALED_DETAILS if self._confidential(tid) else outcome.error
             log.warning("review of %s gave no {score, verdict}: %s", tid, why)
             score, verdict = 1, "rework"
-        self._policy_moved()
         plan = self.sched.review_finished(
             self.view,
             tid,

@@ -277,7 +277,7 @@ def _topology(view: TaskView) -> _Topology:
 
 @dataclass(slots=True)
 class Cache:
-    """What :func:`derive_all` may keep between calls (one per ``params`` and policy)."""
+    """What :func:`derive_all` may keep between calls (one per ``params``)."""
 
     topology: _Topology | None = None
     memo: dict[str, _Memo] = field(default_factory=dict)
@@ -293,6 +293,8 @@ class Cache:
     serial: int = 0  # of ``view``, when it was a :class:`~.model.View`
     # tasks whose status object changed since :meth:`take_restated` (None: any may have)
     restated: set[str] | None = None
+    # (node, permission) -> what ``authority`` answered for the statuses kept here
+    asked: dict[tuple[str, str], bool] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.topology = None
@@ -305,6 +307,22 @@ class Cache:
         self.live.clear()
         self.serial = 0
         self.restated = None
+        self.asked.clear()
+
+    def policy(self, authority: control.Authority) -> control.Authority:
+        """``authority``, answering as it does now and remembered. The statuses kept here
+        hang on its earlier answers (a supervisor's cancel counts while it holds the right):
+        when one of them changed (the decided log moved a role), everything is derived anew,
+        as a node started now would derive it from the same view."""
+        asked = self.asked
+        if any(authority(n, p) != ok for (n, p), ok in asked.items()):
+            self.clear()
+
+        def answer(node: str, permission: str) -> bool:
+            ok = asked[(node, permission)] = authority(node, permission)
+            return ok
+
+        return answer
 
     def take_restated(self) -> set[str] | None:
         """The tasks whose status changed (or vanished) since the last call, or None if any
@@ -347,8 +365,9 @@ def derive_all(
     ``authority(node, permission)``: the decided log's policy, for supervisor actions.
     ``stable(task, window)``: whether this node holds every bid that counts in ``window``
     (:mod:`.stability`); a window is decided only then. None: assume it does.
-    ``cache``: a :class:`Cache` the caller keeps between calls with the same ``params`` and
-    policy (clear it when the policy changes; time must not go backwards). A status is
+    ``cache``: a :class:`Cache` the caller keeps between calls with the same ``params`` (time
+    must not go backwards; a policy change that alters an answer the cache relied on is
+    noticed, see :meth:`Cache.policy`). A status is
     reused while its task object is the same, its ``wake_at`` has not come, and no
     dependency or parent status changed; the result is the same as without a cache. With a
     cache, a call visits only the tasks that may have changed since the last one (and
@@ -356,6 +375,8 @@ def derive_all(
     then the cache's own, updated in place by the next call (a copy of every status per call
     cost more than the call at 100,000 tasks): copy it to keep a snapshot.
     """
+    if cache is not None and authority is not None:
+        authority = cache.policy(authority)
     if cache is not None and cache.out is not None and cache.now <= now_ms:
         quick = _derive_changes(view, now_ms, params, exclusive or {}, authority, cache, stable)
         if quick is not None:

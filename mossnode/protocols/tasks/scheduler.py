@@ -132,11 +132,6 @@ class Scheduler:
         )
         return self.statuses
 
-    def forget(self) -> None:
-        """Derive every task anew at the next call: what the cache keeps was derived under
-        answers of ``authority`` that no longer hold (the decided log changed a role)."""
-        self._cache.clear()
-
     def take_restated(self) -> set[str] | None:
         """Tasks whose status changed since the last call (None: any may have); see
         :meth:`.lifecycle.Cache.take_restated`."""

@@ -11,6 +11,7 @@ tasks an agent runs at once, and the budget of a task tree (the sum of its tasks
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import field
@@ -86,16 +87,13 @@ def _check_contract(c: Contract) -> Refused | None:
 
 def check_raw_contract(raw: Mapping[str, Any]) -> Refused | None:
     """A requested contract before :meth:`Contract.from_raw`, which reads what it cannot use
-    as a safe value (a bad schema as ``false``, max_attempts capped): a creator is told."""
-    for name in ("input_schema", "output_schema"):
-        schema = raw.get(name)
-        bad = check_schema(schema) if schema is not None else None
-        if bad is not None:
-            return Refused("schema", f"{name} {bad}")
+    as a safe value (a bad schema as ``false``, max_attempts capped): the fields it would
+    change, as requested, go through the same check, so a creator is told."""
+    asked = Contract(input_schema=raw.get("input_schema"), output_schema=raw.get("output_schema"))
     attempts = raw.get("max_attempts")
-    if isinstance(attempts, int) and not isinstance(attempts, bool):
-        return _check_contract(Contract(max_attempts=attempts))
-    return None
+    if type(attempts) is int:
+        asked = dataclasses.replace(asked, max_attempts=attempts)
+    return _check_contract(asked)
 
 
 # What an agent may advertise and a task may ask for: one rule for both, so a task can only
