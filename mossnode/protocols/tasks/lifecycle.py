@@ -640,37 +640,39 @@ class _History:
         return self._claims.get(attempt, {})
 
     def result(self, node: str, attempt: int) -> ResultEntry | None:
+        """The node's latest result for an attempt (entry, else its log)."""
         entry = self.task.results.get(node)
         if entry is not None and entry.attempt == attempt:
             return entry
-        if self._results is None:
-            self._results = {}
-            for author, rec in self.task.records(("result",)):
-                r = ResultEntry.from_raw(rec)
-                if r is None:
-                    continue
-                key = (author, r.attempt)
-                old = self._results.get(key)
-                if old is None or (r.round, r.at) >= (old.round, old.at):
-                    self._results[key] = r
-        return self._results.get((node, attempt))
+        return self._logged()[0].get((node, attempt))
 
     def result_of_round(self, node: str, attempt: int, rnd: int) -> ResultEntry | None:
         """The node's latest result for one round of an attempt (entry, else its log)."""
         entry = self.task.results.get(node)
         if entry is not None and (entry.attempt, entry.round) == (attempt, rnd):
             return entry
-        if self._rounds is None:
-            self._rounds = {}
+        return self._logged()[1].get((node, attempt, rnd))
+
+    def _logged(
+        self,
+    ) -> tuple[dict[tuple[str, int], ResultEntry], dict[tuple[str, int, int], ResultEntry]]:
+        """The log's results, latest per (node, attempt) and per (node, attempt, round): one
+        pass over the records, on first need."""
+        if self._results is None or self._rounds is None:
+            by_attempt: dict[tuple[str, int], ResultEntry] = {}
+            by_round: dict[tuple[str, int, int], ResultEntry] = {}
             for author, rec in self.task.records(("result",)):
                 r = ResultEntry.from_raw(rec)
                 if r is None:
                     continue
-                key = (author, r.attempt, r.round)
-                old = self._rounds.get(key)
-                if old is None or r.at >= old.at:
-                    self._rounds[key] = r
-        return self._rounds.get((node, attempt, rnd))
+                old = by_attempt.get((author, r.attempt))
+                if old is None or (r.round, r.at) >= (old.round, old.at):
+                    by_attempt[(author, r.attempt)] = r
+                same = by_round.get((author, r.attempt, r.round))
+                if same is None or r.at >= same.at:
+                    by_round[(author, r.attempt, r.round)] = r
+            self._results, self._rounds = by_attempt, by_round
+        return self._results, self._rounds
 
 
 def _window(task: Task, attempt: int, settle_ms: int) -> Window | None:
