@@ -313,6 +313,47 @@ def cmd_task_submit(args: argparse.Namespace) -> None:
     _out(args, r, r["id"])
 
 
+def cmd_schedule_add(args: argparse.Namespace) -> None:
+    task: dict[str, Any] = {
+        "title": args.title,
+        "spec": args.spec or "",
+        "capabilities": args.capability or [],
+        "priority": args.priority,
+    }
+    if args.role is not None:
+        task["role"] = args.role
+    if args.input is not None:
+        task["input"] = args.input
+    if args.contract is not None:
+        task["contract"] = args.contract
+    body: dict[str, Any] = {"id": args.id, "interval_ms": round(args.every * 1000), "task": task}
+    if args.start_ms is not None:
+        body["start_ms"] = args.start_ms
+    if args.end_ms is not None:
+        body["end_ms"] = args.end_ms
+    r = _client(args).post("/v1/schedules", body)
+    _out(args, r, f"schedule {r['id']} added (decision #{r['seq']})")
+
+
+def cmd_schedule_list(args: argparse.Namespace) -> None:
+    rows = _client(args).get("/v1/schedules")
+    lines = []
+    for s in rows:
+        when = "removed" if s["removed"] else f"next at {s['next_at']}" if s["next_at"] else "ended"
+        last = s["instances"][-1] if s["instances"] else None
+        tail = f", last {last['id']} {last['state']}" if last else ""
+        lines.append(
+            f"{s['id']}  every {s['interval_ms'] / 1000:g}s  {s['task']['title']}  ({when}; "
+            f"{s['instance_count']} instances{tail})"
+        )
+    _out(args, rows, "\n".join(lines) or "(no schedules)")
+
+
+def cmd_schedule_remove(args: argparse.Namespace) -> None:
+    r = _client(args).delete(f"/v1/schedules/{args.id}")
+    _out(args, r, f"schedule {args.id} removed (decision #{r['seq']})")
+
+
 def cmd_task_list(args: argparse.Namespace) -> None:
     path = "/v1/tasks" + (f"?state={args.state}" if args.state else "")
     tasks = _client(args).get(path)
@@ -671,6 +712,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp = tadd("tree", cmd_task_tree, "the task tree with states")
     sp.add_argument("id", nargs="?")
     sp.add_argument("--watch", action="store_true", help="refresh until every task has ended")
+    sched = sub.add_parser("schedule", parents=[common], help="recurring tasks")
+    ssub = sched.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
+    sadd = adder(ssub)
+    sp = sadd("add", cmd_schedule_add, "have the swarm create a task every interval")
+    sp.add_argument("id", help="the schedule's id (1-64 of [A-Za-z0-9._-])")
+    sp.add_argument("--every", type=parse_duration, required=True, help="interval, e.g. 30s, 1h")
+    sp.add_argument("--title", required=True)
+    sp.add_argument("--spec")
+    sp.add_argument("--capability", action="append", help="required capability (repeatable)")
+    sp.add_argument("--role", help="role the agent must hold")
+    sp.add_argument("--priority", type=float, default=0.0)
+    sp.add_argument("--input", type=_json_arg, help="input as JSON")
+    sp.add_argument("--contract", type=_json_arg, help="contract as JSON")
+    sp.add_argument("--start-ms", type=int, help="first period's start (ms since epoch; now)")
+    sp.add_argument("--end-ms", type=int, help="no period starts at or after this time")
+    sadd("list", cmd_schedule_list, "decided schedules and their instances")
+    sadd("remove", cmd_schedule_remove, "stop a schedule (a consensus decision)").add_argument("id")
     sp = add("swarm", cmd_swarm, "swarm-wide decisions: pause (kill switch) or resume dispatch")
     sp.add_argument("action", choices=["pause", "resume"])
     sp = add("role", cmd_role, "grant or revoke a member's role (a consensus decision)")

@@ -45,6 +45,10 @@ from mossnode.protocols.membership import (
 )
 from mossnode.protocols.pbft import PbftConfig, batch_digest
 from mossnode.protocols.pbft.messages import COMMIT, REQUEST, Request, Vote
+from mossnode.protocols.tasks.recurring import Schedule
+from mossnode.protocols.tasks.schedules import SCHEDULE_ADD, SCHEDULE_REMOVE
+from mossnode.protocols.tasks.schedules import extensions as schedule_kinds
+from mossnode.protocols.tasks.schedules import payload as schedule_payload
 
 F, A, B, C, D, E = (ident(i) for i in range(6))
 IDS = {i.public_key: i for i in (F, A, B, C, D, E)}
@@ -669,3 +673,38 @@ def _flip(p: EntryProof | None, k: int) -> bytes:
 def _grant(i: int) -> dict[str, Any]:
     role = ["planner", "reviewer", "executor", "planner"][i]
     return {"public_key": A.public_key, "role": role}
+
+
+def test_schedules_are_decided_once_by_task_creators_and_removed_by_cancellers() -> None:
+    schedules: dict[str, Schedule] = {}
+    st = ConsensusMembership(GENESIS, extensions=schedule_kinds(schedules))
+    st.apply(certified(st, [request(F, "admit", admit(A, ["executor"], b"a"), 1)], [F]))
+    st.apply(certified(st, [request(F, "admit", admit(B, ["planner"], b"b"), 2)], [F]))
+    nightly = Schedule("nightly", 60_000, "report", capabilities=("py",))
+    add = schedule_payload(nightly)
+    refused = certified(st, [request(A, SCHEDULE_ADD, add, 1)], [F])
+    assert refused.payload["error"] == "the proposer does not hold task.create"
+    st.apply(refused)
+    st.apply(certified(st, [request(B, SCHEDULE_ADD, add, 1)], [F]))
+    assert schedules == {"nightly": nightly}
+    again = certified(st, [request(F, SCHEDULE_ADD, {**add, "interval_ms": 1_000}, 3)], [F])
+    assert again.payload["error"] == "schedule nightly exists (ids are never reused)"
+    st.apply(again)
+    bad = certified(st, [request(F, SCHEDULE_ADD, {**add, "id": "x", "interval_ms": 5}, 4)], [F])
+    assert bad.payload["error"].startswith("payload.interval_ms must be an integer")
+    st.apply(bad)
+    # an executor holds neither task.create nor task.cancel
+    no = certified(st, [request(A, SCHEDULE_REMOVE, {"id": "nightly"}, 2)], [F])
+    assert no.payload["error"] == "the proposer does not hold task.cancel"
+    st.apply(no)
+    st.apply(certified(st, [request(B, SCHEDULE_REMOVE, {"id": "nightly"}, 2)], [F]))
+    assert schedules["nightly"].removed
+    twice = certified(st, [request(B, SCHEDULE_REMOVE, {"id": "nightly"}, 3)], [F])
+    assert twice.payload["error"] == "schedule nightly is already removed"
+    st.apply(twice)
+    unknown = certified(st, [request(B, SCHEDULE_REMOVE, {"id": "weekly"}, 4)], [F])
+    assert unknown.payload["error"] == "payload.id must name a schedule"
+    # replaying the log elsewhere rebuilds the same schedules
+    again_map: dict[str, Schedule] = {}
+    ConsensusMembership(GENESIS, extensions=schedule_kinds(again_map)).replay(st.entries)
+    assert again_map == schedules

@@ -44,7 +44,6 @@ from mossnode.protocols.tasks import (
     check_raw_contract,
     check_schema,
     derive_all,
-    due,
     leaderboard,
     period_suffix,
     plan_control,
@@ -60,7 +59,6 @@ from mossnode.protocols.tasks.allocation import Window, best, rank_key, window
 from mossnode.protocols.tasks.effects import Effect
 from mossnode.protocols.tasks.lifecycle import Cache
 from mossnode.protocols.tasks.model import MAX_ATTEMPTS, BidEntry, Task, changed_since
-from mossnode.protocols.tasks.recurring import duplicates
 from mossnode.protocols.tasks.scheduler import SPREAD_MS
 
 P = Params(
@@ -951,48 +949,6 @@ def assert_tally_matches_the_fold(doc: Doc, now: int) -> None:
     assert tally.reputation().stats == {}
 
 
-# -- recurring ---------------------------------------------------------------------------------
-
-
-def test_recurring_instances_are_created_once_per_period() -> None:
-    sched = Schedule("nightly", interval_ms=1_000, title="report", start_ms=0)
-    members = ["n1", "n2", "n3"]
-    view = Doc().view()
-    made = {n: due([sched], view, n, members, now_ms=2_050, grace_ms=100) for n in members}
-    assert {d.suffix for ds, _ in made.values() for d in ds} <= {period_suffix("nightly", 2)}
-    first = [n for n, (ds, _) in made.items() if ds]
-    assert len(first) == 1  # only the first-ranked maker creates at once
-    assert all(wake is not None for _, wake in made.values())
-    assert period_suffix("nightly", 2) == period_suffix("nightly", 2) != period_suffix("nightly", 3)
-    # a partition let two makers create it: one instance is canonical, the other cancelled
-    doc = Doc()
-    for n in members[:2]:
-        (d,), _ = due([sched], doc.view() if n == members[0] else Doc().view(), n, [n], 2_500, 100)
-        got = plan_create(
-            doc.view(),
-            Draft(
-                d.suffix,
-                **{
-                    k: v
-                    for k, v in d.fields(2_500).items()
-                    if k in ("title", "spec", "input", "priority")
-                },
-            ),
-            creator=n,
-            now_ms=2_500,
-        )
-        assert isinstance(got, Create)
-        doc.apply(n, 2_500, got)
-    dups = duplicates(doc.view())
-    assert len(dups) == 1
-    st = derive_all(doc.view(), 2_600, params=P)
-    live = [t for t, s in st.items() if s.state is not State.CANCELLED]
-    assert len(live) == 1 and st[next(iter(dups))].reasons[0].startswith(
-        "duplicate of recurring instance"
-    )
-    assert due([sched], doc.view(), "n3", members, now_ms=2_900, grace_ms=100)[0] == []
-
-
 # -- the cache gives the same answers ----------------------------------------------------------
 
 
@@ -1029,14 +985,22 @@ def test_incremental_derivation_matches_a_fresh_one_through_random_changes(seed:
     excl: dict[str, str] = {}
     ids: list[str] = []
     recurring = [period_suffix("nightly", k) for k in (2, 3)]
+    # the schedule is decided part-way: which tasks are instances changes under the cache
+    schedules: dict[str, Schedule] = {}
+    saw_duplicate = False
+    for sched in scheds.values():
+        sched.schedules = schedules
     now = 0
     for step in range(300):
+        if step == 120:
+            schedules["nightly"] = Schedule("nightly", 1_000, "nightly", capabilities=("py",))
         now += rng.choice((0, 5, 60, 150, 700))
         touched: set[str] = set()
         r = rng.random()
         if r < 0.3 or not ids:
             creator = rng.choice("ABC")
-            suffix = rng.choice(recurring) if rng.random() < 0.1 else f"t{step}"
+            instance = rng.random() < 0.1
+            suffix = rng.choice(recurring) if instance else f"t{step}"
             tid = f"{creator}:{suffix}"
             later = [f"{rng.choice('ABC')}:t{step + rng.randint(1, 4)}"] if step % 5 == 0 else []
             pool = [*ids[-12:], *later, *(["X:never"] if step % 31 == 0 else [])]
@@ -1049,15 +1013,17 @@ def test_incremental_derivation_matches_a_fresh_one_through_random_changes(seed:
                 }
                 touched.add(f"{creator}:c{step}")
             parent = rng.choice(ids[-12:]) if ids and rng.random() < 0.3 else None
+            if instance:  # the schedule's template (now and then another title: no instance)
+                deps, parent = [], None
             if tid not in doc.tasks:
                 ids.append(tid)
             doc.tasks[tid] = {
-                "title": tid,
+                "title": "nightly" if instance and rng.random() < 0.8 else tid,
                 "parent": parent,
                 "deps": deps,
                 "capabilities": ["py"],
-                "priority": float(rng.choice((0, 0, 1))),
-                "contract": {"exclusive": rng.random() < 0.15},
+                "priority": 0.0 if instance else float(rng.choice((0, 0, 1))),
+                "contract": {"exclusive": not instance and rng.random() < 0.15},
                 "creator": creator,
                 "created_at": now,
                 **{k: {} for k in ENTRY_KINDS},
@@ -1089,7 +1055,7 @@ def test_incremental_derivation_matches_a_fresh_one_through_random_changes(seed:
             if rng.random() < 0.5:
                 continue
             plan = sched.tick(view, agents=agents[n], now_ms=now, exclusive=excl)
-            fresh = derive_all(view, now, params=P, exclusive=excl)
+            fresh = derive_all(view, now, params=P, exclusive=excl, schedules=schedules)
             assert sched.statuses == fresh, step
             wakes = [w for w in (s.wake_at for s in fresh.values()) if w is not None and w > now]
             if wakes:
@@ -1105,8 +1071,8 @@ def test_incremental_derivation_matches_a_fresh_one_through_random_changes(seed:
             touched |= set(doc.tasks)
         view = build_view(doc.tasks, view, touched)
         before = dict(derived)
-        derived = derive_all(view, now, params=P, exclusive=excl, cache=cache)
-        assert derived == derive_all(view, now, params=P, exclusive=excl), step
+        derived = derive_all(view, now, params=P, exclusive=excl, cache=cache, schedules=schedules)
+        assert derived == derive_all(view, now, params=P, exclusive=excl, schedules=schedules)
         restated = cache.take_restated()
         if restated is not None:
             told += 1
@@ -1115,8 +1081,12 @@ def test_incremental_derivation_matches_a_fresh_one_through_random_changes(seed:
             }
         tally.update(view, derived, None if restated is None else restated | touched)
         assert tally.reputation().stats == reputation(view, derived).stats, step
+        saw_duplicate = saw_duplicate or any(
+            "duplicate of" in s.reasons[0] for s in derived.values() if s.reasons
+        )
     states = {s.state for s in derived.values()}
     assert {State.DONE, State.BLOCKED, State.CANCELLED} <= states, states
+    assert saw_duplicate, "no recurring duplicate was derived"
     assert told > 20 and any(s.done for s in tally.reputation().stats.values()), told
 
 

@@ -31,6 +31,7 @@ from ..protocols import rbac
 from ..protocols.roles import BUILTIN_ROLES
 from ..protocols.tasks.confidential import check_roles
 from ..protocols.tasks.contract import STORE_DEPTH, storable, validate
+from ..protocols.tasks.schedules import SCHEDULE_REMOVE
 from . import schemas as S
 
 if TYPE_CHECKING:
@@ -471,6 +472,20 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
             draft["confidential"] = sorted(set(secret["roles"]))
         return JSONResponse(await daemon.submit_task(draft), status_code=201)
 
+    async def schedules_add(request: Request) -> Response:
+        body = await json_body(request)
+        contract = body["task"].get("contract")
+        if contract is not None:
+            check_contract(contract)
+        added = await daemon.add_schedule(body, timeout_field(body))
+        return JSONResponse(added, status_code=201)
+
+    async def schedules_list(request: Request) -> Response:
+        return JSONResponse(daemon.list_schedules())
+
+    async def schedules_remove(request: Request) -> Response:
+        return await decision(SCHEDULE_REMOVE, {"id": request.path_params["id"]}, {})
+
     async def tasks_list(request: Request) -> Response:
         state = request.query_params.get("state")
         return JSONResponse(daemon.list_tasks(state))
@@ -775,6 +790,22 @@ def build_app(daemon: Daemon) -> Callable[[Scope, Receive, Send], Awaitable[None
             query=S.TASKS_QUERY,
         ),
         Endpoint("GET", "/v1/tasks/{id}", "state.read", "One task with its log", tasks_show),
+        Endpoint(
+            "POST",
+            "/v1/schedules",
+            "task.create",
+            "Have the swarm create a task every interval (a consensus decision)",
+            schedules_add,
+            S.SCHEDULE,
+        ),
+        Endpoint("GET", "/v1/schedules", "state.read", "Recurring schedules", schedules_list),
+        Endpoint(
+            "DELETE",
+            "/v1/schedules/{id}",
+            "task.cancel",
+            "Stop a recurring schedule (a consensus decision)",
+            schedules_remove,
+        ),
         *(
             Endpoint(
                 "POST",

@@ -105,6 +105,21 @@ TASK = obj(
     },
     ("title",),
 )
+TEMPLATE = obj(
+    {k: v for k, v in TASK["properties"].items() if k not in ("after", "parent", "confidential")},
+    ("title",),
+)
+SCHEDULE = obj(
+    {
+        "id": {"type": "string", "minLength": 1, "maxLength": 64},
+        "interval_ms": {"type": "integer", "minimum": 1000, "maximum": 366 * 86400 * 1000},
+        "start_ms": nullable({"type": "integer", "minimum": 0, "maximum": 2**53}),
+        "end_ms": nullable({"type": "integer", "minimum": 1, "maximum": 2**53}),
+        "task": TEMPLATE,
+        "timeout_s": TIMEOUT,
+    },
+    ("id", "interval_ms", "task"),
+)
 CONTROL = obj({"reason": {"type": "string", "maxLength": 2000}})
 VOTE_OPEN = obj(
     {

@@ -47,6 +47,7 @@ from ..protocols.decisions import (
     VOTE_OPEN,
     VOTE_OUTCOME,
     ConsensusMembership,
+    Extension,
     Poll,
     cast_payload,
     encode_op,
@@ -65,6 +66,9 @@ from ..protocols.membership import (
     parse_genesis,
 )
 from ..protocols.presence import FailureDetector, presence_scale
+from ..protocols.tasks import recurring
+from ..protocols.tasks.schedules import SCHEDULE_ADD
+from ..protocols.tasks.schedules import extensions as schedule_kinds
 from . import systemd
 from .agents import AgentRegistry
 from .config import DB_FILE, LISTEN_FILE, SOCKET_FILE, Config
@@ -144,6 +148,12 @@ def _log_decided(entries: list[Entry]) -> None:
         log.info("decided #%d..#%d: %s", entries[0].seq, entries[-1].seq, summary)
 
 
+def task_kinds(exclusive: dict[str, str], schedules: dict[str, T.Schedule]) -> dict[str, Extension]:
+    """The decision kinds tasks add to the decided log, filling ``exclusive`` (task.assign)
+    and ``schedules`` (schedule.add/remove) as entries are applied."""
+    return {TASK_ASSIGN: exclusive_assignment(exclusive), **schedule_kinds(schedules)}
+
+
 class DaemonError(Exception):
     """A request to the daemon cannot be carried out; the message is for the user."""
 
@@ -180,6 +190,8 @@ class Daemon:
         self.state: ConsensusMembership | None = None
         # task id -> peer id of exclusive assignments, filled by the decided log's task.assign
         self.exclusive: dict[str, str] = {}
+        # schedule id -> recurring schedule, filled by the decided log's schedule.add/remove
+        self.schedules: dict[str, T.Schedule] = {}
         self.consensus: ConsensusService | None = None
         extra = ledger.extra if ledger else {}
         self.known_addrs: dict[str, list[str]] = dict(extra.get("addrs", {}))
@@ -275,10 +287,9 @@ class Daemon:
         """The decided-log state from the store, every certificate verified again."""
         assert self.store is not None
         self.exclusive.clear()
+        self.schedules.clear()
         try:
-            return load_membership(
-                self.store, genesis, {TASK_ASSIGN: exclusive_assignment(self.exclusive)}
-            )
+            return load_membership(self.store, genesis, task_kinds(self.exclusive, self.schedules))
         except MembershipError as exc:
             raise DaemonError(f"{self.store.path}: decided log refused: {exc}") from None
 
@@ -919,9 +930,7 @@ class Daemon:
                 raise MembershipError("the reply names no log height")
             # The log comes in pages; every certificate is verified against the validators in
             # force at its position before the entry is applied.
-            scratch = ConsensusMembership(
-                genesis, extensions={TASK_ASSIGN: exclusive_assignment({})}
-            )
+            scratch = ConsensusMembership(genesis, extensions=task_kinds({}, {}))
             await fetch_log(self.host, info.peer_id, scratch, height, timeout)
         except (MembershipError, KeyError, TypeError) as exc:
             raise DaemonError(f"join reply failed verification: {exc}", "bad_reply", 502) from None
@@ -1191,6 +1200,64 @@ class Daemon:
             for tid in sorted(tasks.view)
             if state is None or _state_name(statuses.get(tid)) == state
         ]
+
+    async def add_schedule(self, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Decide a recurring schedule (``POST /v1/schedules``): its first period starts at
+        ``start_ms``, by default now. Refused (400) with the reason if the template is not a
+        task this swarm would create."""
+        t = body["task"]
+        start = body.get("start_ms")
+        payload = {
+            "id": body["id"],
+            "interval_ms": body["interval_ms"],
+            "start_ms": now_ms() if start is None else start,
+            "end_ms": body.get("end_ms"),
+            "task": {
+                "title": t["title"],
+                "spec": t.get("spec", ""),
+                "input": t.get("input"),
+                "capabilities": sorted(set(t.get("capabilities", []))),
+                "role": t.get("role"),
+                "priority": float(t.get("priority", 0.0)),
+                "contract": t.get("contract") or {},
+            },
+        }
+        entry = await self.decide(SCHEDULE_ADD, payload, timeout_s)
+        return {"id": body["id"], "seq": entry.seq, "start_ms": payload["start_ms"]}
+
+    def list_schedules(self) -> list[dict[str, Any]]:
+        """Decided schedules with their next period and their instances (canonical ones)."""
+        tasks = self._tasks()
+        now = now_ms()
+        tasks.refresh(now)
+        rec, statuses = tasks.sched.recurring(), tasks.statuses
+        made: dict[str, list[str]] = {}
+        for tid in rec.periods.values():
+            made.setdefault(tid.rpartition("-")[0].rpartition(":")[2], []).append(tid)
+        rows = []
+        for s in sorted(self.schedules.values(), key=lambda s: s.id):
+            period = recurring.period_at(s, now)
+            nxt = recurring.period_start(s, (-1 if period is None else period) + 1)
+            if now < s.start_ms:
+                nxt = s.start_ms
+            ended = s.removed or (s.end_ms is not None and nxt >= s.end_ms)
+            mine = sorted(made.get(recurring.PREFIX + s.key, []), key=rec.starts.__getitem__)
+            rows.append(
+                {
+                    "id": s.id,
+                    "interval_ms": s.interval_ms,
+                    "start_ms": s.start_ms,
+                    "end_ms": s.end_ms,
+                    "removed": s.removed,
+                    "next_at": None if ended else nxt,
+                    "task": _jsonable(s.fields()),
+                    "instances": [
+                        {"id": tid, "state": _state_name(statuses.get(tid))} for tid in mine[-10:]
+                    ],
+                    "instance_count": len(mine),
+                }
+            )
+        return rows
 
     def show_task(self, tid: str, reader: frozenset[str] = frozenset()) -> dict[str, Any]:
         """One task; ``reader`` are the caller's roles, which decide whether it sees the

@@ -40,6 +40,7 @@ from ..protocols.tasks.effects import Write
 from ..protocols.tasks.supervision import agent_capacity
 
 if TYPE_CHECKING:
+    from ..protocols.decisions import ConsensusMembership
     from .agents import Agent
     from .daemon import Daemon
     from .state import StateService
@@ -209,6 +210,10 @@ class TaskService:
         self.params = T.Params()
         self.limits = T.Limits()
         self.sched = T.Scheduler(daemon.peer_id, params=self.params, limits=self.limits)
+        # the daemon's map, kept up to date in place by the decided log (the derivation cache
+        # compares it with what it derived with)
+        self.sched.schedules = daemon.schedules
+        self._makers: tuple[int, list[str]] = (-1, [])  # (log height, members with task.create)
         self.horizons = T.Horizons()
         self._tally = T.Tally()  # reputation, kept up to date task by task
         self._rep: T.Reputation | None = None  # the tally's table as bids read it
@@ -472,6 +477,15 @@ class TaskService:
         self._tally.update(self.view, self.statuses, tids)
         self._rep = None
 
+    def _task_creators(self, state: ConsensusMembership) -> list[str]:
+        """Members that may create tasks (they take turns starting recurring instances)."""
+        if not self.d.schedules:
+            return []
+        if self._makers[0] != state.height:
+            ids = sorted(m.peer_id for k, m in state.members.items() if state.may(k, "task.create"))
+            self._makers = (state.height, ids)
+        return self._makers[1]
+
     def _authority(self, node: str, permission: str) -> bool:
         state = self.d._swarm()
         return self.shared.policy.may(node, permission, state.height)
@@ -551,6 +565,7 @@ class TaskService:
                 exclusive=self.d.exclusive,
                 authority=self._authority,
                 finished=ended,
+                makers=self._task_creators(state),
             )
         except BaseException:
             self._ended[:0] = ended  # reported again by the next tick

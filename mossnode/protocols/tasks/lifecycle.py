@@ -48,8 +48,9 @@ from .model import (
     changed_since,
 )
 from .params import Params
+from .recurring import EMPTY as NO_INSTANCES
 from .recurring import PREFIX as RECURRING_PREFIX
-from .recurring import duplicates
+from .recurring import Index, Schedule, index
 from .review import deciding_review
 from .stability import Stable
 
@@ -134,7 +135,7 @@ class _Ctx:
     params: Params
     exclusive: Mapping[str, str]
     authority: control.Authority | None
-    dups: Mapping[str, str]
+    rec: Index  # recurring instances: duplicates and period starts
     stable: Stable | None = None
 
 
@@ -285,7 +286,8 @@ class Cache:
     # that may have changed (not every task of a long history).
     view: dict[str, Task] = field(default_factory=dict)
     exclusive: dict[str, str] = field(default_factory=dict)
-    dups: dict[str, str] = field(default_factory=dict)
+    rec: Index = NO_INSTANCES
+    schedules: dict[str, Schedule] = field(default_factory=dict)
     out: dict[str, Status] | None = None
     now: int = 0
     waking: dict[str, int] = field(default_factory=dict)  # task -> its status's wake_at
@@ -301,7 +303,8 @@ class Cache:
         self.memo.clear()
         self.view = {}
         self.exclusive = {}
-        self.dups = {}
+        self.rec = NO_INSTANCES
+        self.schedules = {}
         self.out = None
         self.waking.clear()
         self.live.clear()
@@ -358,6 +361,7 @@ def derive_all(
     authority: control.Authority | None = None,
     cache: Cache | None = None,
     stable: Stable | None = None,
+    schedules: Mapping[str, Schedule] | None = None,
 ) -> dict[str, Status]:
     """Statuses of every task in ``view`` at ``now_ms``.
 
@@ -365,6 +369,8 @@ def derive_all(
     ``authority(node, permission)``: the decided log's policy, for supervisor actions.
     ``stable(task, window)``: whether this node holds every bid that counts in ``window``
     (:mod:`.stability`); a window is decided only then. None: assume it does.
+    ``schedules``: the decided recurring schedules (id -> schedule), which tell instances
+    (not ready before their period starts; duplicates cancelled) from other tasks.
     ``cache``: a :class:`Cache` the caller keeps between calls with the same ``params`` (time
     must not go backwards; a policy change that alters an answer the cache relied on is
     noticed, see :meth:`Cache.policy`). A status is
@@ -375,14 +381,18 @@ def derive_all(
     then the cache's own, updated in place by the next call (a copy of every status per call
     cost more than the call at 100,000 tasks): copy it to keep a snapshot.
     """
+    schedules = schedules or {}
     if cache is not None and authority is not None:
         authority = cache.policy(authority)
+    if cache is not None and cache.schedules != schedules:
+        cache.clear()  # which tasks are instances changed: derive everything anew
+        cache.schedules = dict(schedules)
     if cache is not None and cache.out is not None and cache.now <= now_ms:
         quick = _derive_changes(view, now_ms, params, exclusive or {}, authority, cache, stable)
         if quick is not None:
             return quick
-    dups = duplicates(view)
-    ctx = _Ctx(view, now_ms, params or Params(), exclusive or {}, authority, dups, stable)
+    rec = index(view, schedules)
+    ctx = _Ctx(view, now_ms, params or Params(), exclusive or {}, authority, rec, stable)
     topo = cache.topology if cache is not None else None
     changed: set[str] = set()
     if topo is None or not topo.fits(view):
@@ -395,6 +405,7 @@ def derive_all(
             for gone in [t for t in cache.memo if t not in view]:
                 del cache.memo[gone]
     memos = cache.memo if cache is not None else {}
+    was_dup = cache.rec.dups if cache is not None else {}  # statuses that may be stale
     if cache is not None:
         cache.waking.clear()
         cache.live.clear()
@@ -413,7 +424,8 @@ def derive_all(
             and memo.parent_cycle == pcyc
             and memo.at <= now_ms
             and (memo.status.wake_at is None or now_ms < memo.status.wake_at)
-            and tid not in ctx.dups
+            and tid not in rec.dups
+            and tid not in was_dup
             and not (changed and any(p in changed for p in topo.prereqs[tid]))
         ):
             out[tid] = memo.status
@@ -433,7 +445,7 @@ def derive_all(
     if cache is not None:
         cache._seen(view)
         cache.exclusive = dict(ctx.exclusive)
-        cache.dups = dups
+        cache.rec = rec
         cache.out = out
         cache.now = now_ms
         cache.restated = None
@@ -451,7 +463,7 @@ def _derive_changes(
 ) -> dict[str, Status] | None:
     """:func:`derive_all` from the last call's result, visiting only the tasks whose memo
     :func:`derive_all` would not reuse (another task object, another exclusive assignment,
-    ``wake_at`` come, a duplicate, new) and, in evaluation order, the dependents and children
+    ``wake_at`` come, a recurring duplicate, new) and, in evaluation order, the dependents and children
     of those whose status changed. None if the topology must be built again (a task removed,
     deps changed, a cycle somewhere): the caller then takes the full pass."""
     topo, out, memos = cache.topology, cache.out, cache.memo
@@ -474,18 +486,18 @@ def _derive_changes(
     if excl != cache.exclusive:
         todo.update(t for t in excl.keys() | cache.exclusive.keys() if t in view)
     todo.update(t for t, at in cache.waking.items() if now_ms >= at)
-    dups = cache.dups
-    if any(":" + RECURRING_PREFIX in t for t in changed):
-        dups = duplicates(view)
-    todo.update(t for t in dups.keys() | cache.dups.keys() if t in view)
+    rec = cache.rec
+    if cache.schedules and any(":" + RECURRING_PREFIX in t for t in changed):
+        rec = index(view, cache.schedules)
+    todo.update(t for t in rec.dups.keys() | cache.rec.dups.keys() if t in view)
     cache.topology = topo
     if changed or len(view) != len(prev) or known is not None:
         cache._seen(view)
-    cache.exclusive, cache.dups, cache.now = excl, dups, now_ms
+    cache.exclusive, cache.rec, cache.now = excl, rec, now_ms
     if not todo:
         return out
     restated = cache.restated
-    ctx = _Ctx(view, now_ms, params or Params(), excl, authority, dups, stable)
+    ctx = _Ctx(view, now_ms, params or Params(), excl, authority, rec, stable)
     pos = topo.pos
     heap = [(pos[t], t) for t in todo]
     heapq.heapify(heap)
@@ -539,7 +551,7 @@ def inputs_from_dependencies(
 def _derive(
     task: Task, ctx: _Ctx, out: Mapping[str, Status], cyc: Collection[str], parent_st: Status | None
 ) -> Status:
-    dup = ctx.dups.get(task.id)
+    dup = ctx.rec.dups.get(task.id)
     if dup is not None:
         return Status(
             State.CANCELLED, reasons=(f"duplicate of recurring instance {dup}",), cancelled_at=0
@@ -583,6 +595,9 @@ def _derive(
             blocked.append(f"dependency {dep} is {st.state.value}")
         else:
             waiting.append(f"waiting for {dep} ({st.state.value})")
+    starts = ctx.rec.starts.get(task.id)
+    if starts is not None and ctx.now < starts:
+        waiting.append(f"its recurring period starts at {starts}")
     ready = not waiting and not blocked
 
     ev: Status | None = None
@@ -606,7 +621,10 @@ def _derive(
     if blocked:
         return Status(State.BLOCKED, reasons=tuple(blocked), pause_mark=mark, paused=paused)
     if not ready or ev is None:
-        return Status(State.PENDING, reasons=tuple(waiting), pause_mark=mark, paused=paused)
+        wake = starts if starts is not None and ctx.now < starts else None
+        return Status(
+            State.PENDING, reasons=tuple(waiting), pause_mark=mark, paused=paused, wake_at=wake
+        )
     return ev
 
 

@@ -1,35 +1,49 @@
 """Recurring tasks: created by the swarm itself, one live instance per period.
 
-A schedule (``id``, ``interval_ms``, ``start_ms``, a task template) comes from swarm config or a
-decided log entry, so every node holds the same list. Period ``p`` starts at
-``start_ms + p * interval_ms``; its instance's id suffix is ``period_suffix(id, p)``, a hash of
-schedule id and period index that every node computes alike.
+A schedule (``id``, ``interval_ms``, ``start_ms``, a task template) is a decided log entry
+(:mod:`.schedules`), so every node holds the same list. Period ``p`` starts at
+``start_ms + p * interval_ms``; its instance's id suffix is ``period_suffix(id, p)``:
+``r-<hash of the schedule id>-<p>``, which every node computes alike and reads back.
 
 Task ids embed their creator (``<creator>:<suffix>``: the CRDT owner rules read the writer
 from the id), so two nodes creating "the same" instance create two tasks. To keep that rare,
-the nodes rank themselves per period by a hash of (suffix, node): the first creates at the
-period start, the k-th only if no instance is visible ``k * grace_ms`` later. If duplicates still
-appear (partition), exactly one is canonical - the one whose creator ranks first - and every
-replica derives the others as cancelled (:func:`duplicates`), so each period's work is live once.
+the makers (members that may create tasks) rank themselves per period by a hash of
+(suffix, node): the first creates at the period start, the k-th only if no instance is visible
+``k * grace_ms`` later. If duplicates still appear (partition), exactly one is canonical - the
+one whose creator ranks first - and every replica derives the others as cancelled
+(:func:`index`), so each period's work is live once.
+
+A task counts as an instance only if its id names a known schedule and a period inside it,
+and its core fields are the schedule's template: any member can write a task with such an id,
+but not one that takes a period's place with other work, or cancels the real instance by
+ranking first. An instance is not ready before its period starts, so creating one early
+changes nothing either.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import field
 from typing import Any
 
 from mossnode.record import value
 
-from .model import Contract, TaskView
+from .model import Contract, Task, TaskView
 
 PREFIX = "r-"
-_HASH_CHARS = 24
+_KEY_CHARS = 16  # hex digits of the schedule id's hash in an instance's suffix
+
+
+def schedule_key(schedule_id: str) -> str:
+    return hashlib.sha256(f"mossnode/recurring\0{schedule_id}".encode()).hexdigest()[:_KEY_CHARS]
 
 
 @value
 class Schedule:
+    """A decided schedule. ``removed`` ones create nothing more, but their instances stay
+    recognised (a duplicate must not come back to life when its schedule goes)."""
+
     id: str
     interval_ms: int
     title: str
@@ -41,10 +55,44 @@ class Schedule:
     role: str | None = None
     priority: float = 0.0
     contract: Contract = field(default_factory=Contract)
+    removed: bool = False
 
     def __post_init__(self) -> None:
         if self.interval_ms <= 0:
             raise ValueError("interval_ms must be positive")
+
+    @property
+    def key(self) -> str:
+        return schedule_key(self.id)
+
+    def fields(self) -> dict[str, Any]:
+        """An instance's core fields (the create call's; the same on every node)."""
+        return {
+            "title": self.title,
+            "spec": self.spec,
+            "input": self.input,
+            "parent": None,
+            "deps": [],
+            "capabilities": sorted(set(self.capabilities)),
+            "role": self.role,
+            "priority": self.priority,
+            "contract": self.contract.to_raw(),
+        }
+
+    def made(self, task: Task) -> bool:
+        """Is ``task``'s content this schedule's template? (Stored numbers read back as
+        floats, which compare equal to the ints written.)"""
+        return (
+            task.title == self.title
+            and task.spec == self.spec
+            and task.input == self.input
+            and task.parent is None
+            and not task.deps
+            and task.capabilities == tuple(sorted(set(self.capabilities)))
+            and task.role == self.role
+            and task.priority == self.priority
+            and task.contract == self.contract
+        )
 
 
 def period_at(schedule: Schedule, now_ms: int) -> int | None:
@@ -58,16 +106,27 @@ def period_start(schedule: Schedule, period: int) -> int:
     return schedule.start_ms + period * schedule.interval_ms
 
 
+def _in_schedule(schedule: Schedule, period: int) -> bool:
+    return period >= 0 and (
+        schedule.end_ms is None or period_start(schedule, period) < schedule.end_ms
+    )
+
+
 def period_suffix(schedule_id: str, period: int) -> str:
     """The task id suffix of a period's instance: the same on every node."""
-    digest = hashlib.sha256(f"mossnode/recurring\0{schedule_id}\0{period}".encode()).hexdigest()
-    return PREFIX + digest[:_HASH_CHARS]
+    return f"{PREFIX}{schedule_key(schedule_id)}-{period}"
 
 
-def _is_recurring_suffix(suffix: str) -> bool:
-    if not suffix.startswith(PREFIX) or len(suffix) != len(PREFIX) + _HASH_CHARS:
-        return False
-    return all(c in "0123456789abcdef" for c in suffix[len(PREFIX) :])
+def _parse_suffix(suffix: str) -> tuple[str, int] | None:
+    """``(schedule key, period)`` of an instance suffix, or None."""
+    if not suffix.startswith(PREFIX):
+        return None
+    key, sep, num = suffix[len(PREFIX) :].partition("-")
+    if not sep or len(key) != _KEY_CHARS or not all(c in "0123456789abcdef" for c in key):
+        return None
+    if not num.isdigit() or len(num) > 18 or (num != "0" and num.startswith("0")):
+        return None
+    return key, int(num)
 
 
 def _rank_key(suffix: str, node: str) -> str:
@@ -79,36 +138,69 @@ def makers(suffix: str, members: Iterable[str]) -> list[str]:
     return sorted(set(members), key=lambda n: (_rank_key(suffix, n), n))
 
 
-def _split(tid: str) -> tuple[str, str] | None:
-    creator, sep, suffix = tid.rpartition(":")
-    if not sep or not creator or not _is_recurring_suffix(suffix):
+@value
+class Instance:
+    schedule: Schedule
+    period: int
+    suffix: str
+    start: int
+
+
+def instance_of(task: Task, by_key: Mapping[str, Schedule]) -> Instance | None:
+    """The period ``task`` is the instance of, if it is one (see the module doc)."""
+    creator, sep, suffix = task.id.rpartition(":")
+    if not sep or creator != task.creator:
         return None
-    return creator, suffix
+    parsed = _parse_suffix(suffix)
+    if parsed is None:
+        return None
+    s = by_key.get(parsed[0])
+    if s is None or not _in_schedule(s, parsed[1]) or not s.made(task):
+        return None
+    return Instance(s, parsed[1], suffix, period_start(s, parsed[1]))
 
 
-def instances(view: TaskView, suffix: str) -> list[str]:
-    """Visible instances of one period (ids ending in ``:<suffix>``)."""
-    return sorted(tid for tid in view if tid.endswith(":" + suffix) and _split(tid) is not None)
+@value
+class Index:
+    """The recurring instances of a view: ``dups`` maps each duplicate to its canonical
+    instance, ``starts`` each instance to its period's start, ``periods`` each period's
+    suffix to its canonical instance."""
+
+    dups: Mapping[str, str] = field(default_factory=dict)
+    starts: Mapping[str, int] = field(default_factory=dict)
+    periods: Mapping[str, str] = field(default_factory=dict)
 
 
-def duplicates(view: TaskView) -> dict[str, str]:
-    """``{duplicate task id: canonical task id}`` over all recurring instances in the view."""
+EMPTY = Index()
+
+
+def keyed(schedules: Mapping[str, Schedule]) -> dict[str, Schedule]:
+    return {s.key: s for s in schedules.values()}
+
+
+def index(view: TaskView, schedules: Mapping[str, Schedule]) -> Index:
+    """Instances of ``schedules`` (id -> schedule) in ``view``, and their duplicates."""
+    if not schedules:
+        return EMPTY
+    by_key = keyed(schedules)
     groups: dict[str, list[tuple[str, str]]] = {}
-    for tid in view:
-        if ":" + PREFIX not in tid:
+    starts: dict[str, int] = {}
+    marker = ":" + PREFIX
+    for tid, task in view.items():
+        if marker not in tid:
             continue
-        split = _split(tid)
-        if split is not None and view[tid].creator == split[0]:
-            groups.setdefault(split[1], []).append((split[0], tid))
-    out: dict[str, str] = {}
+        inst = instance_of(task, by_key)
+        if inst is not None:
+            starts[tid] = inst.start
+            groups.setdefault(inst.suffix, []).append((task.creator, tid))
+    dups: dict[str, str] = {}
+    periods: dict[str, str] = {}
     for suffix, members in groups.items():
-        if len(members) < 2:
-            continue
         members.sort(key=lambda ct: (_rank_key(suffix, ct[0]), ct[0]))
-        canonical = members[0][1]
+        canonical = periods[suffix] = members[0][1]
         for _, tid in members[1:]:
-            out[tid] = canonical
-    return out
+            dups[tid] = canonical
+    return Index(dups, starts, periods)
 
 
 @value
@@ -119,39 +211,28 @@ class Due:
     period: int
     suffix: str
 
-    def fields(self, now_ms: int) -> dict[str, Any]:
-        """Core fields for the create call (same template on every node)."""
-        s = self.schedule
-        return {
-            "title": s.title,
-            "spec": s.spec,
-            "input": s.input,
-            "parent": None,
-            "deps": [],
-            "capabilities": list(s.capabilities),
-            "role": s.role,
-            "priority": s.priority,
-            "contract": s.contract.to_raw(),
-        }
-
 
 def due(
-    schedules: Sequence[Schedule],
+    schedules: Iterable[Schedule],
+    found: Index,
     view: TaskView,
     me: str,
     members: Iterable[str],
     now_ms: int,
     grace_ms: int,
 ) -> tuple[list[Due], int | None]:
-    """Instances ``me`` should create now, and the next time to ask again.
+    """Instances ``me`` (one of the makers ``members``) should create now, and the next time
+    to ask again. ``found``: :func:`index` of ``view``.
 
-    Only the current period is considered: a period missed entirely (the whole swarm down) is
-    skipped, not backfilled.
+    Only the current period is considered: a period missed entirely (the whole swarm down, or
+    paused) is skipped, not backfilled.
     """
     ranked_members = sorted(set(members) | {me})
     out: list[Due] = []
     wake: list[int] = []
     for s in schedules:
+        if s.removed:
+            continue
         p = period_at(s, now_ms)
         if p is None:
             if now_ms < s.start_ms:
@@ -161,7 +242,7 @@ def due(
         if s.end_ms is None or nxt < s.end_ms:
             wake.append(nxt)
         suffix = period_suffix(s.id, p)
-        if instances(view, suffix):
+        if suffix in found.periods or f"{me}:{suffix}" in view:
             continue
         rank = makers(suffix, ranked_members).index(me)
         at = period_start(s, p) + rank * grace_ms
@@ -170,13 +251,3 @@ def due(
         else:
             wake.append(at)
     return out, (min(wake) if wake else None)
-
-
-def by_suffix(view: TaskView) -> Mapping[str, list[str]]:
-    """All recurring instances grouped by period suffix (for status displays)."""
-    groups: dict[str, list[str]] = {}
-    for tid in sorted(view):
-        split = _split(tid)
-        if split is not None:
-            groups.setdefault(split[1], []).append(tid)
-    return groups

@@ -17,10 +17,13 @@ What a tick does, in order:
 3. bid on ready tasks in priority order while agents have room (running, waiting and undecided
    bids count against ``queue_factor`` times the capacity, see :func:`queueable`); propose
    itself for ready exclusive tasks (consensus picks one);
-4. let idle reviewer agents review submissions of other nodes, staggered by a hash rank.
+4. let idle reviewer agents review submissions of other nodes, staggered by a hash rank;
+5. create the instances of recurring schedules whose period it is this node's turn to start
+   (:mod:`.recurring`), when ``makers`` (the members that may create tasks) includes it.
 
 A swarm-wide pause (a consensus decision the daemon passes as ``paused``) and a paused task tree
-stop bids, dispatches and new reviews; leases of running work are still renewed.
+stop bids, dispatches and new reviews (and a swarm-wide pause the creation of recurring
+instances: a period that passes paused is skipped); leases of running work are still renewed.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from .effects import (
     Bid,
     Cancel,
     Claim,
+    Create,
     Dispatch,
     DispatchReview,
     Effect,
@@ -56,6 +60,7 @@ from .effects import (
 from .lifecycle import Cache, Status, derive_all, inputs_from_dependencies
 from .model import HELD, TERMINAL, State, Task, TaskView, View, changed_since
 from .params import Params
+from .recurring import Index, Schedule, due
 from .reputation import Reputation
 from .review import independent
 from .stability import Stable
@@ -65,6 +70,8 @@ from .supervision import Limits, Refused, agent_capacity
 REVIEWER = "reviewer"
 SPREAD_MS = 1_000  # tasks created within this span are taken in a per-node order
 QUEUE_FACTOR = 4  # an agent takes on (bids, won, waiting) up to this many times its capacity
+# the k-th maker of a period's recurring instance creates it k times this late if none is seen
+RECURRING_GRACE_MS = 2_000
 
 
 def queueable(task: Task) -> bool:
@@ -103,6 +110,8 @@ class Scheduler:
     statuses: dict[str, Status] = field(default_factory=dict)
     stable: Stable | None = None  # see .stability; None in simulations with bounded delays
     queue_factor: int = QUEUE_FACTOR  # local policy, see docs/tasks.md "Allocation"
+    # the decided recurring schedules (id -> schedule): the daemon keeps this map up to date
+    schedules: Mapping[str, Schedule] = field(default_factory=dict)
     _proposed: dict[str, int] = field(default_factory=dict)
     _cache: Cache = field(default_factory=Cache)
     _ordered: tuple[TaskView | None, frozenset[str], list[str]] = (None, frozenset(), [])
@@ -129,8 +138,13 @@ class Scheduler:
             authority=authority,
             cache=self._cache,
             stable=self.stable,
+            schedules=self.schedules,
         )
         return self.statuses
+
+    def recurring(self) -> Index:
+        """The recurring instances as of the last derivation."""
+        return self._cache.rec
 
     def take_restated(self) -> set[str] | None:
         """Tasks whose status changed since the last call (None: any may have); see
@@ -150,10 +164,12 @@ class Scheduler:
         exclusive: Mapping[str, str] | None = None,
         authority: control.Authority | None = None,
         finished: Sequence[Finished] = (),
+        makers: Collection[str] = (),
     ) -> Plan:
         """One step. ``finished``: local work that ended since the last step; its submissions
         (or late results) come first in the plan, so that one entry carries them with
-        everything else this step writes, and one derivation serves them all."""
+        everything else this step writes, and one derivation serves them all. ``makers``: the
+        members that may create tasks (they take turns starting recurring instances)."""
         now, p, me = now_ms, self.params, self.me
         excl = exclusive or {}
         st = self.derive(view, now, excl, authority)
@@ -402,6 +418,16 @@ class Scheduler:
                     self.reviewing[tid] = Run(s.attempt, s.round, a.name, now)
                     reviews_per_agent[a.name] += 1
                     break
+
+        # 5. recurring instances
+        if self.schedules and not paused and me in makers:
+            todo, wake = due(
+                self.schedules.values(), self._cache.rec, view, me, makers, now, RECURRING_GRACE_MS
+            )
+            for d in todo:
+                effects.append(Create(f"{me}:{d.suffix}", d.suffix, d.schedule.fields()))
+            if wake is not None:
+                wakes.append(wake)
 
         future = [t for t in wakes if t > now]
         return Plan(tuple(effects), min(future) if future else None)
