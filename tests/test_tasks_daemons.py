@@ -152,3 +152,52 @@ def test_bad_task_input_is_refused(cluster_factory) -> None:
     assert r.returncode == 1 and "frobnicate" in r.stderr
     assert before != node.status()["state_digest"]  # task a was written, nothing else
     wait_for(lambda: state(node, a)["state"] == "done", 60, "a")
+
+
+def test_a_recurring_schedule_runs_once_per_period_until_removed(cluster_factory) -> None:
+    """Every node may create tasks here, and each would start a period: one instance per
+    period is created (duplicates, if a race makes any, are cancelled everywhere), each runs
+    once, and after `schedule remove` no period starts."""
+    c = swarm(cluster_factory, 3)
+    founder = c.nodes[0]
+    bad = founder.cli("schedule", "add", "tick", "--every", "0.5s", "--title", "t", check=False)
+    assert bad.returncode != 0 and "interval_ms" in bad.stderr
+    added = founder.cli_json(
+        "schedule", "add", "tick", "--every", "2s", "--title", "tick",
+        "--capability", "math", "--input", '{"n": 7}',
+    )  # fmt: skip
+    assert added["id"] == "tick" and added["seq"] >= 1
+
+    def instances(node) -> dict[str, list[dict]]:
+        by_period: dict[str, list[dict]] = {}
+        for t in node.api.get("/v1/tasks"):
+            if ":r-" in t["id"]:
+                by_period.setdefault(t["id"].rpartition(":")[2], []).append(t)
+        return by_period
+
+    def done_periods() -> int:
+        got = instances(c.nodes[1])
+        return sum(any(t["state"] == "done" for t in ts) for ts in got.values())
+
+    wait_for(lambda: done_periods() >= 3, 60, "three periods to run")
+    listed = c.nodes[2].cli_json("schedule", "list")
+    assert [s["id"] for s in listed] == ["tick"] and listed[0]["interval_ms"] == 2000
+    assert listed[0]["next_at"] is not None and listed[0]["instance_count"] >= 3
+    removed = c.nodes[1].cli_json("schedule", "remove", "tick")
+    assert removed["kind"] == "schedule.remove"
+    wait_for(lambda: all(n.api.get("/v1/schedules")[0]["removed"] for n in c.nodes), 20, "removal")
+    before = set(instances(founder))
+    time.sleep(5)  # two and a half periods
+    assert set(instances(founder)) - before == set()
+    for node in c.nodes:
+        by_period = instances(node)
+        assert set(by_period) == before
+        for period, ts in by_period.items():
+            live = [t for t in ts if t["state"] != "cancelled"]
+            assert len(live) == 1, (period, ts)
+            assert all(t["title"] == "tick" for t in ts)
+    finished = [t for ts in instances(founder).values() for t in ts if t["state"] == "done"]
+    for t in finished:
+        assert state(founder, t["id"])["result"] == {"n": 7}
+    again = founder.cli("schedule", "remove", "tick", check=False)
+    assert again.returncode != 0 and "already removed" in again.stderr
