@@ -7,10 +7,12 @@ unknown paths and methods, path parameters with odd characters, and garbage HTTP
 must be below 500, the daemon must stay up, and a refused (4xx) request must leave the shared
 state digest, the decided log and the agent registry as they were.
 
-The node is a one-node swarm (its founder: admin and validator). Two fields of valid bodies are
-pinned so the fuzzer cannot make the daemon run things: registered agents get a role the node
-does not hold (so the scheduler never dispatches to them) and ``exec:true`` as backend; waits on
-consensus get a generous timeout, so no legitimate 504 can come from a timing accident.
+The node is a one-node swarm (its founder: admin and validator). A few fields of valid bodies
+are pinned so the fuzzer cannot make the daemon run things: registered agents get a role the
+node does not hold (so the scheduler never dispatches to them) and ``exec:true`` as backend;
+recurring schedules start in the far future (so no instance appears while the run goes on);
+waits on consensus get a generous timeout, so no legitimate 504 can come from a timing
+accident.
 """
 
 from __future__ import annotations
@@ -158,6 +160,8 @@ def pinned(path: str, body: Any) -> Any:
         return body
     if path == "/v1/agents":
         body = {**body, "roles": ["patrol"], "backend": "exec:true"}
+    if path == "/v1/schedules":
+        body = {**body, "start_ms": 2**52, "end_ms": None}
     if "timeout_s" in body or path.startswith("/v1/votes"):
         body = {**body, "timeout_s": 60}
     return body
