@@ -89,6 +89,37 @@ def test_handshake_and_calls(node) -> None:
     assert by_id[8]["error"]["code"] == -32601
 
 
+def test_a_planner_schedules_recurring_tasks(node) -> None:
+    later = 2**52  # far away: the schedule creates nothing while the other tests run
+    task = {"title": "nightly", "capabilities": ["math"]}
+    out = session(
+        node,
+        "planner1",
+        [
+            call(1, "schedule_task", {"id": "nightly", "interval_ms": 5, "task": task}),
+            call(2, "schedule_task", {"id": "nightly", "interval_ms": 60_000, "start_ms": later, "task": task}),
+            call(3, "list_schedules"),
+        ],
+    )  # fmt: skip
+    by_id = {m["id"]: m for m in out}
+    assert (
+        by_id[1]["result"]["isError"] and "interval_ms" in by_id[1]["result"]["content"][0]["text"]
+    )
+    assert not by_id[2]["result"]["isError"], by_id[2]
+    (listed,) = json.loads(by_id[3]["result"]["content"][0]["text"])
+    assert (listed["id"], listed["next_at"], listed["task"]["title"]) == (
+        "nightly",
+        later,
+        "nightly",
+    )
+    out = session(
+        node,
+        "reviewer1",
+        [call(1, "schedule_task", {"id": "x", "interval_ms": 60_000, "task": task})],
+    )
+    assert out[0]["result"]["isError"] and "task.create" in out[0]["result"]["content"][0]["text"]
+
+
 def test_agent_permissions_apply(node) -> None:
     out = session(node, "reviewer1", [call(1, "submit_task", {"title": "not allowed"})])
     res = out[0]["result"]

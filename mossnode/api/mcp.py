@@ -130,6 +130,29 @@ TOOLS = [
         lambda c, a: c.post("/v1/tasks", a),
     ),
     Tool(
+        "schedule_task",
+        "Have the swarm create a task every interval_ms (one instance per period, whichever "
+        "nodes are up): a consensus decision. 'task' is the template: title, spec, input, "
+        "capabilities, role, priority, contract.",
+        _obj(
+            {
+                "id": STR,
+                "interval_ms": {"type": "integer"},
+                "start_ms": {"type": "integer"},
+                "end_ms": {"type": "integer"},
+                "task": {"type": "object"},
+            },
+            ["id", "interval_ms", "task"],
+        ),
+        lambda c, a: c.post("/v1/schedules", a),
+    ),
+    Tool(
+        "list_schedules",
+        "Recurring schedules with their next period and latest instances.",
+        _obj({}),
+        lambda c, a: c.get("/v1/schedules"),
+    ),
+    Tool(
         "cancel_task",
         "Cancel a task and its subtree (creator or supervisor).",
         _obj({"id": STR, "reason": STR}, ["id"]),
