@@ -98,7 +98,8 @@ def test_a_planner_schedules_recurring_tasks(node) -> None:
         [
             call(1, "schedule_task", {"id": "nightly", "interval_ms": 5, "task": task}),
             call(2, "schedule_task", {"id": "nightly", "interval_ms": 60_000, "start_ms": later, "task": task}),
-            call(3, "list_schedules"),
+            call(3, "schedule_task", {"id": "over", "interval_ms": 1000, "start_ms": 1000, "end_ms": 5000, "task": task}),
+            call(4, "list_schedules"),
         ],
     )  # fmt: skip
     by_id = {m["id"]: m for m in out}
@@ -106,12 +107,14 @@ def test_a_planner_schedules_recurring_tasks(node) -> None:
         by_id[1]["result"]["isError"] and "interval_ms" in by_id[1]["result"]["content"][0]["text"]
     )
     assert not by_id[2]["result"]["isError"], by_id[2]
-    (listed,) = json.loads(by_id[3]["result"]["content"][0]["text"])
-    assert (listed["id"], listed["next_at"], listed["task"]["title"]) == (
+    nightly, over = json.loads(by_id[4]["result"]["content"][0]["text"])
+    assert (nightly["id"], nightly["next_at"], nightly["task"]["title"]) == (
         "nightly",
         later,
         "nightly",
     )
+    # long over: no next period, and nothing was created for its past periods
+    assert (over["id"], over["next_at"], over["instance_count"]) == ("over", None, 0)
     out = session(
         node,
         "reviewer1",

@@ -214,6 +214,11 @@ def test_a_schedule_payload_reads_back_as_the_schedule() -> None:
             {"task": {"contract": {"confidential": ["executor"]}}},
             "a schedule's tasks cannot be confidential",
         ),
+        # what Yrs cannot store would fail every maker's write of every instance
+        ({"task": {"input": {"n": 2**64}}}, "payload.task.input.n: integer out of range"),
+        ({"task": {"contract": {"deadline_ms": 1e308}}}, "payload.task.contract.deadline_ms: int"),
+        ({"task": {"priority": 10**400}}, "payload.task.priority: integer out of range"),
+        ({"bogus": 1}, "payload fields are"),
         (
             {"task": {"input": 3, "contract": {"input_schema": {"type": "string"}}}},
             "payload.task: input violates input_schema",
@@ -225,3 +230,27 @@ def test_a_bad_schedule_payload_is_refused_with_its_reason(
 ) -> None:
     got = parse(_payload(**change))
     assert isinstance(got, str) and got.startswith(error), got
+
+
+def test_the_cache_follows_instances_that_stop_being_instances() -> None:
+    """The index is kept up to date task by task: a duplicate rewritten with other content
+    is an ordinary live task, and a canonical instance rewritten hands its period to the next
+    duplicate, in a cached derivation as in a fresh one."""
+    doc = Doc()
+    for n in MEMBERS:
+        _instance(doc, n, 1, 60_000)
+    suffix = period_suffix("nightly", 1)
+    first, second, third = (f"{n}:{suffix}" for n in makers(suffix, MEMBERS))
+    s = scheduler("n1")
+    s.derive(doc.view(), 61_000)
+    expect = [
+        (second, {first: State.PENDING, second: State.PENDING, third: State.CANCELLED}),
+        (first, {first: State.PENDING, second: State.PENDING, third: State.PENDING}),
+    ]
+    for now, (rewrite, states) in enumerate(expect, start=61_001):
+        doc.tasks[rewrite] = {**doc.tasks[rewrite], "title": "other work"}
+        view = doc.view()
+        got = s.derive(view, now)
+        assert got == derive_all(view, now, params=P, schedules=SCHEDULES)
+        assert {t: got[t].state for t in states} == states
+    assert s.recurring().periods == {suffix: third} and s.recurring().dups == {}

@@ -1240,7 +1240,11 @@ class Daemon:
             nxt = recurring.period_start(s, (-1 if period is None else period) + 1)
             if now < s.start_ms:
                 nxt = s.start_ms
-            ended = s.removed or (s.end_ms is not None and nxt >= s.end_ms)
+            ended = (
+                s.removed
+                or (period is None and now >= s.start_ms)  # past end_ms
+                or (s.end_ms is not None and nxt >= s.end_ms)
+            )
             mine = sorted(made.get(recurring.PREFIX + s.key, []), key=rec.starts.__getitem__)
             rows.append(
                 {

@@ -48,8 +48,6 @@ from .model import (
     changed_since,
 )
 from .params import Params
-from .recurring import EMPTY as NO_INSTANCES
-from .recurring import PREFIX as RECURRING_PREFIX
 from .recurring import Index, Schedule, index
 from .review import deciding_review
 from .stability import Stable
@@ -286,7 +284,7 @@ class Cache:
     # that may have changed (not every task of a long history).
     view: dict[str, Task] = field(default_factory=dict)
     exclusive: dict[str, str] = field(default_factory=dict)
-    rec: Index = NO_INSTANCES
+    rec: Index = field(default_factory=Index)
     schedules: dict[str, Schedule] = field(default_factory=dict)
     out: dict[str, Status] | None = None
     now: int = 0
@@ -303,7 +301,7 @@ class Cache:
         self.memo.clear()
         self.view = {}
         self.exclusive = {}
-        self.rec = NO_INSTANCES
+        self.rec = Index()
         self.schedules = {}
         self.out = None
         self.waking.clear()
@@ -405,7 +403,7 @@ def derive_all(
             for gone in [t for t in cache.memo if t not in view]:
                 del cache.memo[gone]
     memos = cache.memo if cache is not None else {}
-    was_dup = cache.rec.dups if cache is not None else {}  # statuses that may be stale
+    was_dup = cache.rec.dups if cache is not None else rec.dups  # what memos were made with
     if cache is not None:
         cache.waking.clear()
         cache.live.clear()
@@ -424,8 +422,7 @@ def derive_all(
             and memo.parent_cycle == pcyc
             and memo.at <= now_ms
             and (memo.status.wake_at is None or now_ms < memo.status.wake_at)
-            and tid not in rec.dups
-            and tid not in was_dup
+            and rec.dups.get(tid) == was_dup.get(tid)
             and not (changed and any(p in changed for p in topo.prereqs[tid]))
         ):
             out[tid] = memo.status
@@ -486,14 +483,12 @@ def _derive_changes(
     if excl != cache.exclusive:
         todo.update(t for t in excl.keys() | cache.exclusive.keys() if t in view)
     todo.update(t for t, at in cache.waking.items() if now_ms >= at)
-    rec = cache.rec
-    if cache.schedules and any(":" + RECURRING_PREFIX in t for t in changed):
-        rec = index(view, cache.schedules)
-    todo.update(t for t in rec.dups.keys() | cache.rec.dups.keys() if t in view)
+    rec = cache.rec  # brought up to date in place: only the changed tasks are matched again
+    todo.update(t for t in rec.update(view, changed) if t in view)
     cache.topology = topo
     if changed or len(view) != len(prev) or known is not None:
         cache._seen(view)
-    cache.exclusive, cache.rec, cache.now = excl, rec, now_ms
+    cache.exclusive, cache.now = excl, now_ms
     if not todo:
         return out
     restated = cache.restated

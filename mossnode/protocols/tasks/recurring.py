@@ -160,47 +160,73 @@ def instance_of(task: Task, by_key: Mapping[str, Schedule]) -> Instance | None:
     return Instance(s, parsed[1], suffix, period_start(s, parsed[1]))
 
 
-@value
 class Index:
     """The recurring instances of a view: ``dups`` maps each duplicate to its canonical
     instance, ``starts`` each instance to its period's start, ``periods`` each period's
-    suffix to its canonical instance."""
+    suffix to its canonical instance. Kept up to date task by task (:meth:`update`): a
+    schedule running for months has tens of thousands of past instances, and matching them
+    all again whenever the live one got a bid cost a derivation tens of milliseconds."""
 
-    dups: Mapping[str, str] = field(default_factory=dict)
-    starts: Mapping[str, int] = field(default_factory=dict)
-    periods: Mapping[str, str] = field(default_factory=dict)
+    __slots__ = ("_groups", "by_key", "dups", "periods", "starts")
 
+    def __init__(self, schedules: Mapping[str, Schedule] | None = None) -> None:
+        self.by_key = {s.key: s for s in (schedules or {}).values()}
+        self.dups: dict[str, str] = {}
+        self.starts: dict[str, int] = {}
+        self.periods: dict[str, str] = {}
+        self._groups: dict[str, list[tuple[str, str]]] = {}  # suffix -> (creator, tid)
 
-EMPTY = Index()
-
-
-def keyed(schedules: Mapping[str, Schedule]) -> dict[str, Schedule]:
-    return {s.key: s for s in schedules.values()}
+    def update(self, view: TaskView, tids: Iterable[str]) -> set[str]:
+        """Take in the tasks ``tids`` as ``view`` now holds them (gone ones included); returns
+        the tasks whose entry in :attr:`dups` may have changed."""
+        if not self.by_key:
+            return set()
+        marker = ":" + PREFIX
+        touched: set[str] = set()
+        changed: set[str] = set()
+        for tid in tids:
+            if marker not in tid:
+                continue
+            task = view.get(tid)
+            inst = None if task is None else instance_of(task, self.by_key)
+            was = tid in self.starts
+            if (inst is not None) == was:
+                continue  # still (or still not) an instance: its id fixes its period
+            suffix = tid.rpartition(":")[2]
+            group = self._groups.setdefault(suffix, [])
+            if inst is None:
+                del self.starts[tid]
+                self.dups.pop(tid, None)
+                changed.add(tid)
+                group[:] = [m for m in group if m[1] != tid]
+            else:
+                assert task is not None
+                self.starts[tid] = inst.start
+                group.append((task.creator, tid))
+            touched.add(suffix)
+        for suffix in touched:
+            group = self._groups[suffix]
+            old = self.periods.pop(suffix, None)
+            if old is not None:
+                changed.add(old)
+            for _, tid in group:
+                self.dups.pop(tid, None)  # put back below while still a duplicate
+                changed.add(tid)
+            if not group:
+                del self._groups[suffix]
+                continue
+            group.sort(key=lambda ct: (_rank_key(suffix, ct[0]), ct[0]))
+            canonical = self.periods[suffix] = group[0][1]
+            for _, tid in group[1:]:
+                self.dups[tid] = canonical
+        return changed
 
 
 def index(view: TaskView, schedules: Mapping[str, Schedule]) -> Index:
     """Instances of ``schedules`` (id -> schedule) in ``view``, and their duplicates."""
-    if not schedules:
-        return EMPTY
-    by_key = keyed(schedules)
-    groups: dict[str, list[tuple[str, str]]] = {}
-    starts: dict[str, int] = {}
-    marker = ":" + PREFIX
-    for tid, task in view.items():
-        if marker not in tid:
-            continue
-        inst = instance_of(task, by_key)
-        if inst is not None:
-            starts[tid] = inst.start
-            groups.setdefault(inst.suffix, []).append((task.creator, tid))
-    dups: dict[str, str] = {}
-    periods: dict[str, str] = {}
-    for suffix, members in groups.items():
-        members.sort(key=lambda ct: (_rank_key(suffix, ct[0]), ct[0]))
-        canonical = periods[suffix] = members[0][1]
-        for _, tid in members[1:]:
-            dups[tid] = canonical
-    return Index(dups, starts, periods)
+    found = Index(schedules)
+    found.update(view, view.keys())
+    return found
 
 
 @value

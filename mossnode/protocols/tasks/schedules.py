@@ -23,6 +23,7 @@ from typing import Any
 
 from ..decisions import ConsensusMembership, Extension
 from ..membership import Entry
+from .contract import STORE_DEPTH, storable
 from .model import Contract, as_float
 from .recurring import Schedule, schedule_key
 from .supervision import Draft, Refused, check_raw_contract, plan_create
@@ -33,6 +34,7 @@ MIN_INTERVAL_MS = 1_000
 MAX_INTERVAL_MS = 366 * 24 * 3600 * 1000
 MAX_TIME_MS = 2**53  # times are stored as floats by the document: keep them exact
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+PAYLOAD_FIELDS = frozenset({"id", "interval_ms", "start_ms", "end_ms", "task"})
 TEMPLATE_FIELDS = frozenset(
     {"title", "spec", "input", "capabilities", "role", "priority", "contract"}
 )
@@ -44,6 +46,13 @@ def _int(value: Any) -> int | None:
 
 def parse(payload: Mapping[str, Any]) -> Schedule | str:
     """The schedule a ``schedule.add`` payload asks for, or what is wrong with it."""
+    if not set(payload) <= PAYLOAD_FIELDS:
+        return f"payload fields are {sorted(PAYLOAD_FIELDS)}"
+    # what the instances will hold must go into the shared document as it is (a number Yrs
+    # cannot store made every maker's write fail, period after period)
+    bad_value = storable(payload, "payload", max_depth=STORE_DEPTH + 2)
+    if bad_value is not None:
+        return f"{bad_value.path}: {bad_value.message}"
     sid = payload.get("id")
     if not isinstance(sid, str) or not ID_RE.match(sid):
         return "payload.id must be 1-64 of [A-Za-z0-9._-], starting alphanumeric"
@@ -89,7 +98,7 @@ def parse(payload: Mapping[str, Any]) -> Schedule | str:
     refused = plan_create({}, draft, creator="schedule", now_ms=start)
     if isinstance(refused, Refused):
         return f"payload.task: {refused.reason}"
-    return Schedule(
+    got = Schedule(
         id=sid,
         interval_ms=interval,
         title=title,
@@ -102,6 +111,11 @@ def parse(payload: Mapping[str, Any]) -> Schedule | str:
         priority=priority,
         contract=contract,
     )
+    # and as the contract reads it back (a float deadline of 1e308 reads as a huge integer)
+    bad_value = storable(got.fields(), "payload.task", max_depth=STORE_DEPTH + 1)
+    if bad_value is not None:
+        return f"{bad_value.path}: {bad_value.message}"
+    return got
 
 
 def payload(schedule: Schedule) -> dict[str, Any]:
@@ -131,8 +145,8 @@ def extensions(schedules: dict[str, Schedule]) -> dict[str, Extension]:
 
     def apply_add(state: ConsensusMembership, entry: Entry) -> None:
         got = parse(entry.payload)
-        assert isinstance(got, Schedule)  # check() passed when it was decided
-        schedules[got.id] = got
+        if isinstance(got, Schedule):  # check() passed when it was decided
+            schedules[got.id] = got
 
     def check_remove(state: ConsensusMembership, p: dict[str, Any]) -> str | None:
         sid = p.get("id")
