@@ -45,6 +45,7 @@ from mossnode.protocols.membership import (
 )
 from mossnode.protocols.pbft import PbftConfig, batch_digest
 from mossnode.protocols.pbft.messages import COMMIT, REQUEST, Request, Vote
+from mossnode.protocols.tasks import Assignment
 from mossnode.protocols.tasks.recurring import Schedule
 from mossnode.protocols.tasks.schedules import SCHEDULE_ADD, SCHEDULE_REMOVE
 from mossnode.protocols.tasks.schedules import extensions as schedule_kinds
@@ -382,23 +383,55 @@ def test_extension_kinds_are_pluggable() -> None:
 
 
 def test_exclusive_assignment_first_decision_wins() -> None:
-    assignments: dict[str, str] = {}
+    assignments: dict[str, Assignment] = {}
     st = ConsensusMembership(GENESIS, extensions={TASK_ASSIGN: exclusive_assignment(assignments)})
     st.apply(certified(st, [request(F, "admit", admit(A, ["executor"], b"a"), 1)], [F]))
-    first = certified(st, [request(A, TASK_ASSIGN, {"task": "t1", "node": A.peer_id}, 1)], [F])
+    mine = {"task": "t1", "node": A.peer_id, "at": 1_000}
+    first = certified(st, [request(A, TASK_ASSIGN, mine, 1)], [F])
     st.apply(first)
-    second = certified(st, [request(F, TASK_ASSIGN, {"task": "t1", "node": F.peer_id}, 2)], [F])
+    second = certified(
+        st, [request(F, TASK_ASSIGN, {"task": "t1", "node": F.peer_id, "at": 900}, 2)], [F]
+    )
     assert second.payload["error"] == "task t1 is already assigned"
     st.apply(second)
-    bad = certified(st, [request(F, TASK_ASSIGN, {"task": "t2", "node": D.peer_id}, 3)], [F])
-    assert bad.payload["error"] == "payload.node must be a member's peer id"
-    assert assignments == {"t1": A.peer_id}
+    bad = certified(st, [request(D, TASK_ASSIGN, {"task": "t2", "node": D.peer_id, "at": 0}, 3)])
+    assert bad.payload["error"] == "the proposer is not a member"
+    assert assignments == {"t1": Assignment(A.peer_id, 1_000)}
     # replaying elsewhere rebuilds the same map from the log
-    again: dict[str, str] = {}
+    again: dict[str, Assignment] = {}
     ConsensusMembership(GENESIS, extensions={TASK_ASSIGN: exclusive_assignment(again)}).replay(
         st.entries
     )
     assert again == assignments
+
+
+AT_ERROR = "payload.at must be a time in ms (an integer >= 0)"
+BAD_TIMES = (-1, 1.5, True, "5", None, 2**64)
+
+
+def test_exclusive_assignment_is_a_self_proposal_with_a_time() -> None:
+    """A node assigns only itself, stating when it proposed (its claim deadline follows from
+    that): naming another member, or a missing, negative or non-integer time, is invalid."""
+    assignments: dict[str, Assignment] = {}
+    st = ConsensusMembership(GENESIS, extensions={TASK_ASSIGN: exclusive_assignment(assignments)})
+    st.apply(certified(st, [request(F, "admit", admit(A, ["executor"], b"a"), 1)], [F]))
+    other, bad_at = "payload.node must name the proposer itself", AT_ERROR
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"task": "t1", "node": A.peer_id, "at": 5}, other),  # F names A
+        ({"task": "t1", "at": 5}, other),
+        ({"task": "t1", "node": F.peer_id}, bad_at),  # no time
+        *(({"task": "t1", "node": F.peer_id, "at": at}, bad_at) for at in BAD_TIMES),
+    ]
+    for t, (body, error) in enumerate(cases, start=10):
+        e = certified(st, [request(F, TASK_ASSIGN, body, t)], [F])
+        assert (e.kind, e.payload["error"]) == (NOOP, error), body
+        st.apply(e)
+    assert assignments == {}
+    # A proposes itself: A's assignment, at A's time
+    ok = certified(st, [request(A, TASK_ASSIGN, {"task": "t1", "node": A.peer_id, "at": 0}, 1)])
+    assert ok.kind == TASK_ASSIGN
+    st.apply(ok)
+    assert assignments == {"t1": Assignment(A.peer_id, 0)}
 
 
 def test_operation_codec() -> None:

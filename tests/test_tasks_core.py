@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from mossnode.protocols.tasks import (
+    Assignment,
     Bid,
     Cancel,
     Claim,
@@ -808,9 +809,9 @@ def test_restart_redispatches_held_work_but_never_an_exclusive_task() -> None:
     ex = doc.create("A", "ex", contract=Contract(exclusive=True, max_attempts=1))
     s = Scheduler("B", params=P)
     plan = s.tick(doc.view(), agents=[agent("x", conc=2)], now_ms=0)
-    assert only(plan, ProposeExclusive) == [ProposeExclusive(ex, "B")]
+    assert only(plan, ProposeExclusive) == [ProposeExclusive(ex, "B", 0)]
     doc.apply("B", 0, plan)
-    decided = {ex: "B"}  # consensus picked B
+    decided = {ex: Assignment("B", 0)}  # consensus picked B
     plan = s.tick(doc.view(), agents=[agent("x", conc=2)], now_ms=200, exclusive=decided)
     assert {e.task_id for e in only(plan, Dispatch)} == {tid, ex}
     doc.apply("B", 200, plan)
@@ -829,8 +830,102 @@ def test_exclusive_task_ignores_bids_and_waits_for_consensus() -> None:
     doc.apply("C", 0, Bid(ex, 1, "c", 1.0))
     doc.apply("C", 200, Claim(ex, 1, "c", 5_000))
     assert doc.status(ex, 300).state is State.PENDING
-    st = doc.status(ex, 300, exclusive={ex: "B"})
+    st = doc.status(ex, 300, exclusive={ex: Assignment("B", 250)})
     assert (st.state, st.assignee) == (State.ASSIGNED, "B")
+
+
+def _assigned_exclusive(doc: Doc) -> tuple[str, dict[str, Assignment], int]:
+    """An exclusive task that consensus assigned to B, as B proposed itself at 1_000; the
+    claim deadline that follows."""
+    ex = doc.create("A", "ex", contract=Contract(exclusive=True, max_attempts=1))
+    return ex, {ex: Assignment("B", 1_000)}, 1_000 + P.exclusive_claim_ms
+
+
+def test_an_exclusive_assignee_that_never_claims_fails_at_its_deadline() -> None:
+    """B was assigned the task and died before claiming it: no claim by ``at +
+    exclusive_claim_ms`` and the task fails then (never earlier), naming B and the deadline;
+    it is never offered again, since an exclusive task never runs twice."""
+    doc = Doc()
+    ex, excl, deadline = _assigned_exclusive(doc)
+    before = doc.status(ex, deadline - 1, exclusive=excl)
+    assert (before.state, before.assignee, before.claimed) == (State.ASSIGNED, "B", False)
+    assert before.wake_at == deadline  # caches and ticks look again at the deadline
+    st = doc.status(ex, deadline, exclusive=excl)
+    assert st.state is State.FAILED and st.assignee == "B"
+    assert [(o.kind, o.node, o.at) for o in st.outcomes] == [("no_claim", "B", deadline)]
+    assert st.faults == 1 and st.wake_at is None
+    assert st.reasons[-1] == (
+        f"B did not claim it by {deadline}; it was never reassigned: "
+        "an exclusive task never runs twice"
+    )
+    # a cache kept from before the deadline wakes for it, with no new fact
+    cache = Cache()
+    assert derive_all(doc.view(), deadline - 1, params=P, exclusive=excl, cache=cache)[ex] == (
+        before
+    )
+    got = derive_all(doc.view(), deadline, params=P, exclusive=excl, cache=cache)[ex]
+    assert got == st
+    # another node waits for the deadline, then has nothing left to do (no new proposal)
+    c = Scheduler("C", params=P)
+    plan = c.tick(doc.view(), agents=[agent("c1")], now_ms=deadline - 1, exclusive=excl)
+    assert plan.effects == () and plan.wake_at == deadline
+    plan = c.tick(doc.view(), agents=[agent("c1")], now_ms=deadline, exclusive=excl)
+    assert plan.effects == () and plan.wake_at is None
+    # B comes back too late: it neither claims nor runs the task
+    b = Scheduler("B", params=P)
+    plan = b.tick(doc.view(), agents=[agent("b1")], now_ms=deadline + 5, exclusive=excl)
+    assert plan.effects == ()
+
+
+def test_an_exclusive_claim_in_time_runs_as_before() -> None:
+    """The assignee claims before its deadline: in progress as ever, then done. The claim
+    carries the time of the tick that found the deadline ahead, even when written later."""
+    doc = Doc()
+    ex, excl, deadline = _assigned_exclusive(doc)
+    b = Scheduler("B", params=P)
+    plan = b.tick(doc.view(), agents=[agent("b1")], now_ms=deadline - 1, exclusive=excl)
+    assert [(e.task_id, e.at) for e in only(plan, Claim)] == [(ex, deadline - 1)]
+    assert [e.task_id for e in only(plan, Dispatch)] == [ex]
+    doc.apply("B", deadline + 20, plan)  # a slow write: the claim still counts
+    st = doc.status(ex, deadline + 30, exclusive=excl)
+    assert (st.state, st.assignee, st.claimed) == (State.IN_PROGRESS, "B", True)
+    assert st.wake_at != deadline and not st.outcomes
+    plan = b.tick(
+        doc.view(),
+        agents=[agent("b1")],
+        now_ms=deadline + 40,
+        exclusive=excl,
+        finished=[Finished(ex, "out")],
+    )
+    doc.apply("B", deadline + 40, plan)
+    assert doc.status(ex, deadline + 50, exclusive=excl).state is State.DONE
+
+
+def test_an_exclusive_claim_after_the_deadline_does_not_count() -> None:
+    """A claim written at or after the deadline (a clock behind, a scheduler that does not
+    check) is ignored, and so is what its node submits: the task failed at the deadline."""
+    doc = Doc()
+    ex, excl, deadline = _assigned_exclusive(doc)
+    doc.apply("B", deadline, Claim(ex, 1, "b1"))
+    doc.apply("B", deadline + 10, Submit(ex, 1, 1, "b1", True, "out"))
+    for now in (deadline, deadline + 100):
+        st = doc.status(ex, now, exclusive=excl)
+        assert st.state is State.FAILED and not st.claimed and st.accepted is None
+        assert [o.kind for o in st.outcomes] == ["no_claim"]
+    # before the deadline the late claim is not there yet: assigned, waiting
+    assert doc.status(ex, deadline - 1, exclusive=excl).state is State.ASSIGNED
+    # one millisecond earlier it would have counted
+    doc2 = Doc()
+    ex2, excl2, _ = _assigned_exclusive(doc2)
+    doc2.apply("B", deadline - 1, Claim(ex2, 1, "b1"))
+    assert doc2.status(ex2, deadline + 100, exclusive=excl2).state is State.IN_PROGRESS
+
+
+def test_an_exclusive_proposal_carries_its_time() -> None:
+    doc = Doc()
+    ex = doc.create("A", "ex", contract=Contract(exclusive=True, max_attempts=1))
+    plan = Scheduler("B", params=P).tick(doc.view(), agents=[agent("b1")], now_ms=4_321)
+    assert only(plan, ProposeExclusive) == [ProposeExclusive(ex, "B", 4_321)]
 
 
 def test_late_finish_after_losing_the_lease_goes_to_the_log_only() -> None:
@@ -982,7 +1077,7 @@ def test_incremental_derivation_matches_a_fresh_one_through_random_changes(seed:
     derived: dict[str, Any] = {}
     told = 0  # steps where the cache could say what changed
     view: dict[str, Task] = {}
-    excl: dict[str, str] = {}
+    excl: dict[str, Assignment] = {}
     ids: list[str] = []
     recurring = [period_suffix("nightly", k) for k in (2, 3)]
     # the schedule is decided part-way: which tasks are instances changes under the cache
@@ -1038,7 +1133,9 @@ def test_incremental_derivation_matches_a_fresh_one_through_random_changes(seed:
         elif r < 0.4:
             exclusive = [t for t in ids if view.get(t) and view[t].contract.exclusive]
             if exclusive:
-                excl[rng.choice(exclusive)] = rng.choice("BC")
+                # proposed now or long ago: some assignees are past their claim deadline
+                at = max(0, now - (P.exclusive_claim_ms - 200 if step % 3 == 0 else 0))
+                excl[rng.choice(exclusive)] = Assignment(rng.choice("BC"), at)
         elif r < 0.43 and excl:
             excl.pop(rng.choice(sorted(excl)))
         elif r < 0.48:
@@ -1362,7 +1459,7 @@ def test_an_exclusive_task_sent_back_for_rework_waits_for_a_busy_agent() -> None
     p2 = dataclasses.replace(P, review_delay_ms=0)
     doc = Doc()
     x = doc.create("A", "x", now=0, contract=Contract(exclusive=True, review_required=True))
-    excl = {x: "N"}
+    excl = {x: Assignment("N", 0)}
     n, r = Scheduler("N", params=p2), Scheduler("R", params=p2)
     agents = [agent("a", conc=1)]
 

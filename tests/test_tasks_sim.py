@@ -5,14 +5,15 @@ replica of the task document as plain data, with the CRDT's ownership (a node wr
 own entries) and per-author FIFO delivery with random delays; messages across a partition, or
 to a dead node, are held and delivered after the heal or restart (what anti-entropy does).
 Exclusive tasks are assigned by a consensus oracle that decides once and only when the proposer
-reaches a majority. Every node runs a :class:`Scheduler`; dispatched work finishes after a
+reaches a majority; an assignee that dies before claiming fails its task at the claim deadline. Every node runs a :class:`Scheduler`; dispatched work finishes after a
 random time unless cancelled or the node dies.
 
 Checked: every task ends done with one accepted result whose value is right (so the inputs
 from dependencies were right), or failed with recorded reasons, or blocked behind a failure;
 no dispatch before the dispatcher saw all deps done; replicas converge; two nodes run the same
 task at once only briefly (gossip delay) or within a partition/heal window; exclusive tasks
-are dispatched at most once overall, across restarts and partitions.
+are dispatched at most once overall, across restarts and partitions, and never after their
+assignee missed its claim deadline (the task fails then instead of waiting forever).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 
 from mossnode.protocols.tasks import (
+    Assignment,
     Cancel,
     Contract,
     Dispatch,
@@ -58,6 +60,7 @@ PARAMS = Params(
     backoff_base_ms=50,
     backoff_max_ms=400,
     review_delay_ms=40,
+    exclusive_claim_ms=1_000,
 )
 MIN_DELAY, MAX_DELAY = 2, 25
 TICK_MS = 10
@@ -126,7 +129,7 @@ class Node:
     seq: int = 0
     view: dict[str, Task] = field(default_factory=dict)
     changed: set[str] = field(default_factory=set)
-    decisions: dict[str, str] = field(default_factory=dict)
+    decisions: dict[str, Assignment] = field(default_factory=dict)
     tick_at: int | None = None
     rep: Reputation = field(default_factory=Reputation)
     rep_at: int = -1
@@ -175,6 +178,8 @@ class Sim:
         self.last_delivery: dict[tuple[str, str], int] = {}
         self.partitions: list[tuple[int, int, frozenset[str]]] = []  # (start, end, one side)
         self.decided: dict[str, str] = {}
+        # exclusive task -> downtime of its proposer, killed as soon as its proposal is decided
+        self.die_on_propose: dict[str, int] = {}
         self.running: dict[
             tuple[str, str], tuple[int, int, int]
         ] = {}  # (tid,node) -> (start, inc, attempt)
@@ -372,6 +377,8 @@ class Sim:
         node = self.nodes[name]
         assert node.sched is not None
         for e in effects:
+            if not node.alive:
+                break  # died on the way (see die_on_propose): the rest never happened
             if isinstance(e, Dispatch):
                 for w in writes(e, self.now):
                     self.write(name, w)
@@ -483,14 +490,18 @@ class Sim:
         if len(reach) < 3 or e.task_id in self.decided:
             return
         self.decided[e.task_id] = e.node
+        decided = Assignment(e.node, e.at)
         for n in NODES:
             self.send(
-                name, n, self._decision(n, e.task_id, e.node)
-            ) if n != name else self._decision(n, e.task_id, e.node)()
+                name, n, self._decision(n, e.task_id, decided)
+            ) if n != name else self._decision(n, e.task_id, decided)()
+        downtime = self.die_on_propose.get(e.task_id)
+        if downtime is not None:
+            self.kill(name, downtime)
 
-    def _decision(self, dst: str, tid: str, node: str) -> Callable[[], None]:
+    def _decision(self, dst: str, tid: str, decided: Assignment) -> Callable[[], None]:
         def learn() -> None:
-            self.nodes[dst].decisions[tid] = node
+            self.nodes[dst].decisions[tid] = decided
             self.poke(dst)
 
         return learn
@@ -651,6 +662,8 @@ def test_swarm_simulation(seed: int) -> None:
     for (tid, attempt, rnd), n in sim.dispatches.items():
         if sim.by_tid[tid].exclusive:
             assert n == 1 and attempt == 1, (tid, attempt, rnd, n)
+            # and never one whose assignee missed its claim deadline (the task failed then)
+            assert [o.kind for o in ref[tid].outcomes] != ["no_claim"], tid
 
     # no task ran on two nodes at once beyond gossip delay, except across a partition
     for tid, ivs in sim.intervals.items():
@@ -659,6 +672,49 @@ def test_swarm_simulation(seed: int) -> None:
                 lo, hi = max(s1, s2), min(e1, e2)
                 if a != b and lo < hi:
                     assert overlaps_allowed(sim, a, b, lo, hi), (tid, a, b, lo, hi)
+
+
+def test_an_exclusive_assignee_that_dies_before_claiming_fails_its_task() -> None:
+    """Every exclusive task's assignee dies the moment consensus assigns it the task, for
+    longer than the claim deadline: each such task fails at its deadline (no_claim, naming
+    the assignee) on every replica instead of staying assigned forever, the restarted
+    assignee neither claims nor runs it, nobody else does either, and the swarm settles."""
+    sim = Sim(seed=5, n_tasks=60)
+    excl = [spec for spec in sim.specs if spec.exclusive]
+    assert excl
+    for spec in sim.specs:
+        spec.poison = False
+        sim.at(spec.i * 8, lambda spec=spec: sim.create(spec))
+        if spec.exclusive:
+            sim.die_on_propose[spec.tid] = PARAMS.exclusive_claim_ms + 300
+    for name in NODES:
+        sim.poke(name, 0)
+    t = 0
+    while t < 30_000 and (t < 2_000 or not sim.quiet()):
+        t += 1_000
+        sim.run(t)
+    assert sim.quiet(), f"not settled by {t} ms"
+    assert not sim.violations, sim.violations[:5]
+    finals = {
+        n: derive_all(sim.nodes[n].refresh(), sim.now, params=PARAMS, exclusive=node.decisions)
+        for n, node in sim.nodes.items()
+    }
+    for spec in excl:
+        decided = sim.nodes["n0"].decisions[spec.tid]
+        assert decided.node == sim.decided[spec.tid]
+        deadline = decided.at + PARAMS.exclusive_claim_ms
+        for n in NODES:
+            st = finals[n][spec.tid]
+            assert st.state is State.FAILED, (n, spec.tid, st)
+            assert [(o.kind, o.node, o.at) for o in st.outcomes] == [
+                ("no_claim", decided.node, deadline)
+            ]
+            assert "never runs twice" in st.reasons[-1] and decided.node in st.reasons[-1]
+            assert not sim.nodes[n].replica.tasks[spec.tid]["claims"], (n, spec.tid)
+        assert not [k for k in sim.dispatches if k[0] == spec.tid], spec.tid
+    # the rest of the DAG did not wait for them: what does not depend on one is done
+    done = [st for st in finals["n0"].values() if st.state is State.DONE]
+    assert len(done) >= len(sim.specs) // 2, len(done)
 
 
 def test_swarm_pause_stops_dispatch_and_resume_continues() -> None:

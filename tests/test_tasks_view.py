@@ -34,7 +34,7 @@ def test_the_view_read_entry_by_entry_equals_a_fresh_parse(tmp_path: Path, seed:
     writers = {i.peer_id: Replica(i, SWARM, policy) for i in (A, B, C)}
     reader = Replica(ident(3), SWARM, policy)
     svc = TaskService(
-        SimpleNamespace(peer_id=ident(3).peer_id, state_dir=tmp_path),  # type: ignore[arg-type]
+        SimpleNamespace(peer_id=ident(3).peer_id, state_dir=tmp_path, schedules={}),  # type: ignore[arg-type]
         SimpleNamespace(replica=reader),  # type: ignore[arg-type]
     )
     partial = 0

@@ -47,7 +47,7 @@ def test_bids_applied_by_an_open_sync_stream_count_before_the_gate_trusts_the_ho
         assert r.receive_batch([created], late).applied
 
     svc = TaskService(
-        SimpleNamespace(peer_id=B.peer_id, state_dir=tmp_path),  # type: ignore[arg-type]
+        SimpleNamespace(peer_id=B.peer_id, state_dir=tmp_path, schedules={}),  # type: ignore[arg-type]
         SimpleNamespace(replica=rb),  # type: ignore[arg-type]
     )
     svc.sched.stable = T.stable_rule(B.peer_id, lambda t: [B.peer_id, C.peer_id], svc._horizon)
@@ -91,6 +91,7 @@ async def test_work_reported_to_a_tick_that_fails_is_reported_again(tmp_path: Pa
             peer_id=B.peer_id,
             state_dir=tmp_path,
             exclusive={},
+            schedules={},
             _swarm=lambda: SimpleNamespace(paused=False),
         ),
         SimpleNamespace(replica=Replica(B, SWARM, policy)),  # type: ignore[arg-type]

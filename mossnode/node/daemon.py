@@ -148,7 +148,9 @@ def _log_decided(entries: list[Entry]) -> None:
         log.info("decided #%d..#%d: %s", entries[0].seq, entries[-1].seq, summary)
 
 
-def task_kinds(exclusive: dict[str, str], schedules: dict[str, T.Schedule]) -> dict[str, Extension]:
+def task_kinds(
+    exclusive: dict[str, T.Assignment], schedules: dict[str, T.Schedule]
+) -> dict[str, Extension]:
     """The decision kinds tasks add to the decided log, filling ``exclusive`` (task.assign)
     and ``schedules`` (schedule.add/remove) as entries are applied."""
     return {TASK_ASSIGN: exclusive_assignment(exclusive), **schedule_kinds(schedules)}
@@ -188,8 +190,8 @@ class Daemon:
         self._legacy_entries = ledger.legacy_entries if ledger else 0
         # The decided-log state is rebuilt from the store (every certificate verified) in run().
         self.state: ConsensusMembership | None = None
-        # task id -> peer id of exclusive assignments, filled by the decided log's task.assign
-        self.exclusive: dict[str, str] = {}
+        # task id -> exclusive assignment (node, at), filled by the decided log's task.assign
+        self.exclusive: dict[str, T.Assignment] = {}
         # schedule id -> recurring schedule, filled by the decided log's schedule.add/remove
         self.schedules: dict[str, T.Schedule] = {}
         self.consensus: ConsensusService | None = None
@@ -638,10 +640,12 @@ class Daemon:
             raise DaemonError("consensus is not running yet", "unavailable", 503)
         return self.consensus
 
-    async def propose_exclusive(self, task_id: str, node: str) -> None:
-        """Ask consensus to assign an exclusive task to ``node``; the first decision for a task
-        wins and lands in :attr:`exclusive`. Runs in the background: the scheduler must not wait
-        for a PBFT round (it proposes again after its lease if nothing was decided)."""
+    async def propose_exclusive(self, task_id: str, node: str, at: int) -> None:
+        """Ask consensus to assign an exclusive task to ``node`` (this node: only a node itself
+        may propose its assignment), proposed at ``at`` (ms; it must claim the task within
+        ``Params.exclusive_claim_ms`` of it); the first decision for a task wins and lands in
+        :attr:`exclusive`. Runs in the background: the scheduler must not wait for a PBFT
+        round (it proposes again after its lease if nothing was decided)."""
         if (
             self.consensus is None
             or self._nursery is None
@@ -651,12 +655,13 @@ class Daemon:
             return
         self._proposing.add(task_id)
         self.counters["exclusive_proposals"] += 1
-        self._nursery.start_soon(self._propose_exclusive, task_id, node)
+        self._nursery.start_soon(self._propose_exclusive, task_id, node, at)
 
-    async def _propose_exclusive(self, task_id: str, node: str) -> None:
+    async def _propose_exclusive(self, task_id: str, node: str, at: int) -> None:
         try:
             assert self.consensus is not None
-            entry = await self.consensus.propose(TASK_ASSIGN, {"task": task_id, "node": node})
+            payload = {"task": task_id, "node": node, "at": at}
+            entry = await self.consensus.propose(TASK_ASSIGN, payload)
             log.info("exclusive task %s assigned to %s (#%d)", task_id, node, entry.seq)
         except ProposalRefused as exc:  # another node's proposal was decided first
             log.debug("exclusive assignment of %s: %s", task_id, exc)

@@ -620,7 +620,7 @@ class TaskService:
                 info = {"action": "cancel", "task": work.task, "review": work.review}
                 self.d.events.publish("work", {**info, "reason": effect.reason}, work.agent)
         elif isinstance(effect, T.ProposeExclusive):
-            await self.d.propose_exclusive(effect.task_id, effect.node)
+            await self.d.propose_exclusive(effect.task_id, effect.node, effect.at)
 
     # --- running agent work -----------------------------------------------------------------
 

@@ -93,6 +93,7 @@ from .pbft import (
 from .pbft import Entry as PbftEntry
 from .pbft.config import rescheduled, takes_over
 from .pbft.messages import REPLIES, REPLY, REQUEST, Reply, Request, open_embedded
+from .tasks.model import Assignment
 
 NOOP = "noop"
 VOTE_OPEN = "vote.open"
@@ -328,39 +329,55 @@ class Extension:
     ``check(state, payload)`` must be deterministic and return why the payload is invalid now,
     or None; ``apply(state, entry)`` updates whatever state the extension keeps (it may keep it
     in a closure or on the state object). ``permission``: what the proposer must hold;
-    ``actor``: a payload field that must equal the proposer's key.
+    ``actor``: a payload field that must equal the proposer's key, or ``actor_as(key)`` when
+    the field names the proposer another way (e.g. :func:`peer_id_from_public_key`).
     """
 
     permission: str | None
     check: Callable[[ConsensusMembership, dict[str, Any]], str | None]
     apply: Callable[[ConsensusMembership, Entry], None] | None = None
     actor: str | None = None
+    actor_as: Callable[[bytes], Any] | None = None
 
 
 TASK_ASSIGN = "task.assign"
+MAX_ASSIGN_AT = 2**63 - 1  # a task.assign's ``at`` (ms) fits a signed 64-bit integer
 
 
-def exclusive_assignment(assignments: dict[str, str]) -> Extension:
-    """The ``task.assign`` kind: ``{"task": id, "node": peer id}`` assigns an exclusive task;
-    the first decision for a task wins, later ones decide as no-ops. Decided assignments are
-    recorded in ``assignments`` (task id -> peer id), the map the task lifecycle reads. Any
-    member may propose (the allocation that picked the node is deterministic; consensus only
-    makes the choice unique)."""
+def exclusive_assignment(assignments: dict[str, Assignment]) -> Extension:
+    """The ``task.assign`` kind: ``{"task": id, "node": peer id, "at": ms}`` assigns an
+    exclusive task to ``node``, the proposer itself (any member may propose itself for a task
+    its agents can run; consensus only makes the choice unique), ``at`` being its clock when
+    it proposed. The first decision for a task wins, later ones decide as no-ops. Decided
+    assignments are recorded in ``assignments`` (task id -> :class:`~.tasks.model.Assignment`),
+    the map the task lifecycle reads: the node must claim the task within
+    ``Params.exclusive_claim_ms`` of ``at``, or the task fails. Only the node itself sets that
+    deadline, so no member can make a task fail on another node's behalf; an assignee that
+    lies about its own ``at`` only harms the task it was trusted with anyway."""
 
     def check(state: ConsensusMembership, p: dict[str, Any]) -> str | None:
-        task, node = p.get("task"), p.get("node")
+        task, node, at = p.get("task"), p.get("node"), p.get("at")
         if not (isinstance(task, str) and 0 < len(task) <= 128):
             return "payload.task must be a task id"
         if not isinstance(node, str) or state.by_peer_id(node) is None:
             return "payload.node must be a member's peer id"
+        if type(at) is not int or not 0 <= at <= MAX_ASSIGN_AT:
+            return "payload.at must be a time in ms (an integer >= 0)"
         if task in assignments:
             return f"task {task} is already assigned"
         return None
 
     def apply(state: ConsensusMembership, entry: Entry) -> None:
-        assignments[entry.payload["task"]] = entry.payload["node"]
+        p = entry.payload
+        assignments[p["task"]] = Assignment(p["node"], p["at"])
 
-    return Extension(permission=None, check=check, apply=apply)
+    return Extension(
+        permission=None,
+        check=check,
+        apply=apply,
+        actor="node",
+        actor_as=peer_id_from_public_key,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,7 +555,11 @@ class ConsensusMembership(Membership):
         if kind not in PERMISSION and ext is None:
             return f"unknown decision kind {kind!r}"
         actor = ACTOR.get(kind) or (ext.actor if ext is not None else None)
-        if actor is not None and payload.get(actor) != client:
+        spelt = ext.actor_as if ext is not None and kind not in ACTOR else None
+        if actor is not None and spelt is not None:
+            if payload.get(actor) != spelt(client):
+                return f"payload.{actor} must name the proposer itself"
+        elif actor is not None and payload.get(actor) != client:
             return f"payload.{actor} must be the proposer's own key"
         if kind == "admit":
             if self.may(client, "member.invite"):

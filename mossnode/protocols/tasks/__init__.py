@@ -28,7 +28,17 @@ from .effects import (
     writes,
 )
 from .lifecycle import Accepted, Outcome, Status, derive, derive_all, inputs_from_dependencies
-from .model import SUB_KINDS, TERMINAL, Contract, State, Task, TaskView, View, build_view
+from .model import (
+    SUB_KINDS,
+    TERMINAL,
+    Assignment,
+    Contract,
+    State,
+    Task,
+    TaskView,
+    View,
+    build_view,
+)
 from .params import Params
 from .recurring import Schedule, due, period_suffix
 from .reputation import Reputation, Tally, leaderboard, reputation
@@ -49,6 +59,7 @@ __all__ = [
     "SUB_KINDS",
     "TERMINAL",
     "Accepted",
+    "Assignment",
     "Authority",
     "Bid",
     "Cancel",

@@ -44,13 +44,16 @@ class Claim:
     Every claim implies a lease of ``Params.lease_ms`` from its ``at`` (see
     :func:`.lifecycle._one`): with ``expires_at`` None (what the scheduler claims with) no
     lease is written, one map write less per task for every node to apply; a number writes
-    that lease."""
+    that lease. ``at``: the claim's time; None (the usual) is the time it is written. The
+    scheduler gives an exclusive task's claim the time of the tick that found it before its
+    claim deadline, so that the claim counts wherever that tick's derivation let it run."""
 
     task_id: str
     attempt: int
     agent: str
     expires_at: int | None = None
     score: float = 0.0
+    at: int | None = None
 
 
 @value
@@ -127,10 +130,13 @@ class LateResult:
 
 @value
 class ProposeExclusive:
-    """Ask consensus to assign an exclusive task to ``node`` (the first decision wins)."""
+    """Ask consensus to assign an exclusive task to ``node``, this node itself (the first
+    decision wins). ``at``: the time of the proposal; ``node`` must claim the task within
+    ``Params.exclusive_claim_ms`` of it."""
 
     task_id: str
     node: str
+    at: int
 
 
 @value
@@ -211,7 +217,7 @@ def writes(effect: Effect, now_ms: int) -> tuple[Write, ...]:
         claim = {
             "attempt": effect.attempt,
             "agent": effect.agent,
-            "at": now_ms,
+            "at": now_ms if effect.at is None else effect.at,
             "score": effect.score,
         }
         lease: tuple[Write, ...] = ()

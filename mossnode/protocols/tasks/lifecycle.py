@@ -11,7 +11,8 @@ the subject of a write conflict. The machine (OpenMOSS's sub-task machine plus `
     any non-terminal -> cancelled  (creator, an ancestor's creator, or a supervisor)
     in_progress/assigned -> pending  (lease expired, deadline missed, error, invalid output,
                                       released, reassigned: the attempt closes, the next opens)
-    -> failed  (``max_attempts`` faulty attempts, or an exclusive task's only attempt closed)
+    -> failed  (``max_attempts`` faulty attempts, or an exclusive task's only attempt closed,
+                including by its assignee not claiming it in time: see :func:`exclusive_deadline`)
 
 Who causes each transition is in docs/tasks.md. Attempts: attempt ``j`` opens with its first
 bid, is won per :mod:`.allocation`, claimed by the winner, and closes for the first of: release,
@@ -36,6 +37,7 @@ from .confidential import unsealed
 from .contract import validate
 from .model import (
     TERMINAL,
+    Assignment,
     ClaimEntry,
     ResultEntry,
     ReviewEntry,
@@ -131,7 +133,7 @@ class _Ctx:
     view: TaskView
     now: int
     params: Params
-    exclusive: Mapping[str, str]
+    exclusive: Mapping[str, Assignment]
     authority: control.Authority | None
     rec: Index  # recurring instances: duplicates and period starts
     stable: Stable | None = None
@@ -140,7 +142,7 @@ class _Ctx:
 @value
 class _Memo:
     task: Task
-    exclusive: str | None
+    exclusive: Assignment | None
     cyclic: tuple[str, ...]
     parent_cycle: bool
     at: int
@@ -283,7 +285,7 @@ class Cache:
     # What the last call was given and gave, so that the next call visits only the tasks
     # that may have changed (not every task of a long history).
     view: dict[str, Task] = field(default_factory=dict)
-    exclusive: dict[str, str] = field(default_factory=dict)
+    exclusive: dict[str, Assignment] = field(default_factory=dict)
     rec: Index = field(default_factory=Index)
     schedules: dict[str, Schedule] = field(default_factory=dict)
     out: dict[str, Status] | None = None
@@ -355,7 +357,7 @@ def derive_all(
     now_ms: int,
     *,
     params: Params | None = None,
-    exclusive: Mapping[str, str] | None = None,
+    exclusive: Mapping[str, Assignment] | None = None,
     authority: control.Authority | None = None,
     cache: Cache | None = None,
     stable: Stable | None = None,
@@ -363,7 +365,7 @@ def derive_all(
 ) -> dict[str, Status]:
     """Statuses of every task in ``view`` at ``now_ms``.
 
-    ``exclusive``: ``{task id: node}`` assignments decided by consensus for exclusive tasks.
+    ``exclusive``: ``{task id: Assignment}`` decided by consensus for exclusive tasks.
     ``authority(node, permission)``: the decided log's policy, for supervisor actions.
     ``stable(task, window)``: whether this node holds every bid that counts in ``window``
     (:mod:`.stability`); a window is decided only then. None: assume it does.
@@ -453,7 +455,7 @@ def _derive_changes(
     view: TaskView,
     now_ms: int,
     params: Params | None,
-    exclusive: Mapping[str, str],
+    exclusive: Mapping[str, Assignment],
     authority: control.Authority | None,
     cache: Cache,
     stable: Stable | None,
@@ -742,7 +744,7 @@ def _attempts(
     task: Task, ctx: _Ctx, reassigns: Mapping[int, control.Control], given: _Marks
 ) -> Status:
     p, c = ctx.params, task.contract
-    excl_node = ctx.exclusive.get(task.id) if c.exclusive else None
+    excl = ctx.exclusive.get(task.id) if c.exclusive else None
     cap = 1 if c.exclusive else c.max_attempts + p.extra_attempts
     rel = control.releases(task)
     hist = _History(task)
@@ -768,7 +770,7 @@ def _attempts(
         for a, at in later.items():
             if a > j and (sup is None or at < sup):
                 sup = at
-        one = _one(task, j, ctx, excl_node, sup, rel, reassigns.get(j), hist)
+        one = _one(task, j, ctx, excl, sup, rel, reassigns.get(j), hist)
         if one.accepted is not None:
             acc = one.accepted
             outcomes.append(
@@ -826,7 +828,12 @@ def _attempts(
         if o.fault:
             faults += 1
         failed: str | None = None
-        if c.exclusive:
+        if c.exclusive and o.kind == "no_claim":
+            failed = (
+                f"{o.node} did not claim it by {o.at}; it was never reassigned: "
+                "an exclusive task never runs twice"
+            )
+        elif c.exclusive:
             failed = "exclusive task runs at most once and its attempt ended"
         elif faults >= c.max_attempts:
             failed = f"{faults} faulty attempts (max_attempts {c.max_attempts})"
@@ -850,11 +857,18 @@ def _attempts(
         j += 1
 
 
+def exclusive_deadline(assignment: Assignment, params: Params) -> int:
+    """When an exclusive task's assignee must have claimed it by: ``exclusive_claim_ms`` after
+    it proposed itself. A claim made at or after this time does not count, and with no claim
+    the task fails then (``no_claim``): it is never reassigned, since it never runs twice."""
+    return assignment.at + params.exclusive_claim_ms
+
+
 def _one(
     task: Task,
     j: int,
     ctx: _Ctx,
-    excl_node: str | None,
+    excl: Assignment | None,
     sup: int | None,
     rel: Mapping[tuple[str, int], int],
     reassign: control.Control | None,
@@ -871,9 +885,12 @@ def _one(
     claim_deadline: int | None = None
     claims = hist.claims(j)
     if c.exclusive:
-        if j == 1 and excl_node is not None:
-            assignee = excl_node
-            claimed = excl_node in claims
+        if j == 1 and excl is not None:
+            assignee = excl.node
+            claim_deadline = exclusive_deadline(excl, p)
+            # a claim made at or after the deadline does not count: the task failed then
+            mine = claims.get(assignee)
+            claimed = mine is not None and mine.at < claim_deadline
     else:
         w = _window(task, j, p.settle_ms)
         if len(claims) == 1:
@@ -920,14 +937,12 @@ def _one(
         agent = w.bids[assignee].agent if w is not None and assignee in w.bids else None
         cands: list[tuple[int, int, str, str]] = []
         if claim_deadline is not None and now >= claim_deadline:
-            cands.append(
-                (
-                    claim_deadline,
-                    0,
-                    "no_claim",
-                    f"won at {w.decide_at if w else '?'} but did not claim",
-                )
+            won = (
+                f"won at {w.decide_at}"
+                if w is not None
+                else f"assigned at {excl.at if excl is not None else '?'}"
             )
+            cands.append((claim_deadline, 0, "no_claim", f"{won} but did not claim"))
         if sup is not None:
             cands.append((sup, 1, "superseded", "superseded by a later attempt"))
         if reassign is not None:

@@ -205,6 +205,16 @@ class ClaimEntry:
 
 
 @value
+class Assignment:
+    """An exclusive task's assignment, decided by consensus (``task.assign``): the node that
+    proposed itself and its clock when it proposed (ms). The node must claim the task within
+    ``Params.exclusive_claim_ms`` of ``at`` (see :mod:`.lifecycle`)."""
+
+    node: str
+    at: int
+
+
+@value
 class LeaseEntry:
     attempt: int
     expires_at: int

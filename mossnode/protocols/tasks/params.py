@@ -20,6 +20,10 @@ class Params:
     ``lease_ms``: length of a lease; the assignee renews when half of it is left.
     ``claim_timeout_ms``: a winner that has not claimed this long after the decision loses
     the attempt (it is probably dead).
+    ``exclusive_claim_ms``: an exclusive task's assignee must claim it this long after it
+    proposed itself (the ``at`` of its decided ``task.assign``), or the task fails (it never
+    runs twice, so it is not reassigned). Generous: the decision itself may take seconds
+    (a view change).
     ``backoff_base_ms`` / ``backoff_max_ms``: pause before re-offering a task after the
     n-th faulty attempt: ``min(max, base * 2**(n-1))``.
     ``extra_attempts``: attempts closed without a fault (released, reassigned) allowed on top
@@ -34,6 +38,7 @@ class Params:
     settle_ms: int = 200
     lease_ms: int = 5_000
     claim_timeout_ms: int = 5_000
+    exclusive_claim_ms: int = 60_000
     backoff_base_ms: int = 500
     backoff_max_ms: int = 30_000
     extra_attempts: int = 8
@@ -43,6 +48,8 @@ class Params:
     def __post_init__(self) -> None:
         if self.settle_ms < 0 or self.lease_ms <= 0 or self.claim_timeout_ms <= 0:
             raise ValueError("settle_ms >= 0, lease_ms > 0 and claim_timeout_ms > 0 required")
+        if self.exclusive_claim_ms <= 0:
+            raise ValueError("exclusive_claim_ms > 0 required")
         if self.backoff_base_ms < 0 or self.backoff_max_ms < self.backoff_base_ms:
             raise ValueError("need 0 <= backoff_base_ms <= backoff_max_ms")
 

@@ -16,7 +16,8 @@ What a tick does, in order:
    keeping the rest waiting (claimed), and release work beyond an agent's limits;
 3. bid on ready tasks in priority order while agents have room (running, waiting and undecided
    bids count against ``queue_factor`` times the capacity, see :func:`queueable`); propose
-   itself for ready exclusive tasks (consensus picks one);
+   itself for ready exclusive tasks (consensus picks one; the proposal carries the time, and
+   the node claims the task only before :func:`.lifecycle.exclusive_deadline`);
 4. let idle reviewer agents review submissions of other nodes, staggered by a hash rank;
 5. create the instances of recurring schedules whose period it is this node's turn to start
    (:mod:`.recurring`), when ``makers`` (the members that may create tasks) includes it.
@@ -57,8 +58,8 @@ from .effects import (
     RenewLease,
     Submit,
 )
-from .lifecycle import Cache, Status, derive_all, inputs_from_dependencies
-from .model import HELD, TERMINAL, State, Task, TaskView, View, changed_since
+from .lifecycle import Cache, Status, derive_all, exclusive_deadline, inputs_from_dependencies
+from .model import HELD, TERMINAL, Assignment, State, Task, TaskView, View, changed_since
 from .params import Params
 from .recurring import Index, Schedule, due
 from .reputation import Reputation
@@ -127,7 +128,7 @@ class Scheduler:
         self,
         view: TaskView,
         now_ms: int,
-        exclusive: Mapping[str, str] | None = None,
+        exclusive: Mapping[str, Assignment] | None = None,
         authority: control.Authority | None = None,
     ) -> dict[str, Status]:
         self.statuses = derive_all(
@@ -161,7 +162,7 @@ class Scheduler:
         now_ms: int,
         reputation: Reputation | None = None,
         paused: bool = False,
-        exclusive: Mapping[str, str] | None = None,
+        exclusive: Mapping[str, Assignment] | None = None,
         authority: control.Authority | None = None,
         finished: Sequence[Finished] = (),
         makers: Collection[str] = (),
@@ -251,6 +252,9 @@ class Scheduler:
         for tid in held:
             s, task = st[tid], view[tid]
             if not s.claimed:
+                a_excl = excl.get(tid) if task.contract.exclusive else None
+                if a_excl is not None and now >= exclusive_deadline(a_excl, p):
+                    continue  # too late: the task failed (derived so already; never run it)
                 mine = local.get(s.agent) if s.agent is not None else None
                 agent: LocalAgent | None = None
                 if not readable(view, st, tid, me):
@@ -267,7 +271,10 @@ class Scheduler:
                     continue
                 bid = task.bids.get(me)
                 score = bid.score if bid is not None and bid.attempt == s.attempt else 0.0
-                effects.append(Claim(tid, s.attempt, agent.name, None, score))
+                # an exclusive claim is stamped with this tick's time, which the derivation
+                # found before the deadline: it counts, so the agent may run it
+                at = now if task.contract.exclusive else None
+                effects.append(Claim(tid, s.attempt, agent.name, None, score, at))
                 wakes.append(now + p.lease_ms // 2)
                 if paused or s.paused or running_per_agent[agent.name] >= cap[agent.name]:
                     waiting[agent.name] += 1
@@ -359,7 +366,7 @@ class Scheduler:
                         wakes.append(last + p.lease_ms)
                         continue
                     if pick(task) is not None and readable(view, st, tid, me):
-                        effects.append(ProposeExclusive(tid, me))
+                        effects.append(ProposeExclusive(tid, me, now))
                         self._proposed[tid] = now
                         wakes.append(now + p.lease_ms)
                     continue
@@ -443,7 +450,7 @@ class Scheduler:
         output: Any = None,
         ok: bool = True,
         error: str | None = None,
-        exclusive: Mapping[str, str] | None = None,
+        exclusive: Mapping[str, Assignment] | None = None,
         authority: control.Authority | None = None,
     ) -> Plan:
         """The local agent finished ``task_id``: a submission if this node still holds the
@@ -500,7 +507,7 @@ class Scheduler:
         score: int,
         verdict: str,
         comments: str = "",
-        exclusive: Mapping[str, str] | None = None,
+        exclusive: Mapping[str, Assignment] | None = None,
         authority: control.Authority | None = None,
     ) -> Plan | Refused:
         run = self.reviewing.pop(task_id, None)
