@@ -511,6 +511,9 @@ def test_max_attempts_is_capped_and_a_far_attempt_mark_costs_nothing() -> None:
     assert check_raw_contract({"max_attempts": 101}).code == "max_attempts"
     assert check_raw_contract({"output_schema": {"type": 5}}).code == "schema"
     assert check_raw_contract({"max_attempts": 100, "output_schema": SCHEMA}) is None
+    # review rounds have the same bound: a creator is told, a stored larger one reads as 100
+    assert check_raw_contract({"max_rounds": 101}).code == "max_rounds"
+    assert Contract.from_raw({"max_rounds": 10**9}).max_rounds == 100
     tid = doc.create("A", "t", contract=Contract(max_attempts=MAX_ATTEMPTS))
     doc.tasks[tid]["contract"]["max_attempts"] = 10**9  # the creator rewrites its own core
     assert doc.view()[tid].contract.max_attempts == MAX_ATTEMPTS

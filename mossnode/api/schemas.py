@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..protocols.tasks.confidential import MAX_ROLES
-from ..protocols.tasks.model import MAX_ATTEMPTS, State
+from ..protocols.tasks.model import MAX_ATTEMPTS, MAX_ROUNDS, State
 
 Schema = dict[str, Any]
 
@@ -74,7 +74,7 @@ CONTRACT = obj(
         "max_attempts": nullable({"type": "integer", "minimum": 1, "maximum": MAX_ATTEMPTS}),
         "review_required": nullable({"type": "boolean"}),
         "exclusive": nullable({"type": "boolean"}),
-        "max_rounds": nullable(POSITIVE),
+        "max_rounds": nullable({"type": "integer", "minimum": 1, "maximum": MAX_ROUNDS}),
         "cost": nullable({"type": "number"}),
         "budget": nullable({"type": "number"}),
     }

@@ -30,6 +30,8 @@ Schema = Mapping[str, Any]
 # the creator's choice bounds everyone's derivation work: larger is refused at creation and
 # read as this when stored.
 MAX_ATTEMPTS = 100
+# Review rounds per attempt: the same bound, for the same reason (reviews name their round).
+MAX_ROUNDS = 100
 
 
 class State(enum.StrEnum):
@@ -85,7 +87,8 @@ class Contract:
     missing it, like an output that violates ``output_schema``, closes the attempt as a
     fault (reputation penalty, task re-offered). ``max_attempts`` bounds faulty attempts
     (at most :data:`MAX_ATTEMPTS`).
-    ``max_rounds`` bounds review rounds within one attempt. ``exclusive`` tasks are
+    ``max_rounds`` bounds review rounds within one attempt (at most :data:`MAX_ROUNDS`).
+    ``exclusive`` tasks are
     assigned by consensus and run at most once. ``cost`` is charged to the task tree's
     ``budget`` (set on the root; see :mod:`.supervision`). ``confidential`` names the roles
     that may read the task's input and outputs, which are then stored sealed (see
@@ -122,7 +125,7 @@ class Contract:
             max_attempts=min(max(1, attempts), MAX_ATTEMPTS) if attempts is not None else 3,
             review_required=raw.get("review_required") is True,
             exclusive=raw.get("exclusive") is True,
-            max_rounds=max(1, rounds) if rounds is not None else 3,
+            max_rounds=min(max(1, rounds), MAX_ROUNDS) if rounds is not None else 3,
             cost=max(0.0, cost) if cost is not None else 1.0,
             budget=budget if budget is not None and budget >= 0 else None,
             confidential=tuple(sorted(set(_strs(raw.get("confidential"))))),

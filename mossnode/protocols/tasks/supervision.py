@@ -24,7 +24,7 @@ from .confidential import check_roles
 from .contract import check_schema, validate
 from .effects import Control, Create
 from .lifecycle import Status
-from .model import HELD, MAX_ATTEMPTS, TERMINAL, Contract, State, TaskView
+from .model import HELD, MAX_ATTEMPTS, MAX_ROUNDS, TERMINAL, Contract, State, TaskView
 
 SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 MAX_SUFFIX = 64  # mirrors protocols/crdt/schema.py task_id()
@@ -73,6 +73,8 @@ def _check_contract(c: Contract) -> Refused | None:
         return Refused(
             "max_attempts", f"max_attempts must be 1-{MAX_ATTEMPTS} (got {c.max_attempts})"
         )
+    if not 1 <= c.max_rounds <= MAX_ROUNDS:
+        return Refused("max_rounds", f"max_rounds must be 1-{MAX_ROUNDS} (got {c.max_rounds})")
     if c.confidential:
         bad_roles = check_roles(c.confidential)
         if bad_roles is not None:
@@ -90,9 +92,9 @@ def check_raw_contract(raw: Mapping[str, Any]) -> Refused | None:
     as a safe value (a bad schema as ``false``, max_attempts capped): the fields it would
     change, as requested, go through the same check, so a creator is told."""
     asked = Contract(input_schema=raw.get("input_schema"), output_schema=raw.get("output_schema"))
-    attempts = raw.get("max_attempts")
-    if type(attempts) is int:
-        asked = dataclasses.replace(asked, max_attempts=attempts)
+    for name in ("max_attempts", "max_rounds"):
+        if type(raw.get(name)) is int:
+            asked = dataclasses.replace(asked, **{name: raw[name]})
     return _check_contract(asked)
 
 
