@@ -5,15 +5,18 @@ replica of the task document as plain data, with the CRDT's ownership (a node wr
 own entries) and per-author FIFO delivery with random delays; messages across a partition, or
 to a dead node, are held and delivered after the heal or restart (what anti-entropy does).
 Exclusive tasks are assigned by a consensus oracle that decides once and only when the proposer
-reaches a majority; an assignee that dies before claiming fails its task at the claim deadline. Every node runs a :class:`Scheduler`; dispatched work finishes after a
-random time unless cancelled or the node dies.
+reaches a majority; an assignee that dies before claiming fails its task at the claim deadline.
+Every node runs a :class:`Scheduler`; dispatched work finishes after a random time unless
+cancelled or the node dies. In one scenario every node also holds a recurring schedule and is
+one of its makers.
 
 Checked: every task ends done with one accepted result whose value is right (so the inputs
 from dependencies were right), or failed with recorded reasons, or blocked behind a failure;
 no dispatch before the dispatcher saw all deps done; replicas converge; two nodes run the same
 task at once only briefly (gossip delay) or within a partition/heal window; exclusive tasks
 are dispatched at most once overall, across restarts and partitions, and never after their
-assignee missed its claim deadline (the task fails then instead of waiting forever).
+assignee missed its claim deadline (the task fails then instead of waiting forever); every
+period of a schedule gets an instance and exactly one per period stays live.
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ from mossnode.protocols.tasks import (
     ProposeExclusive,
     Refused,
     Reputation,
+    Schedule,
     Scheduler,
     State,
     Write,
     build_view,
     derive_all,
+    period_suffix,
     plan_create,
     reputation,
     writes,
@@ -157,8 +162,12 @@ class Spec:
 
 
 class Sim:
-    def __init__(self, seed: int, n_tasks: int = 200) -> None:
+    def __init__(
+        self, seed: int, n_tasks: int = 200, schedules: dict[str, Schedule] | None = None
+    ) -> None:
         self.rng = random.Random(seed)
+        # recurring schedules every node holds (decided before the run); all nodes are makers
+        self.schedules = schedules or {}
         self.now = 0
         self.heap: list[tuple[int, int, Callable[[], None]]] = []
         self.order = 0
@@ -172,7 +181,7 @@ class Sim:
                 LocalAgent(f"{name}-rev", roles=frozenset({"reviewer"}), max_concurrency=2),
             ]
             self.nodes[name] = Node(name, agents)
-            self.nodes[name].sched = Scheduler(name, params=PARAMS)
+            self.nodes[name].sched = self.scheduler(name)
         self.cut: set[frozenset[str]] = set()  # node pairs currently separated
         self.held: dict[tuple[str, str], list[Callable[[], None]]] = {}
         self.last_delivery: dict[tuple[str, str], int] = {}
@@ -308,13 +317,28 @@ class Sim:
         def restart() -> None:
             node.alive = True
             node.incarnation += 1
-            node.sched = Scheduler(name, params=PARAMS)
+            node.sched = self.scheduler(name)
             self.release_held()
             self.poke(name, 0)
 
         self.at(self.now + downtime, restart)
 
     # -- node behaviour --------------------------------------------------------------------
+
+    def scheduler(self, name: str) -> Scheduler:
+        sched = Scheduler(name, params=PARAMS)
+        sched.schedules = self.schedules
+        return sched
+
+    def derive(self, name: str) -> dict[str, Any]:
+        node = self.nodes[name]
+        return derive_all(
+            node.refresh(),
+            self.now,
+            params=PARAMS,
+            exclusive=node.decisions,
+            schedules=self.schedules,
+        )
 
     def poke(self, name: str, delay: int = TICK_MS) -> None:
         node = self.nodes[name]
@@ -346,12 +370,12 @@ class Sim:
             reputation=node.rep,
             paused=node.paused,
             exclusive=node.decisions,
+            makers=NODES if self.schedules else (),
         )
         self.ticks += 1
-        if self.ticks % 53 == 0:  # the scheduler's incremental derivation equals a fresh one
-            fresh = derive_all(view, self.now, params=PARAMS, exclusive=node.decisions)
-            if fresh != node.sched.statuses:
-                self.violations.append(f"cached derivation differs at {self.now} on {name}")
+        # every 53rd tick: the scheduler's incremental derivation equals a fresh one
+        if self.ticks % 53 == 0 and self.derive(name) != node.sched.statuses:
+            self.violations.append(f"cached derivation differs at {self.now} on {name}")
         self.effects(name, plan.effects)
         if plan.wake_at is not None:
             self.poke(name, max(1, plan.wake_at - self.now))
@@ -392,6 +416,8 @@ class Sim:
                 self._propose(name, e)
             else:
                 for w in writes(e, self.now):
+                    if w.kind == "create":  # a recurring instance: the replica stamps "at"
+                        w = Write(w.task_id, w.kind, {**w.value, "at": self.now})
                     self.write(name, w)
         if effects:
             self.poke(name)
@@ -400,7 +426,9 @@ class Sim:
         node = self.nodes[name]
         assert node.sched is not None
         st = node.sched.statuses
-        spec = self.by_tid[e.task_id]
+        spec = self.by_tid.get(e.task_id) or Spec(
+            -1, e.task_id, "", (), None, (), False, False, False
+        )
         for dep in spec.deps:
             if st.get(dep) is None or st[dep].state is not State.DONE:
                 self.violations.append(f"{name} dispatched {e.task_id} before dep {dep} was done")
@@ -562,8 +590,8 @@ class Sim:
         for node in self.nodes.values():
             if not node.alive or node.sched is None:
                 return False
-            st = derive_all(node.refresh(), self.now, params=PARAMS, exclusive=node.decisions)
-            if len(st) != len(self.specs) or any(
+            st = self.derive(node.name)
+            if any(s.tid not in st for s in self.specs) or any(
                 s.state not in TERMINAL_OR_BLOCKED for s in st.values()
             ):
                 return False
@@ -750,3 +778,72 @@ def test_swarm_pause_stops_dispatch_and_resume_continues() -> None:
     done = sum(1 for s in final.values() if s.state is State.DONE)
     assert before < done
     assert all(s.state in (State.DONE, State.FAILED, State.BLOCKED) for s in final.values())
+
+
+@pytest.mark.parametrize("seed", [4, 9, 12])
+def test_recurring_tasks_run_once_per_period_through_deaths_and_partitions(seed: int) -> None:
+    """A schedule every node holds, every node a maker, with deaths and partitions: each period
+    gets an instance, the replicas agree that exactly one per period is live (a partition may
+    make duplicates; every replica cancels the same ones), and the live one ends done with the
+    template's work, or failed with reasons."""
+    interval, periods = 1_000, 8
+    nightly = Schedule(
+        "nightly",
+        interval,
+        "nightly",
+        start_ms=500,
+        end_ms=500 + periods * interval,
+        capabilities=("py",),
+        contract=Contract(output_schema=OUTPUT_SCHEMA, max_attempts=5),
+    )
+    sim = Sim(seed, n_tasks=40, schedules={"nightly": nightly})
+    rng = sim.rng
+    for spec in sim.specs:
+        sim.at(spec.i * 8, lambda spec=spec: sim.create(spec))
+    for _ in range(5):
+        victim = rng.choice(NODES)
+        sim.at(rng.randint(200, 8_000), lambda v=victim: sim.kill(v, rng.randint(150, 1_500)))
+    for _ in range(4):  # long enough for each side to start a period on its own
+        side = frozenset(rng.sample(NODES, rng.choice((1, 2))))
+        sim.at(rng.randint(300, 8_000), lambda s=side: sim.partition(s, rng.randint(600, 2_500)))
+    for name in NODES:
+        sim.poke(name, 0)
+    t = 0
+    while t < 60_000 and (t < 10_000 or not sim.quiet()):
+        t += 1_000
+        sim.run(t)
+    assert sim.quiet(), f"not settled by {t} ms"
+    assert not sim.violations, sim.violations[:5]
+
+    finals = {n: sim.derive(n) for n in NODES}
+    ref = finals["n0"]
+    for n in NODES[1:]:
+        assert {t: s.state for t, s in finals[n].items()} == {t: s.state for t, s in ref.items()}
+    by_period: dict[str, list[str]] = {}
+    for tid in ref:
+        if ":r-" in tid:
+            by_period.setdefault(tid.rpartition(":")[2], []).append(tid)
+    assert sorted(by_period) == sorted(period_suffix("nightly", p) for p in range(periods))
+    dups = 0
+    for suffix, tids in by_period.items():
+        live = [t for t in tids if ref[t].state is not State.CANCELLED]
+        assert len(live) == 1, (suffix, [(t, ref[t].state) for t in tids])
+        st = ref[live[0]]
+        assert st.state in (State.DONE, State.FAILED), (live, st)
+        if st.state is State.DONE:
+            assert st.accepted is not None and st.accepted.output == {"value": 1}
+        else:
+            assert st.reasons
+        for t in tids:
+            if t not in live:
+                dups += 1
+                assert ref[t].reasons == (f"duplicate of recurring instance {live[0]}",)
+    assert sum(ref[t].state is State.DONE for ts in by_period.values() for t in ts) >= periods - 1
+    # instances ran like any task: never on two nodes at once beyond what a partition allows
+    for tid, ivs in sim.intervals.items():
+        for i, (a, s1, e1) in enumerate(ivs):
+            for b, s2, e2 in ivs[i + 1 :]:
+                lo, hi = max(s1, s2), min(e1, e2)
+                if a != b and lo < hi:
+                    assert overlaps_allowed(sim, a, b, lo, hi), (tid, a, b, lo, hi)
+    assert dups >= 1  # the partitions did make some: the canonical rule was exercised

@@ -250,8 +250,9 @@ def due(
     """Instances ``me`` (one of the makers ``members``) should create now, and the next time
     to ask again. ``found``: :func:`index` of ``view``.
 
-    Only the current period is considered: a period missed entirely (the whole swarm down, or
-    paused) is skipped, not backfilled.
+    The k-th maker waits ``k * grace_ms``, or ``k * interval / makers`` where that is shorter,
+    so every maker's turn comes within the period. Only the current period is considered: a
+    period missed entirely (the whole swarm down, or paused) is skipped, not backfilled.
     """
     ranked_members = sorted(set(members) | {me})
     out: list[Due] = []
@@ -271,7 +272,8 @@ def due(
         if suffix in found.periods or f"{me}:{suffix}" in view:
             continue
         rank = makers(suffix, ranked_members).index(me)
-        at = period_start(s, p) + rank * grace_ms
+        # every maker's turn comes within the period, however short
+        at = period_start(s, p) + rank * min(grace_ms, s.interval_ms // len(ranked_members))
         if now_ms >= at:
             out.append(Due(s, p, suffix))
         else:
