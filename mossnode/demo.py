@@ -76,6 +76,25 @@ def run_demo(nodes: int, keep: bool) -> None:
         result = founder.api.get(f"/v1/tasks/{merge}")["result"]
         print(f"merged result (read on {founder.name}): {json.dumps(result)}")
         print(f"the DAG ran across the swarm in {took:.1f} s\n")
+        print("$ mossnode schedule add census --every 2s --title census ...    (3 periods)")
+        start = int(time.time() * 1000)
+        planner.api.post(
+            "/v1/schedules",
+            {
+                "id": "census",
+                "interval_ms": 2000,
+                "start_ms": start,
+                "end_ms": start + 3 * 2000,
+                "task": {"title": "census", "capabilities": ["text"], "input": {"text": TEXTS[0]}},
+            },
+        )
+
+        def census_done() -> bool:
+            (s,) = founder.api.get("/v1/schedules")
+            return s["instance_count"] == 3 and all(i["state"] == "done" for i in s["instances"])
+
+        wait_for(census_done, 60, "three census periods", interval=0.2)
+        print(founder.cli("schedule", "list").stdout)
         print("$ mossnode leaderboard")
         print(founder.cli("leaderboard").stdout)
         digests = {n.status()["state_digest"] for n in cluster.nodes}
