@@ -397,6 +397,13 @@ def test_exclusive_assignment_first_decision_wins() -> None:
     bad = certified(st, [request(D, TASK_ASSIGN, {"task": "t2", "node": D.peer_id, "at": 0}, 3)])
     assert bad.payload["error"] == "the proposer is not a member"
     assert assignments == {"t1": Assignment(A.peer_id, 1_000)}
+    # the assignee may move its own deadline later (its first proposal decided late, a newer
+    # one queued behind it), never earlier; nobody else may touch it
+    for body, t, ok in (({**mine, "at": 1_000}, 2, False), ({**mine, "at": 5_000}, 3, True)):
+        e = certified(st, [request(A, TASK_ASSIGN, body, t)], [F])
+        assert (e.kind == TASK_ASSIGN) is ok, e.payload
+        st.apply(e)
+    assert assignments == {"t1": Assignment(A.peer_id, 5_000)}
     # replaying elsewhere rebuilds the same map from the log
     again: dict[str, Assignment] = {}
     ConsensusMembership(GENESIS, extensions={TASK_ASSIGN: exclusive_assignment(again)}).replay(
@@ -419,8 +426,11 @@ def test_exclusive_assignment_is_a_self_proposal_with_a_time() -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"task": "t1", "node": A.peer_id, "at": 5}, other),  # F names A
         ({"task": "t1", "at": 5}, other),
-        ({"task": "t1", "node": F.peer_id}, bad_at),  # no time
         *(({"task": "t1", "node": F.peer_id, "at": at}, bad_at) for at in BAD_TIMES),
+        (
+            {"task": "t1", "node": F.peer_id, "at": 5, "x": 1},
+            "payload fields are task, node and at",
+        ),
     ]
     for t, (body, error) in enumerate(cases, start=10):
         e = certified(st, [request(F, TASK_ASSIGN, body, t)], [F])
@@ -432,6 +442,11 @@ def test_exclusive_assignment_is_a_self_proposal_with_a_time() -> None:
     assert ok.kind == TASK_ASSIGN
     st.apply(ok)
     assert assignments == {"t1": Assignment(A.peer_id, 0)}
+    # a decision from before deadlines existed has no time: it sets no deadline (old logs load)
+    old = certified(st, [request(F, TASK_ASSIGN, {"task": "t0", "node": F.peer_id}, 90)], [F])
+    assert old.kind == TASK_ASSIGN
+    st.apply(old)
+    assert assignments["t0"] == Assignment(F.peer_id, None)
 
 
 def test_operation_codec() -> None:

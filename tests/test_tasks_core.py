@@ -846,14 +846,16 @@ def _assigned_exclusive(doc: Doc) -> tuple[str, dict[str, Assignment], int]:
 
 def test_an_exclusive_assignee_that_never_claims_fails_at_its_deadline() -> None:
     """B was assigned the task and died before claiming it: no claim by ``at +
-    exclusive_claim_ms`` and the task fails then (never earlier), naming B and the deadline;
-    it is never offered again, since an exclusive task never runs twice."""
+    exclusive_claim_ms`` and the task fails, as of the deadline, naming B; every node derives
+    that a lease's length later (a claim made just in time may still be on its way), never
+    earlier. It is never offered again, since an exclusive task never runs twice."""
     doc = Doc()
     ex, excl, deadline = _assigned_exclusive(doc)
-    before = doc.status(ex, deadline - 1, exclusive=excl)
+    settled = deadline + P.lease_ms
+    before = doc.status(ex, settled - 1, exclusive=excl)
     assert (before.state, before.assignee, before.claimed) == (State.ASSIGNED, "B", False)
-    assert before.wake_at == deadline  # caches and ticks look again at the deadline
-    st = doc.status(ex, deadline, exclusive=excl)
+    assert before.wake_at == settled  # caches and ticks look again then
+    st = doc.status(ex, settled, exclusive=excl)
     assert st.state is State.FAILED and st.assignee == "B"
     assert [(o.kind, o.node, o.at) for o in st.outcomes] == [("no_claim", "B", deadline)]
     assert st.faults == 1 and st.wake_at is None
@@ -861,23 +863,53 @@ def test_an_exclusive_assignee_that_never_claims_fails_at_its_deadline() -> None
         f"B did not claim it by {deadline}; it was never reassigned: "
         "an exclusive task never runs twice"
     )
-    # a cache kept from before the deadline wakes for it, with no new fact
+    # a cache kept from before wakes for it, with no new fact
     cache = Cache()
-    assert derive_all(doc.view(), deadline - 1, params=P, exclusive=excl, cache=cache)[ex] == (
+    assert derive_all(doc.view(), settled - 1, params=P, exclusive=excl, cache=cache)[ex] == (
         before
     )
-    got = derive_all(doc.view(), deadline, params=P, exclusive=excl, cache=cache)[ex]
+    got = derive_all(doc.view(), settled, params=P, exclusive=excl, cache=cache)[ex]
     assert got == st
-    # another node waits for the deadline, then has nothing left to do (no new proposal)
+    # another node waits, then has nothing left to do (no new proposal)
     c = Scheduler("C", params=P)
-    plan = c.tick(doc.view(), agents=[agent("c1")], now_ms=deadline - 1, exclusive=excl)
-    assert plan.effects == () and plan.wake_at == deadline
-    plan = c.tick(doc.view(), agents=[agent("c1")], now_ms=deadline, exclusive=excl)
+    plan = c.tick(doc.view(), agents=[agent("c1")], now_ms=settled - 1, exclusive=excl)
+    assert plan.effects == () and plan.wake_at == settled
+    plan = c.tick(doc.view(), agents=[agent("c1")], now_ms=settled, exclusive=excl)
     assert plan.effects == () and plan.wake_at is None
-    # B comes back too late: it neither claims nor runs the task
+    # B comes back too late (past its deadline, before the others call it failed): it
+    # neither claims nor runs the task
     b = Scheduler("B", params=P)
     plan = b.tick(doc.view(), agents=[agent("b1")], now_ms=deadline + 5, exclusive=excl)
     assert plan.effects == ()
+
+
+def test_a_claim_just_before_the_deadline_that_arrives_late_never_shows_failed() -> None:
+    """B claims 100 ms before its deadline and its claim reaches C 50 ms after it: C must not
+    have called the task failed meanwhile (a final state that a cancel or a watcher trusts)."""
+    doc = Doc()
+    ex, excl, deadline = _assigned_exclusive(doc)
+    seen_by_c = doc.status(ex, deadline + 50, exclusive=excl)
+    assert seen_by_c.state is State.ASSIGNED
+    doc.apply("B", deadline - 100, Claim(ex, 1, "b1", None, 0.0, deadline - 100))
+    assert doc.status(ex, deadline + 50, exclusive=excl).state is State.IN_PROGRESS
+
+
+def test_a_busy_exclusive_assignee_claims_before_its_deadline_and_waits_for_a_slot() -> None:
+    """B's only agent is busy when consensus assigns B the exclusive task: B claims it at
+    once (it would fail at its deadline otherwise) and runs it when the slot frees."""
+    doc = Doc()
+    other, b = _running_task(doc)  # b1's one slot is taken
+    ex, excl, _ = _assigned_exclusive(doc)
+    b1 = [agent("b1", "py")]
+    plan = b.tick(doc.view(), agents=b1, now_ms=300, exclusive=excl)
+    (claim,) = only(plan, Claim)
+    assert (claim.task_id, claim.agent, claim.at) == (ex, "b1", 300)
+    assert not only(plan, Dispatch)
+    doc.apply("B", 300, plan)
+    assert doc.status(ex, 350, exclusive=excl).state is State.IN_PROGRESS  # claimed, waiting
+    doc.apply("B", 400, b.finished(doc.view(), other, now_ms=400, output={"n": 1}))
+    plan = b.tick(doc.view(), agents=b1, now_ms=450, exclusive=excl)
+    assert [d.task_id for d in only(plan, Dispatch)] == [ex]
 
 
 def test_an_exclusive_claim_in_time_runs_as_before() -> None:
@@ -906,17 +938,20 @@ def test_an_exclusive_claim_in_time_runs_as_before() -> None:
 
 def test_an_exclusive_claim_after_the_deadline_does_not_count() -> None:
     """A claim written at or after the deadline (a clock behind, a scheduler that does not
-    check) is ignored, and so is what its node submits: the task failed at the deadline."""
+    check) is ignored, and so is what its node submits: the task failed at the deadline
+    (derived so once a claim made in time would have arrived, a lease's length later)."""
     doc = Doc()
     ex, excl, deadline = _assigned_exclusive(doc)
     doc.apply("B", deadline, Claim(ex, 1, "b1"))
     doc.apply("B", deadline + 10, Submit(ex, 1, 1, "b1", True, "out"))
-    for now in (deadline, deadline + 100):
+    settled = deadline + P.lease_ms
+    for now in (settled, settled + 100):
         st = doc.status(ex, now, exclusive=excl)
         assert st.state is State.FAILED and not st.claimed and st.accepted is None
-        assert [o.kind for o in st.outcomes] == ["no_claim"]
-    # before the deadline the late claim is not there yet: assigned, waiting
-    assert doc.status(ex, deadline - 1, exclusive=excl).state is State.ASSIGNED
+        assert [(o.kind, o.at) for o in st.outcomes] == [("no_claim", deadline)]
+    # until then the late claim does not count either: assigned, waiting
+    for now in (deadline - 1, deadline, settled - 1):
+        assert doc.status(ex, now, exclusive=excl).state is State.ASSIGNED
     # one millisecond earlier it would have counted
     doc2 = Doc()
     ex2, excl2, _ = _assigned_exclusive(doc2)

@@ -348,7 +348,10 @@ def exclusive_assignment(assignments: dict[str, Assignment]) -> Extension:
     """The ``task.assign`` kind: ``{"task": id, "node": peer id, "at": ms}`` assigns an
     exclusive task to ``node``, the proposer itself (any member may propose itself for a task
     its agents can run; consensus only makes the choice unique), ``at`` being its clock when
-    it proposed. The first decision for a task wins, later ones decide as no-ops. Decided
+    it proposed (a decision from before ``at`` existed sets no deadline). The first decision
+    for a task wins; later ones decide as no-ops, but for the assignee's own with a later
+    ``at``, which moves its deadline (its first proposal may be decided only after the
+    deadline passed, with a newer one queued behind it). Decided
     assignments are recorded in ``assignments`` (task id -> :class:`~.tasks.model.Assignment`),
     the map the task lifecycle reads: the node must claim the task within
     ``Params.exclusive_claim_ms`` of ``at``, or the task fails. Only the node itself sets that
@@ -357,19 +360,26 @@ def exclusive_assignment(assignments: dict[str, Assignment]) -> Extension:
 
     def check(state: ConsensusMembership, p: dict[str, Any]) -> str | None:
         task, node, at = p.get("task"), p.get("node"), p.get("at")
+        if not set(p) <= {"task", "node", "at"}:
+            return "payload fields are task, node and at"
         if not (isinstance(task, str) and 0 < len(task) <= 128):
             return "payload.task must be a task id"
         if not isinstance(node, str) or state.by_peer_id(node) is None:
             return "payload.node must be a member's peer id"
-        if type(at) is not int or not 0 <= at <= MAX_ASSIGN_AT:
+        if "at" in p and (type(at) is not int or not 0 <= at <= MAX_ASSIGN_AT):
             return "payload.at must be a time in ms (an integer >= 0)"
-        if task in assignments:
+        old = assignments.get(task)
+        # the assignee itself may move its own deadline later (a decision that took longer
+        # than the deadline, with a newer proposal queued behind it); nobody else may
+        if old is not None and (
+            old.node != node or type(at) is not int or (old.at is not None and at <= old.at)
+        ):
             return f"task {task} is already assigned"
         return None
 
     def apply(state: ConsensusMembership, entry: Entry) -> None:
         p = entry.payload
-        assignments[p["task"]] = Assignment(p["node"], p["at"])
+        assignments[p["task"]] = Assignment(p["node"], p.get("at"))
 
     return Extension(
         permission=None,

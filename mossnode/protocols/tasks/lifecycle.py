@@ -857,10 +857,15 @@ def _attempts(
         j += 1
 
 
-def exclusive_deadline(assignment: Assignment, params: Params) -> int:
+def exclusive_deadline(assignment: Assignment, params: Params) -> int | None:
     """When an exclusive task's assignee must have claimed it by: ``exclusive_claim_ms`` after
-    it proposed itself. A claim made at or after this time does not count, and with no claim
-    the task fails then (``no_claim``): it is never reassigned, since it never runs twice."""
+    it proposed itself (None for a decision made before deadlines existed, without ``at``).
+    A claim made at or after this time does not count, and with no claim the task fails
+    (``no_claim``, at this time): it is never reassigned, since it never runs twice. Other
+    nodes derive the failure only ``lease_ms`` later, time for a claim made just before the
+    deadline to reach them (see :func:`_one`)."""
+    if assignment.at is None:
+        return None
     return assignment.at + params.exclusive_claim_ms
 
 
@@ -890,7 +895,7 @@ def _one(
             claim_deadline = exclusive_deadline(excl, p)
             # a claim made at or after the deadline does not count: the task failed then
             mine = claims.get(assignee)
-            claimed = mine is not None and mine.at < claim_deadline
+            claimed = mine is not None and (claim_deadline is None or mine.at < claim_deadline)
     else:
         w = _window(task, j, p.settle_ms)
         if len(claims) == 1:
@@ -936,7 +941,13 @@ def _one(
     if not claimed:
         agent = w.bids[assignee].agent if w is not None and assignee in w.bids else None
         cands: list[tuple[int, int, str, str]] = []
-        if claim_deadline is not None and now >= claim_deadline:
+        # An exclusive assignee that claimed just before its deadline may be running the task
+        # already; its claim reaches the others later, so they wait a lease's length before
+        # deriving the failure (which cannot be undone by a later attempt, as for other tasks).
+        settles = claim_deadline
+        if claim_deadline is not None and excl is not None:
+            settles = claim_deadline + p.lease_ms
+        if claim_deadline is not None and settles is not None and now >= settles:
             won = (
                 f"won at {w.decide_at}"
                 if w is not None
@@ -956,9 +967,7 @@ def _one(
         if cands:
             at, _, kind, detail = min(cands)
             return closed(at, kind, detail, agent)
-        return _One(
-            state=State.ASSIGNED, assignee=assignee, agent=agent, window=w, wake=claim_deadline
-        )
+        return _One(state=State.ASSIGNED, assignee=assignee, agent=agent, window=w, wake=settles)
 
     claim = claims[assignee]
     agent = claim.agent

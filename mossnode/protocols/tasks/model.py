@@ -211,10 +211,11 @@ class ClaimEntry:
 class Assignment:
     """An exclusive task's assignment, decided by consensus (``task.assign``): the node that
     proposed itself and its clock when it proposed (ms). The node must claim the task within
-    ``Params.exclusive_claim_ms`` of ``at`` (see :mod:`.lifecycle`)."""
+    ``Params.exclusive_claim_ms`` of ``at`` (see :mod:`.lifecycle`); ``at`` None: a decision
+    from before deadlines existed, which sets none."""
 
     node: str
-    at: int
+    at: int | None
 
 
 @value

@@ -253,7 +253,8 @@ class Scheduler:
             s, task = st[tid], view[tid]
             if not s.claimed:
                 a_excl = excl.get(tid) if task.contract.exclusive else None
-                if a_excl is not None and now >= exclusive_deadline(a_excl, p):
+                deadline = exclusive_deadline(a_excl, p) if a_excl is not None else None
+                if deadline is not None and now >= deadline:
                     continue  # too late: the task failed (derived so already; never run it)
                 mine = local.get(s.agent) if s.agent is not None else None
                 agent: LocalAgent | None = None
@@ -263,6 +264,14 @@ class Scheduler:
                     agent = mine
                 else:
                     agent = pick(task)
+                if agent is None and task.contract.exclusive:
+                    # claim it before its deadline even with every capable agent busy: it then
+                    # waits for a slot as claimed work does (its lease renewed meanwhile)
+                    agent = min(
+                        (a for a in agents if capable(a, task)),
+                        key=lambda a: (load[a.name] - cap[a.name], a.name),
+                        default=None,
+                    )
                 if agent is not None:
                     load[agent.name] += 1
                 if agent is None:
