@@ -331,6 +331,8 @@ def cmd_schedule_add(args: argparse.Namespace) -> None:
         body["start_ms"] = args.start_ms
     if args.end_ms is not None:
         body["end_ms"] = args.end_ms
+    if args.overlap:
+        body["overlap"] = True
     r = _client(args).post("/v1/schedules", body)
     _out(args, r, f"schedule {r['id']} added (decision #{r['seq']})")
 
@@ -727,6 +729,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--contract", type=_json_arg, help="contract as JSON")
     sp.add_argument("--start-ms", type=int, help="first period's start (ms since epoch; now)")
     sp.add_argument("--end-ms", type=int, help="no period starts at or after this time")
+    sp.add_argument(
+        "--overlap",
+        action="store_true",
+        help="start each period on time even while an earlier instance is still live",
+    )
     sadd("list", cmd_schedule_list, "decided schedules and their instances")
     sadd("remove", cmd_schedule_remove, "stop a schedule (a consensus decision)").add_argument("id")
     sp = add("swarm", cmd_swarm, "swarm-wide decisions: pause (kill switch) or resume dispatch")

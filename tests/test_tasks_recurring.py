@@ -12,6 +12,7 @@ from test_tasks_core import Doc, agent, only
 from mossnode.protocols.tasks import (
     Bid,
     Contract,
+    Control,
     Create,
     Params,
     Schedule,
@@ -68,13 +69,14 @@ def test_the_first_maker_starts_a_period_and_the_others_wait_their_turn() -> Non
 
 def test_the_next_period_gets_its_own_instance_and_no_backfill() -> None:
     doc = Doc()
+    overlapping = {"nightly": NIGHTLY.__class__(**{**_fields(NIGHTLY), "overlap": True})}
     for period in (0, 1, 5):
         at = period * 60_000 + 10 * RECURRING_GRACE_MS  # every maker's turn has come
-        (c,) = creates(scheduler("n1"), doc, at)
+        (c,) = creates(scheduler("n1", overlapping), doc, at)
         assert c.suffix == period_suffix("nightly", period)
         doc.apply("n1", at, c)
     # periods 2-4 passed while the swarm was down: skipped, not created now
-    assert sorted(index(doc.view(), SCHEDULES).periods) == sorted(
+    assert sorted(index(doc.view(), overlapping).periods) == sorted(
         period_suffix("nightly", p) for p in (0, 1, 5)
     )
 
@@ -164,8 +166,29 @@ def test_a_removed_schedule_starts_nothing_and_keeps_its_duplicates_cancelled() 
     assert sum(st[t].state is State.CANCELLED for t in made) == 2
 
 
+def test_a_period_waits_while_the_last_instance_is_still_live() -> None:
+    """Without ``overlap`` a period starts only once the earlier instance has ended (a
+    template no agent can run would otherwise pile up a pending task per period); one whose
+    whole span passes with it live is skipped."""
+    doc = Doc()
+    (c,) = creates(scheduler("n1"), doc, 10 * RECURRING_GRACE_MS)
+    doc.apply("n1", 10 * RECURRING_GRACE_MS, c)  # period 0's instance: pending, nobody runs it
+    for now in (60_000 + 10 * RECURRING_GRACE_MS, 119_999):
+        plan = scheduler("n1").tick(doc.view(), agents=[], now_ms=now, makers=MEMBERS)
+        assert not only(plan, Create) and plan.wake_at == 120_000
+    # it ends (cancelled by its creator) within period 1: period 1 starts, late
+    doc.apply("n1", 100_000, Control(c.task_id, {"kind": "cancel", "at": 100_000, "reason": ""}))
+    (late,) = creates(scheduler("n1"), doc, 100_001)
+    assert late.suffix == period_suffix("nightly", 1)
+    # an overlapping schedule starts every period on time
+    overlapping = {"nightly": NIGHTLY.__class__(**{**_fields(NIGHTLY), "overlap": True})}
+    other = Doc()
+    other.apply("n1", 0, c)
+    assert creates(scheduler("n1", overlapping), other, 60_000 + 10 * RECURRING_GRACE_MS)
+
+
 def test_a_schedule_ends_at_end_ms() -> None:
-    short = {"s": Schedule("s", 1_000, "tick", start_ms=10_000, end_ms=12_000)}
+    short = {"s": Schedule("s", 1_000, "tick", start_ms=10_000, end_ms=12_000, overlap=True)}
     doc = Doc()
     plan = scheduler("n1", short).tick(doc.view(), agents=[], now_ms=0, makers=["n1"])
     assert not only(plan, Create) and plan.wake_at == 10_000

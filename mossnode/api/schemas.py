@@ -116,6 +116,7 @@ SCHEDULE = obj(
         "start_ms": nullable({"type": "integer", "minimum": 0, "maximum": 2**53}),
         "end_ms": nullable({"type": "integer", "minimum": 1, "maximum": 2**53}),
         "task": TEMPLATE,
+        "overlap": {"type": "boolean"},
         "timeout_s": TIMEOUT,
     },
     ("id", "interval_ms", "task"),

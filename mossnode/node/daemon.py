@@ -1217,6 +1217,7 @@ class Daemon:
             "interval_ms": body["interval_ms"],
             "start_ms": now_ms() if start is None else start,
             "end_ms": body.get("end_ms"),
+            "overlap": body.get("overlap", False),
             "task": {
                 "title": t["title"],
                 "spec": t.get("spec", ""),
@@ -1258,6 +1259,7 @@ class Daemon:
                     "start_ms": s.start_ms,
                     "end_ms": s.end_ms,
                     "removed": s.removed,
+                    "overlap": s.overlap,
                     "next_at": None if ended else nxt,
                     "task": _jsonable(s.fields()),
                     "instances": [

@@ -23,7 +23,7 @@ changes nothing either.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import field
 from typing import Any
 
@@ -56,6 +56,9 @@ class Schedule:
     priority: float = 0.0
     contract: Contract = field(default_factory=Contract)
     removed: bool = False
+    # may a period start while an earlier period's instance is still live? Not by default: a
+    # template no agent can run would otherwise pile up one pending task per period
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.interval_ms <= 0:
@@ -229,6 +232,12 @@ def index(view: TaskView, schedules: Mapping[str, Schedule]) -> Index:
     return found
 
 
+def _running(schedule: Schedule, found: Index, live: Collection[str]) -> bool:
+    """Is an earlier instance of ``schedule`` still live? (Asked once per period and maker.)"""
+    mark = f":{PREFIX}{schedule.key}-"
+    return any(mark in tid and tid in found.starts for tid in live)
+
+
 @value
 class Due:
     """An instance this node should create now (``suffix`` under its own peer id)."""
@@ -246,9 +255,11 @@ def due(
     members: Iterable[str],
     now_ms: int,
     grace_ms: int,
+    live: Collection[str] = (),
 ) -> tuple[list[Due], int | None]:
     """Instances ``me`` (one of the makers ``members``) should create now, and the next time
-    to ask again. ``found``: :func:`index` of ``view``.
+    to ask again. ``found``: :func:`index` of ``view``; ``live``: the tasks not yet ended
+    (a schedule without ``overlap`` skips a period while one of its instances is live).
 
     The k-th maker waits ``k * grace_ms``, or ``k * interval / makers`` where that is shorter,
     so every maker's turn comes within the period. Only the current period is considered: a
@@ -274,8 +285,8 @@ def due(
         rank = makers(suffix, ranked_members).index(me)
         # every maker's turn comes within the period, however short
         at = period_start(s, p) + rank * min(grace_ms, s.interval_ms // len(ranked_members))
-        if now_ms >= at:
-            out.append(Due(s, p, suffix))
-        else:
+        if now_ms < at:
             wake.append(at)
+        elif s.overlap or not _running(s, found, live):
+            out.append(Due(s, p, suffix))
     return out, (min(wake) if wake else None)

@@ -438,7 +438,14 @@ class Scheduler:
         # 5. recurring instances
         if self.schedules and not paused and me in makers:
             todo, wake = due(
-                self.schedules.values(), self._cache.rec, view, me, makers, now, RECURRING_GRACE_MS
+                self.schedules.values(),
+                self.recurring(),
+                view,
+                me,
+                makers,
+                now,
+                RECURRING_GRACE_MS,
+                self._cache.live,
             )
             for d in todo:
                 effects.append(Create(f"{me}:{d.suffix}", d.suffix, d.schedule.fields()))

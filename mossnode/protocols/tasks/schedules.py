@@ -3,8 +3,10 @@
 ``schedule.add`` (permission ``task.create``: whoever may create tasks may have the swarm
 create them) with payload::
 
-    {"id": str, "interval_ms": int, "start_ms": int, "end_ms": int | None,
+    {"id": str, "interval_ms": int, "start_ms": int, "end_ms": int | None, "overlap": bool,
      "task": {"title", "spec", "input", "capabilities", "role", "priority", "contract"}}
+
+``overlap`` (default false): may a period start while an earlier instance is still live?
 
 ``schedule.remove`` (permission ``task.cancel``) with ``{"id": str}``: the schedule creates no
 more instances; it stays known, so its instances stay recognised. Ids are never reused. A
@@ -34,7 +36,7 @@ MIN_INTERVAL_MS = 1_000
 MAX_INTERVAL_MS = 366 * 24 * 3600 * 1000
 MAX_TIME_MS = 2**53  # times are stored as floats by the document: keep them exact
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-PAYLOAD_FIELDS = frozenset({"id", "interval_ms", "start_ms", "end_ms", "task"})
+PAYLOAD_FIELDS = frozenset({"id", "interval_ms", "start_ms", "end_ms", "task", "overlap"})
 TEMPLATE_FIELDS = frozenset(
     {"title", "spec", "input", "capabilities", "role", "priority", "contract"}
 )
@@ -63,6 +65,9 @@ def parse(payload: Mapping[str, Any]) -> Schedule | str:
         return "payload.start_ms must be a time in ms since the epoch"
     if payload.get("end_ms") is not None and (end is None or not start < end < MAX_TIME_MS):
         return "payload.end_ms must be null or a time after start_ms"
+    overlap = payload.get("overlap", False)
+    if not isinstance(overlap, bool):
+        return "payload.overlap must be true or false"
     t = payload.get("task")
     if not isinstance(t, dict) or not set(t) <= TEMPLATE_FIELDS:
         return f"payload.task must be an object with fields among {sorted(TEMPLATE_FIELDS)}"
@@ -110,6 +115,7 @@ def parse(payload: Mapping[str, Any]) -> Schedule | str:
         role=role,
         priority=priority,
         contract=contract,
+        overlap=overlap,
     )
     # and as the contract reads it back (a float deadline of 1e308 reads as a huge integer)
     bad_value = storable(got.fields(), "payload.task", max_depth=STORE_DEPTH + 1)
@@ -127,6 +133,7 @@ def payload(schedule: Schedule) -> dict[str, Any]:
         "start_ms": schedule.start_ms,
         "end_ms": schedule.end_ms,
         "task": {k: fields[k] for k in sorted(TEMPLATE_FIELDS)},
+        "overlap": schedule.overlap,
     }
 
 
