@@ -527,6 +527,24 @@ def test_max_attempts_is_capped_and_a_far_attempt_mark_costs_nothing() -> None:
     assert all(r.endswith("superseded by a later attempt") for r in st.reasons)
 
 
+def test_one_bid_for_the_last_attempt_does_not_fail_a_task() -> None:
+    """M bids for attempt 3 of a fresh task with max_attempts 3: attempts 1 and 2, which
+    nobody had won, are skipped, not faults (they failed the task at once before), and the
+    task can still be done in attempt 3."""
+    doc = Doc()
+    tid = doc.create("A", "t", capabilities=("py",))
+    doc.tasks[tid]["bids"]["M"] = {"attempt": 3, "agent": "m", "score": 0.1, "at": 5}
+    st = doc.status(tid, 10)
+    assert (st.state, st.attempt, st.faults) == (State.PENDING, 3, 0)
+    assert [o.kind for o in st.outcomes] == ["skipped", "skipped"]
+    b = Scheduler("B", params=P)
+    doc.apply("B", 20, b.tick(doc.view(), agents=[agent("b1", "py")], now_ms=20))
+    doc.apply("B", 400, b.tick(doc.view(), agents=[agent("b1", "py")], now_ms=400))
+    assert doc.status(tid, 400).state is State.IN_PROGRESS
+    doc.apply("B", 450, b.finished(doc.view(), tid, now_ms=450, output={"n": 1}))
+    assert doc.status(tid, 450).state is State.DONE
+
+
 def test_winner_is_deterministic_and_waits_for_the_settle_window() -> None:
     doc = Doc()
     tid = doc.create("A", "t")

@@ -931,7 +931,9 @@ def _one(
 
     if assignee is None:
         if sup is not None:
-            return closed(sup, "superseded", "superseded by a later attempt")
+            # nobody won it (as of then): nobody's fault, and no fault of the task's. A fault
+            # here let one member's bid for attempt max_attempts fail any task at once.
+            return closed(sup, "skipped", "superseded by a later attempt")
         wake = None
         if w is not None:
             # not yet known to hold every counted bid: look again soon (arrivals also wake us)
