@@ -581,6 +581,16 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
+def _task_options(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """What a task is made of, for ``task submit`` and a schedule's template."""
+    sp.add_argument("--title", required=True)
+    sp.add_argument("--spec")
+    sp.add_argument("--capability", action="append", help="required capability (repeatable)")
+    sp.add_argument("--input", type=_json_arg, help="input as JSON")
+    sp.add_argument("--contract", type=_json_arg, help="contract as JSON")
+    return sp
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: the option may stand before or after the subcommand without one erasing the other.
@@ -690,13 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tadd = adder(tsub)
 
-    sp = tadd("submit", cmd_task_submit, "create a task")
-    sp.add_argument("--title", required=True)
-    sp.add_argument("--spec")
-    sp.add_argument("--capability", action="append", help="required capability (repeatable)")
+    sp = _task_options(tadd("submit", cmd_task_submit, "create a task"))
     sp.add_argument("--after", action="append", metavar="ID", help="dependency (repeatable)")
-    sp.add_argument("--input", type=_json_arg, help="input as JSON")
-    sp.add_argument("--contract", type=_json_arg, help="contract as JSON")
     sp.add_argument(
         "--confidential-to",
         action="append",
@@ -720,13 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sadd("add", cmd_schedule_add, "have the swarm create a task every interval")
     sp.add_argument("id", help="the schedule's id (1-64 of [A-Za-z0-9._-])")
     sp.add_argument("--every", type=parse_duration, required=True, help="interval, e.g. 30s, 1h")
-    sp.add_argument("--title", required=True)
-    sp.add_argument("--spec")
-    sp.add_argument("--capability", action="append", help="required capability (repeatable)")
+    _task_options(sp)
     sp.add_argument("--role", help="role the agent must hold")
     sp.add_argument("--priority", type=float, default=0.0)
-    sp.add_argument("--input", type=_json_arg, help="input as JSON")
-    sp.add_argument("--contract", type=_json_arg, help="contract as JSON")
     sp.add_argument("--start-ms", type=int, help="first period's start (ms since epoch; now)")
     sp.add_argument("--end-ms", type=int, help="no period starts at or after this time")
     sp.add_argument(

@@ -586,6 +586,18 @@ class Sim:
 
     # -- checks ----------------------------------------------------------------------------
 
+    def settle(self, warmup: int, limit: int) -> None:
+        """Start every node, run ``warmup`` ms, then on until every task has ended (at most
+        ``limit`` ms), with no violation seen."""
+        for name in NODES:
+            self.poke(name, 0)
+        t = 0
+        while t < limit and (t < warmup or not self.quiet()):
+            t += 1_000
+            self.run(t)
+        assert self.quiet(), f"not settled by {t} ms"
+        assert not self.violations, self.violations[:5]
+
     def quiet(self) -> bool:
         for node in self.nodes.values():
             if not node.alive or node.sched is None:
@@ -610,6 +622,16 @@ def overlaps_allowed(sim: Sim, a: str, b: str, start: int, end: int) -> bool:
         if split and p_start <= start and end <= p_end + OVERLAP_SLACK:
             return True
     return False
+
+
+def assert_no_double_runs(sim: Sim) -> None:
+    """No task ran on two nodes at once beyond what :func:`overlaps_allowed` allows."""
+    for tid, ivs in sim.intervals.items():
+        for i, (a, s1, e1) in enumerate(ivs):
+            for b, s2, e2 in ivs[i + 1 :]:
+                lo, hi = max(s1, s2), min(e1, e2)
+                if a != b and lo < hi:
+                    assert overlaps_allowed(sim, a, b, lo, hi), (tid, a, b, lo, hi)
 
 
 def run_scenario(seed: int) -> Sim:
@@ -694,12 +716,7 @@ def test_swarm_simulation(seed: int) -> None:
             assert [o.kind for o in ref[tid].outcomes] != ["no_claim"], tid
 
     # no task ran on two nodes at once beyond gossip delay, except across a partition
-    for tid, ivs in sim.intervals.items():
-        for i, (a, s1, e1) in enumerate(ivs):
-            for b, s2, e2 in ivs[i + 1 :]:
-                lo, hi = max(s1, s2), min(e1, e2)
-                if a != b and lo < hi:
-                    assert overlaps_allowed(sim, a, b, lo, hi), (tid, a, b, lo, hi)
+    assert_no_double_runs(sim)
 
 
 def test_an_exclusive_assignee_that_dies_before_claiming_fails_its_task() -> None:
@@ -715,14 +732,7 @@ def test_an_exclusive_assignee_that_dies_before_claiming_fails_its_task() -> Non
         sim.at(spec.i * 8, lambda spec=spec: sim.create(spec))
         if spec.exclusive:
             sim.die_on_propose[spec.tid] = PARAMS.exclusive_claim_ms + 300
-    for name in NODES:
-        sim.poke(name, 0)
-    t = 0
-    while t < 30_000 and (t < 2_000 or not sim.quiet()):
-        t += 1_000
-        sim.run(t)
-    assert sim.quiet(), f"not settled by {t} ms"
-    assert not sim.violations, sim.violations[:5]
+    sim.settle(warmup=2_000, limit=30_000)
     finals = {
         n: derive_all(sim.nodes[n].refresh(), sim.now, params=PARAMS, exclusive=node.decisions)
         for n, node in sim.nodes.items()
@@ -806,14 +816,7 @@ def test_recurring_tasks_run_once_per_period_through_deaths_and_partitions(seed:
     for _ in range(4):  # long enough for each side to start a period on its own
         side = frozenset(rng.sample(NODES, rng.choice((1, 2))))
         sim.at(rng.randint(300, 8_000), lambda s=side: sim.partition(s, rng.randint(600, 2_500)))
-    for name in NODES:
-        sim.poke(name, 0)
-    t = 0
-    while t < 60_000 and (t < 10_000 or not sim.quiet()):
-        t += 1_000
-        sim.run(t)
-    assert sim.quiet(), f"not settled by {t} ms"
-    assert not sim.violations, sim.violations[:5]
+    sim.settle(warmup=10_000, limit=60_000)
 
     finals = {n: sim.derive(n) for n in NODES}
     ref = finals["n0"]
@@ -840,10 +843,5 @@ def test_recurring_tasks_run_once_per_period_through_deaths_and_partitions(seed:
                 assert ref[t].reasons == (f"duplicate of recurring instance {live[0]}",)
     assert sum(ref[t].state is State.DONE for ts in by_period.values() for t in ts) >= periods - 1
     # instances ran like any task: never on two nodes at once beyond what a partition allows
-    for tid, ivs in sim.intervals.items():
-        for i, (a, s1, e1) in enumerate(ivs):
-            for b, s2, e2 in ivs[i + 1 :]:
-                lo, hi = max(s1, s2), min(e1, e2)
-                if a != b and lo < hi:
-                    assert overlaps_allowed(sim, a, b, lo, hi), (tid, a, b, lo, hi)
+    assert_no_double_runs(sim)
     assert dups >= 1  # the partitions did make some: the canonical rule was exercised
