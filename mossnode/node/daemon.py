@@ -1237,21 +1237,14 @@ class Daemon:
         now = now_ms()
         tasks.refresh(now)
         rec, statuses = tasks.sched.recurring(), tasks.statuses
-        made: dict[str, list[str]] = {}
-        for tid in rec.periods.values():
-            made.setdefault(tid.rpartition("-")[0].rpartition(":")[2], []).append(tid)
+        made: dict[str, list[str]] = {}  # schedule key -> its canonical instances
+        for suffix, tid in rec.periods.items():
+            parsed = recurring.parse_suffix(suffix)
+            assert parsed is not None  # the index holds instances only
+            made.setdefault(parsed[0], []).append(tid)
         rows = []
         for s in sorted(self.schedules.values(), key=lambda s: s.id):
-            period = recurring.period_at(s, now)
-            nxt = recurring.period_start(s, (-1 if period is None else period) + 1)
-            if now < s.start_ms:
-                nxt = s.start_ms
-            ended = (
-                s.removed
-                or (period is None and now >= s.start_ms)  # past end_ms
-                or (s.end_ms is not None and nxt >= s.end_ms)
-            )
-            mine = sorted(made.get(recurring.PREFIX + s.key, []), key=rec.starts.__getitem__)
+            mine = sorted(made.get(s.key, []), key=rec.starts.__getitem__)
             rows.append(
                 {
                     "id": s.id,
@@ -1260,7 +1253,7 @@ class Daemon:
                     "end_ms": s.end_ms,
                     "removed": s.removed,
                     "overlap": s.overlap,
-                    "next_at": None if ended else nxt,
+                    "next_at": None if s.removed else recurring.next_start(s, now),
                     "task": _jsonable(s.fields()),
                     "instances": [
                         {"id": tid, "state": _state_name(statuses.get(tid))} for tid in mine[-10:]

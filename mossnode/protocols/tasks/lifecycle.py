@@ -462,8 +462,8 @@ def _derive_changes(
 ) -> dict[str, Status] | None:
     """:func:`derive_all` from the last call's result, visiting only the tasks whose memo
     :func:`derive_all` would not reuse (another task object, another exclusive assignment,
-    ``wake_at`` come, a recurring duplicate, new) and, in evaluation order, the dependents and children
-    of those whose status changed. None if the topology must be built again (a task removed,
+    ``wake_at`` come, a recurring duplicate, new) and, in evaluation order, the dependents and
+    children of those whose status changed. None if the topology must be built again (a task removed,
     deps changed, a cycle somewhere): the caller then takes the full pass."""
     topo, out, memos = cache.topology, cache.out, cache.memo
     assert topo is not None and out is not None
@@ -593,7 +593,9 @@ def _derive(
         else:
             waiting.append(f"waiting for {dep} ({st.state.value})")
     starts = ctx.rec.starts.get(task.id)
-    if starts is not None and ctx.now < starts:
+    if starts is not None and ctx.now >= starts:
+        starts = None  # its period has begun: nothing to wait for
+    if starts is not None:
         waiting.append(f"its recurring period starts at {starts}")
     ready = not waiting and not blocked
 
@@ -618,9 +620,8 @@ def _derive(
     if blocked:
         return Status(State.BLOCKED, reasons=tuple(blocked), pause_mark=mark, paused=paused)
     if not ready or ev is None:
-        wake = starts if starts is not None and ctx.now < starts else None
         return Status(
-            State.PENDING, reasons=tuple(waiting), pause_mark=mark, paused=paused, wake_at=wake
+            State.PENDING, reasons=tuple(waiting), pause_mark=mark, paused=paused, wake_at=starts
         )
     return ev
 
@@ -946,16 +947,16 @@ def _one(
         # An exclusive assignee that claimed just before its deadline may be running the task
         # already; its claim reaches the others later, so they wait a lease's length before
         # deriving the failure (which cannot be undone by a later attempt, as for other tasks).
-        settles = claim_deadline
-        if claim_deadline is not None and excl is not None:
-            settles = claim_deadline + p.lease_ms
-        if claim_deadline is not None and settles is not None and now >= settles:
-            won = (
-                f"won at {w.decide_at}"
-                if w is not None
-                else f"assigned at {excl.at if excl is not None else '?'}"
-            )
-            cands.append((claim_deadline, 0, "no_claim", f"{won} but did not claim"))
+        settles: int | None = None
+        if claim_deadline is not None:
+            settles = claim_deadline + (p.lease_ms if excl is not None else 0)
+            if now >= settles:
+                won = (
+                    f"won at {w.decide_at}"
+                    if w is not None
+                    else f"assigned at {excl.at if excl is not None else '?'}"
+                )
+                cands.append((claim_deadline, 0, "no_claim", f"{won} but did not claim"))
         if sup is not None:
             cands.append((sup, 1, "superseded", "superseded by a later attempt"))
         if reassign is not None:

@@ -109,6 +109,14 @@ def period_start(schedule: Schedule, period: int) -> int:
     return schedule.start_ms + period * schedule.interval_ms
 
 
+def next_start(schedule: Schedule, now_ms: int) -> int | None:
+    """When the next period after ``now_ms`` starts, or None if no period starts any more."""
+    p = period_at(schedule, now_ms)
+    if p is None:
+        return schedule.start_ms if now_ms < schedule.start_ms else None
+    return period_start(schedule, p + 1) if _in_schedule(schedule, p + 1) else None
+
+
 def _in_schedule(schedule: Schedule, period: int) -> bool:
     return period >= 0 and (
         schedule.end_ms is None or period_start(schedule, period) < schedule.end_ms
@@ -120,7 +128,7 @@ def period_suffix(schedule_id: str, period: int) -> str:
     return f"{PREFIX}{schedule_key(schedule_id)}-{period}"
 
 
-def _parse_suffix(suffix: str) -> tuple[str, int] | None:
+def parse_suffix(suffix: str) -> tuple[str, int] | None:
     """``(schedule key, period)`` of an instance suffix, or None."""
     if not suffix.startswith(PREFIX):
         return None
@@ -154,7 +162,7 @@ def instance_of(task: Task, by_key: Mapping[str, Schedule]) -> Instance | None:
     creator, sep, suffix = task.id.rpartition(":")
     if not sep or creator != task.creator:
         return None
-    parsed = _parse_suffix(suffix)
+    parsed = parse_suffix(suffix)
     if parsed is None:
         return None
     s = by_key.get(parsed[0])
@@ -271,14 +279,12 @@ def due(
     for s in schedules:
         if s.removed:
             continue
+        nxt = next_start(s, now_ms)
+        if nxt is not None:
+            wake.append(nxt)
         p = period_at(s, now_ms)
         if p is None:
-            if now_ms < s.start_ms:
-                wake.append(s.start_ms)
             continue
-        nxt = period_start(s, p + 1)
-        if s.end_ms is None or nxt < s.end_ms:
-            wake.append(nxt)
         suffix = period_suffix(s.id, p)
         if suffix in found.periods or f"{me}:{suffix}" in view:
             continue

@@ -66,7 +66,7 @@ from .reputation import Reputation
 from .review import independent
 from .stability import Stable
 from .submission import SUBMITTABLE, plan_review
-from .supervision import Limits, Refused, agent_capacity
+from .supervision import Limits, Refused, agent_capacity, task_id
 
 REVIEWER = "reviewer"
 SPREAD_MS = 1_000  # tasks created within this span are taken in a per-node order
@@ -255,7 +255,7 @@ class Scheduler:
                 a_excl = excl.get(tid) if task.contract.exclusive else None
                 deadline = exclusive_deadline(a_excl, p) if a_excl is not None else None
                 if deadline is not None and now >= deadline:
-                    continue  # too late: the task failed (derived so already; never run it)
+                    continue  # too late: it failed (others derive so a lease later); never run it
                 mine = local.get(s.agent) if s.agent is not None else None
                 agent: LocalAgent | None = None
                 if not readable(view, st, tid, me):
@@ -448,7 +448,7 @@ class Scheduler:
                 self._cache.live,
             )
             for d in todo:
-                effects.append(Create(f"{me}:{d.suffix}", d.suffix, d.schedule.fields()))
+                effects.append(Create(task_id(me, d.suffix), d.suffix, d.schedule.fields()))
             if wake is not None:
                 wakes.append(wake)
 
